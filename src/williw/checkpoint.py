@@ -1,0 +1,214 @@
+"""List every tensor of a local model folder from file headers, never reading tensor data.
+
+Formats, in order of preference (a folder with both keeps safetensors):
+  * ``model.safetensors.index.json`` + shards, or any ``*.safetensors`` files: headers only;
+  * ``pytorch_model.bin.index.json`` + shards, ``pytorch_model.bin``, ``*.bin``/``*.pth``/``*.pt``: through
+    ``torch.load(mmap=True, weights_only=True)``, which maps the file instead of reading it (needs torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from williw.config import ModelConfig, read_config
+from williw.errors import CheckpointError, require_torch
+from williw.header import read_header
+from williw.units import TORCH_TO_SAFETENSORS, numel, tensor_nbytes
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TORCH_SUFFIXES = (".bin", ".pth", ".pt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint.
+
+    ``start``/``end`` are absolute byte offsets in ``file``, half-open ``[start, end)``; they are None for torch
+    pickles, whose storage layout is not a plain byte range.
+    """
+
+    name: str
+    dtype: str  # safetensors code: F32, BF16, F8_E4M3, I64, ...
+    shape: tuple[int, ...]
+    file: str  # relative to the model folder
+    start: int | None = None
+    end: int | None = None
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        nbytes = tensor_nbytes(self.dtype, self.shape)
+        assert nbytes is not None  # checked when the header was parsed
+        return nbytes
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model folder: its weight files, their tensors in file order, and its config (if any)."""
+
+    path: Path
+    format: Literal["safetensors", "torch"]
+    files: tuple[str, ...]
+    tensors: tuple[TensorInfo, ...]
+    config: ModelConfig | None
+
+    @cached_property
+    def by_name(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a model folder (or a single weights file) and list its tensors.
+
+    Raises:
+        CheckpointError: missing folder, no weights, corrupt header, index naming a missing shard, ...
+        MissingDependency: the folder holds only torch pickles and torch is not installed.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"'{path}': no such file or folder")
+    if path.is_file():
+        model_dir, files = path.parent, [path.name]
+        fmt = "safetensors" if path.suffix == ".safetensors" else "torch" if path.suffix in TORCH_SUFFIXES else None
+        if fmt is None:
+            raise CheckpointError(f"'{path}': not a weights file (expected .safetensors, .bin, .pth or .pt)")
+        weight_map = None
+    else:
+        model_dir = path
+        fmt, files, weight_map = _discover(path)
+    config = read_config(model_dir)
+    if fmt == "safetensors":
+        tensors = _safetensors_tensors(model_dir, files)
+    else:
+        tensors = _torch_tensors(model_dir, files)
+    if weight_map is not None:
+        _check_index(model_dir, tensors, weight_map)
+    return Checkpoint(path=model_dir, format=fmt, files=tuple(files), tensors=tuple(tensors), config=config)
+
+
+def _discover(model_dir: Path) -> tuple[Literal["safetensors", "torch"], list[str], dict[str, str] | None]:
+    for fmt, index_name in (("safetensors", SAFETENSORS_INDEX), ("torch", TORCH_INDEX)):
+        index = model_dir / index_name
+        if index.is_file():
+            weight_map = _read_index(model_dir, index)
+            return fmt, list(dict.fromkeys(weight_map.values())), weight_map  # type: ignore[return-value]
+        if fmt == "safetensors":
+            found = sorted(p.name for p in model_dir.glob("*.safetensors") if p.is_file())
+            if found:
+                return "safetensors", found, None
+    found = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.suffix in TORCH_SUFFIXES
+                   and not p.name.startswith(("training_args", "optimizer", "scheduler", "rng_state")))
+    if found:
+        return "torch", found, None
+    raise CheckpointError(
+        f"'{model_dir}': no weights found (expected model.safetensors, a safetensors index, pytorch_model.bin "
+        "or a .pth/.pt state dict)"
+    )
+
+
+def _read_index(model_dir: Path, index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"'{index}': not valid JSON ({exc})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"'{index}': expected a non-empty 'weight_map' object of tensor name -> file")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not is_plain_filename(file):
+            raise CheckpointError(f"'{index}': tensor '{name}' maps to {file!r}, expected a file name in the folder")
+        if not (model_dir / file).is_file():
+            raise CheckpointError(f"'{index}': tensor '{name}' is in shard '{file}', which is missing")
+    return weight_map
+
+
+def is_plain_filename(name: str) -> bool:
+    """True for a bare file name: no folder part, no '..', not hidden, not absolute."""
+    return bool(name) and name == os.path.basename(name) and name not in (".", "..") and "\\" not in name \
+        and not name.startswith(".") and "\x00" not in name
+
+
+def _safetensors_tensors(model_dir: Path, files: list[str]) -> list[TensorInfo]:
+    tensors: list[TensorInfo] = []
+    seen: dict[str, str] = {}
+    for file in files:
+        path = model_dir / file
+        with open(path, "rb") as f:
+            header = read_header(f, str(path), os.fstat(f.fileno()).st_size)
+        for e in header.entries:
+            if e.name in seen:
+                raise CheckpointError(f"'{path}': tensor '{e.name}' is also in '{seen[e.name]}'")
+            seen[e.name] = file
+            tensors.append(TensorInfo(e.name, e.dtype, e.shape, file, e.start, e.end))
+    return tensors
+
+
+def _torch_tensors(model_dir: Path, files: list[str]) -> list[TensorInfo]:
+    require_torch(f"reading '{model_dir / files[0]}'")
+    tensors: list[TensorInfo] = []
+    seen: dict[str, str] = {}
+    for file in files:
+        for name, tensor in load_torch_state_dict(model_dir / file).items():
+            if name in seen:
+                raise CheckpointError(f"'{model_dir / file}': tensor '{name}' is also in '{seen[name]}'")
+            seen[name] = file
+            dtype = TORCH_TO_SAFETENSORS.get(str(tensor.dtype).removeprefix("torch."))
+            if dtype is None:
+                raise CheckpointError(f"'{model_dir / file}': tensor '{name}' has unsupported dtype {tensor.dtype}")
+            tensors.append(TensorInfo(name, dtype, tuple(tensor.shape), file))
+    return tensors
+
+
+def load_torch_state_dict(path: Path) -> dict:
+    """``torch.load`` a state dict memory-mapped (weights stay on disk until touched), unwrapping
+    ``{"state_dict": ...}`` / ``{"model": ...}`` containers.
+
+    Raises:
+        CheckpointError: not a loadable torch file, or not a dict of tensors.
+    """
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:
+        try:  # legacy (pre-1.6, non-zip) files cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+            raise CheckpointError(f"'{path}': not a loadable torch state dict ({exc})") from None
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"'{path}': not a loadable torch state dict ({exc})") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "module"):
+            if isinstance(obj.get(key), dict) and len(obj) <= 3:
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"'{path}': expected a dict of tensor name -> tensor")
+    return obj
+
+
+def _check_index(model_dir: Path, tensors: list[TensorInfo], weight_map: dict[str, str]) -> None:
+    for t in tensors:
+        if t.name not in weight_map:
+            raise CheckpointError(f"'{model_dir}': tensor '{t.name}' in '{t.file}' is not in the index")
+        if weight_map[t.name] != t.file:
+            raise CheckpointError(
+                f"'{model_dir}': the index puts tensor '{t.name}' in '{weight_map[t.name]}' but it is in '{t.file}'"
+            )
+    names = {t.name for t in tensors}
+    for name, file in weight_map.items():
+        if name not in names:
+            raise CheckpointError(f"'{model_dir}': the index names tensor '{name}' in '{file}', which lacks it")

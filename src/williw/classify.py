@@ -1,0 +1,82 @@
+"""Which transformer block a tensor belongs to, and what kind of layer it is, from its name alone.
+
+Block detection is generic: the block stack is the module path whose numeric child index takes the most distinct
+values, looking only at the leftmost number in each name (so ``model.layers.3.mlp.experts.17`` counts for
+``model.layers``, not for the experts). That covers ``model.layers.N`` (Llama, Mistral, Qwen2), ``transformer.h.N``
+(GPT-2), ``encoder.layer.N`` (BERT), ``gpt_neox.layers.N``, ``model.decoder.layers.N`` (OPT),
+``transformer.blocks.N`` (MPT) and prefix-less ``h.N`` without a table per model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+LAYER_TYPES = ("embedding", "attention", "mlp", "norm", "lm_head", "other")
+
+_LM_HEAD = ("lm_head", "embed_out", "output_layer", "cls.predictions.decoder")
+_NORM = ("norm", "ln_", "ln1", "ln2", "ln3", "layernorm")
+_EMBEDDING = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
+_ATTENTION = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "qkv", "query", "key", "value",
+              "c_attn", "c_proj_attn", "out_proj", "dense_qkv")
+_MLP = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "fc1", "fc2", "c_fc", "gate_proj",
+        "up_proj", "down_proj", "experts", "router", "gate", "w1", "w2", "w3", "dense_h_to_4h", "dense_4h_to_h")
+
+
+def _leftmost_index(name: str) -> tuple[str, int] | None:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if i > 0 and part.isdigit():
+            return ".".join(parts[:i]), int(part)
+    return None
+
+
+def find_block_prefix(names: Iterable[str]) -> str | None:
+    """The module path of the transformer block stack, or None for a model without one."""
+    indices: dict[str, set[int]] = defaultdict(set)
+    counts: dict[str, int] = defaultdict(int)
+    for name in names:
+        found = _leftmost_index(name)
+        if found:
+            indices[found[0]].add(found[1])
+            counts[found[0]] += 1
+    if not indices:
+        return None
+    return max(indices, key=lambda p: (len(indices[p]), counts[p], -len(p)))
+
+
+def block_of(name: str, prefix: str | None) -> int | None:
+    """The block index of ``name`` under the stack ``prefix``, or None."""
+    if prefix is None or not name.startswith(prefix + "."):
+        return None
+    rest = name[len(prefix) + 1:]
+    head, _, tail = rest.partition(".")
+    return int(head) if head.isdigit() and tail else None
+
+
+def layer_type(name: str) -> str:
+    """One of LAYER_TYPES, from the module path. Checked in this order: lm_head, norm, embedding, attention, mlp."""
+    lowered = name.lower()
+    modules = lowered.split(".")[:-1] or [lowered]
+    path = ".".join(modules)
+    if any(path.startswith(k) or f".{k}" in path for k in _LM_HEAD):
+        return "lm_head"
+    if any(k in m for m in modules for k in _NORM):
+        return "norm"
+    if any(k in m for m in modules for k in _EMBEDDING) or modules[0] == "shared":  # T5's tied embedding
+        return "embedding"
+    if any(k in m for m in modules for k in _ATTENTION):
+        return "attention"
+    if any(m == k or m.startswith(k) for m in modules for k in _MLP) or any(
+            k in m for m in modules for k in ("mlp", "ffn", "feed_forward", "intermediate")):
+        return "mlp"
+    # BERT's block output (encoder.layer.N.output.dense) is the second MLP matmul.
+    if len(modules) >= 2 and modules[-2] == "output" and modules[-1] in ("dense", "layernorm"):
+        return "mlp"
+    return "other"
+
+
+def is_embedding_side(name: str) -> bool:
+    """Outside the blocks, tensors of the embedding module run before the first block; the rest after the last."""
+    modules = name.lower().split(".")[:-1]
+    return any(k in m for m in modules for k in _EMBEDDING) or modules[:1] == ["shared"]

@@ -1,0 +1,58 @@
+"""``williw metadata``: headers in, metadata JSON out."""
+
+from __future__ import annotations
+
+import click
+
+from williw.cli import cli
+from williw.cli._output import emit, json_option, set_json_mode, table
+
+
+@cli.command("metadata")
+@click.argument("model_dir", type=click.Path())
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the metadata JSON here.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--sequence-length", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--model-name", help="Name recorded in the JSON (default: the folder name).")
+@json_option
+def metadata_cmd(model_dir: str, output: str | None, batch_size: int, sequence_length: int,
+                 model_name: str | None, as_json: bool) -> None:
+    """Read MODEL_DIR's checkpoint headers and write per-tensor metadata (shapes, bytes, blocks, GFLOPs)."""
+    set_json_mode(as_json)
+    from williw.metadata import generate_metadata, save_metadata
+
+    meta = generate_metadata(model_dir, model_name=model_name, batch_size=batch_size,
+                             sequence_length=sequence_length)
+    if output:
+        save_metadata(meta, output)
+    summary = {
+        "model_name": meta.model_name, "architecture": meta.architecture, "format": meta.checkpoint_format,
+        "tensors": meta.total_layers, "blocks": len(meta.blocks), "total_params": meta.total_params,
+        "total_bytes": meta.total_bytes, "total_compute_gflops": meta.total_compute, "output": output,
+    }
+    emit(as_json, meta.to_dict() if as_json and not output else summary, lambda: _human(meta, output))
+
+
+def _human(meta, output: str | None) -> str:
+    from williw.units import format_bytes, format_gflops
+
+    by_type: dict[str, list[float]] = {}
+    for x in meta.layers:
+        acc = by_type.setdefault(x.layer_type, [0, 0, 0, 0.0])
+        acc[0] += 1
+        acc[1] += x.num_params
+        acc[2] += x.bytes
+        acc[3] += x.compute_required
+    rows = [[k, str(v[0]), f"{v[1]:,}", format_bytes(v[2]), format_gflops(v[3])] for k, v in sorted(by_type.items())]
+    lines = [
+        f"{meta.model_name} ({meta.architecture or meta.model_type}, {meta.checkpoint_format}): "
+        f"{meta.total_layers} tensors, {len(meta.blocks)} blocks, {meta.total_params:,} params, "
+        f"{format_bytes(meta.total_bytes)}, {format_gflops(meta.total_compute)} for "
+        f"batch {meta.batch_size} x {meta.sequence_length} tokens",
+        table(rows, ["layer type", "tensors", "params", "bytes", "compute"]),
+    ]
+    if meta.tied_lm_head:
+        lines.append(f"tied LM head on '{meta.tied_lm_head.tensor}': {format_gflops(meta.tied_lm_head.compute_required)}")
+    if output:
+        lines.append(f"wrote {output}")
+    return "\n".join(lines)

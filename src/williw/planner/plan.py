@@ -1,0 +1,213 @@
+"""The plan: which tensors each node holds. JSON keeps the seed's shape.
+
+The JSON is the seed's map ``{node_id: {node_id, layer_names, total_compute, compute_utilization}}`` with more
+fields per node for pipeline plans (``stage``, ``blocks`` as half-open ``[start, end)`` block indices, ``bytes``,
+``stage_time_s``, ``decode_time_s``, ``shared_tensors``), plus one reserved key ``"@plan"`` for what belongs
+to the plan as a whole. ``@`` cannot occur in a node id, so the key never collides with a node and a reader
+that only looks up ``plan[node_id]`` keeps working.
+
+``shared_tensors`` are replicas a node needs but does not own: with a tied LM head the last stage needs the
+embedding matrix that the first stage owns. Every tensor is owned (in ``layer_names``) by exactly one node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from williw.errors import PlanError
+from williw.fsutil import write_json
+
+PLAN_KEY = "@plan"
+STRATEGIES = ("pipeline", "greedy")
+
+
+@dataclass(frozen=True)
+class NodeAssignment:
+    """One node's part. ``total_compute`` is in GFLOPs; times in seconds; ``blocks`` is ``[start, end)``."""
+
+    node_id: str
+    layer_names: tuple[str, ...]
+    total_compute: float
+    compute_utilization: float
+    bytes: int = 0
+    stage: int | None = None
+    blocks: tuple[int, int] | None = None
+    stage_time_s: float | None = None
+    decode_time_s: float | None = None
+    shared_tensors: tuple[str, ...] = ()
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """Everything the node's shard must hold: its own tensors, then its replicas."""
+        return self.layer_names + self.shared_tensors
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"node_id": self.node_id, "layer_names": list(self.layer_names),
+                             "total_compute": self.total_compute, "compute_utilization": self.compute_utilization,
+                             "bytes": self.bytes}
+        if self.stage is not None:
+            d["stage"] = self.stage
+        if self.blocks is not None:
+            d["blocks"] = list(self.blocks)
+        for key in ("stage_time_s", "decode_time_s"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        if self.shared_tensors:
+            d["shared_tensors"] = list(self.shared_tensors)
+        return d
+
+
+@dataclass(frozen=True)
+class ExcludedNode:
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A whole plan. For ``pipeline`` plans ``assignments`` are in stage order."""
+
+    strategy: str
+    assignments: tuple[NodeAssignment, ...]
+    model_name: str = ""
+    objective: str = "prefill"
+    bottleneck_s: float | None = None  # the objective's slowest stage
+    prefill_bottleneck_s: float | None = None
+    decode_bottleneck_s: float | None = None
+    latency_s: float | None = None  # sum of stage prefill times: one request end to end
+    tokens_per_s: float | None = None
+    lower_bound_s: float | None = None
+    exact: bool | None = None  # True when the search was exhaustive
+    excluded: tuple[ExcludedNode, ...] = ()
+    version: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def node(self, node_id: str) -> NodeAssignment:
+        for a in self.assignments:
+            if a.node_id == node_id:
+                return a
+        raise PlanError(f"node '{node_id}' is not in the plan (nodes: {', '.join(self.node_ids) or 'none'})")
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(a.node_id for a in self.assignments)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {a.node_id: a.to_dict() for a in self.assignments}
+        head = {k: getattr(self, k) for k in ("strategy", "model_name", "objective", "bottleneck_s",
+                                              "prefill_bottleneck_s", "decode_bottleneck_s", "latency_s",
+                                              "tokens_per_s", "lower_bound_s", "exact", "version")}
+        head["stages"] = list(self.node_ids)
+        head["excluded"] = [{"node_id": e.node_id, "reason": e.reason} for e in self.excluded]
+        head.update(self.extra)
+        d[PLAN_KEY] = head
+        return d
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON: the identity a shard manifest records."""
+        return plan_digest(self.to_dict())
+
+    @staticmethod
+    def from_dict(d: Any, source: str = "plan") -> Plan:
+        """Validate a plan dict; a seed plan (no ``@plan`` key) is read as a greedy plan.
+
+        Raises:
+            PlanError: one line naming ``source``, the node and the field.
+        """
+        if not isinstance(d, dict) or not d:
+            raise PlanError(f"'{source}': a plan must be a non-empty JSON object of node_id -> assignment")
+        head = d.get(PLAN_KEY) or {}
+        if not isinstance(head, dict):
+            raise PlanError(f"'{source}': '{PLAN_KEY}' must be an object")
+        strategy = head.get("strategy", "greedy")
+        if strategy not in STRATEGIES:
+            raise PlanError(f"'{source}': '{PLAN_KEY}.strategy' must be one of {', '.join(STRATEGIES)}, "
+                            f"got {strategy!r}")
+        assignments = [_assignment(key, value, source) for key, value in d.items() if key != PLAN_KEY]
+        order = head.get("stages")
+        if isinstance(order, list) and sorted(order) == sorted(a.node_id for a in assignments):
+            assignments.sort(key=lambda a: order.index(a.node_id))
+        elif strategy == "pipeline":
+            assignments.sort(key=lambda a: (a.stage is None, a.stage or 0))
+        known = {"strategy", "model_name", "objective", "bottleneck_s", "prefill_bottleneck_s",
+                 "decode_bottleneck_s", "latency_s", "tokens_per_s", "lower_bound_s", "exact", "version",
+                 "stages", "excluded"}
+        excluded = tuple(ExcludedNode(str(e.get("node_id")), str(e.get("reason")))
+                         for e in head.get("excluded", []) if isinstance(e, dict))
+        version = head.get("version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise PlanError(f"'{source}': '{PLAN_KEY}.version' must be an integer >= 1, got {version!r}")
+        return Plan(strategy=strategy, assignments=tuple(assignments), model_name=str(head.get("model_name", "")),
+                    objective=str(head.get("objective", "prefill")), bottleneck_s=head.get("bottleneck_s"),
+                    prefill_bottleneck_s=head.get("prefill_bottleneck_s"),
+                    decode_bottleneck_s=head.get("decode_bottleneck_s"), latency_s=head.get("latency_s"),
+                    tokens_per_s=head.get("tokens_per_s"), lower_bound_s=head.get("lower_bound_s"),
+                    exact=head.get("exact"), excluded=excluded, version=version,
+                    extra={k: v for k, v in head.items() if k not in known})
+
+
+def _assignment(key: str, value: Any, source: str) -> NodeAssignment:
+    where = f"'{source}': node '{key}'"
+    if not isinstance(value, dict):
+        raise PlanError(f"{where} must be an object with node_id, layer_names, total_compute, "
+                        "compute_utilization")
+    node_id = value.get("node_id", key)
+    if node_id != key:
+        raise PlanError(f"{where} has node_id {node_id!r}; the key and node_id must match")
+    names = value.get("layer_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise PlanError(f"{where}: field 'layer_names' must be a list of tensor names")
+    shared = value.get("shared_tensors", [])
+    if not isinstance(shared, list) or not all(isinstance(n, str) for n in shared):
+        raise PlanError(f"{where}: field 'shared_tensors' must be a list of tensor names")
+    nums = {}
+    for f in ("total_compute", "compute_utilization"):
+        v = value.get(f, 0.0)
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise PlanError(f"{where}: field '{f}' must be a finite number >= 0, got {v!r}")
+        nums[f] = float(v)
+    blocks = value.get("blocks")
+    if blocks is not None and not (isinstance(blocks, list) and len(blocks) == 2
+                                   and all(isinstance(b, int) and b >= 0 for b in blocks) and blocks[0] <= blocks[1]):
+        raise PlanError(f"{where}: field 'blocks' must be [start, end) with 0 <= start <= end, got {blocks!r}")
+    stage = value.get("stage")
+    if stage is not None and (not isinstance(stage, int) or isinstance(stage, bool) or stage < 0):
+        raise PlanError(f"{where}: field 'stage' must be an integer >= 0, got {stage!r}")
+    return NodeAssignment(node_id=key, layer_names=tuple(names), total_compute=nums["total_compute"],
+                          compute_utilization=nums["compute_utilization"], bytes=int(value.get("bytes", 0) or 0),
+                          stage=stage, blocks=tuple(blocks) if blocks is not None else None,  # type: ignore[arg-type]
+                          stage_time_s=value.get("stage_time_s"), decode_time_s=value.get("decode_time_s"),
+                          shared_tensors=tuple(shared))
+
+
+def plan_digest(plan_dict: dict[str, Any]) -> str:
+    """sha256 of a plan's canonical JSON (sorted keys, no spaces)."""
+    canonical = json.dumps(plan_dict, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read and validate a plan JSON file.
+
+    Raises:
+        PlanError: missing file, invalid JSON, or a malformed node entry.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanError(f"'{path}': no such plan file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError(f"'{path}': not valid JSON ({exc})") from None
+    return Plan.from_dict(data, str(path))
+
+
+def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
+    """Write the plan JSON atomically."""
+    write_json(path, plan.to_dict())

@@ -1,0 +1,93 @@
+"""Small real models, built with transformers and saved the way the Hub serves them.
+
+Used by the tests, the benchmarks and the demo; torch and transformers are imported inside each builder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+
+
+def _save(model: Any, path: Path, shard_bytes: int | None) -> Path:
+    kwargs = {"max_shard_size": shard_bytes} if shard_bytes else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def build_causal_lm(path: Path, family: str = "llama", *, layers: int = 4, dtype: str = "float32",
+                    tie: bool = False, shard_bytes: int | None = None, seed: int = 0, **overrides: Any) -> Path:
+    """A tiny decoder-only LM of the Llama family (llama, mistral, qwen2), or GPT-2."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=128, n_positions=256,
+                                      tie_word_embeddings=True, **overrides)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        config_cls, model_cls = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        }[family]
+        cfg = config_cls(**{**TINY, "num_hidden_layers": layers, "tie_word_embeddings": tie, **overrides})
+        model = model_cls(cfg)
+    model = model.to(getattr(torch, dtype)).eval()
+    return _save(model, path, shard_bytes)
+
+
+def build_bert(path: Path, *, layers: int = 3, seed: int = 0) -> Path:
+    """A tiny BERT encoder (BertModel: embeddings, encoder.layer.N, pooler)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                                  intermediate_size=128, vocab_size=128, max_position_embeddings=128)
+    return _save(transformers.BertModel(cfg).eval(), path, None)
+
+
+def build_bin_copy(src: Path, dst: Path, *, sharded: bool = False) -> Path:
+    """The same weights as ``pytorch_model.bin`` (transformers 5 only writes safetensors, so torch.save them)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    state: dict[str, Any] = {}
+    for f in sorted(src.glob("*.safetensors")):
+        state.update(load_file(f))
+    if not sharded:
+        torch.save(state, dst / "pytorch_model.bin")
+        return dst
+    names = sorted(state)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        file = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save({n: state[n] for n in part}, dst / file)
+        weight_map.update({n: file for n in part})
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+def load_reference_state(path: Path) -> dict[str, Any]:
+    """Every tensor of a saved model as torch loads it (safetensors or .bin)."""
+    import torch
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    if not state:
+        for f in sorted(path.glob("*.bin")):
+            state.update(torch.load(f, weights_only=True))
+    return state
