@@ -90,10 +90,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         model_dir = path
         fmt, files, weight_map = _discover(path)
     config = read_config(model_dir)
-    if fmt == "safetensors":
-        tensors = _safetensors_tensors(model_dir, files)
-    else:
-        tensors = _torch_tensors(model_dir, files)
+    tensors = _safetensors_tensors(model_dir, files) if fmt == "safetensors" else _torch_tensors(model_dir, files)
     if weight_map is not None:
         _check_index(model_dir, tensors, weight_map)
     return Checkpoint(path=model_dir, format=fmt, files=tuple(files), tensors=tuple(tensors), config=config)

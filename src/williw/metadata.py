@@ -130,15 +130,14 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
     cfg = ckpt.config
     tokens = batch_size * sequence_length
     prefix = find_block_prefix(t.name for t in ckpt.tensors)
-    layers = [_layer(t, prefix, tokens) for t in ckpt.tensors]
+    flops = {t.name: tensor_flops(t.name, t.shape, t.dtype, layer_type(t.name), tokens) for t in ckpt.tensors}
+    layers = [_layer(t, prefix, flops[t.name]) for t in ckpt.tensors]
     layers.sort(key=_model_order)
 
     hidden = cfg.hidden_size if cfg and cfg.hidden_size else _guess_hidden(layers)
-    blocks = _blocks(layers, hidden, batch_size, sequence_length)
-    tied = _tied_head(ckpt, layers, tokens)
-    total_compute = sum(x.compute_required for x in layers) + sum(b.attention_compute for b in blocks)
-    if tied:
-        total_compute += tied.compute_required
+    blocks, block_flops = _blocks(layers, flops, hidden, batch_size, sequence_length)
+    tied, tied_flops = _tied_head(ckpt, layers, tokens)
+    total_compute = (sum(flops.values()) + block_flops + tied_flops) / GIGA
     return ModelMetadata(
         format_version=FORMAT_VERSION,
         model_name=model_name or ckpt.path.resolve().name,
@@ -158,25 +157,28 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
     )
 
 
-def tensor_gflops(name: str, shape: tuple[int, ...], dtype: str, kind: str, tokens: int) -> float:
-    """Forward GFLOPs of one tensor over ``tokens`` tokens, by the compute model of this module."""
+def tensor_flops(name: str, shape: tuple[int, ...], dtype: str, kind: str, tokens: int) -> int:
+    """Forward FLOPs of one tensor over ``tokens`` tokens, by the compute model of this module.
+
+    Integers, so that totals are exact sums divided once by 1e9.
+    """
     n = math.prod(shape)
     if dtype not in FLOAT_DTYPES or kind == "embedding":
-        return 0.0
+        return 0
     if len(shape) >= 2:
-        return 2 * tokens * n / GIGA
+        return 2 * tokens * n
     if kind == "norm" and not name.endswith("bias"):
-        return NORM_FLOPS_PER_ELEMENT * tokens * n / GIGA
-    return tokens * n / GIGA
+        return NORM_FLOPS_PER_ELEMENT * tokens * n
+    return tokens * n
 
 
-def _layer(t: TensorInfo, prefix: str | None, tokens: int) -> LayerMeta:
+def _layer(t: TensorInfo, prefix: str | None, flops: int) -> LayerMeta:
     kind = layer_type(t.name)
     block = block_of(t.name, prefix)
     placement = "block" if block is not None else ("first" if is_embedding_side(t.name) and kind != "lm_head"
                                                    else "last")
     return LayerMeta(name=t.name, shape=t.shape, dtype=t.dtype, num_params=t.numel, bytes=t.nbytes,
-                     compute_required=tensor_gflops(t.name, t.shape, t.dtype, kind, tokens), layer_type=kind,
+                     compute_required=flops / GIGA, layer_type=kind,
                      block=block, placement=placement, file=t.file)
 
 
@@ -190,35 +192,41 @@ def _guess_hidden(layers: list[LayerMeta]) -> int | None:
     return max(emb, key=lambda x: x.num_params).shape[1] if emb else None
 
 
-def _blocks(layers: list[LayerMeta], hidden: int | None, batch: int, seq: int) -> list[BlockMeta]:
+def _blocks(layers: list[LayerMeta], flops: dict[str, int], hidden: int | None, batch: int,
+            seq: int) -> tuple[list[BlockMeta], int]:
+    """The blocks' summaries, and the FLOPs of all attention cores (which belong to no tensor)."""
     grouped: dict[int, list[LayerMeta]] = {}
     for x in layers:
         if x.block is not None:
             grouped.setdefault(x.block, []).append(x)
     blocks = []
+    cores = 0
     for index in sorted(grouped):
         members = grouped[index]
         has_attention = any(x.layer_type == "attention" and len(x.shape) >= 2 for x in members)
-        core = 4 * batch * seq * seq * hidden / GIGA if has_attention and hidden else 0.0
+        core = 4 * batch * seq * seq * hidden if has_attention and hidden else 0
+        cores += core
         blocks.append(BlockMeta(index=index, tensors=len(members), params=sum(x.num_params for x in members),
                                 bytes=sum(x.bytes for x in members),
-                                compute=sum(x.compute_required for x in members) + core, attention_compute=core))
-    return blocks
+                                compute=(sum(flops[x.name] for x in members) + core) / GIGA,
+                                attention_compute=core / GIGA))
+    return blocks, cores
 
 
-def _tied_head(ckpt: Checkpoint, layers: list[LayerMeta], tokens: int) -> TiedHead | None:
+def _tied_head(ckpt: Checkpoint, layers: list[LayerMeta], tokens: int) -> tuple[TiedHead | None, int]:
     cfg = ckpt.config
     if cfg is None or not cfg.has_lm_head or not cfg.tie_word_embeddings:
-        return None
+        return None, 0
     if any(x.layer_type == "lm_head" for x in layers):
-        return None
+        return None, 0
     emb = [x for x in layers if x.layer_type == "embedding" and len(x.shape) == 2 and x.placement == "first"]
     if not emb:
-        return None
+        return None, 0
     # The output head reuses the token table: the one with vocab_size rows (not, say, GPT-2's position table).
     vocab = [x for x in emb if cfg.vocab_size and x.shape[0] == cfg.vocab_size]
     table = max(vocab or emb, key=lambda x: x.num_params)
-    return TiedHead(tensor=table.name, compute_required=2 * tokens * table.num_params / GIGA, bytes=table.bytes)
+    flops = 2 * tokens * table.num_params
+    return TiedHead(tensor=table.name, compute_required=flops / GIGA, bytes=table.bytes), flops
 
 
 def save_metadata(meta: ModelMetadata, path: str | os.PathLike[str]) -> None:

@@ -52,7 +52,8 @@ def _human(meta, output: str | None) -> str:
         table(rows, ["layer type", "tensors", "params", "bytes", "compute"]),
     ]
     if meta.tied_lm_head:
-        lines.append(f"tied LM head on '{meta.tied_lm_head.tensor}': {format_gflops(meta.tied_lm_head.compute_required)}")
+        head = meta.tied_lm_head
+        lines.append(f"tied LM head on '{head.tensor}': {format_gflops(head.compute_required)} on the last stage")
     if output:
         lines.append(f"wrote {output}")
     return "\n".join(lines)
