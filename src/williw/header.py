@@ -94,19 +94,19 @@ def parse_header(raw: bytes, filename: str, file_size: int) -> SafetensorsHeader
     for entry in entries:
         if entry.start < expected:
             raise CheckpointError(
-                f"{where}: offsets of '{entry.name}' start at {entry.start - data_start:,}, overlapping the "
+                f"{where}: offsets of '{shown(entry.name)}' start at {entry.start - data_start:,}, overlapping the "
                 f"previous tensor which ends at {expected - data_start:,}"
             )
         if entry.start > expected:
             raise CheckpointError(
-                f"{where}: offsets of '{entry.name}' start at {entry.start - data_start:,}, leaving a gap after "
-                f"{expected - data_start:,}"
+                f"{where}: offsets of '{shown(entry.name)}' start at {entry.start - data_start:,}, leaving a gap "
+                f"after {expected - data_start:,}"
             )
         expected = entry.end
     if expected > file_size:
         last = entries[-1]
         raise CheckpointError(
-            f"{where}: offsets of '{last.name}' end at {last.end:,} but the file has {file_size:,} bytes; "
+            f"{where}: offsets of '{shown(last.name)}' end at {last.end:,} but the file has {file_size:,} bytes; "
             "the file is truncated"
         )
     if expected < file_size:
@@ -117,7 +117,13 @@ def parse_header(raw: bytes, filename: str, file_size: int) -> SafetensorsHeader
     return SafetensorsHeader(data_start=data_start, entries=tuple(entries), metadata=dict(metadata))
 
 
-def _entry(name: str, info: object, where: str, data_start: int) -> HeaderEntry:
+def shown(name: str) -> str:
+    """A name as it appears in a one-line message: escaped when it holds newlines or other unprintables."""
+    return name if name.isprintable() else json.dumps(name)[1:-1]
+
+
+def _entry(raw_name: str, info: object, where: str, data_start: int) -> HeaderEntry:
+    name = shown(raw_name)
     if not isinstance(info, dict):
         raise CheckpointError(f"{where}: entry '{name}' must be an object with dtype, shape and data_offsets")
     dtype = info.get("dtype")
@@ -145,7 +151,8 @@ def _entry(name: str, info: object, where: str, data_start: int) -> HeaderEntry:
             f"{where}: tensor '{name}' has {end - start:,} bytes in data_offsets but shape {shape} of {dtype} "
             f"needs {nbytes:,}"
         )
-    return HeaderEntry(name=name, dtype=dtype, shape=tuple(shape), start=data_start + start, end=data_start + end)
+    return HeaderEntry(name=raw_name, dtype=dtype, shape=tuple(shape), start=data_start + start,
+                       end=data_start + end)
 
 
 def read_header(f: BinaryIO, filename: str, file_size: int) -> SafetensorsHeader:
