@@ -1,0 +1,147 @@
+"""``williw serve-model DIR``: serve a downloaded model folder over HTTP with range support, so that node agents
+pull only their own tensors' bytes from the user node instead of from the Hub.
+
+Only regular files under the folder are served; a request path is matched against the folder's own listing,
+never joined onto the filesystem path, so ``..``, absolute paths and symlinks out of the folder cannot escape.
+Byte counts per file are kept (``GET /_stats``) so that tests and benchmarks can prove what was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections import Counter
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from williw.progress import get_logger
+
+log = get_logger(__name__)
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def list_served_files(root: Path) -> dict[str, Path]:
+    """Relative POSIX path -> file, for every regular, non-hidden file under ``root`` (symlinks not followed)."""
+    root = root.resolve()
+    files: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.is_file() and not path.is_symlink():
+                files[path.relative_to(root).as_posix()] = path
+    return files
+
+
+class ModelServer(ThreadingHTTPServer):
+    """A threaded HTTP server over one model folder; ``bytes_sent`` counts body bytes per file."""
+
+    daemon_threads = True
+
+    def __init__(self, root: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 0) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            from williw.errors import CheckpointError
+
+            raise CheckpointError(f"'{self.root}': no such folder to serve")
+        self.files = list_served_files(self.root)
+        self.bytes_sent: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        super().__init__((host, port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> ModelServer:
+        """Serve in a daemon thread (for tests and the in-process workflow)."""
+        threading.Thread(target=self.serve_forever, name="williw-serve-model", daemon=True).start()
+        return self
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ModelServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        self._serve(body=False)
+
+    def do_GET(self) -> None:  # noqa: N802
+        if urlsplit(self.path).path == "/_stats":
+            with self.server.lock:
+                payload = json.dumps({"bytes_sent": dict(self.server.bytes_sent)}).encode()
+            self._reply(HTTPStatus.OK, payload, "application/json")
+            return
+        self._serve(body=True)
+
+    def _reply(self, status: HTTPStatus, payload: bytes, content_type: str = "text/plain") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _serve(self, body: bool) -> None:
+        rel = unquote(urlsplit(self.path).path).lstrip("/")
+        path = self.server.files.get(rel)
+        if path is None:
+            self._reply(HTTPStatus.NOT_FOUND, f"no file '{rel}' in this model folder\n".encode())
+            return
+        size = path.stat().st_size
+        start, end = 0, size  # half-open [start, end)
+        status = HTTPStatus.OK
+        header = self.headers.get("Range")
+        if header:
+            match = _RANGE.match(header.strip())
+            first, last = (match.group(1), match.group(2)) if match else ("", "")
+            if not match or (first == "" and last == ""):
+                self._reply(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, b"only one bytes=a-b range is supported\n")
+                return
+            if first == "":  # suffix range: the last N bytes
+                start, end = max(0, size - int(last)), size
+            else:
+                start, end = int(first), min(size, int(last) + 1) if last else size
+            if start >= size or start >= end:
+                self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = HTTPStatus.PARTIAL_CONTENT
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start))
+        if status == HTTPStatus.PARTIAL_CONTENT:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+        if not body:
+            return
+        sent = 0
+        with open(path, "rb") as f:
+            try:
+                sent = self._send_file(f, start, end)
+            finally:
+                with self.server.lock:
+                    self.server.bytes_sent[rel] += sent
+
+    def _send_file(self, f, start: int, end: int) -> int:
+        """Zero-copy from the page cache to the socket; returns the bytes sent (fewer if the client left)."""
+        sent = 0
+        try:
+            while start + sent < end:
+                n = os.sendfile(self.connection.fileno(), f.fileno(), start + sent, min(end - start - sent, 1 << 30))
+                if n == 0:
+                    break
+                sent += n
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        return sent
