@@ -1,0 +1,88 @@
+"""Tables and the migrations that create them; the database records which migrations it has run.
+
+Migrations are plain DDL frozen at the version that introduced them, so a later migration can ``ALTER`` a
+table without the first one already creating the new column (what ``metadata.create_all`` on the current
+tables would do). Types are the portable subset SQLite and PostgreSQL share: TEXT, INTEGER and DOUBLE
+PRECISION (SQLite gives it REAL affinity). Times are Unix seconds (float); JSON is stored as TEXT.
+
+Room for what comes next: issue 7 adds ``assignments`` (request, node, plan version, state
+``assigned → pulling → ready | failed``) as migration 2; issue 9 adds migration state beside ``plans``, whose
+``version`` column already only grows per request.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, Float, Integer, MetaData, Table, Text
+
+# The tables as the current code queries them (SQLAlchemy Core; DDL comes from MIGRATIONS, not from here).
+meta = MetaData()
+
+nodes = Table(
+    "nodes", meta,
+    Column("node_id", Text, primary_key=True),
+    Column("compute_tflops", Float, nullable=False),
+    Column("memory_gb", Float, nullable=False),
+    Column("memory_bandwidth_gbps", Float),
+    Column("network_gbps", Float),
+    Column("labels", Text, nullable=False),  # JSON list of strings
+    Column("token_hash", Text, nullable=False),  # sha256 hex of the node token; the token itself is never stored
+    Column("registered_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("last_heartbeat", Float, nullable=False),
+)
+
+requests = Table(
+    "requests", meta,
+    Column("request_id", Text, primary_key=True),
+    Column("model_name", Text, nullable=False),
+    Column("node_id", Text),
+    Column("batch_size", Integer, nullable=False),
+    Column("sequence_length", Integer, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("reason", Text),
+    Column("plan_version", Integer),  # the plan in force; NULL until the first plan
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+plans = Table(
+    "plans", meta,
+    Column("request_id", Text, primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("plan_json", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+schema_version = Table(
+    "williw_schema_version", meta,
+    Column("version", Integer, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("applied_at", Float, nullable=False),
+)
+
+SCHEMA_VERSION_DDL = ("CREATE TABLE IF NOT EXISTS williw_schema_version (version INTEGER PRIMARY KEY, "
+                      "name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)")
+
+# (version, name, statements). Append only; never edit a released entry.
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (1, "nodes, requests, plans", (
+        "CREATE TABLE nodes (node_id TEXT PRIMARY KEY, compute_tflops DOUBLE PRECISION NOT NULL, "
+        "memory_gb DOUBLE PRECISION NOT NULL, memory_bandwidth_gbps DOUBLE PRECISION, "
+        "network_gbps DOUBLE PRECISION, labels TEXT NOT NULL, token_hash TEXT NOT NULL, "
+        "registered_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL, "
+        "last_heartbeat DOUBLE PRECISION NOT NULL)",
+        "CREATE TABLE requests (request_id TEXT PRIMARY KEY, model_name TEXT NOT NULL, node_id TEXT, "
+        "batch_size INTEGER NOT NULL, sequence_length INTEGER NOT NULL, status TEXT NOT NULL, reason TEXT, "
+        "plan_version INTEGER, created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)",
+        "CREATE TABLE plans (request_id TEXT NOT NULL REFERENCES requests(request_id) ON DELETE CASCADE, "
+        "version INTEGER NOT NULL, plan_json TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+        "PRIMARY KEY (request_id, version))",
+    )),
+)
+
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+# Held while migrating so that two workers starting at once on one PostgreSQL database do not both run DDL.
+PG_MIGRATION_LOCK_KEY = 0x77696C6C6977  # "williw"
+
+__all__ = ["LATEST_VERSION", "MIGRATIONS", "meta", "nodes", "plans", "requests", "schema_version"]

@@ -1,0 +1,355 @@
+"""The worker's state in SQL: nodes, requests and versioned plans. The only module that talks to the database.
+
+SQLite (the default) allows one writer at a time; when two connections of one process write at once, the
+loser sleeps in SQLite's busy handler (in steps of up to 100 ms), which is what ruins tail latency. So on SQLite
+every write goes through one connection (a pool of size 1: writers queue in the pool, in-process, in order) and
+starts with ``BEGIN IMMEDIATE`` (so another process on the same file waits in ``busy_timeout`` at BEGIN instead
+of failing when a read lock is upgraded); reads use a separate pool and, in WAL mode, never wait for the writer.
+``synchronous=NORMAL`` in WAL mode keeps every committed transaction across a process crash (SIGKILL); only an
+OS crash or power loss can lose the last ones (https://www.sqlite.org/wal.html, "Performance Considerations").
+On PostgreSQL one pool serves both and several worker processes can share the database.
+
+Every value a client sends is a bound parameter; the only literal SQL is the constant DDL in `schema`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+
+from williw.errors import WilliwError
+from williw.progress import get_logger
+from williw.worker import schema
+from williw.worker.schema import nodes, plans, requests
+
+log = get_logger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 5000
+READ_POOL_SIZE = 8
+
+
+class StoreError(WilliwError):
+    """The database cannot be opened or used (bad URL, schema newer than this williw)."""
+
+
+class NotFound(WilliwError, LookupError):
+    """An id names no node, request or plan."""
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A registered node: the planner's node fields, plus registry times (Unix seconds)."""
+
+    node_id: str
+    compute_tflops: float
+    memory_gb: float
+    memory_bandwidth_gbps: float | None
+    network_gbps: float | None
+    labels: tuple[str, ...]
+    registered_at: float
+    updated_at: float
+    last_heartbeat: float
+
+    def fleet_dict(self) -> dict[str, Any]:
+        """The node as an entry of the planner's nodes file."""
+        d: dict[str, Any] = {"node_id": self.node_id, "compute_tflops": self.compute_tflops,
+                             "memory_gb": self.memory_gb, "labels": list(self.labels)}
+        for key in ("memory_bandwidth_gbps", "network_gbps"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return d
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """A user's request; ``status`` is ``received``, ``planned`` or ``failed`` (with ``reason``)."""
+
+    request_id: str
+    model_name: str
+    node_id: str | None
+    batch_size: int
+    sequence_length: int
+    status: str
+    reason: str | None
+    plan_version: int | None
+    created_at: float
+    updated_at: float
+
+
+def normalize_url(url: str) -> str:
+    """Accept a bare path as SQLite and ``postgresql://`` as psycopg 3 (the driver williw installs).
+
+    Raises:
+        StoreError: an in-memory SQLite database (its state would die with the process) or another backend.
+    """
+    if "://" not in url:
+        url = f"sqlite:///{url}"
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise StoreError("the worker needs a SQLite file (e.g. sqlite:///williw-worker.db), not an in-memory "
+                         "database: its state must survive a restart")
+    if backend not in ("sqlite", "postgresql"):
+        raise StoreError(f"unsupported database {parsed.drivername!r}: use sqlite:///FILE or "
+                         "postgresql+psycopg://USER@HOST/DB")
+    return parsed.render_as_string(hide_password=False)
+
+
+class Store:
+    """Open (and migrate) the database at ``url``.
+
+    Args:
+        url: a SQLAlchemy URL (``sqlite:///file.db``, ``postgresql+psycopg://...``) or a SQLite file path.
+        pool_size: connections for reads (and, on PostgreSQL, writes).
+
+    Raises:
+        StoreError: unsupported URL, or a schema written by a newer williw.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = READ_POOL_SIZE) -> None:
+        self.url = normalize_url(url)
+        self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            self._writer = _sqlite_engine(self.url, pool_size=1, writer=True)
+            self._reader = _sqlite_engine(self.url, pool_size=pool_size, writer=False)
+        else:
+            self._writer = self._reader = create_engine(self.url, pool_size=pool_size, max_overflow=pool_size,
+                                                        pool_pre_ping=True)
+        self._migrate()
+
+    def close(self) -> None:
+        self._writer.dispose()
+        if self._reader is not self._writer:
+            self._reader.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._writer.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._reader.connect() as conn:
+            yield conn
+
+    # -- schema --------------------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._write() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": schema.PG_MIGRATION_LOCK_KEY})
+            conn.execute(text(schema.SCHEMA_VERSION_DDL))
+            current = conn.execute(select(func.max(schema.schema_version.c.version))).scalar() or 0
+            if current > schema.LATEST_VERSION:
+                raise StoreError(f"the database is at schema version {current}, newer than this williw's "
+                                 f"{schema.LATEST_VERSION}: upgrade williw")
+            for version, name, statements in schema.MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    conn.execute(text(statement))
+                conn.execute(insert(schema.schema_version).values(version=version, name=name,
+                                                                  applied_at=time.time()))
+                log.info("migrated the worker database to schema version %d (%s)", version, name)
+
+    def schema_version(self) -> int:
+        """The highest migration the database has run."""
+        with self._read() as conn:
+            return conn.execute(select(func.max(schema.schema_version.c.version))).scalar() or 0
+
+    def ping(self) -> None:
+        """Run a trivial query; raises the driver's error when the database is unreachable."""
+        with self._read() as conn:
+            conn.execute(select(1))
+
+    # -- nodes ---------------------------------------------------------------------------------------------
+
+    def upsert_node(self, fields: dict[str, Any], token_hash: str | None, now: float) -> tuple[NodeRecord, bool]:
+        """Register a node or update its fields; either counts as a heartbeat.
+
+        Args:
+            fields: node_id, compute_tflops, memory_gb, memory_bandwidth_gbps, network_gbps, labels.
+            token_hash: the new node token's hash, or None to keep the current one (required for a new node).
+            now: the time to record.
+
+        Returns:
+            The stored node and whether it was created.
+        """
+        values = {"compute_tflops": fields["compute_tflops"], "memory_gb": fields["memory_gb"],
+                  "memory_bandwidth_gbps": fields.get("memory_bandwidth_gbps"),
+                  "network_gbps": fields.get("network_gbps"), "labels": json.dumps(list(fields.get("labels", ()))),
+                  "updated_at": now, "last_heartbeat": now}
+        if token_hash is not None:
+            values["token_hash"] = token_hash
+        node_id = fields["node_id"]
+        # Two workers on PostgreSQL may insert the same new node at once; the loser updates instead.
+        for _ in range(3):
+            try:
+                with self._write() as conn:
+                    found = conn.execute(select(nodes.c.node_id).where(nodes.c.node_id == node_id)
+                                         .with_for_update()).first()
+                    if found:
+                        conn.execute(update(nodes).where(nodes.c.node_id == node_id).values(**values))
+                    else:
+                        if token_hash is None:
+                            raise NotFound(f"node '{node_id}' is not registered")
+                        conn.execute(insert(nodes).values(node_id=node_id, registered_at=now, **values))
+                    row = conn.execute(select(nodes).where(nodes.c.node_id == node_id)).one()
+                return _node(row), not found
+            except IntegrityError:
+                continue
+        raise StoreError(f"could not register node '{node_id}': concurrent registrations kept conflicting")
+
+    def node_token_hash(self, node_id: str) -> str:
+        """The stored hash of ``node_id``'s token.
+
+        Raises:
+            NotFound: no such node.
+        """
+        with self._read() as conn:
+            found = conn.execute(select(nodes.c.token_hash).where(nodes.c.node_id == node_id)).scalar()
+        if found is None:
+            raise NotFound(f"node '{node_id}' is not registered")
+        return found
+
+    def heartbeat(self, node_id: str, now: float) -> None:
+        """Record that ``node_id`` is alive at ``now``.
+
+        Raises:
+            NotFound: no such node.
+        """
+        with self._write() as conn:
+            done = conn.execute(update(nodes).where(nodes.c.node_id == node_id).values(last_heartbeat=now))
+        if done.rowcount == 0:
+            raise NotFound(f"node '{node_id}' is not registered")
+
+    def get_node(self, node_id: str) -> NodeRecord:
+        """Raises: NotFound: no such node."""
+        with self._read() as conn:
+            row = conn.execute(select(nodes).where(nodes.c.node_id == node_id)).first()
+        if row is None:
+            raise NotFound(f"node '{node_id}' is not registered")
+        return _node(row)
+
+    def list_nodes(self) -> list[NodeRecord]:
+        """Every registered node, by node_id."""
+        with self._read() as conn:
+            return [_node(r) for r in conn.execute(select(nodes).order_by(nodes.c.node_id))]
+
+    def delete_node(self, node_id: str) -> None:
+        """Raises: NotFound: no such node."""
+        with self._write() as conn:
+            done = conn.execute(delete(nodes).where(nodes.c.node_id == node_id))
+        if done.rowcount == 0:
+            raise NotFound(f"node '{node_id}' is not registered")
+
+    # -- requests and plans --------------------------------------------------------------------------------
+
+    def create_request(self, request_id: str, model_name: str, node_id: str | None, batch_size: int,
+                       sequence_length: int, now: float) -> RequestRecord:
+        """Record a new request with status ``received``."""
+        with self._write() as conn:
+            conn.execute(insert(requests).values(request_id=request_id, model_name=model_name, node_id=node_id,
+                                                 batch_size=batch_size, sequence_length=sequence_length,
+                                                 status="received", reason=None, plan_version=None,
+                                                 created_at=now, updated_at=now))
+        return RequestRecord(request_id, model_name, node_id, batch_size, sequence_length, "received", None, None,
+                             now, now)
+
+    def get_request(self, request_id: str) -> RequestRecord:
+        """Raises: NotFound: no such request."""
+        with self._read() as conn:
+            row = conn.execute(select(requests).where(requests.c.request_id == request_id)).first()
+        if row is None:
+            raise NotFound(f"request '{request_id}' does not exist")
+        return RequestRecord(**row._mapping)
+
+    def mark_failed(self, request_id: str, reason: str, now: float) -> None:
+        """Set the request's status to ``failed`` with ``reason``; a plan already in force stays readable."""
+        with self._write() as conn:
+            conn.execute(update(requests).where(requests.c.request_id == request_id)
+                         .values(status="failed", reason=reason, updated_at=now))
+
+    def save_plan(self, request_id: str, render: Callable[[int], dict[str, Any]], now: float) -> int:
+        """Store the next plan version of a request and make it the one in force.
+
+        Args:
+            render: the plan JSON for a given version (the version is written inside the plan too).
+
+        Returns:
+            The new version: 1 for the first plan, then one more than the last.
+
+        Raises:
+            NotFound: no such request.
+        """
+        with self._write() as conn:
+            # The row lock orders two PostgreSQL workers planning the same request; SQLite's BEGIN IMMEDIATE
+            # already did.
+            found = conn.execute(select(requests.c.request_id).where(requests.c.request_id == request_id)
+                                 .with_for_update()).first()
+            if found is None:
+                raise NotFound(f"request '{request_id}' does not exist")
+            last = conn.execute(select(func.max(plans.c.version)).where(plans.c.request_id == request_id)).scalar()
+            version = (last or 0) + 1
+            conn.execute(insert(plans).values(request_id=request_id, version=version,
+                                              plan_json=json.dumps(render(version)), created_at=now))
+            conn.execute(update(requests).where(requests.c.request_id == request_id)
+                         .values(status="planned", reason=None, plan_version=version, updated_at=now))
+        return version
+
+    def get_plan(self, request_id: str, version: int) -> dict[str, Any]:
+        """The stored plan JSON.
+
+        Raises:
+            NotFound: no such version for this request.
+        """
+        with self._read() as conn:
+            found = conn.execute(select(plans.c.plan_json).where(plans.c.request_id == request_id,
+                                                                 plans.c.version == version)).scalar()
+        if found is None:
+            raise NotFound(f"request '{request_id}' has no plan version {version}")
+        return json.loads(found)
+
+
+def _node(row: Any) -> NodeRecord:
+    m = row._mapping
+    return NodeRecord(node_id=m["node_id"], compute_tflops=m["compute_tflops"], memory_gb=m["memory_gb"],
+                      memory_bandwidth_gbps=m["memory_bandwidth_gbps"], network_gbps=m["network_gbps"],
+                      labels=tuple(json.loads(m["labels"])), registered_at=m["registered_at"],
+                      updated_at=m["updated_at"], last_heartbeat=m["last_heartbeat"])
+
+
+def _sqlite_engine(url: str, *, pool_size: int, writer: bool) -> Engine:
+    engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60,
+                           connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Autocommit at the driver level, so that BEGIN below is the only transaction control (the SQLAlchemy
+        # pysqlite recipe for SERIALIZABLE/IMMEDIATE transactions).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        if writer:
+            cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        if not writer:
+            cur.execute("PRAGMA query_only=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+    return engine
