@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import shutil
 import threading
 from collections.abc import Iterator, Sequence
@@ -210,12 +211,15 @@ def shard_layout(tensors: Sequence[TensorInfo]) -> list[TensorInfo]:
 def check_node_id(node_id: str, where: str) -> None:
     """Refuse a node id that is not a safe folder name (it becomes ``<out>/<node_id>/``).
 
+    The rule is `williw.fleet.check_node_id`'s (the planner owns it); its message is re-raised as `SplitError`.
+    Until that module is committed, the same rule and message are applied here.
+
     Raises:
         SplitError: naming ``where`` and the id.
     """
-    try:  # the planner's fleet module owns the rule when it exists
-        from williw.fleet import check_node_id as fleet_check  # type: ignore[attr-defined]
-    except ImportError:
+    try:
+        from williw.fleet import check_node_id as fleet_check
+    except ImportError:  # pragma: no cover - fleet.py lands with the planner
         fleet_check = None
     if fleet_check is not None:
         try:
@@ -223,11 +227,9 @@ def check_node_id(node_id: str, where: str) -> None:
         except ValueError as exc:
             raise SplitError(str(exc)) from None
         return
-    ok = (isinstance(node_id, str) and 1 <= len(node_id) <= 64 and node_id not in (".", "..")
-          and all(c.isascii() and (c.isalnum() or c in "._-") for c in node_id))
-    if not ok:
-        raise SplitError(f"{where}: node id {node_id!r} is not a safe folder name "
-                         "(expected 1-64 characters from A-Z a-z 0-9 . _ -, not '.' or '..')")
+    if not isinstance(node_id, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", node_id) or node_id in (".", ".."):
+        raise SplitError(f"{where}: node_id must be 1-64 characters from A-Z a-z 0-9 . _ - (and not '.' or "
+                         f"'..'), got {node_id!r}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,467 @@
+"""Cut a local model into per-node shards by a plan: the seed's ``ModelSplitter``, streaming and exact.
+
+From safetensors, each tensor's raw bytes are copied (no decoding) in one sequential pass over each source file,
+into every shard that needs them (`williw.shards.write_shards`); memory stays at a few 8 MiB pieces whatever the
+model's size. From ``.bin``/``.pth`` the state dict is memory-mapped (``torch.load(mmap=True)``) and each
+tensor's storage bytes are copied the same way. Everything is checked before the first byte is written: node ids
+are safe folder names, every planned tensor exists, the output is not inside the model folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from williw.checkpoint import Checkpoint, TensorInfo, load_torch_state_dict, open_checkpoint
+from williw.errors import PlanError, SplitError, WilliwError, require_torch
+from williw.fsutil import atomic_writer
+from williw.planner.plan import Plan
+from williw.shards import (
+    COPIED_FILES,
+    PTH_FILE,
+    ByteSource,
+    LocalFileSource,
+    ShardManifest,
+    ShardSpec,
+    WrittenShard,
+    check_free_space,
+    check_node_id,
+    expected_manifest,
+    finish_shard,
+    is_complete,
+    prepare_shard_dir,
+    read_manifest,
+    sha256_file,
+    shard_layout,
+    write_shards,
+)
+from williw.units import SAFETENSORS_TO_TORCH
+
+FORMATS = ("safetensors", "pth")
+DEFAULT_OUTPUT = "./model_shards"
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """The seed's split configuration. ``split_plan`` is a `Plan` or the seed's plan dict."""
+
+    model_name: str
+    model_path: str
+    split_plan: Plan | dict[str, Any]
+    output_dir: str | None = None  # default ./model_shards; the shard goes to <output_dir>/<node_id>/
+    fmt: str = "safetensors"
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """One node's shard, as the seed reports it; ``shard_size_mb`` is the file size in MiB (1024² bytes)."""
+
+    node_id: str
+    shard_path: str
+    layer_names: tuple[str, ...]
+    total_params: int
+    shard_size_mb: float
+    shared_tensors: tuple[str, ...] = ()
+    file_sha256: str = ""
+    skipped: bool = False  # an identical shard was already there (resume)
+
+
+class TorchSource:
+    """A `ByteSource` over torch pickles: each tensor gets a virtual ``[start, end)`` in its file (the tensors
+    laid end to end in state-dict order, see `torch_offsets`), and its storage bytes are served from the
+    memory-mapped state dict, exactly as stored (bf16 included)."""
+
+    def __init__(self, model_dir: Path, tensors: Sequence[TensorInfo]) -> None:
+        self.model_dir = model_dir
+        self._by_file: dict[str, list[TensorInfo]] = {}
+        for t in tensors:
+            self._by_file.setdefault(t.file, []).append(t)
+        self._loaded: tuple[str, dict[str, Any]] | None = None  # one file's state dict at a time
+
+    def _state(self, file: str) -> dict[str, Any]:
+        if self._loaded is None or self._loaded[0] != file:
+            self._loaded = (file, load_torch_state_dict(self.model_dir / file))
+        return self._loaded[1]
+
+    def read_range(self, file: str, start: int, end: int) -> Iterator[memoryview]:
+        import torch
+
+        state = self._state(file)
+        for t in self._by_file.get(file, []):
+            assert t.start is not None and t.end is not None
+            lo, hi = max(t.start, start), min(t.end, end)
+            if lo >= hi:
+                continue
+            raw = state[t.name].detach().contiguous().reshape(-1).view(torch.uint8)
+            yield memoryview(raw.numpy())[lo - t.start:hi - t.start]
+
+
+def torch_offsets(checkpoint: Checkpoint) -> list[TensorInfo]:
+    """The checkpoint's tensors with byte ranges: real ones for safetensors, virtual ones for torch files."""
+    if checkpoint.format == "safetensors":
+        return list(checkpoint.tensors)
+    out, pos = [], {}
+    for t in checkpoint.tensors:
+        start = pos.get(t.file, 0)
+        out.append(replace(t, start=start, end=start + t.nbytes))
+        pos[t.file] = start + t.nbytes
+    return out
+
+
+def open_source(model_path: str | os.PathLike[str]) -> tuple[Checkpoint, dict[str, TensorInfo], ByteSource]:
+    """Open a model folder for copying: its checkpoint, its tensors by name (with byte ranges), a byte source.
+
+    Raises:
+        CheckpointError: the folder is not a readable checkpoint.
+    """
+    checkpoint = open_checkpoint(model_path)
+    tensors = torch_offsets(checkpoint)
+    source: ByteSource
+    if checkpoint.format == "safetensors":
+        source = LocalFileSource(checkpoint.path)
+    else:
+        source = TorchSource(checkpoint.path, tensors)
+    return checkpoint, {t.name: t for t in tensors}, source
+
+
+def as_plan(split_plan: Plan | dict[str, Any], source: str = "plan") -> Plan:
+    """A `Plan` from a `Plan` or the seed's dict.
+
+    Raises:
+        PlanError: the dict is not a valid plan.
+    """
+    return split_plan if isinstance(split_plan, Plan) else Plan.from_dict(split_plan, source)
+
+
+def plan_specs(plan: Plan, tensors: dict[str, TensorInfo], node_ids: Sequence[str] | None,
+               model_dir: Path) -> list[ShardSpec]:
+    """The shards to write: one per selected node, with its own tensors and its replicas.
+
+    Raises:
+        PlanError: an unknown node, a tensor listed twice for one node, or a tensor the model lacks.
+        SplitError: a node id that is not a safe folder name.
+    """
+    for a in plan.assignments:
+        check_node_id(a.node_id, "plan")
+    chosen = [plan.node(n) for n in dict.fromkeys(node_ids)] if node_ids is not None else list(plan.assignments)
+    specs = []
+    for a in chosen:
+        seen: set[str] = set()
+        for name in a.tensor_names:
+            if name in seen:
+                raise PlanError(f"plan: node '{a.node_id}' lists tensor '{name}' twice")
+            seen.add(name)
+        missing = [n for n in a.tensor_names if n not in tensors]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise PlanError(f"plan: node '{a.node_id}' has tensor '{missing[0]}'{more}, which the model in "
+                            f"'{model_dir}' does not have")
+        specs.append(ShardSpec(a.node_id, tuple(tensors[n] for n in a.tensor_names), a.stage, a.blocks))
+    return specs
+
+
+def check_output_dir(output_dir: Path, model_dir: Path) -> None:
+    """Refuse an output folder inside the model folder (its shards would later be read as model weights).
+
+    Raises:
+        SplitError: naming both folders.
+    """
+    out, model = output_dir.resolve(), model_dir.resolve()
+    if out == model or model in out.parents:
+        raise SplitError(f"output folder '{output_dir}' is inside the model folder '{model_dir}'; "
+                         "choose a folder outside it")
+
+
+def split_all(model_path: str | os.PathLike[str], plan: Plan | dict[str, Any], output_dir: str | os.PathLike[str],
+              *, node_ids: Sequence[str] | None = None, fmt: str = "safetensors",
+              model_name: str | None = None) -> list[SplitResult]:
+    """Write the shard of every node of ``plan`` (or of ``node_ids``) under ``output_dir/<node_id>/``.
+
+    Safetensors shards are written in one pass over the source files; shards already complete are skipped.
+
+    Args:
+        model_path: a local model folder (safetensors, or ``.bin``/``.pth`` which need torch).
+        plan: a `Plan` or the seed's plan dict.
+        output_dir: the shards folder; must not be inside the model folder.
+        node_ids: the nodes to write (default: all of them).
+        fmt: ``safetensors`` (``model.safetensors``) or ``pth`` (the seed's ``torch.save`` file; needs torch).
+        model_name: recorded in the manifests (default: the plan's model name, else the folder name).
+
+    Returns:
+        One `SplitResult` per node, in plan (or ``node_ids``) order.
+
+    Raises:
+        PlanError: unknown node, or a planned tensor the model lacks.
+        SplitError: unsafe node id, output inside the model folder, unknown format, no disk space, a short read.
+        CheckpointError: the model folder cannot be read.
+        MissingDependency: ``fmt="pth"`` or a torch source without torch installed.
+    """
+    if fmt not in FORMATS:
+        raise SplitError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    plan = as_plan(plan)
+    checkpoint, tensors, source = open_source(model_path)
+    out = Path(output_dir)
+    check_output_dir(out, checkpoint.path)
+    specs = plan_specs(plan, tensors, node_ids, checkpoint.path)
+    name = model_name or plan.model_name or checkpoint.path.resolve().name
+    source_name = str(checkpoint.path.resolve())
+    extra = [checkpoint.path / f for f in COPIED_FILES if (checkpoint.path / f).is_file()]
+    if fmt == "safetensors":
+        written = write_shards(specs, source, out, model_name=name, source_name=source_name,
+                               plan_sha256=plan.digest(), extra_files=extra)
+    else:
+        written = _write_pth(specs, source, out, model_name=name, source_name=source_name,
+                             plan_sha256=plan.digest(), extra_files=extra)
+    return [_result(plan, w) for w in written]
+
+
+def _result(plan: Plan, w: WrittenShard) -> SplitResult:
+    a = plan.node(w.node_id)
+    params = 0
+    for t in w.manifest.tensors:
+        n = 1
+        for d in t.shape:
+            n *= d
+        params += n
+    return SplitResult(node_id=w.node_id, shard_path=str(w.path), layer_names=a.layer_names, total_params=params,
+                       shard_size_mb=w.manifest.file_bytes / MIB, shared_tensors=a.shared_tensors,
+                       file_sha256=w.manifest.file_sha256, skipped=w.skipped)
+
+
+def _write_pth(specs: Sequence[ShardSpec], source: ByteSource, out: Path, *, model_name: str, source_name: str,
+               plan_sha256: str, extra_files: Sequence[Path]) -> list[WrittenShard]:
+    """The seed's format: ``torch.save`` of the node's state dict. It holds one node's tensors in memory."""
+    require_torch("--format pth")
+    import torch
+
+    copied = [p.name for p in extra_files]
+    results = []
+    for spec in specs:
+        shard_dir = out / spec.node_id
+        expected = expected_manifest(spec, model_name=model_name, source_name=source_name, plan_sha256=plan_sha256,
+                                     file=PTH_FILE, copied_files=copied)
+        if is_complete(shard_dir, expected):
+            results.append(WrittenShard(spec.node_id, shard_dir, read_manifest(shard_dir), skipped=True))
+            continue
+        state = {}
+        for t in shard_layout(spec.tensors):
+            dtype = SAFETENSORS_TO_TORCH.get(t.dtype)
+            if dtype is None:
+                raise SplitError(f"node '{spec.node_id}': tensor '{t.name}' has dtype {t.dtype}, which torch "
+                                 "cannot hold; use --format safetensors")
+            buf = bytearray()
+            for piece in source.read_range(t.file, t.start, t.end):  # type: ignore[arg-type]
+                buf += piece
+            raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+            state[t.name] = raw.view(getattr(torch, dtype)).reshape(t.shape)
+        check_free_space(out, sum(t.nbytes for t in spec.tensors))
+        prepare_shard_dir(shard_dir)
+        with atomic_writer(shard_dir / PTH_FILE) as f:
+            torch.save(state, f)
+        del state
+        path = shard_dir / PTH_FILE
+        manifest = ShardManifest(**{**expected.__dict__, "file_sha256": sha256_file(path),
+                                    "file_bytes": path.stat().st_size})
+        finish_shard(shard_dir, manifest, extra_files)
+        results.append(WrittenShard(spec.node_id, shard_dir, manifest, skipped=False))
+    return results
+
+
+class ModelSplitter:
+    """The seed's splitter: ``split_model(config, node_id)`` writes one node's shard."""
+
+    def split_model(self, config: SplitConfig, node_id: str) -> SplitResult:
+        """Extract ``node_id``'s tensors from ``config.model_path`` into ``<output_dir>/<node_id>/``.
+
+        Args:
+            config: model, plan and output folder.
+            node_id: the node whose shard to write.
+
+        Returns:
+            The node's `SplitResult`.
+
+        Raises:
+            PlanError, SplitError, CheckpointError: as `split_all`.
+        """
+        return split_all(config.model_path, config.split_plan, config.output_dir or DEFAULT_OUTPUT,
+                         node_ids=[node_id], fmt=config.fmt, model_name=config.model_name)[0]
+
+    def split_all(self, config: SplitConfig) -> list[SplitResult]:
+        """Write every node's shard in one pass over the source (see `split_all`)."""
+        return split_all(config.model_path, config.split_plan, config.output_dir or DEFAULT_OUTPUT,
+                         fmt=config.fmt, model_name=config.model_name)
+
+    @staticmethod
+    def validate_split_plan(all_layers: Sequence[str], split_plan: Plan | dict[str, Any]) -> None:
+        """Check that every layer is owned (``layer_names``) by exactly one node and that no node names an
+        unknown layer.
+
+        Raises:
+            PlanError: naming the first layer that is unassigned, assigned twice, or unknown.
+        """
+        plan = as_plan(split_plan)
+        known = set(all_layers)
+        owner: dict[str, str] = {}
+        for a in plan.assignments:
+            for name in a.tensor_names:
+                if name not in known:
+                    raise PlanError(f"plan: node '{a.node_id}' has layer '{name}', which the model does not have")
+            for name in a.layer_names:
+                if name in owner:
+                    raise PlanError(f"plan: layer '{name}' is assigned to both '{owner[name]}' and '{a.node_id}'")
+                owner[name] = a.node_id
+        for name in all_layers:
+            if name not in owner:
+                raise PlanError(f"plan: layer '{name}' is not assigned to any node")
+
+
+@dataclass(frozen=True)
+class NodeCheck:
+    """One node's shard as found: ``problems`` is empty when it holds exactly its tensors, byte for byte."""
+
+    node_id: str
+    shard_dir: str
+    tensors: int
+    bytes: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class ShardCheckReport:
+    """The result of `check_shards`: per node, plus model tensors that no shard holds."""
+
+    nodes: tuple[NodeCheck, ...]
+    unassigned: tuple[str, ...]
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return tuple(p for n in self.nodes for p in n.problems) + tuple(
+            f"tensor '{name}' of the model is in no shard" for name in self.unassigned)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_shards(shards_dir: str | os.PathLike[str], plan: Plan | dict[str, Any],
+                 model_dir: str | os.PathLike[str]) -> ShardCheckReport:
+    """Check that each node's shard holds exactly its tensors, each byte-equal to the model's, that its file
+    matches its manifest's sha256, and that together the shards hold every tensor of the model.
+
+    Args:
+        shards_dir: the folder holding ``<node_id>/`` shard folders.
+        plan: the plan the shards were cut by.
+        model_dir: the source model folder.
+
+    Returns:
+        A `ShardCheckReport`; it lists problems rather than raising on them.
+
+    Raises:
+        PlanError: the plan is malformed. CheckpointError: the model cannot be read.
+    """
+    plan = as_plan(plan)
+    _, tensors, source = open_source(model_dir)
+    nodes = []
+    held: set[str] = set()
+    for a in plan.assignments:
+        check = _check_node(Path(shards_dir), a.node_id, a.tensor_names, plan.digest(), tensors, source)
+        nodes.append(check[0])
+        held |= check[1]
+    return ShardCheckReport(nodes=tuple(nodes), unassigned=tuple(n for n in tensors if n not in held))
+
+
+def _check_node(shards_dir: Path, node_id: str, planned: tuple[str, ...], digest: str,
+                tensors: dict[str, TensorInfo], source: ByteSource) -> tuple[NodeCheck, set[str]]:
+    where = f"node '{node_id}'"
+    shard_dir = shards_dir / node_id
+    problems: list[str] = []
+
+    def done() -> tuple[NodeCheck, set[str]]:
+        return NodeCheck(node_id, str(shard_dir), len(found), sum(t.nbytes for t in found.values()),
+                         tuple(problems)), set(found)
+
+    found: dict[str, TensorInfo] = {}
+    try:
+        check_node_id(node_id, "plan")
+        manifest = read_manifest(shard_dir)
+    except SplitError as exc:
+        problems.append(f"{where}: {exc}")
+        return done()
+    if manifest.plan_sha256 != digest:
+        problems.append(f"{where}: the shard was cut for another plan (plan_sha256 {manifest.plan_sha256[:12]}, "
+                        f"expected {digest[:12]})")
+    path = shard_dir / manifest.file
+    if not path.is_file():
+        problems.append(f"{where}: '{path}' is missing")
+        return done()
+    if sha256_file(path) != manifest.file_sha256:
+        problems.append(f"{where}: '{path}' does not match the sha256 in its manifest")
+    try:
+        shard_tensors, shard_source = _open_shard(path)
+    except WilliwError as exc:
+        problems.append(f"{where}: {exc}")
+        return done()
+    found = shard_tensors
+    if [t.name for t in manifest.tensors] != sorted(found, key=lambda n: found[n].start or 0):
+        problems.append(f"{where}: the manifest's tensor list differs from the tensors in '{path}'")
+    for name in planned:
+        if name not in found:
+            problems.append(f"{where}: tensor '{name}' of the plan is missing from the shard")
+    for name, t in found.items():
+        if name not in planned:
+            problems.append(f"{where}: tensor '{name}' is in the shard but not in the plan")
+            continue
+        s = tensors.get(name)
+        if s is None:
+            continue  # the plan names a tensor the model lacks; the split refuses such plans
+        if (t.dtype, t.shape) != (s.dtype, s.shape):
+            problems.append(f"{where}: tensor '{name}' is {t.dtype} {list(t.shape)} in the shard but "
+                            f"{s.dtype} {list(s.shape)} in the model")
+            continue
+        at = _first_difference(shard_source.read_range(t.file, t.start, t.end),  # type: ignore[arg-type]
+                               source.read_range(s.file, s.start, s.end))  # type: ignore[arg-type]
+        if at is not None:
+            problems.append(f"{where}: tensor '{name}' differs from the model's at byte {at:,}")
+    return done()
+
+
+def _open_shard(path: Path) -> tuple[dict[str, TensorInfo], ByteSource]:
+    if path.name == PTH_FILE:
+        checkpoint, tensors, source = open_source(path)
+        return tensors, source
+    checkpoint = open_checkpoint(path)
+    return dict(checkpoint.by_name), LocalFileSource(path.parent)
+
+
+def _first_difference(a: Iterator[Any], b: Iterator[Any]) -> int | None:
+    """Offset of the first byte where two piece streams differ (a length difference counts), else None."""
+    pos = 0
+    left = memoryview(b"")
+    for piece in a:
+        view = memoryview(piece).cast("B") if not isinstance(piece, bytes) else memoryview(piece)
+        off = 0
+        while off < len(view):
+            if not left:
+                nxt = next(b, None)
+                if nxt is None:
+                    return pos + off
+                left = memoryview(nxt).cast("B") if not isinstance(nxt, bytes) else memoryview(nxt)
+                continue
+            n = min(len(view) - off, len(left))
+            x, y = bytes(view[off:off + n]), bytes(left[:n])
+            if x != y:
+                return pos + off + next(i for i in range(n) if x[i] != y[i])
+            off += n
+            left = left[n:]
+        pos += len(view)
+    if left or next(b, None) is not None:
+        return pos
+    return None
