@@ -1,0 +1,426 @@
+"""Prove that the shards still compute the model: run them as a pipeline and compare with the full model.
+
+The full model is loaded normally with transformers, run once on the prompt and freed; it leaves its output and
+the hidden state at every stage boundary. Then each stage is built from its own shard and ``config.json`` alone
+(`williw.stages`), runs on the previous stage's hidden state (sent through safetensors bytes, as between nodes),
+and is freed before the next one loads, so the pipeline never holds more than one stage's weights.
+
+A greedy plan's nodes do not form a pipeline; its shards are reassembled into one model whose output must equal
+the original's.
+
+Memory is the process's resident set size (RSS), sampled every 5 ms while a stage loads and runs; the peak counts
+everything in the process (Python, torch, the reference's output), the delta only what the stage added.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from williw.classify import block_of, find_block_prefix
+from williw.errors import VerifyError, require_torch
+from williw.planner.plan import Plan, load_plan
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog."
+SHARD_FILE = "model.safetensors"
+MEMORY_METHOD = "peak RSS sampled every 5 ms while the stage loads and runs; delta over the RSS before it"
+# Bit-exact in float32 and float64: the stages run the very operations of the full model, in the same order.
+# Half precision gets a margin in case a kernel picks another blocking for a differently aligned tensor:
+# 8 units of the last place at 1.0 (bfloat16 has 8 significant bits, float16 11).
+TOLERANCES = {"float32": (0.0, 0.0), "float64": (0.0, 0.0), "bfloat16": (0.0, 8 * 2**-7),
+              "float16": (0.0, 8 * 2**-10)}
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """One stage: blocks ``[start, end)``, its output compared at its boundary with the full model's."""
+
+    stage: int
+    node_id: str
+    blocks: tuple[int, int]
+    tensors: int
+    parameters: int
+    load_s: float
+    run_s: float
+    peak_rss_bytes: int
+    rss_delta_bytes: int
+    max_abs_diff: float | None
+    ignored: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """``max_rel_diff`` is the largest absolute difference over the largest reference magnitude."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_agree: bool | None
+    match: bool
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    model_dir: str
+    architecture: str
+    mode: str  # "pipeline" or "reassembled"
+    note: str
+    dtype: str
+    prompt: str
+    tokens: int
+    token_source: str  # "tokenizer" or "bytes" (UTF-8 bytes modulo the vocabulary size)
+    atol: float
+    rtol: float
+    reference: StageReport
+    stages: tuple[StageReport, ...]
+    outputs: tuple[OutputDiff, ...]
+    failure: str | None
+    memory_method: str = MEMORY_METHOD
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+def verify_shards(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str],
+                  shards_dir: str | os.PathLike[str], *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
+                  atol: float | None = None, rtol: float | None = None) -> VerifyReport:
+    """Run the shards of ``plan`` in plan order and compare their output with the full model's.
+
+    Args:
+        model_dir: the original model folder (config.json and weights).
+        plan: a `Plan` or the path of its JSON.
+        shards_dir: holds ``<node_id>/model.safetensors`` and ``<node_id>/config.json`` per node.
+        prompt: the input text; token ids come from the model's tokenizer, else UTF-8 bytes modulo the vocabulary.
+        dtype: compute dtype (float32, float64, bfloat16, float16, or auto for the checkpoint's).
+        atol, rtol: override the tolerance (default: exact in float32/float64, `TOLERANCES` otherwise).
+
+    Returns:
+        The report; ``report.ok`` is False and ``report.failure`` names the first stage that differs (and the
+        tensor, when one differs from the model's) if the outputs do not match.
+
+    Raises:
+        VerifyError: unsupported architecture, stages out of order, a missing shard or tensor, an empty prompt.
+        MissingDependency: torch is not installed.
+    """
+    require_torch("verify")
+    import torch
+
+    from williw import stages as st
+
+    model_dir, shards_dir = Path(model_dir), Path(shards_dir)
+    plan = plan if isinstance(plan, Plan) else load_plan(plan)
+    config = st.load_config(model_dir)
+    arch_name, arch = st.arch_of(config)
+    name = config.dtype if dtype == "auto" else dtype
+    name = str(name or "float32").removeprefix("torch.")
+    if name not in TOLERANCES:
+        raise VerifyError(f"dtype '{dtype}' is not supported (use one of auto, {', '.join(TOLERANCES)})")
+    torch_dtype = getattr(torch, name)
+    atol = TOLERANCES[name][0] if atol is None else atol
+    rtol = TOLERANCES[name][1] if rtol is None else rtol
+    ids, token_source = token_ids(model_dir, prompt, config.vocab_size)
+    n_blocks = config.num_hidden_layers
+    pipeline = plan.strategy == "pipeline"
+    specs = pipeline_stages(plan, n_blocks) if pipeline else [(a.node_id, (0, n_blocks)) for a in plan.assignments]
+    for node_id, _ in specs:
+        if not (shards_dir / node_id / SHARD_FILE).is_file():
+            raise VerifyError(f"node '{node_id}': no shard at '{shards_dir / node_id / SHARD_FILE}'")
+
+    boundaries = [end - 1 for _, (_, end) in specs[:-1] if end > 0] if pipeline else []
+    reference, ref_out, ref_hidden = _reference(model_dir, arch_name, arch, torch_dtype, ids, boundaries)
+    if pipeline:
+        note = f"{len(specs)} stages run one at a time, each from its own shard"
+        reports, out, failure = _pipeline(specs, shards_dir, model_dir, arch, torch_dtype, ids, ref_hidden,
+                                          atol, rtol)
+    else:
+        note = (f"a {plan.strategy} plan cannot run as a pipeline: checked instead that the shards of "
+                f"{len(specs)} nodes reassemble into the full model")
+        reports, out = _reassembled(plan, shards_dir, arch, torch_dtype, ids)
+        failure = None
+    outputs = tuple(compare(n, out[n], ref_out[n], atol, rtol) for n in arch.outputs if n in ref_out)
+    bad = next((o for o in outputs if not o.match), None)
+    if failure is None and bad is not None:
+        where = f"stage {len(specs) - 1} (node '{specs[-1][0]}', blocks [{specs[-1][1][0]}, {specs[-1][1][1]}))" \
+            if pipeline else "reassembled model"
+        failure = f"{where}: {_differs(bad.name, bad, atol, rtol)}"
+        if pipeline:
+            failure = _with_culprit(failure, model_dir, shards_dir / specs[-1][0] / SHARD_FILE)
+    return VerifyReport(model_dir=str(model_dir), architecture=arch_name, mode="pipeline" if pipeline else
+                        "reassembled", note=note, dtype=name, prompt=prompt, tokens=int(ids.shape[1]),
+                        token_source=token_source, atol=atol, rtol=rtol, reference=reference,
+                        stages=tuple(reports), outputs=outputs, failure=failure)
+
+
+def pipeline_stages(plan: Plan, n_blocks: int) -> list[tuple[str, tuple[int, int]]]:
+    """Each node's blocks ``[start, end)`` in plan order, checked to chain from block 0 to ``n_blocks``.
+
+    Blocks come from the plan's ``blocks`` field, else from the block indices of the node's tensor names.
+
+    Raises:
+        VerifyError: a stage does not start where the previous one ended, or the last ends short of the model.
+    """
+    prefix = find_block_prefix(n for a in plan.assignments for n in a.layer_names)
+    specs, expected = [], 0
+    for i, a in enumerate(plan.assignments):
+        if a.blocks is not None:
+            blocks = a.blocks
+        else:
+            found = [b for b in (block_of(n, prefix) for n in a.layer_names) if b is not None]
+            blocks = (min(found), max(found) + 1) if found else (expected, expected)
+        if blocks[0] != expected:
+            raise VerifyError(f"stages out of order: stage {i} (node '{a.node_id}') starts at block {blocks[0]}, "
+                              f"expected block {expected}")
+        specs.append((a.node_id, (blocks[0], blocks[1])))
+        expected = blocks[1]
+    if expected != n_blocks:
+        raise VerifyError(f"the pipeline ends at block {expected}, but the model has {n_blocks} blocks")
+    return specs
+
+
+def token_ids(model_dir: Path, prompt: str, vocab_size: int) -> tuple[torch.Tensor, str]:
+    """The prompt as a ``[1, tokens]`` tensor: the model's tokenizer if it ships one, else UTF-8 bytes modulo the
+    vocabulary size (deterministic, and every id is valid).
+
+    Raises:
+        VerifyError: the prompt gives no tokens.
+    """
+    import torch
+
+    if any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")):
+        from transformers import AutoTokenizer
+
+        ids, source = list(AutoTokenizer.from_pretrained(model_dir)(prompt)["input_ids"]), "tokenizer"
+    else:
+        ids, source = [b % vocab_size for b in prompt.encode("utf-8")], "bytes"
+    if not ids:
+        raise VerifyError("the prompt is empty: give verify some text to run (--prompt)")
+    return torch.tensor([ids], dtype=torch.long), source
+
+
+def compare(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> OutputDiff:
+    """Element-wise comparison: a match needs ``|got - want| <= atol + rtol * |want|`` everywhere (and, for
+    logits, the same top-1 token at every position)."""
+    diff = (got.double() - want.double()).abs()
+    scale = want.double().abs().max().item()
+    max_abs = diff.max().item()
+    within = bool((diff <= atol + rtol * want.double().abs()).all())
+    top1 = bool((got.argmax(-1) == want.argmax(-1)).all()) if name == "logits" else None
+    return OutputDiff(name=name, shape=tuple(want.shape), max_abs_diff=max_abs,
+                      max_rel_diff=max_abs / scale if scale else max_abs, top1_agree=top1,
+                      match=within and top1 is not False)
+
+
+def _differs(what: str, d: OutputDiff, atol: float, rtol: float) -> str:
+    tol = "exact" if atol == 0 and rtol == 0 else f"atol {atol:g}, rtol {rtol:g}"
+    top1 = ", top-1 differs" if d.top1_agree is False else ""
+    return f"{what} differs from the full model's (max abs diff {d.max_abs_diff:.3g}, tolerance {tol}{top1})"
+
+
+def _with_culprit(failure: str, model_dir: Path, shard: Path) -> str:
+    """Name the first tensor of the shard whose bytes differ from the model's, if any does."""
+    from safetensors import safe_open
+
+    from williw.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(model_dir)
+    with safe_open(shard, framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            info = ckpt.by_name.get(name)
+            if info is None:
+                continue
+            with safe_open(model_dir / info.file, framework="pt") as src:
+                a, b = f.get_tensor(name), src.get_tensor(name)
+            if a.dtype != b.dtype or a.shape != b.shape or not _bytes(a).equal(_bytes(b)):
+                return f"{failure}; tensor '{name}' in '{shard}' differs from the model's"
+    return failure
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes (so that NaN equals NaN and -0.0 differs from 0.0)."""
+    import torch
+
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+class _Meter:
+    """Wall time and peak RSS of a block of code (a 5 ms sampling thread)."""
+
+    def __enter__(self) -> _Meter:
+        self.before = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self.start = time.perf_counter()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:  # Linux without psutil: resident pages are the second field of statm
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _free() -> None:
+    gc.collect()
+
+
+def _reference(model_dir: Path, arch_name: str, arch: Any, dtype: torch.dtype, ids: torch.Tensor,
+               boundaries: list[int]) -> tuple[StageReport, dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+    """Load the full model the ordinary way, run it, keep its outputs and boundary hidden states, free it."""
+    import torch
+    import transformers
+
+    from williw.progress import progress_enabled
+    from williw.stages import ATTN_IMPLEMENTATION
+
+    if not progress_enabled():  # from_pretrained draws its own bar on stderr
+        transformers.utils.logging.disable_progress_bar()
+    hidden: dict[int, torch.Tensor] = {}
+    with _Meter() as meter:
+        model = getattr(transformers, arch_name).from_pretrained(model_dir, dtype=dtype,
+                                                                 attn_implementation=ATTN_IMPLEMENTATION).eval()
+        loaded = time.perf_counter()
+        for j in boundaries:
+            def keep(_m: Any, _i: Any, out: Any, j: int = j) -> None:
+                hidden[j] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+            model.get_submodule(f"{arch.blocks}.{j}").register_forward_hook(keep)
+        with torch.no_grad():
+            result = model(input_ids=ids, use_cache=False)
+        outputs = {n: getattr(result, n).detach().clone() for n in arch.outputs if getattr(result, n, None)
+                   is not None}
+        report = StageReport(stage=-1, node_id="full model", blocks=(0, model.config.num_hidden_layers),
+                             tensors=len(model.state_dict()), parameters=sum(p.numel() for p in model.parameters()),
+                             load_s=loaded - meter.start, run_s=time.perf_counter() - loaded, peak_rss_bytes=0,
+                             rss_delta_bytes=0, max_abs_diff=None)
+        del model, result
+        _free()
+    return _with_memory(report, meter), outputs, hidden
+
+
+def _with_memory(report: StageReport, meter: _Meter) -> StageReport:
+    return replace(report, peak_rss_bytes=meter.peak, rss_delta_bytes=meter.peak - meter.before)
+
+
+def _send(hidden: torch.Tensor) -> torch.Tensor:
+    """What the next node receives: the hidden state serialised and parsed back, as over a socket."""
+    from safetensors.torch import load, save
+
+    return load(save({"hidden": hidden.contiguous()}))["hidden"]
+
+
+def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_dir: Path, arch: Any,
+              dtype: torch.dtype, ids: torch.Tensor, ref_hidden: dict[int, torch.Tensor], atol: float,
+              rtol: float) -> tuple[list[StageReport], dict[str, torch.Tensor], str | None]:
+    from safetensors import safe_open
+
+    from williw import stages as st
+
+    reports, failure, x, out = [], None, ids, {}
+    for i, (node_id, blocks) in enumerate(specs):
+        where = f"stage {i} (node '{node_id}', blocks [{blocks[0]}, {blocks[1]}))"
+        shard = shards_dir / node_id / SHARD_FILE
+        with _Meter() as meter:
+            model = st.skeleton(st.load_config(shards_dir / node_id), dtype)
+            with safe_open(shard, framework="pt") as f:
+                available = set(f.keys())
+                stage = st.materialise(model, arch, blocks, i == 0, i == len(specs) - 1, f.get_tensor, available,
+                                       where, f"shard '{shard}'")
+            ignored = _check_extras(stage, available, where)
+            loaded = time.perf_counter()
+            out = st.run_stage(stage, x)
+            ran = time.perf_counter()
+            report = StageReport(stage=i, node_id=node_id, blocks=blocks, tensors=len(stage.loaded),
+                                 parameters=stage.parameters, load_s=loaded - meter.start, run_s=ran - loaded,
+                                 peak_rss_bytes=0, rss_delta_bytes=0, max_abs_diff=None, ignored=tuple(ignored))
+            del stage, model
+            _free()
+        report = _with_memory(report, meter)
+        if "hidden" in out:
+            x = _send(out["hidden"])
+            want = ref_hidden.get(blocks[1] - 1)
+            if want is not None:
+                d = compare("hidden", x, want, atol, rtol)
+                report = replace(report, max_abs_diff=d.max_abs_diff)
+                if failure is None and not d.match:
+                    what = f"the hidden state after block {blocks[1] - 1}"
+                    failure = _with_culprit(f"{where}: {_differs(what, d, atol, rtol)}", model_dir, shard)
+        reports.append(report)
+    return reports, out, failure
+
+
+def _check_extras(stage: Any, available: set[str], where: str) -> list[str]:
+    """Tensors of the model that the shard holds but this stage does not run mean the shard belongs to another
+    stage; names the model does not know at all (GPT-2's ``attn.bias``) are ignored, as from_pretrained does."""
+    from williw.stages import checkpoint_names
+
+    model = stage.model
+    known = {n for k in model.state_dict(keep_vars=True) for n in checkpoint_names(model, k)}
+    used = set(stage.loaded.values())
+    extra = sorted(n for n in available if n in known and n not in used)
+    if extra:
+        raise VerifyError(f"{where}: the shard holds tensor '{extra[0]}', which this stage does not run")
+    return sorted(n for n in available if n not in known)
+
+
+def _reassembled(plan: Plan, shards_dir: Path, arch: Any, dtype: torch.dtype,
+                 ids: torch.Tensor) -> tuple[list[StageReport], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    from williw import stages as st
+
+    sources: dict[str, Any] = {}
+    handles = []
+    with _Meter() as meter:
+        for a in plan.assignments:
+            shard = shards_dir / a.node_id / SHARD_FILE
+            handle = safe_open(shard, framework="pt")
+            handles.append(handle)
+            keys = set(handle.keys())
+            for n in a.layer_names:
+                if n not in keys:
+                    raise VerifyError(f"node '{a.node_id}': tensor '{n}' is missing from shard '{shard}'")
+                sources.setdefault(n, handle)
+        first = plan.assignments[0].node_id
+        model = st.skeleton(st.load_config(shards_dir / first), dtype)
+        n_blocks = model.config.num_hidden_layers
+        stage = st.materialise(model, arch, (0, n_blocks), True, True, lambda n: sources[n].get_tensor(n),
+                               set(sources), "reassembled model", "every shard")
+        loaded = time.perf_counter()
+        out = st.run_stage(stage, ids)
+        report = StageReport(stage=0, node_id="+".join(plan.node_ids), blocks=(0, n_blocks),
+                             tensors=len(stage.loaded), parameters=stage.parameters, load_s=loaded - meter.start,
+                             run_s=time.perf_counter() - loaded, peak_rss_bytes=0, rss_delta_bytes=0,
+                             max_abs_diff=None)
+        del stage, model
+        handles.clear()
+        sources.clear()
+        _free()
+    return [_with_memory(report, meter)], out
