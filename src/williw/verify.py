@@ -225,10 +225,16 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol:
                       match=within and top1 is not False)
 
 
+_SUBJECT = {"logits": "the logits differ", "last_hidden_state": "the last hidden state differs",
+            "pooler_output": "the pooler output differs"}
+
+
 def _differs(what: str, d: OutputDiff, atol: float, rtol: float) -> str:
+    """``what`` is an output name or a phrase ending in a verb."""
+    what = _SUBJECT.get(what, what)
     tol = "exact" if atol == 0 and rtol == 0 else f"atol {atol:g}, rtol {rtol:g}"
     top1 = ", top-1 differs" if d.top1_agree is False else ""
-    return f"{what} differs from the full model's (max abs diff {d.max_abs_diff:.3g}, tolerance {tol}{top1})"
+    return f"{what} from the full model's (max abs diff {d.max_abs_diff:.3g}, tolerance {tol}{top1})"
 
 
 def _with_culprit(failure: str, model_dir: Path, shard: Path) -> str:
@@ -370,7 +376,7 @@ def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_
                 d = compare("hidden", x, want, atol, rtol)
                 report = replace(report, max_abs_diff=d.max_abs_diff)
                 if failure is None and not d.match:
-                    what = f"the hidden state after block {blocks[1] - 1}"
+                    what = f"the hidden state after block {blocks[1] - 1} differs"
                     failure = _with_culprit(f"{where}: {_differs(what, d, atol, rtol)}", model_dir, shard)
         reports.append(report)
     return reports, out, failure
