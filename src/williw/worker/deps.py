@@ -1,0 +1,26 @@
+"""The injectable parts of the app (FastAPI dependencies): the store, the auth rules, the settings, the caller's
+token. Tests or an embedding program override them with ``app.dependency_overrides``."""
+
+from __future__ import annotations
+
+from fastapi import Header, Request
+
+from williw.worker.auth import Auth, bearer_token
+from williw.worker.service import WorkerSettings
+from williw.worker.store import Store
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_auth(request: Request) -> Auth:
+    return request.app.state.auth
+
+
+def get_settings(request: Request) -> WorkerSettings:
+    return request.app.state.settings
+
+
+def get_token(authorization: str | None = Header(default=None)) -> str | None:
+    return bearer_token(authorization)

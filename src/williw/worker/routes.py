@@ -1,0 +1,142 @@
+"""The endpoints. Each parses its body (pydantic), checks the caller (`auth`), calls one store or service
+function and shapes the answer; errors become HTTP statuses in `app`."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Response, status
+
+from williw.fleet import check_node_id
+from williw.worker import service
+from williw.worker.auth import Auth, AuthError, hash_token, new_node_token
+from williw.worker.deps import get_auth, get_settings, get_store, get_token
+from williw.worker.schemas import (
+    ID_MAX,
+    NODE_ID_MAX,
+    GetPlanIn,
+    HeartbeatOut,
+    NodeIn,
+    NodeOut,
+    ProcessIn,
+    ProcessOut,
+    RegisterOut,
+    RequestIn,
+    RequestOut,
+)
+from williw.worker.service import WorkerSettings
+from williw.worker.store import NodeRecord, NotFound, Store
+
+router = APIRouter()
+
+StoreDep = Annotated[Store, Depends(get_store)]
+AuthDep = Annotated[Auth, Depends(get_auth)]
+SettingsDep = Annotated[WorkerSettings, Depends(get_settings)]
+TokenDep = Annotated[str | None, Depends(get_token)]
+NodeIdPath = Annotated[str, Path(min_length=1, max_length=NODE_ID_MAX)]
+RequestIdPath = Annotated[str, Path(min_length=1, max_length=ID_MAX)]
+
+
+def _node_out(node: NodeRecord, settings: WorkerSettings, now: float) -> NodeOut:
+    return NodeOut(node_id=node.node_id, compute_tflops=node.compute_tflops, memory_gb=node.memory_gb,
+                   memory_bandwidth_gbps=node.memory_bandwidth_gbps, network_gbps=node.network_gbps,
+                   labels=list(node.labels), registered_at=node.registered_at, updated_at=node.updated_at,
+                   last_heartbeat=node.last_heartbeat, online=service.is_online(node, now, settings.node_ttl_s),
+                   heartbeat_age_s=round(max(0.0, now - node.last_heartbeat), 3))
+
+
+@router.get("/healthz")
+def healthz(store: StoreDep, auth: AuthDep, settings: SettingsDep) -> dict[str, Any]:
+    store.ping()
+    return {"status": "ok", "database": "sqlite" if store.is_sqlite else "postgresql",
+            "schema_version": store.schema_version(), "auth": "token" if auth.enabled else "open",
+            "node_ttl_s": settings.node_ttl_s}
+
+
+# -- requests ------------------------------------------------------------------------------------------------
+
+@router.post("/api/request", status_code=status.HTTP_201_CREATED)
+def create_request(body: RequestIn, store: StoreDep, auth: AuthDep, token: TokenDep) -> dict[str, str]:
+    auth.require_admin(token, "creating a request")
+    if body.node_id is not None:
+        check_node_id(body.node_id, "body field 'node_id'")
+    record = store.create_request(service.new_request_id(), body.model_name, body.node_id, body.batch_size,
+                                  body.sequence_length, time.time())
+    return {"request_id": record.request_id, "status": record.status}
+
+
+@router.post("/api/process")
+def process(body: ProcessIn, store: StoreDep, auth: AuthDep, settings: SettingsDep, token: TokenDep) -> ProcessOut:
+    auth.require_admin(token, "processing a request")
+    version, plan = service.process_request(store, settings, body.request_id, metadata=body.metadata,
+                                            metadata_repo=body.metadata_repo, revision=body.revision,
+                                            strategy=body.strategy, objective=body.objective)
+    return ProcessOut(request_id=body.request_id, status="planned", plan_version=version, plan=plan)
+
+
+@router.post("/api/get-plan")
+def get_plan(body: GetPlanIn, store: StoreDep) -> dict[str, Any]:
+    return service.plan_for(store, body.request_id, node_id=body.node_id, version=body.version)
+
+
+@router.get("/api/requests/{request_id}")
+def get_request(request_id: RequestIdPath, store: StoreDep) -> RequestOut:
+    return RequestOut(**vars(store.get_request(request_id)))
+
+
+# -- nodes ---------------------------------------------------------------------------------------------------
+
+@router.post("/api/nodes", status_code=status.HTTP_200_OK)
+def register_node(body: NodeIn, response: Response, store: StoreDep, auth: AuthDep, settings: SettingsDep,
+                  token: TokenDep) -> RegisterOut:
+    node_id = check_node_id(body.node_id, "body field 'node_id'")
+    who = auth.require_node(token, node_id, lambda: _existing_hash(store, node_id), "registering a node")
+    # The admin (or anyone, on an open service) gets a fresh token, which revokes the old one; a node updating
+    # itself keeps the token it authenticated with.
+    node_token = token if who == "node" and token else new_node_token()
+    now = time.time()
+    record, created = store.upsert_node(body.model_dump(), hash_token(node_token) if who == "admin" else None, now)
+    if created:
+        response.status_code = status.HTTP_201_CREATED
+    return RegisterOut(node=_node_out(record, settings, now), created=created, node_token=node_token)
+
+
+def _existing_hash(store: Store, node_id: str) -> str:
+    try:
+        return store.node_token_hash(node_id)
+    except NotFound:
+        raise AuthError(f"registering a new node ('{node_id}') needs the admin token", 403) from None
+
+
+@router.post("/api/nodes/{node_id}/heartbeat")
+def heartbeat(node_id: NodeIdPath, store: StoreDep, auth: AuthDep, settings: SettingsDep,
+              token: TokenDep) -> HeartbeatOut:
+    check_node_id(node_id, "path 'node_id'")
+    auth.require_node(token, node_id, lambda: store.node_token_hash(node_id), "a heartbeat")
+    now = time.time()
+    store.heartbeat(node_id, now)
+    return HeartbeatOut(node_id=node_id, last_heartbeat=now, ttl_s=settings.node_ttl_s)
+
+
+@router.get("/api/nodes")
+def list_nodes(store: StoreDep, settings: SettingsDep, online: bool | None = None) -> dict[str, Any]:
+    now = time.time()
+    out = [_node_out(n, settings, now) for n in store.list_nodes()]
+    if online is not None:
+        out = [n for n in out if n.online == online]
+    return {"nodes": out, "ttl_s": settings.node_ttl_s}
+
+
+@router.get("/api/nodes/{node_id}")
+def get_node(node_id: NodeIdPath, store: StoreDep, settings: SettingsDep) -> NodeOut:
+    check_node_id(node_id, "path 'node_id'")
+    return _node_out(store.get_node(node_id), settings, time.time())
+
+
+@router.delete("/api/nodes/{node_id}")
+def delete_node(node_id: NodeIdPath, store: StoreDep, auth: AuthDep, token: TokenDep) -> dict[str, Any]:
+    check_node_id(node_id, "path 'node_id'")
+    auth.require_node(token, node_id, lambda: store.node_token_hash(node_id), "deleting a node")
+    store.delete_node(node_id)
+    return {"node_id": node_id, "deleted": True}

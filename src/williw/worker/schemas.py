@@ -1,0 +1,104 @@
+"""Request and response bodies at the HTTP boundary (pydantic). Unknown fields are refused, so a typo in a
+field name is a 422 naming it rather than a silently ignored value."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Hugging Face repo ids ("owner/name" or "name"): letters, digits, '.', '_', '-'. Refusing everything else keeps
+# '..', '/' tricks and control characters away from the Hub client and any path built from the name.
+REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
+NODE_ID_MAX = 128
+ID_MAX = 128
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RequestIn(_Body):
+    model_name: str = Field(pattern=REPO_ID_PATTERN, description="Hugging Face model id, e.g. owner/name")
+    node_id: str | None = Field(default=None, min_length=1, max_length=NODE_ID_MAX,
+                                description="the user node that asks")
+    batch_size: int = Field(default=1, ge=1, le=1_000_000)
+    sequence_length: int = Field(default=512, ge=1, le=10_000_000)
+
+
+class ProcessIn(_Body):
+    request_id: str = Field(min_length=1, max_length=ID_MAX)
+    metadata_repo: str | None = Field(default=None, pattern=REPO_ID_PATTERN)
+    metadata: dict[str, Any] | None = None
+    revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._/-]{1,128}$")
+    strategy: Literal["pipeline", "greedy"] = "pipeline"
+    objective: str = Field(default="prefill", pattern=r"^[a-z_]{1,32}$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ProcessIn:
+        if (self.metadata_repo is None) == (self.metadata is None):
+            raise ValueError("give exactly one of 'metadata_repo' (a Hub repo id) or 'metadata' (the JSON inline)")
+        return self
+
+
+class GetPlanIn(_Body):
+    request_id: str = Field(min_length=1, max_length=ID_MAX)
+    node_id: str | None = Field(default=None, min_length=1, max_length=NODE_ID_MAX)
+    version: int | None = Field(default=None, ge=1)
+
+
+class NodeIn(_Body):
+    """The fields of one entry of the planner's nodes file."""
+
+    node_id: str = Field(min_length=1, max_length=NODE_ID_MAX)
+    compute_tflops: float = Field(gt=0, allow_inf_nan=False)
+    memory_gb: float = Field(gt=0, allow_inf_nan=False)
+    memory_bandwidth_gbps: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    network_gbps: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    labels: list[str] = Field(default_factory=list, max_length=64)
+
+
+class NodeOut(BaseModel):
+    node_id: str
+    compute_tflops: float
+    memory_gb: float
+    memory_bandwidth_gbps: float | None
+    network_gbps: float | None
+    labels: list[str]
+    registered_at: float
+    updated_at: float
+    last_heartbeat: float
+    online: bool
+    heartbeat_age_s: float
+
+
+class RegisterOut(BaseModel):
+    node: NodeOut
+    created: bool
+    node_token: str = Field(description="send as 'Authorization: Bearer <node_token>' to act as this node")
+
+
+class HeartbeatOut(BaseModel):
+    node_id: str
+    last_heartbeat: float
+    ttl_s: float
+
+
+class RequestOut(BaseModel):
+    request_id: str
+    model_name: str
+    node_id: str | None
+    batch_size: int
+    sequence_length: int
+    status: Literal["received", "planned", "failed"]
+    reason: str | None
+    plan_version: int | None
+    created_at: float
+    updated_at: float
+
+
+class ProcessOut(BaseModel):
+    request_id: str
+    status: Literal["planned"]
+    plan_version: int
+    plan: dict[str, Any]

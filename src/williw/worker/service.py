@@ -1,0 +1,180 @@
+"""What the routes ask for, without HTTP: settings, node liveness, and planning a request.
+
+``process_request`` is the seed's "read the metadata, select nodes, run the algorithm": it reads the metadata
+(inline, or from a Hub repo through `williw.hub`), takes the nodes that heartbeated within the TTL, calls
+`williw.planner.make_plan`, and stores the plan as the request's next version.
+
+Failure policy (documented in the README):
+  * the body is wrong (inline metadata that does not validate, an unknown objective): 422, the request is not
+    touched — the client fixes its body and sends it again;
+  * the body is right but the plan cannot be made (no online node, the model does not fit, the Hub repo is
+    unreachable or holds bad metadata): the request becomes ``failed`` with the reason, and the answer is 409
+    (502 when the Hub failed). ``process`` may be called again: a failed request can still be planned, and a
+    planned one gets a new plan version (versions only grow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from williw.errors import HubError, InfeasiblePlan, MetadataError, PlanError, WilliwError
+from williw.planner.plan import PLAN_KEY, ExcludedNode
+from williw.progress import get_logger
+from williw.worker.store import NodeRecord, NotFound, RequestRecord, Store
+
+log = get_logger(__name__)
+
+DEFAULT_NODE_TTL_S = 30.0
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_DB_FILE = "williw-worker.db"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How one worker process runs.
+
+    Attributes:
+        db_url: SQLAlchemy URL or SQLite file path.
+        token: the admin token; None leaves the service open (see `williw.worker.auth`).
+        node_ttl_s: a node whose last heartbeat is older than this is offline and not planned on.
+        max_body_bytes: larger request bodies get 413.
+        hub_endpoint, hub_token: where ``metadata_repo`` is read from (default: huggingface.co, ``HF_TOKEN``).
+    """
+
+    db_url: str = DEFAULT_DB_FILE
+    token: str | None = None
+    node_ttl_s: float = DEFAULT_NODE_TTL_S
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    hub_endpoint: str | None = None
+    hub_token: str | None = None
+
+
+class Conflict(WilliwError):
+    """The request exists but is not in a state that allows the action (409, or ``status_code``)."""
+
+    def __init__(self, message: str, status_code: int = 409) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def new_request_id() -> str:
+    """A random request id (uuid4, 32 hex digits): unguessable, and safe in URLs, SQL and file names."""
+    return uuid.uuid4().hex
+
+
+def is_online(node: NodeRecord, now: float, ttl_s: float) -> bool:
+    """Whether the node heartbeated within ``ttl_s`` seconds of ``now``."""
+    return now - node.last_heartbeat <= ttl_s
+
+
+def process_request(store: Store, settings: WorkerSettings, request_id: str, *, metadata: dict[str, Any] | None,
+                    metadata_repo: str | None, revision: str | None = None, strategy: str = "pipeline",
+                    objective: str = "prefill") -> tuple[int, dict[str, Any]]:
+    """Plan a request on the online nodes and store the plan as its next version.
+
+    Args:
+        metadata: the metadata JSON inline, or None to read ``metadata_repo``.
+        metadata_repo: a Hub repo id holding the metadata of the request's model.
+        revision: the Hub revision of ``metadata_repo``.
+        strategy, objective: passed to `williw.planner.make_plan`.
+
+    Returns:
+        The plan version and the stored plan JSON.
+
+    Raises:
+        NotFound: unknown request.
+        MetadataError, PlanError: the inline metadata or the options are invalid (the request is unchanged).
+        Conflict: planning failed; the request is now ``failed`` with the same message as its reason.
+    """
+    from williw.fleet import parse_nodes
+    from williw.metadata import ModelMetadata
+    from williw.planner import make_plan
+
+    request = store.get_request(request_id)
+    if metadata is not None:
+        meta = ModelMetadata.from_dict(metadata, "body field 'metadata'")
+    else:
+        meta = _fetch_metadata(store, settings, request, metadata_repo or "", revision)
+
+    now = time.time()
+    records = store.list_nodes()
+    online = [r for r in records if is_online(r, now, settings.node_ttl_s)]
+    offline = tuple(ExcludedNode(r.node_id, f"offline: last heartbeat {now - r.last_heartbeat:.0f} s ago "
+                                            f"(TTL {settings.node_ttl_s:g} s)")
+                    for r in records if not is_online(r, now, settings.node_ttl_s))
+    if not online:
+        _fail(store, request_id, f"no online nodes: {len(records)} registered, none heartbeated in the last "
+                                 f"{settings.node_ttl_s:g} s")
+    nodes = parse_nodes([r.fleet_dict() for r in online], "the worker's registry")
+    try:
+        plan = make_plan(meta, nodes, strategy=strategy, objective=objective)
+    except InfeasiblePlan as exc:
+        _fail(store, request_id, str(exc))
+    except PlanError:
+        raise  # a bad option, not a state of the fleet
+    plan = dataclasses.replace(plan, excluded=plan.excluded + offline)
+
+    def render(version: int) -> dict[str, Any]:
+        return dataclasses.replace(plan, version=version).to_dict()
+
+    version = store.save_plan(request_id, render, time.time())
+    log.info("request %s planned: version %d on %d node(s)", request_id, version, len(plan.assignments))
+    return version, store.get_plan(request_id, version)
+
+
+def _fetch_metadata(store: Store, settings: WorkerSettings, request: RequestRecord, repo: str,
+                    revision: str | None) -> Any:
+    from williw.metadata import ModelMetadata
+
+    try:
+        from williw.hub import fetch_metadata
+
+        data = fetch_metadata(repo, request.model_name, token=settings.hub_token or os.environ.get("HF_TOKEN"),
+                              endpoint=settings.hub_endpoint, revision=revision)
+    except (HubError, ImportError) as exc:
+        _fail(store, request.request_id, f"cannot read the metadata of '{request.model_name}' from Hub repo "
+                                         f"'{repo}': {exc}", status_code=502)
+    try:
+        return ModelMetadata.from_dict(data, f"Hub repo '{repo}'")
+    except MetadataError as exc:
+        _fail(store, request.request_id, str(exc))
+
+
+def _fail(store: Store, request_id: str, reason: str, status_code: int = 409) -> Any:
+    reason = " ".join(reason.split())
+    store.mark_failed(request_id, reason, time.time())
+    log.info("request %s failed: %s", request_id, reason)
+    raise Conflict(f"request '{request_id}' failed: {reason}", status_code)
+
+
+def plan_for(store: Store, request_id: str, *, node_id: str | None = None,
+             version: int | None = None) -> dict[str, Any]:
+    """The request's plan in force (or ``version``), whole or only ``node_id``'s part.
+
+    Raises:
+        NotFound: unknown request, version, or a node that is not in the plan.
+        Conflict: the request has no plan yet.
+    """
+    request = store.get_request(request_id)
+    if version is None:
+        if request.plan_version is None:
+            why = f" ({request.reason})" if request.reason else ""
+            raise Conflict(f"request '{request_id}' has no plan: its status is '{request.status}'{why}")
+        version = request.plan_version
+    plan = store.get_plan(request_id, version)
+    if node_id is None:
+        return plan
+    if node_id not in plan or node_id == PLAN_KEY:
+        names = ", ".join(k for k in plan if k != PLAN_KEY)
+        raise NotFound(f"node '{node_id}' is not in plan version {version} of request '{request_id}' "
+                       f"(nodes: {names})")
+    return plan[node_id]
+
+
+__all__ = ["Conflict", "NotFound", "WorkerSettings", "is_online", "new_request_id", "plan_for",
+           "process_request"]
