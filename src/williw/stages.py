@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 # The attention kernel of both the reference and the stages. They must agree for bit-exactness; sdpa is what
 # transformers 5 picks by default on CPU, so the reference is the model as users normally run it.
 ATTN_IMPLEMENTATION = "sdpa"
+# Math libraries may take another code path for data that is not 64-byte aligned (MKL documents that results can
+# then differ in the last bits). safetensors aligns tensors to 8 bytes in a file, and from_pretrained keeps the
+# memory-mapped file's tensors, so their alignment depends on the file: a tiny BERT's pooler gave 4.5e-08 apart with
+# the same weight at two alignments. Both the reference and the stages therefore copy unaligned tensors.
+ALIGNMENT = 64
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,8 @@ def materialise(model: Any, arch: Arch, blocks: tuple[int, int], is_first: bool,
                               f"{list(current.shape)}")
         if value.is_floating_point() and value.dtype != current.dtype:
             value = value.to(current.dtype)
+        elif value.data_ptr() % ALIGNMENT:
+            value = value.clone()
         if leaf in module._parameters:
             module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
         else:
@@ -215,6 +222,24 @@ def _init_buffers(model: Any, path: str) -> None:
                 sub._buffers[n] = torch.empty_like(sub._buffers[n], device="cpu")
             with torch.no_grad():
                 model._init_weights(sub)
+
+
+def align(model: Any) -> None:
+    """Copy every parameter and buffer that is not `ALIGNMENT`-byte aligned into fresh (aligned) memory; a tied
+    parameter stays one parameter."""
+    import torch
+
+    copies: dict[int, Any] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for n, t in store.items():
+                if t is None or t.is_meta or not t.data_ptr() % ALIGNMENT:
+                    continue
+                if id(t) not in copies:
+                    copy = t.detach().clone()
+                    copies[id(t)] = torch.nn.Parameter(copy, requires_grad=False) if store is module._parameters \
+                        else copy
+                store[n] = copies[id(t)]
 
 
 def release(model: Any, modules: list[str]) -> None:

@@ -305,7 +305,7 @@ def _reference(model_dir: Path, arch_name: str, arch: Any, dtype: torch.dtype, i
     import transformers
 
     from williw.progress import progress_enabled
-    from williw.stages import ATTN_IMPLEMENTATION
+    from williw.stages import ATTN_IMPLEMENTATION, align
 
     if not progress_enabled():  # from_pretrained draws its own bar on stderr
         transformers.utils.logging.disable_progress_bar()
@@ -313,6 +313,7 @@ def _reference(model_dir: Path, arch_name: str, arch: Any, dtype: torch.dtype, i
     with _Meter() as meter:
         model = getattr(transformers, arch_name).from_pretrained(model_dir, dtype=dtype,
                                                                  attn_implementation=ATTN_IMPLEMENTATION).eval()
+        align(model)
         loaded = time.perf_counter()
         for j in boundaries:
             def keep(_m: Any, _i: Any, out: Any, j: int = j) -> None:
@@ -339,7 +340,10 @@ def _send(hidden: torch.Tensor) -> torch.Tensor:
     """What the next node receives: the hidden state serialised and parsed back, as over a socket."""
     from safetensors.torch import load, save
 
-    return load(save({"hidden": hidden.contiguous()}))["hidden"]
+    from williw.stages import ALIGNMENT
+
+    received = load(save({"hidden": hidden.contiguous()}))["hidden"]
+    return received.clone() if received.data_ptr() % ALIGNMENT else received
 
 
 def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_dir: Path, arch: Any,

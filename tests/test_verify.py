@@ -1,0 +1,302 @@
+"""williw verify: the shards, run stage by stage from their own files, compute the full model's output bit-exactly;
+a perturbed, missing or misplaced tensor and stages out of order fail with a message naming the stage."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from williw import tinymodels as factories  # noqa: E402
+from williw.errors import VerifyError  # noqa: E402
+from williw.metadata import generate_metadata  # noqa: E402
+from williw.planner.plan import NodeAssignment, Plan, save_plan  # noqa: E402
+from williw.splitter import split_all  # noqa: E402
+from williw.verify import verify_shards  # noqa: E402
+
+
+def pipeline_plan(model: Path, cuts: list[int]) -> Plan:
+    """Contiguous blocks cut at ``cuts``; "first" tensors on stage 0, "last" on the last, a tied head shared."""
+    meta = generate_metadata(model)
+    bounds = [0, *cuts, len(meta.blocks)]
+    last = len(bounds) - 2
+    assignments = []
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        names = tuple(x.name for x in meta.layers if (x.block is not None and start <= x.block < end)
+                      or (x.placement == "first" and i == 0) or (x.placement == "last" and i == last))
+        shared = (meta.tied_lm_head.tensor,) if meta.tied_lm_head and i == last and i > 0 else ()
+        assignments.append(NodeAssignment(f"n{i}", names, 0.0, 0.0, stage=i, blocks=(start, end),
+                                          shared_tensors=shared))
+    return Plan("pipeline", tuple(assignments))
+
+
+def split(model: Path, plan: Plan, out: Path) -> Path:
+    """Shards in the splitter's layout, written with safetensors itself, so that these tests check verify alone
+    (test_cli_json_and_failure_exit runs on shards from the real splitter)."""
+    state = factories.load_reference_state(model)
+    for a in plan.assignments:
+        (out / a.node_id).mkdir(parents=True)
+        save_file({n: state[n].contiguous() for n in a.tensor_names}, out / a.node_id / "model.safetensors")
+        shutil.copy(model / "config.json", out / a.node_id / "config.json")
+    return out
+
+
+def rewrite_shard(shards: Path, node: str, change) -> Path:
+    path = shards / node / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral(models_dir: Path) -> Path:
+    path = models_dir / "mistral"
+    return path if path.exists() else factories.build_causal_lm(path, "mistral", sliding_window=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_tied(models_dir: Path) -> Path:
+    path = models_dir / "qwen2-tied"
+    return path if path.exists() else factories.build_causal_lm(path, "qwen2", tie=True)
+
+
+@pytest.fixture(scope="module")
+def llama_shards(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Plan, Path]:
+    plan = pipeline_plan(tiny_llama, [1, 3])
+    return plan, split(tiny_llama, plan, tmp_path_factory.mktemp("llama-shards") / "shards")
+
+
+def fresh_copy(llama_shards: tuple[Plan, Path], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(llama_shards[1], tmp_path / "shards"))
+
+
+# (fixture, cuts, dtype): 2 to 4 stages of every architecture; GQA in all Llama-family models (4 heads, 2 KV);
+# Mistral with a sliding window shorter than the prompt, so the sliding mask is exercised.
+CASES = {
+    "llama-untied-2": ("tiny_llama", [2], "float32"),
+    "llama-tied-bf16-3": ("tiny_llama_tied_bf16", [1, 3], "auto"),
+    "mistral-sliding-4": ("tiny_mistral", [1, 2, 3], "float32"),
+    "qwen2-tied-3": ("tiny_qwen2_tied", [2, 3], "float32"),
+    "gpt2-3": ("tiny_gpt2", [1, 3], "float32"),
+    "bert-3": ("tiny_bert", [1, 2], "float32"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pipeline_output_is_bit_exact(case: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    fixture, cuts, dtype = CASES[case]
+    model = request.getfixturevalue(fixture)
+    plan = pipeline_plan(model, cuts)
+    report = verify_shards(model, plan, split(model, plan, tmp_path / "shards"), dtype=dtype)
+
+    assert report.ok, report.failure
+    assert report.mode == "pipeline"
+    assert [s.node_id for s in report.stages] == [a.node_id for a in plan.assignments]
+    assert [s.blocks for s in report.stages] == [a.blocks for a in plan.assignments]
+    assert all(s.max_abs_diff == 0.0 for s in report.stages[:-1])  # every boundary, not only the end
+    assert report.outputs and all(o.max_abs_diff == 0.0 and o.max_rel_diff == 0.0 for o in report.outputs)
+    if fixture == "tiny_bert":
+        assert [o.name for o in report.outputs] == ["last_hidden_state", "pooler_output"]
+    else:
+        assert [(o.name, o.shape, o.top1_agree) for o in report.outputs] == [("logits", (1, 44, 128), True)]
+    # Each parameter is loaded by exactly one stage, except a tied table, which the last stage holds again.
+    tied = generate_metadata(model).tied_lm_head
+    extra = 0 if tied is None else 128 * 64
+    assert sum(s.parameters for s in report.stages) == report.reference.parameters + extra
+    assert report.dtype == ("bfloat16" if dtype == "auto" else "float32")
+
+
+def test_old_config_spellings_give_the_same_model(tiny_llama: Path, tmp_path: Path) -> None:
+    """torch_dtype and a top-level rope_theta (transformers 4) instead of dtype and rope_parameters."""
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    plan = pipeline_plan(model, [2])
+    report = verify_shards(model, plan, split(model, plan, tmp_path / "shards"))
+    assert report.ok and report.outputs[0].max_abs_diff == 0.0
+
+
+def test_integer_buffers_in_a_checkpoint_are_ignored(tiny_bert: Path, tmp_path: Path) -> None:
+    """Older BERT checkpoints store embeddings.position_ids (int64), which transformers 5 no longer saves."""
+    model = Path(shutil.copytree(tiny_bert, tmp_path / "model"))
+    tensors = load_file(model / "model.safetensors")
+    tensors["embeddings.position_ids"] = torch.arange(128).unsqueeze(0)
+    save_file(tensors, model / "model.safetensors")
+    plan = pipeline_plan(model, [2])
+    report = verify_shards(model, plan, split(model, plan, tmp_path / "shards"))
+    assert report.ok, report.failure
+    assert report.stages[0].ignored == ("embeddings.position_ids",)
+
+
+def test_perturbed_tensor_names_stage_boundary_and_tensor(llama_shards, tiny_llama: Path, tmp_path: Path) -> None:
+    plan, _ = llama_shards
+    shards = fresh_copy(llama_shards, tmp_path)
+    name = "model.layers.2.mlp.up_proj.weight"
+    path = rewrite_shard(shards, "n1", lambda t: t[name].view(-1)[7].add_(1e-3))
+    report = verify_shards(tiny_llama, plan, shards)
+    assert not report.ok
+    assert re.fullmatch(
+        r"stage 1 \(node 'n1', blocks \[1, 3\)\): the hidden state after block 2 differs from the full model's "
+        rf"\(max abs diff [0-9.e+-]+, tolerance exact\); tensor '{name}' in '{re.escape(str(path))}' differs "
+        r"from the model's", report.failure)
+    assert report.stages[0].max_abs_diff == 0.0 and report.stages[1].max_abs_diff > 0.0
+
+
+def test_perturbed_head_fails_on_the_logits(llama_shards, tiny_llama: Path, tmp_path: Path) -> None:
+    plan, _ = llama_shards
+    shards = fresh_copy(llama_shards, tmp_path)
+    path = rewrite_shard(shards, "n2", lambda t: t["lm_head.weight"].mul_(-1))
+    report = verify_shards(tiny_llama, plan, shards)
+    assert re.fullmatch(
+        r"stage 2 \(node 'n2', blocks \[3, 4\)\): the logits differ from the full model's \(max abs diff "
+        rf"[0-9.e+-]+, tolerance exact, top-1 differs\); tensor 'lm_head.weight' in '{re.escape(str(path))}' "
+        r"differs from the model's", report.failure)
+    assert report.outputs[0].top1_agree is False
+
+
+def test_missing_tensor_names_stage_and_tensor(llama_shards, tiny_llama: Path, tmp_path: Path) -> None:
+    plan, _ = llama_shards
+    shards = fresh_copy(llama_shards, tmp_path)
+    path = rewrite_shard(shards, "n1", lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(VerifyError) as err:
+        verify_shards(tiny_llama, plan, shards)
+    assert str(err.value) == (f"stage 1 (node 'n1', blocks [1, 3)): tensor 'model.layers.1.self_attn.k_proj.weight' "
+                              f"is missing from shard '{path}'")
+
+
+def test_missing_tied_embedding_on_the_last_stage(tiny_llama_tied_bf16: Path, tmp_path: Path) -> None:
+    plan = pipeline_plan(tiny_llama_tied_bf16, [2])
+    shards = split(tiny_llama_tied_bf16, plan, tmp_path / "shards")
+    path = rewrite_shard(shards, "n1", lambda t: t.pop("model.embed_tokens.weight"))
+    with pytest.raises(VerifyError) as err:
+        verify_shards(tiny_llama_tied_bf16, plan, shards)
+    assert str(err.value) == ("stage 1 (node 'n1', blocks [2, 4)): tensor 'model.embed_tokens.weight' (the tied "
+                              f"'lm_head.weight') is missing from shard '{path}'")
+
+
+def test_stages_in_the_wrong_order(llama_shards, tiny_llama: Path) -> None:
+    plan, shards = llama_shards
+    swapped = Plan("pipeline", (plan.assignments[1], plan.assignments[0], plan.assignments[2]))
+    with pytest.raises(VerifyError) as err:
+        verify_shards(tiny_llama, swapped, shards)
+    assert str(err.value) == "stages out of order: stage 0 (node 'n1') starts at block 1, expected block 0"
+
+
+def test_shards_of_swapped_nodes(llama_shards, tiny_llama: Path, tmp_path: Path) -> None:
+    """The plan is right but n0's folder holds n1's shard and the reverse."""
+    plan, _ = llama_shards
+    shards = fresh_copy(llama_shards, tmp_path)
+    (shards / "n0").rename(shards / "tmp")
+    (shards / "n1").rename(shards / "n0")
+    (shards / "tmp").rename(shards / "n1")
+    with pytest.raises(VerifyError) as err:
+        verify_shards(tiny_llama, plan, shards)
+    assert str(err.value) == ("stage 0 (node 'n0', blocks [0, 1)): tensor 'model.embed_tokens.weight' is missing "
+                              f"from shard '{shards / 'n0' / 'model.safetensors'}'")
+
+
+def test_tensor_of_another_stage_in_a_shard(llama_shards, tiny_llama: Path, tmp_path: Path) -> None:
+    plan, _ = llama_shards
+    shards = fresh_copy(llama_shards, tmp_path)
+    rewrite_shard(shards, "n0", lambda t: t.update({"model.norm.weight": torch.ones(64)}))
+    with pytest.raises(VerifyError) as err:
+        verify_shards(tiny_llama, plan, shards)
+    assert str(err.value) == ("stage 0 (node 'n0', blocks [0, 1)): the shard holds tensor 'model.norm.weight', "
+                              "which this stage does not run")
+
+
+def test_pipeline_must_cover_every_block(llama_shards, tiny_llama: Path) -> None:
+    plan, shards = llama_shards
+    with pytest.raises(VerifyError) as err:
+        verify_shards(tiny_llama, Plan("pipeline", plan.assignments[:2]), shards)
+    assert str(err.value) == "the pipeline ends at block 3, but the model has 4 blocks"
+
+
+def greedy_plan(model: Path) -> Plan:
+    """Tensors dealt round-robin over two nodes: no node holds a contiguous run of blocks."""
+    names = [x.name for x in generate_metadata(model).layers]
+    return Plan("greedy", (NodeAssignment("a", tuple(names[0::2]), 0.0, 0.0),
+                           NodeAssignment("b", tuple(names[1::2]), 0.0, 0.0)))
+
+
+def test_greedy_plan_falls_back_to_reassembly(tiny_gpt2: Path, tmp_path: Path) -> None:
+    plan = greedy_plan(tiny_gpt2)
+    report = verify_shards(tiny_gpt2, plan, split(tiny_gpt2, plan, tmp_path / "shards"))
+    assert report.ok, report.failure
+    assert report.mode == "reassembled"
+    assert report.note == ("a greedy plan cannot run as a pipeline: checked instead that the shards of 2 nodes "
+                           "reassemble into the full model")
+    assert report.outputs[0].max_abs_diff == 0.0 and report.outputs[0].top1_agree
+
+
+def test_greedy_plan_with_a_perturbed_tensor(tiny_gpt2: Path, tmp_path: Path) -> None:
+    plan = greedy_plan(tiny_gpt2)
+    shards = split(tiny_gpt2, plan, tmp_path / "shards")
+    node = next(a.node_id for a in plan.assignments if "transformer.h.1.mlp.c_fc.weight" in a.layer_names)
+    rewrite_shard(shards, node, lambda t: t["transformer.h.1.mlp.c_fc.weight"].mul_(1.5))
+    report = verify_shards(tiny_gpt2, plan, shards)
+    assert re.fullmatch(r"reassembled model: the logits differ from the full model's \(max abs diff [0-9.e+-]+, "
+                        r"tolerance exact(, top-1 differs)?\)", report.failure)
+
+
+def test_unsupported_architecture_is_named(tiny_llama: Path, tmp_path: Path) -> None:
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForSequenceClassification"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(VerifyError) as err:
+        verify_shards(model, pipeline_plan(model, [2]), tmp_path)
+    assert str(err.value) == ("architecture 'LlamaForSequenceClassification' is not supported by verify (supported: "
+                              "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, BertModel)")
+
+
+def test_empty_prompt_and_bad_dtype(llama_shards, tiny_llama: Path) -> None:
+    plan, shards = llama_shards
+    with pytest.raises(VerifyError, match=r"^the prompt is empty: give verify some text to run \(--prompt\)$"):
+        verify_shards(tiny_llama, plan, shards, prompt="")
+    with pytest.raises(VerifyError, match=r"^dtype 'int8' is not supported \(use one of auto, float32, float64, "):
+        verify_shards(tiny_llama, plan, shards, dtype="int8")
+
+
+def test_cli_json_and_failure_exit(llama_shards, tiny_llama: Path, tmp_path: Path, williw) -> None:
+    plan, _ = llama_shards
+    shards = tmp_path / "shards"
+    split_all(tiny_llama, plan, shards)
+    save_plan(plan, tmp_path / "plan.json")
+    args = [str(tiny_llama), "--plan", str(tmp_path / "plan.json"), "--shards", str(shards), "--prompt", "hi there"]
+    from click.testing import CliRunner
+
+    from williw.cli import cli
+
+    result = CliRunner().invoke(cli, ["verify", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert (data["ok"], data["tokens"], data["token_source"], data["atol"]) == (True, 8, "bytes", 0.0)
+    assert [s["node_id"] for s in data["stages"]] == ["n0", "n1", "n2"]
+
+    rewrite_shard(shards, "n0", lambda t: t["model.embed_tokens.weight"].mul_(2))
+    proc = williw("verify", *args)
+    assert proc.returncode == 2
+    assert proc.stdout.splitlines()[-1].startswith("FAILED: stage 0 (node 'n0', blocks [0, 1)): the hidden state")
+    assert re.fullmatch(r"error: stage 0 \(node 'n0', blocks \[0, 1\)\): the hidden state after block 0 differs "
+                        r"from the full model's \(max abs diff [0-9.e+-]+, tolerance exact\); tensor "
+                        r"'model.embed_tokens.weight' in '.*' differs from the model's\n", proc.stderr)
+
+
+def test_importing_verify_does_not_import_torch() -> None:
+    code = "import sys, williw.verify, williw.stages, williw.cli.verify; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
