@@ -10,35 +10,40 @@ are safe folder names, every planned tensor exists, the output is not inside the
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from williw.checkpoint import Checkpoint, TensorInfo, load_torch_state_dict, open_checkpoint
-from williw.errors import PlanError, SplitError, WilliwError, require_torch
+from williw.checkpoint import TensorInfo
+from williw.errors import PlanError, SplitError, require_torch
 from williw.fsutil import atomic_writer
 from williw.planner.plan import Plan
 from williw.shards import (
     COPIED_FILES,
     PTH_FILE,
     ByteSource,
-    LocalFileSource,
+    NodeCheck,
+    ShardCheckReport,
     ShardManifest,
     ShardSpec,
     WrittenShard,
-    check_free_space,
     check_node_id,
+    check_shards,
     expected_manifest,
-    finish_shard,
     is_complete,
-    prepare_shard_dir,
+    open_source,
     read_manifest,
     sha256_file,
     shard_layout,
     write_shards,
 )
+from williw.shards.manifest import check_free_space, finish_shard, prepare_shard_dir
 from williw.units import SAFETENSORS_TO_TORCH
+
+# check_shards and its report live in williw.shards; re-exported here for the seed-style API.
+__all__ = ["DEFAULT_OUTPUT", "FORMATS", "ModelSplitter", "NodeCheck", "ShardCheckReport", "SplitConfig",
+           "SplitResult", "check_shards", "read_manifest", "split_all"]
 
 FORMATS = ("safetensors", "pth")
 DEFAULT_OUTPUT = "./model_shards"
@@ -68,65 +73,6 @@ class SplitResult:
     shared_tensors: tuple[str, ...] = ()
     file_sha256: str = ""
     skipped: bool = False  # an identical shard was already there (resume)
-
-
-class TorchSource:
-    """A `ByteSource` over torch pickles: each tensor gets a virtual ``[start, end)`` in its file (the tensors
-    laid end to end in state-dict order, see `torch_offsets`), and its storage bytes are served from the
-    memory-mapped state dict, exactly as stored (bf16 included)."""
-
-    def __init__(self, model_dir: Path, tensors: Sequence[TensorInfo]) -> None:
-        self.model_dir = model_dir
-        self._by_file: dict[str, list[TensorInfo]] = {}
-        for t in tensors:
-            self._by_file.setdefault(t.file, []).append(t)
-        self._loaded: tuple[str, dict[str, Any]] | None = None  # one file's state dict at a time
-
-    def _state(self, file: str) -> dict[str, Any]:
-        if self._loaded is None or self._loaded[0] != file:
-            self._loaded = (file, load_torch_state_dict(self.model_dir / file))
-        return self._loaded[1]
-
-    def read_range(self, file: str, start: int, end: int) -> Iterator[memoryview]:
-        import torch
-
-        state = self._state(file)
-        for t in self._by_file.get(file, []):
-            assert t.start is not None and t.end is not None
-            lo, hi = max(t.start, start), min(t.end, end)
-            if lo >= hi:
-                continue
-            raw = state[t.name].detach().contiguous().reshape(-1).view(torch.uint8)
-            yield memoryview(raw.numpy())[lo - t.start:hi - t.start]
-
-
-def torch_offsets(checkpoint: Checkpoint) -> list[TensorInfo]:
-    """The checkpoint's tensors with byte ranges: real ones for safetensors, virtual ones for torch files."""
-    if checkpoint.format == "safetensors":
-        return list(checkpoint.tensors)
-    out, pos = [], {}
-    for t in checkpoint.tensors:
-        start = pos.get(t.file, 0)
-        out.append(replace(t, start=start, end=start + t.nbytes))
-        pos[t.file] = start + t.nbytes
-    return out
-
-
-def open_source(model_path: str | os.PathLike[str]) -> tuple[Checkpoint, dict[str, TensorInfo], ByteSource]:
-    """Open a model folder for copying: its checkpoint, its tensors by name (with byte ranges), a byte source.
-
-    Raises:
-        CheckpointError: the folder is not a readable checkpoint.
-    """
-    checkpoint = open_checkpoint(model_path)
-    tensors = torch_offsets(checkpoint)
-    source: ByteSource
-    if checkpoint.format == "safetensors":
-        source = LocalFileSource(checkpoint.path)
-    else:
-        source = TorchSource(checkpoint.path, tensors)
-    return checkpoint, {t.name: t for t in tensors}, source
-
 
 def as_plan(split_plan: Plan | dict[str, Any], source: str = "plan") -> Plan:
     """A `Plan` from a `Plan` or the seed's dict.
@@ -319,149 +265,3 @@ class ModelSplitter:
                 raise PlanError(f"plan: layer '{name}' is not assigned to any node")
 
 
-@dataclass(frozen=True)
-class NodeCheck:
-    """One node's shard as found: ``problems`` is empty when it holds exactly its tensors, byte for byte."""
-
-    node_id: str
-    shard_dir: str
-    tensors: int
-    bytes: int
-    problems: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-@dataclass(frozen=True)
-class ShardCheckReport:
-    """The result of `check_shards`: per node, plus model tensors that no shard holds."""
-
-    nodes: tuple[NodeCheck, ...]
-    unassigned: tuple[str, ...]
-
-    @property
-    def problems(self) -> tuple[str, ...]:
-        return tuple(p for n in self.nodes for p in n.problems) + tuple(
-            f"tensor '{name}' of the model is in no shard" for name in self.unassigned)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def check_shards(shards_dir: str | os.PathLike[str], plan: Plan | dict[str, Any],
-                 model_dir: str | os.PathLike[str]) -> ShardCheckReport:
-    """Check that each node's shard holds exactly its tensors, each byte-equal to the model's, that its file
-    matches its manifest's sha256, and that together the shards hold every tensor of the model.
-
-    Args:
-        shards_dir: the folder holding ``<node_id>/`` shard folders.
-        plan: the plan the shards were cut by.
-        model_dir: the source model folder.
-
-    Returns:
-        A `ShardCheckReport`; it lists problems rather than raising on them.
-
-    Raises:
-        PlanError: the plan is malformed. CheckpointError: the model cannot be read.
-    """
-    plan = as_plan(plan)
-    _, tensors, source = open_source(model_dir)
-    nodes = []
-    held: set[str] = set()
-    for a in plan.assignments:
-        check = _check_node(Path(shards_dir), a.node_id, a.tensor_names, plan.digest(), tensors, source)
-        nodes.append(check[0])
-        held |= check[1]
-    return ShardCheckReport(nodes=tuple(nodes), unassigned=tuple(n for n in tensors if n not in held))
-
-
-def _check_node(shards_dir: Path, node_id: str, planned: tuple[str, ...], digest: str,
-                tensors: dict[str, TensorInfo], source: ByteSource) -> tuple[NodeCheck, set[str]]:
-    where = f"node '{node_id}'"
-    shard_dir = shards_dir / node_id
-    problems: list[str] = []
-
-    def done() -> tuple[NodeCheck, set[str]]:
-        return NodeCheck(node_id, str(shard_dir), len(found), sum(t.nbytes for t in found.values()),
-                         tuple(problems)), set(found)
-
-    found: dict[str, TensorInfo] = {}
-    try:
-        check_node_id(node_id, "plan")
-        manifest = read_manifest(shard_dir)
-    except SplitError as exc:
-        problems.append(f"{where}: {exc}")
-        return done()
-    if manifest.plan_sha256 != digest:
-        problems.append(f"{where}: the shard was cut for another plan (plan_sha256 {manifest.plan_sha256[:12]}, "
-                        f"expected {digest[:12]})")
-    path = shard_dir / manifest.file
-    if not path.is_file():
-        problems.append(f"{where}: '{path}' is missing")
-        return done()
-    if sha256_file(path) != manifest.file_sha256:
-        problems.append(f"{where}: '{path}' does not match the sha256 in its manifest")
-    try:
-        shard_tensors, shard_source = _open_shard(path)
-    except WilliwError as exc:
-        problems.append(f"{where}: {exc}")
-        return done()
-    found = shard_tensors
-    if [t.name for t in manifest.tensors] != sorted(found, key=lambda n: found[n].start or 0):
-        problems.append(f"{where}: the manifest's tensor list differs from the tensors in '{path}'")
-    for name in planned:
-        if name not in found:
-            problems.append(f"{where}: tensor '{name}' of the plan is missing from the shard")
-    for name, t in found.items():
-        if name not in planned:
-            problems.append(f"{where}: tensor '{name}' is in the shard but not in the plan")
-            continue
-        s = tensors.get(name)
-        if s is None:
-            continue  # the plan names a tensor the model lacks; the split refuses such plans
-        if (t.dtype, t.shape) != (s.dtype, s.shape):
-            problems.append(f"{where}: tensor '{name}' is {t.dtype} {list(t.shape)} in the shard but "
-                            f"{s.dtype} {list(s.shape)} in the model")
-            continue
-        at = _first_difference(shard_source.read_range(t.file, t.start, t.end),  # type: ignore[arg-type]
-                               source.read_range(s.file, s.start, s.end))  # type: ignore[arg-type]
-        if at is not None:
-            problems.append(f"{where}: tensor '{name}' differs from the model's at byte {at:,}")
-    return done()
-
-
-def _open_shard(path: Path) -> tuple[dict[str, TensorInfo], ByteSource]:
-    if path.name == PTH_FILE:
-        checkpoint, tensors, source = open_source(path)
-        return tensors, source
-    checkpoint = open_checkpoint(path)
-    return dict(checkpoint.by_name), LocalFileSource(path.parent)
-
-
-def _first_difference(a: Iterator[Any], b: Iterator[Any]) -> int | None:
-    """Offset of the first byte where two piece streams differ (a length difference counts), else None."""
-    pos = 0
-    left = memoryview(b"")
-    for piece in a:
-        view = memoryview(piece).cast("B") if not isinstance(piece, bytes) else memoryview(piece)
-        off = 0
-        while off < len(view):
-            if not left:
-                nxt = next(b, None)
-                if nxt is None:
-                    return pos + off
-                left = memoryview(nxt).cast("B") if not isinstance(nxt, bytes) else memoryview(nxt)
-                continue
-            n = min(len(view) - off, len(left))
-            x, y = bytes(view[off:off + n]), bytes(left[:n])
-            if x != y:
-                return pos + off + next(i for i in range(n) if x[i] != y[i])
-            off += n
-            left = left[n:]
-        pos += len(view)
-    if left or next(b, None) is not None:
-        return pos
-    return None
