@@ -159,3 +159,20 @@ def postgres_schema(base_url: str = PG_URL) -> Iterator[str]:
         with engine.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
         engine.dispose()
+
+
+@contextmanager
+def database(kind: str, folder: Path) -> Iterator[str]:
+    """A database URL for ``kind`` (``sqlite``: a file in ``folder``; ``postgres``: a fresh schema)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'worker.db'}"
+    else:
+        with postgres_schema() as url:
+            yield url
+
+
+def backends():
+    """Parameters for a module-scoped fixture: every test runs on SQLite and (marked) on PostgreSQL."""
+    import pytest
+
+    return ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]

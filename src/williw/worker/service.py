@@ -93,11 +93,10 @@ def process_request(store: Store, settings: WorkerSettings, request_id: str, *, 
     """
     from williw.fleet import parse_nodes
     from williw.metadata import ModelMetadata
-    from williw.planner import make_plan
 
     request = store.get_request(request_id)
     if metadata is not None:
-        meta = ModelMetadata.from_dict(metadata, "body field 'metadata'")
+        meta = ModelMetadata.from_dict(metadata, "metadata")
     else:
         meta = _fetch_metadata(store, settings, request, metadata_repo or "", revision)
 
@@ -111,6 +110,8 @@ def process_request(store: Store, settings: WorkerSettings, request_id: str, *, 
         _fail(store, request_id, f"no online nodes: {len(records)} registered, none heartbeated in the last "
                                  f"{settings.node_ttl_s:g} s")
     nodes = parse_nodes([r.fleet_dict() for r in online], "the worker's registry")
+    from williw.planner import make_plan
+
     try:
         plan = make_plan(meta, nodes, strategy=strategy, objective=objective)
     except InfeasiblePlan as exc:
