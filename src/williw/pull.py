@@ -1,0 +1,200 @@
+"""The Hub workflows that need the core: pull one node's shard by HTTP ranges, and publish a model's metadata.
+
+`pull_shard` reads each remote safetensors header (one or two range requests per file, through
+`williw.remote.HttpRangeSource`), validates it like a local one, then hands the node's tensors to the same
+streaming writer as ``williw split`` (`williw.shards.write_shards`), whose source fetches only those tensors'
+bytes. The shard file is therefore byte-identical to the split's, and the bytes downloaded are the node's tensors
+plus the headers (and the small config/tokenizer files), not the model.
+
+`MetadataUploader` lives here rather than in `williw.hub` because it validates the file with `williw.metadata`,
+which sits above the Hub client in the import order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from williw.checkpoint import TensorInfo
+from williw.errors import HubError
+from williw.header import FIRST_RANGE_BYTES
+from williw.hub import (
+    SAFETENSORS_INDEX,
+    auth_headers,
+    hub_endpoint,
+    is_repo_id,
+    metadata_path_in_repo,
+    repo_files,
+    resolve_base_url,
+    resolve_token,
+    upload_file,
+)
+from williw.metadata import load_metadata
+from williw.planner.plan import Plan
+from williw.remote import BACKOFF_S, HttpRangeSource, HubContext, merge_intervals, safe_file_name
+from williw.shards import COPIED_FILES, write_shards
+from williw.splitter import as_plan, plan_specs
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """One node's pulled shard. ``bytes_downloaded`` counts every body byte received (headers, the node's
+    tensors, config and tokenizer files); ``tensor_bytes`` is what the node's tensors alone weigh."""
+
+    node_id: str
+    shard_path: str
+    shard_bytes: int
+    tensor_bytes: int
+    header_bytes: int
+    bytes_downloaded: int
+    requests: int
+    file_sha256: str
+    source: str
+    skipped: bool
+
+
+def pull_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_dir: str | os.PathLike[str], *,
+               revision: str | None = None, token: str | None = None, endpoint: str | None = None,
+               model_name: str | None = None, first_range_bytes: int = FIRST_RANGE_BYTES,
+               backoff_s: float = BACKOFF_S) -> PullResult:
+    """Write ``node_id``'s shard under ``output_dir/<node_id>/`` from a remote model, fetching only its bytes.
+
+    Args:
+        model: a Hub repo id, or the URL of a server with ranges over a model folder (``williw serve-model``).
+        plan: a `Plan` or the seed's plan dict.
+        node_id: the node whose shard to write.
+        output_dir: the shards folder.
+        revision: branch, tag or commit on the Hub (default main); pinned to its commit for every read.
+        token: Hub token (default ``HF_TOKEN``, then the saved login).
+        endpoint: Hub address (default ``HF_ENDPOINT``).
+        model_name: recorded in the manifest (default: the plan's, else the repo name).
+        first_range_bytes: size of the first header read of each file.
+        backoff_s: first wait before retrying a failed range (doubled each time).
+
+    Returns:
+        A `PullResult`.
+
+    Raises:
+        HubError: the model or a file cannot be fetched, or it has no safetensors weights.
+        CheckpointError: a remote header is corrupt. PlanError: unknown node, or a tensor the model lacks.
+        SplitError: unsafe node id, no disk space, a short read.
+    """
+    plan = as_plan(plan)
+    plan.node(node_id)  # an unknown node fails before any request
+    source, files = _open_remote(model, revision, token, endpoint, first_range_bytes, backoff_s)
+    with source:
+        weights = _weight_files(source, files, model)
+        tensors: dict[str, TensorInfo] = {}
+        header_bytes = 0
+        for file in weights:
+            header, _ = source.read_header(file)
+            header_bytes += header.data_start
+            for e in header.entries:
+                if e.name in tensors:
+                    raise HubError(f"'{model}': tensor '{e.name}' is in both '{tensors[e.name].file}' and '{file}'")
+                tensors[e.name] = TensorInfo(e.name, e.dtype, e.shape, file, e.start, e.end)
+        specs = plan_specs(plan, tensors, [node_id], Path(model))
+        for file in weights:
+            source.wanted[file] = merge_intervals([(t.start, t.end) for t in specs[0].tensors  # type: ignore[misc]
+                                                   if t.file == file])
+        name = model_name or plan.model_name or model.rstrip("/").rsplit("/", 1)[-1]
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".williw-pull-", dir=out) as tmp:
+            extra = []
+            for f in COPIED_FILES:
+                if files is None or f in files:
+                    data = source.get_file(f, missing_ok=True)
+                    if data is not None:
+                        (Path(tmp) / f).write_bytes(data)
+                        extra.append(Path(tmp) / f)
+            written = write_shards(specs, source, out, model_name=name, source_name=model,
+                                   plan_sha256=plan.digest(), extra_files=extra, desc=f"pull {node_id}")[0]
+    return PullResult(node_id=node_id, shard_path=str(written.path), shard_bytes=written.manifest.file_bytes,
+                      tensor_bytes=sum(t.nbytes for t in specs[0].tensors), header_bytes=header_bytes,
+                      bytes_downloaded=source.bytes_received, requests=source.requests,
+                      file_sha256=written.manifest.file_sha256, source=model, skipped=written.skipped)
+
+
+def _open_remote(model: str, revision: str | None, token: str | None, endpoint: str | None,
+                 first_range_bytes: int, backoff_s: float) -> tuple[HttpRangeSource, set[str] | None]:
+    """A range source over the model and, on the Hub, its file list (a plain server has none to give)."""
+    if model.startswith(("http://", "https://")):
+        return HttpRangeSource(model, first_range_bytes=first_range_bytes, backoff_s=backoff_s), None
+    if not is_repo_id(model):
+        raise HubError(f"'{model}' is neither a Hugging Face repo id (like 'org/model') nor an http(s) URL")
+    token, token_source = resolve_token(token)
+    sha, listing = repo_files(model, revision=revision, token=token, endpoint=endpoint, token_source=token_source)
+    ctx = HubContext(hub_endpoint(endpoint), model, revision or "main", token_source if token else None)
+    # Pinned to the commit: every range of every file comes from the same version of the model.
+    source = HttpRangeSource(resolve_base_url(model, sha, endpoint), headers=auth_headers(token), hub=ctx,
+                             first_range_bytes=first_range_bytes, backoff_s=backoff_s)
+    return source, set(listing)
+
+
+def _weight_files(source: HttpRangeSource, files: set[str] | None, model: str) -> list[str]:
+    index = None
+    if files is None or SAFETENSORS_INDEX in files:
+        index = source.get_file(SAFETENSORS_INDEX, missing_ok=True)
+    if index is not None:
+        try:
+            weight_map = json.loads(index)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise HubError(f"'{model}': {SAFETENSORS_INDEX} is not a valid index (expected 'weight_map')") from None
+        for n in names:
+            if not isinstance(n, str) or not safe_file_name(n):
+                raise HubError(f"'{model}': {SAFETENSORS_INDEX} names {n!r}, which is not a file name in the model")
+        return names
+    if files is None:
+        return ["model.safetensors"]
+    names = sorted(f for f in files if "/" not in f and f.endswith(".safetensors"))
+    if not names:
+        raise HubError(f"'{model}' has no safetensors weights; williw pull reads only safetensors: run "
+                       "williw download, then williw split")
+    return names
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    """The seed's upload configuration."""
+
+    metadata_file: str
+    repo_id: str
+    hf_token: str | None = None
+    commit_message: str | None = None
+    repo_type: str = "model"
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    url: str
+    commit_id: str
+    path_in_repo: str
+
+
+class MetadataUploader:
+    """The seed's uploader: ``upload_metadata(config)`` validates a metadata file and commits it to a repo."""
+
+    def upload_metadata(self, config: UploadConfig) -> UploadResult:
+        """Validate ``config.metadata_file`` and commit it to ``models/<org>--<name>/metadata.json`` of the repo
+        (created if missing), so one metadata repo holds many models.
+
+        Returns:
+            The file's URL, the commit id and the path in the repo.
+
+        Raises:
+            MetadataError: the file is missing or not valid metadata (nothing is sent).
+            HubError: no token, bad token, no write access, network failure.
+        """
+        meta = load_metadata(config.metadata_file)
+        path = metadata_path_in_repo(meta.model_name)
+        message = config.commit_message or f"Add metadata of {meta.model_name}"
+        url, commit = upload_file(config.metadata_file, config.repo_id, path, token=config.hf_token,
+                                  commit_message=message, repo_type=config.repo_type, endpoint=config.endpoint)
+        return UploadResult(url=url, commit_id=commit, path_in_repo=path)
