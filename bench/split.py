@@ -126,8 +126,8 @@ def main() -> None:
         s = statistics.median(x for x, _ in runs)
         rss = max(r for _, r in runs)
         rows.append([name, f"{s:.2f}", f"{total / s / 1e9:.2f}", f"{cp_s / s:.2f}x", f"{rss / 2**20:.0f}",
-                     str(len(runs))])
-    head = ["method", "median s", "GB/s", "vs cp", "peak RSS MiB", "runs"]
+                     " ".join(f"{x:.2f}" for x, _ in runs)])
+    head = ["method", "median s", "GB/s", "vs cp", "peak RSS MiB", "each run s"]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     print(f"model {model.name}: {total / 1e9:.2f} GB in {len(files)} files, {NODES} nodes, page cache {cache}, "
           f"{os.cpu_count()} CPUs")
