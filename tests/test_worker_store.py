@@ -1,0 +1,64 @@
+"""The store without HTTP: migrations, URLs, and the versioned plans."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from williw.worker.store import NotFound, Store, StoreError, normalize_url
+
+
+def test_migrations_run_once_and_record_the_version(tmp_path):
+    path = tmp_path / "w.db"
+    store = Store(str(path))
+    assert store.schema_version() == 1
+    store.upsert_node({"node_id": "n", "compute_tflops": 1.0, "memory_gb": 1.0}, "hash", 5.0)
+    store.close()
+    again = Store(f"sqlite:///{path}")  # reopening migrates nothing and keeps the data
+    assert again.schema_version() == 1
+    assert [n.node_id for n in again.list_nodes()] == ["n"]
+    again.close()
+    rows = sqlite3.connect(path).execute("SELECT version, name FROM williw_schema_version").fetchall()
+    assert rows == [(1, "nodes, requests, plans")]
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "w.db"
+    Store(str(path)).close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO williw_schema_version VALUES (99, 'future', 0)")
+    with pytest.raises(StoreError, match=r"^the database is at schema version 99, newer than this williw's 1: "
+                                         r"upgrade williw$"):
+        Store(str(path))
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("sqlite://", "the worker needs a SQLite file"),
+    ("sqlite:///:memory:", "the worker needs a SQLite file"),
+    ("mysql://u@h/db", "unsupported database 'mysql'"),
+])
+def test_bad_urls(url, message):
+    with pytest.raises(StoreError, match=f"^{message}"):
+        normalize_url(url)
+
+
+def test_url_spellings():
+    assert normalize_url("w.db") == "sqlite:///w.db"
+    assert normalize_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+
+
+def test_plan_versions_only_grow(tmp_path):
+    store = Store(str(tmp_path / "w.db"))
+    store.create_request("r", "m", None, 1, 8, 1.0)
+    assert [store.save_plan("r", lambda v: {"v": v}, 2.0) for _ in range(3)] == [1, 2, 3]
+    assert store.get_plan("r", 2) == {"v": 2}
+    assert store.get_request("r").plan_version == 3
+    store.mark_failed("r", "why", 3.0)
+    assert (store.get_request("r").status, store.get_request("r").plan_version) == ("failed", 3)
+    with pytest.raises(NotFound, match="^request 'r' has no plan version 9$"):
+        store.get_plan("r", 9)
+    with pytest.raises(NotFound, match="^request 'q' does not exist$"):
+        store.save_plan("q", lambda v: {}, 1.0)
+    store.close()
