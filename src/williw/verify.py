@@ -349,8 +349,6 @@ def _send(hidden: torch.Tensor) -> torch.Tensor:
 def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_dir: Path, arch: Any,
               dtype: torch.dtype, ids: torch.Tensor, ref_hidden: dict[int, torch.Tensor], atol: float,
               rtol: float) -> tuple[list[StageReport], dict[str, torch.Tensor], str | None]:
-    from safetensors import safe_open
-
     from williw import stages as st
 
     reports, failure, x, out = [], None, ids, {}
@@ -359,8 +357,8 @@ def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_
         shard = shards_dir / node_id / SHARD_FILE
         with _Meter() as meter:
             model = st.skeleton(st.load_config(shards_dir / node_id), dtype)
-            with safe_open(shard, framework="pt") as f:
-                available = set(f.keys())
+            with st.ShardReader(shard) as f:
+                available = f.keys()
                 stage = st.materialise(model, arch, blocks, i == 0, i == len(specs) - 1, f.get_tensor, available,
                                        where, f"shard '{shard}'")
             ignored = _check_extras(stage, available, where)
@@ -402,8 +400,6 @@ def _check_extras(stage: Any, available: set[str], where: str) -> list[str]:
 
 def _reassembled(plan: Plan, shards_dir: Path, arch: Any, dtype: torch.dtype,
                  ids: torch.Tensor) -> tuple[list[StageReport], dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     from williw import stages as st
 
     sources: dict[str, Any] = {}
@@ -411,7 +407,7 @@ def _reassembled(plan: Plan, shards_dir: Path, arch: Any, dtype: torch.dtype,
     with _Meter() as meter:
         for a in plan.assignments:
             shard = shards_dir / a.node_id / SHARD_FILE
-            handle = safe_open(shard, framework="pt")
+            handle = st.ShardReader(shard)
             handles.append(handle)
             keys = set(handle.keys())
             for n in a.layer_names:
@@ -430,7 +426,8 @@ def _reassembled(plan: Plan, shards_dir: Path, arch: Any, dtype: torch.dtype,
                              run_s=time.perf_counter() - loaded, peak_rss_bytes=0, rss_delta_bytes=0,
                              max_abs_diff=None)
         del stage, model
-        handles.clear()
+        for handle in handles:
+            handle.close()
         sources.clear()
         _free()
     return [_with_memory(report, meter)], out
