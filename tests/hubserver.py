@@ -93,6 +93,7 @@ class FakeHub(ThreadingHTTPServer):
         self.tokens: dict[str, Token] = {}
         self.bytes_sent: Counter[tuple[str, str]] = Counter()
         self.requests: list[tuple[str, str, str | None]] = []
+        self.errors: list[int] = []  # status of every error answer, in order
         self.faults: list[Fault] = []
         self.created: list[str] = []
         self.commit_payloads: list[list[dict]] = []
@@ -105,7 +106,7 @@ class FakeHub(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def __enter__(self) -> FakeHub:
-        self._thread = threading.Thread(target=self.serve_forever, name="fake-hub", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), name="fake-hub", daemon=True)
         self._thread.start()
         return self
 
@@ -163,6 +164,9 @@ class _Handler(BaseHTTPRequestHandler):
     # --- plumbing -------------------------------------------------------------------------------------------
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
               content_type: str = "application/json") -> None:
+        if status >= 400:
+            with self.server.lock:
+                self.server.errors.append(status)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
