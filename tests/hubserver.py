@@ -68,14 +68,16 @@ class Repo:
 
 @dataclass
 class Fault:
-    """Answer the next ``times`` requests whose path contains ``path`` with ``status``, or, when ``cut_after`` is
-    set, send the headers of a normal answer and close the connection after ``cut_after`` body bytes."""
+    """Answer ``times`` requests whose path contains ``path`` with ``status``, or, when ``cut_after`` is set, send
+    the headers of a normal answer and close the connection after ``cut_after`` body bytes. The first ``after``
+    matching requests (counted from when the fault is added, whatever answers them) are let through."""
 
     path: str
     status: int = 503
     cut_after: int | None = None
     times: int = 1
     method: str = "GET"
+    after: int = 0
 
 
 @dataclass
@@ -134,8 +136,8 @@ class FakeHub(ThreadingHTTPServer):
         self.tokens[token] = Token(write=write, gated_access=gated_access)
 
     def fail(self, path: str, *, status: int = 503, cut_after: int | None = None, times: int = 1,
-             method: str = "GET") -> None:
-        self.faults.append(Fault(path, status, cut_after, times, method))
+             method: str = "GET", after: int = 0) -> None:
+        self.faults.append(Fault(path, status, cut_after, times, method, after))
 
     def sent(self, repo_id: str, suffix: str = "") -> int:
         """Body bytes sent for the repo's files whose path ends with ``suffix``."""
@@ -146,12 +148,17 @@ class FakeHub(ThreadingHTTPServer):
         return [r for m, p, r in self.requests if m == "GET" and p.endswith(path_suffix)]
 
     def take_fault(self, method: str, path: str) -> Fault | None:
+        chosen = None
         with self.lock:
             for f in self.faults:
-                if f.method == method and f.path in path and f.times > 0:
+                if f.method != method or f.path not in path:
+                    continue
+                if f.after > 0:
+                    f.after -= 1
+                elif chosen is None and f.times > 0:
                     f.times -= 1
-                    return f
-        return None
+                    chosen = f
+        return chosen
 
 
 class _Handler(BaseHTTPRequestHandler):

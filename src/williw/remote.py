@@ -226,7 +226,9 @@ class HttpRangeSource:
                         raise HubError(f"'{url}' ignores HTTP range requests (answered 200 to 'Range: "
                                        f"{headers.get('Range')}'); serve the model with ranges, or run "
                                        "williw download and williw split")
-                    for piece in resp.iter_bytes(PIECE_BYTES):
+                    # Pieces as they arrive (bounded by the socket reads), not re-chunked: a chunker would
+                    # hold back up to a chunk that a dropped connection then loses instead of resuming after.
+                    for piece in resp.iter_bytes():
                         if end is not None and pos + len(piece) > end:
                             piece = piece[:end - pos]
                         if piece:
