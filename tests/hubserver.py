@@ -372,7 +372,10 @@ class _Handler(BaseHTTPRequestHandler):
                         f"You don't have the rights to create a model under the namespace \"{org}\"")
             return
         if repo_id in self.server.repos:
-            self._error(409, None, "You already created this model repo")
+            # The Hub's 409 carries the repo's url, which the client reads when exist_ok=True.
+            self._send(409, json.dumps({"error": "You already created this model repo",
+                                        "url": f"{self.server.url}/{repo_id}"}).encode(),
+                       {"X-Error-Message": "You already created this model repo"})
             return
         self.server.add_repo(repo_id, private=payload.get("visibility") == "private")
         self.server.created.append(repo_id)
