@@ -1,5 +1,10 @@
 """The endpoints. Each parses its body (pydantic), checks the caller (`auth`), calls one store or service
-function and shapes the answer; errors become HTTP statuses in `app`."""
+function and shapes the answer; errors become HTTP statuses in `app`.
+
+Handlers are ``async def`` and hand their blocking part (SQL, the planner) to the thread pool in one hop: for a
+plain ``def`` handler FastAPI also validates and serialises the response in the pool, and each hop waits for the
+GIL, which halved heartbeat throughput.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Response, status
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from williw.fleet import check_node_id
 from williw.worker import service
@@ -47,59 +54,79 @@ def _node_out(node: NodeRecord, settings: WorkerSettings, now: float) -> NodeOut
 
 
 @router.get("/healthz")
-def healthz(store: StoreDep, auth: AuthDep, settings: SettingsDep) -> dict[str, Any]:
-    store.ping()
-    return {"status": "ok", "database": "sqlite" if store.is_sqlite else "postgresql",
-            "schema_version": store.schema_version(), "auth": "token" if auth.enabled else "open",
-            "node_ttl_s": settings.node_ttl_s}
+async def healthz(store: StoreDep, auth: AuthDep, settings: SettingsDep) -> dict[str, Any]:
+    def work() -> Any:
+        store.ping()
+        return {"status": "ok", "database": "sqlite" if store.is_sqlite else "postgresql",
+                "schema_version": store.schema_version(), "auth": "token" if auth.enabled else "open",
+                "node_ttl_s": settings.node_ttl_s}
+
+    return await run_in_threadpool(work)
 
 
 # -- requests ------------------------------------------------------------------------------------------------
 
 @router.post("/api/request", status_code=status.HTTP_201_CREATED)
-def create_request(body: RequestIn, store: StoreDep, auth: AuthDep, token: TokenDep) -> dict[str, str]:
-    auth.require_admin(token, "creating a request")
-    if body.node_id is not None:
-        check_node_id(body.node_id, "body field 'node_id'")
-    record = store.create_request(service.new_request_id(), body.model_name, body.node_id, body.batch_size,
-                                  body.sequence_length, time.time())
-    return {"request_id": record.request_id, "status": record.status}
+async def create_request(body: RequestIn, store: StoreDep, auth: AuthDep, token: TokenDep) -> dict[str, str]:
+    def work() -> Any:
+        auth.require_admin(token, "creating a request")
+        if body.node_id is not None:
+            check_node_id(body.node_id, "body field 'node_id'")
+        record = store.create_request(service.new_request_id(), body.model_name, body.node_id, body.batch_size,
+                                      body.sequence_length, time.time())
+        return {"request_id": record.request_id, "status": record.status}
+
+    return await run_in_threadpool(work)
 
 
 @router.post("/api/process")
-def process(body: ProcessIn, store: StoreDep, auth: AuthDep, settings: SettingsDep, token: TokenDep) -> ProcessOut:
-    auth.require_admin(token, "processing a request")
-    version, plan = service.process_request(store, settings, body.request_id, metadata=body.metadata,
-                                            metadata_repo=body.metadata_repo, revision=body.revision,
-                                            strategy=body.strategy, objective=body.objective)
-    return ProcessOut(request_id=body.request_id, status="planned", plan_version=version, plan=plan)
+async def process(body: ProcessIn, store: StoreDep, auth: AuthDep, settings: SettingsDep,
+                  token: TokenDep) -> ProcessOut:
+    def work() -> Any:
+        auth.require_admin(token, "processing a request")
+        version, plan = service.process_request(store, settings, body.request_id, metadata=body.metadata,
+                                                metadata_repo=body.metadata_repo, revision=body.revision,
+                                                strategy=body.strategy, objective=body.objective)
+        return ProcessOut(request_id=body.request_id, status="planned", plan_version=version, plan=plan)
+
+    return await run_in_threadpool(work)
 
 
 @router.post("/api/get-plan")
-def get_plan(body: GetPlanIn, store: StoreDep) -> dict[str, Any]:
-    return service.plan_for(store, body.request_id, node_id=body.node_id, version=body.version)
+async def get_plan(body: GetPlanIn, store: StoreDep) -> dict[str, Any]:
+    def work() -> Any:
+        return service.plan_for(store, body.request_id, node_id=body.node_id, version=body.version)
+
+    return await run_in_threadpool(work)
 
 
 @router.get("/api/requests/{request_id}")
-def get_request(request_id: RequestIdPath, store: StoreDep) -> RequestOut:
-    return RequestOut(**vars(store.get_request(request_id)))
+async def get_request(request_id: RequestIdPath, store: StoreDep) -> RequestOut:
+    def work() -> Any:
+        return RequestOut(**vars(store.get_request(request_id)))
+
+    return await run_in_threadpool(work)
 
 
 # -- nodes ---------------------------------------------------------------------------------------------------
 
 @router.post("/api/nodes", status_code=status.HTTP_200_OK)
-def register_node(body: NodeIn, response: Response, store: StoreDep, auth: AuthDep, settings: SettingsDep,
-                  token: TokenDep) -> RegisterOut:
-    node_id = check_node_id(body.node_id, "body field 'node_id'")
-    who = auth.require_node(token, node_id, lambda: _existing_hash(store, node_id), "registering a node")
-    # The admin (or anyone, on an open service) gets a fresh token, which revokes the old one; a node updating
-    # itself keeps the token it authenticated with.
-    node_token = token if who == "node" and token else new_node_token()
-    now = time.time()
-    record, created = store.upsert_node(body.model_dump(), hash_token(node_token) if who == "admin" else None, now)
-    if created:
-        response.status_code = status.HTTP_201_CREATED
-    return RegisterOut(node=_node_out(record, settings, now), created=created, node_token=node_token)
+async def register_node(body: NodeIn, response: Response, store: StoreDep, auth: AuthDep, settings: SettingsDep,
+                        token: TokenDep) -> RegisterOut:
+    def work() -> Any:
+        node_id = check_node_id(body.node_id, "body field 'node_id'")
+        who = auth.require_node(token, node_id, lambda: _existing_hash(store, node_id), "registering a node")
+        # The admin (or anyone, on an open service) gets a fresh token, which revokes the old one; a node
+        # updating itself keeps the token it authenticated with.
+        node_token = token if who == "node" and token else new_node_token()
+        now = time.time()
+        new_hash = hash_token(node_token) if who == "admin" else None
+        record, created = store.upsert_node(body.model_dump(), new_hash, now)
+        if created:
+            response.status_code = status.HTTP_201_CREATED
+        return RegisterOut(node=_node_out(record, settings, now), created=created, node_token=node_token)
+
+    return await run_in_threadpool(work)
 
 
 def _existing_hash(store: Store, node_id: str) -> str:
@@ -109,34 +136,54 @@ def _existing_hash(store: Store, node_id: str) -> str:
         raise AuthError(f"registering a new node ('{node_id}') needs the admin token", 403) from None
 
 
-@router.post("/api/nodes/{node_id}/heartbeat")
-def heartbeat(node_id: NodeIdPath, store: StoreDep, auth: AuthDep, settings: SettingsDep,
-              token: TokenDep) -> HeartbeatOut:
+@router.post("/api/nodes/{node_id}/heartbeat", response_model=HeartbeatOut)
+async def heartbeat(node_id: NodeIdPath, store: StoreDep, auth: AuthDep, settings: SettingsDep,
+                    token: TokenDep) -> JSONResponse:
+    # The hot path (~1,000/s on SQLite): one prebuilt conditional UPDATE that checks the node's token hash in its
+    # WHERE clause, run on the event loop (it takes ~0.1 ms, less than the ~0.15 ms a thread-pool hop costs), and a
+    # JSONResponse built here, which skips FastAPI's response validation. Only when the UPDATE matches nothing
+    # does the slow path work out why (401, 403 or 404) with the rules every other endpoint uses.
     check_node_id(node_id, "path 'node_id'")
-    auth.require_node(token, node_id, lambda: store.node_token_hash(node_id), "a heartbeat")
+    admin = auth.is_admin(token)
     now = time.time()
-    store.heartbeat(node_id, now)
-    return HeartbeatOut(node_id=node_id, last_heartbeat=now, ttl_s=settings.node_ttl_s)
+    if (admin or token is not None) and store.heartbeat(node_id, now, None if admin else hash_token(token)):
+        return JSONResponse({"node_id": node_id, "last_heartbeat": now, "ttl_s": settings.node_ttl_s})
+
+    def why() -> None:
+        auth.require_node(token, node_id, lambda: store.node_token_hash(node_id), "a heartbeat")
+        raise NotFound(f"node '{node_id}' is not registered")
+
+    return await run_in_threadpool(why)
 
 
 @router.get("/api/nodes")
-def list_nodes(store: StoreDep, settings: SettingsDep, online: bool | None = None) -> dict[str, Any]:
-    now = time.time()
-    out = [_node_out(n, settings, now) for n in store.list_nodes()]
-    if online is not None:
-        out = [n for n in out if n.online == online]
-    return {"nodes": out, "ttl_s": settings.node_ttl_s}
+async def list_nodes(store: StoreDep, settings: SettingsDep, online: bool | None = None) -> dict[str, Any]:
+    def work() -> Any:
+        now = time.time()
+        out = [_node_out(n, settings, now) for n in store.list_nodes()]
+        if online is not None:
+            out = [n for n in out if n.online == online]
+        return {"nodes": out, "ttl_s": settings.node_ttl_s}
+
+    return await run_in_threadpool(work)
 
 
 @router.get("/api/nodes/{node_id}")
-def get_node(node_id: NodeIdPath, store: StoreDep, settings: SettingsDep) -> NodeOut:
-    check_node_id(node_id, "path 'node_id'")
-    return _node_out(store.get_node(node_id), settings, time.time())
+async def get_node(node_id: NodeIdPath, store: StoreDep, settings: SettingsDep) -> NodeOut:
+    def work() -> Any:
+        check_node_id(node_id, "path 'node_id'")
+        return _node_out(store.get_node(node_id), settings, time.time())
+
+    return await run_in_threadpool(work)
 
 
 @router.delete("/api/nodes/{node_id}")
-def delete_node(node_id: NodeIdPath, store: StoreDep, auth: AuthDep, token: TokenDep) -> dict[str, Any]:
-    check_node_id(node_id, "path 'node_id'")
-    auth.require_node(token, node_id, lambda: store.node_token_hash(node_id), "deleting a node")
-    store.delete_node(node_id)
-    return {"node_id": node_id, "deleted": True}
+async def delete_node(node_id: NodeIdPath, store: StoreDep, auth: AuthDep, token: TokenDep) -> dict[str, Any]:
+    def work() -> Any:
+        check_node_id(node_id, "path 'node_id'")
+        auth.require_node(token, node_id, lambda: store.node_token_hash(node_id), "deleting a node")
+        store.delete_node(node_id)
+        return {"node_id": node_id, "deleted": True}
+
+
+    return await run_in_threadpool(work)

@@ -61,7 +61,8 @@ def serve(settings: WorkerSettings, host: str = "127.0.0.1", port: int = 8000, *
     if not settings.token and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the worker listens on %s without a token: anyone who can reach it can change its state; "
                     "set WILLIW_TOKEN or --token", host)
-    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, workers=1, loop="asyncio",
+    # loop="auto" and uvicorn's default http="auto" use uvloop and httptools when installed (uvicorn[standard]).
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, workers=1, loop="auto",
                             timeout_keep_alive=30, backlog=2048)
     server = uvicorn.Server(config)
     if on_listening is not None:

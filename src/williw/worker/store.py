@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
@@ -103,6 +103,13 @@ def normalize_url(url: str) -> str:
         raise StoreError(f"unsupported database {parsed.drivername!r}: use sqlite:///FILE or "
                          "postgresql+psycopg://USER@HOST/DB")
     return parsed.render_as_string(hide_password=False)
+
+
+# The heartbeat statements, built once: building a statement and its cache key costs ~100 µs per call, half of a
+# heartbeat's time in the store.
+_HEARTBEAT = (update(nodes).where(nodes.c.node_id == bindparam("b_node_id"))
+              .values(last_heartbeat=bindparam("b_now")))
+_HEARTBEAT_CHECKED = _HEARTBEAT.where(nodes.c.token_hash == bindparam("b_token_hash"))
 
 
 class Store:
@@ -222,16 +229,18 @@ class Store:
             raise NotFound(f"node '{node_id}' is not registered")
         return found
 
-    def heartbeat(self, node_id: str, now: float) -> None:
-        """Record that ``node_id`` is alive at ``now``.
+    def heartbeat(self, node_id: str, now: float, token_hash: str | None = None) -> bool:
+        """Record that ``node_id`` is alive at ``now``; with ``token_hash``, only if it is the node's.
 
-        Raises:
-            NotFound: no such node.
+        One conditional UPDATE, so that the common case (a node beating with its own token) costs one statement.
+
+        Returns:
+            Whether a row was updated: False when the node is unknown or ``token_hash`` is not its hash.
         """
+        params = {"b_node_id": node_id, "b_now": now, "b_token_hash": token_hash}
         with self._write() as conn:
-            done = conn.execute(update(nodes).where(nodes.c.node_id == node_id).values(last_heartbeat=now))
-        if done.rowcount == 0:
-            raise NotFound(f"node '{node_id}' is not registered")
+            done = conn.execute(_HEARTBEAT if token_hash is None else _HEARTBEAT_CHECKED, params)
+        return done.rowcount > 0
 
     def get_node(self, node_id: str) -> NodeRecord:
         """Raises: NotFound: no such node."""
