@@ -1,0 +1,169 @@
+"""The fleet: the nodes a model is planned over, and the nodes file (JSON or YAML) they come from.
+
+Units: ``memory_gb`` is decimal gigabytes (1 GB = 1e9 bytes, like disk and GPU spec sheets: an "80 GB" A100 has
+80e9 bytes, not 80 GiB), ``compute_tflops`` is 1e12 FLOP/s, ``memory_bandwidth_gbps`` and ``network_gbps`` are
+gigabytes per second (1e9 bytes/s; GPU spec sheets give memory bandwidth in GB/s, e.g. 2,039 GB/s for an A100).
+
+A nodes file is a list of objects, or ``{"nodes": [...]}``::
+
+    [{"node_id": "gpu-a", "compute_tflops": 312, "memory_gb": 80, "memory_bandwidth_gbps": 2039}, ...]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from williw.errors import NodesError
+
+GB = 1e9  # bytes per GB (decimal, see the module docstring)
+TFLOPS_IN_GFLOPS = 1000.0
+
+# Node ids become folder names (one shard folder per node), so: no separators, no "." or "..", and no "@",
+# which the plan JSON reserves for its "@plan" key.
+NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+_REQUIRED = ("node_id", "compute_tflops", "memory_gb")
+_OPTIONAL_NUMBERS = ("memory_bandwidth_gbps", "network_gbps")
+_FIELDS = (*_REQUIRED, *_OPTIONAL_NUMBERS, "labels")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One machine that will hold a shard.
+
+    Attributes:
+        node_id: matches `NODE_ID_RE`; used as a folder name.
+        compute_tflops: sustained dense compute, 1e12 FLOP/s.
+        memory_gb: memory for weights, 1 GB = 1e9 bytes.
+        memory_bandwidth_gbps: memory bandwidth in GB/s (1e9 bytes/s); prices token-by-token decoding.
+        network_gbps: link speed in GB/s; recorded, not yet used by the planner.
+        labels: free-form tags.
+    """
+
+    node_id: str
+    compute_tflops: float
+    memory_gb: float
+    memory_bandwidth_gbps: float | None = None
+    network_gbps: float | None = None
+    labels: tuple[str, ...] = ()
+
+    @property
+    def memory_bytes(self) -> int:
+        """Memory in bytes: ``memory_gb · 1e9`` rounded to the nearest byte (0.29 · 1e9 is 289999999.99999994)."""
+        return round(self.memory_gb * GB)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"node_id": self.node_id, "compute_tflops": self.compute_tflops,
+                             "memory_gb": self.memory_gb}
+        for key in _OPTIONAL_NUMBERS:
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        if self.labels:
+            d["labels"] = list(self.labels)
+        return d
+
+
+def check_node_id(node_id: Any, where: str) -> str:
+    """Return ``node_id`` if it can be a node id (and so a folder name).
+
+    Args:
+        node_id: the candidate.
+        where: what the message names, e.g. ``"'nodes.json': entry 3"``.
+
+    Raises:
+        NodesError: not a string of 1-64 characters from ``A-Z a-z 0-9 . _ -``, or "." or "..".
+    """
+    if not isinstance(node_id, str) or not NODE_ID_RE.fullmatch(node_id) or node_id in (".", ".."):
+        raise NodesError(f"{where}: node_id must be 1-64 characters from A-Z a-z 0-9 . _ - (and not '.' or "
+                         f"'..'), got {node_id!r}")
+    return node_id
+
+
+def _number(entry: dict[str, Any], key: str, where: str, *, optional: bool) -> float | None:
+    value = entry.get(key)
+    if value is None:
+        if optional:
+            return None
+        raise NodesError(f"{where}: missing field '{key}'")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise NodesError(f"{where}: field '{key}' must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def parse_nodes(obj: Any, source: str = "nodes") -> list[Node]:
+    """Validate a list of node objects (as loaded from JSON or YAML).
+
+    Args:
+        obj: a list of dicts, or a dict with a ``nodes`` list.
+        source: the file name for messages.
+
+    Returns:
+        The nodes, in file order.
+
+    Raises:
+        NodesError: one line naming ``source``, the entry (index and node id) and the field.
+    """
+    if isinstance(obj, dict) and "nodes" in obj:
+        obj = obj["nodes"]
+    if not isinstance(obj, list) or not obj:
+        raise NodesError(f"'{source}': expected a non-empty list of nodes (or {{\"nodes\": [...]}}), "
+                         f"got {type(obj).__name__ if obj else obj!r}")
+    nodes: list[Node] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(obj):
+        where = f"'{source}': entry {i}"
+        if not isinstance(entry, dict):
+            raise NodesError(f"{where}: expected an object with node_id, compute_tflops, memory_gb, "
+                             f"got {entry!r}"[:300])
+        node_id = check_node_id(entry.get("node_id"), where)
+        where = f"{where} (node '{node_id}')"
+        unknown = sorted(set(entry) - set(_FIELDS))
+        if unknown:
+            raise NodesError(f"{where}: unknown field '{unknown[0]}' (fields: {', '.join(_FIELDS)})")
+        if node_id in seen:
+            raise NodesError(f"{where}: duplicate node_id, already used by entry {seen[node_id]}")
+        seen[node_id] = i
+        labels = entry.get("labels", [])
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise NodesError(f"{where}: field 'labels' must be a list of strings, got {labels!r}"[:300])
+        nodes.append(Node(node_id=node_id,
+                          compute_tflops=_number(entry, "compute_tflops", where, optional=False),  # type: ignore
+                          memory_gb=_number(entry, "memory_gb", where, optional=False),  # type: ignore[arg-type]
+                          memory_bandwidth_gbps=_number(entry, "memory_bandwidth_gbps", where, optional=True),
+                          network_gbps=_number(entry, "network_gbps", where, optional=True),
+                          labels=tuple(labels)))
+    return nodes
+
+
+def load_nodes(path: str | os.PathLike[str]) -> list[Node]:
+    """Read a nodes file: JSON, or YAML when the name ends in ``.yaml``/``.yml``.
+
+    Raises:
+        NodesError: missing or unparsable file, or a bad entry (see `parse_nodes`).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NodesError(f"'{path}': no such nodes file") from None
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        raise NodesError(f"'{path}': cannot read the nodes file ({exc})") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise NodesError(f"'{path}': not valid YAML ({' '.join(str(exc).split())})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise NodesError(f"'{path}': not valid JSON ({exc})") from None
+    return parse_nodes(data, str(path))

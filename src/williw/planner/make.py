@@ -1,0 +1,189 @@
+"""`make_plan`: node selection, the pipeline search, and the messages when no plan fits.
+
+Pipeline node selection, in order (each left-out node gets its reason in the plan's ``excluded``):
+  1. for ``--objective decode``, nodes without ``memory_bandwidth_gbps`` (their decode time is unknown);
+  2. nodes that cannot hold the smallest block;
+  3. nodes that ``n`` others weakly dominate (``n`` = blocks; see `pipeline.dominated`);
+  4. nodes the best plan does not use: adding them does not lower the bottleneck.
+
+``compute_utilization`` of a pipeline stage is its time under the plan's objective divided by the bottleneck:
+the fraction of each pipeline period the node is busy (1.0 on the slowest stage).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from williw.errors import InfeasiblePlan, PlanError
+from williw.fleet import Node
+from williw.metadata import ModelMetadata
+from williw.planner.costs import OBJECTIVES, PipelineModel, decode_time, pipeline_model, prefill_time
+from williw.planner.greedy import _tokens_per_s, greedy_plan
+from williw.planner.pipeline import Stage, dominated, lower_bound, max_coverage, search
+from williw.planner.plan import STRATEGIES, ExcludedNode, NodeAssignment, Plan
+from williw.units import format_seconds
+
+
+def fmt_bytes(n: float) -> str:
+    """Decimal units, like ``memory_gb``: 2.20 GB, 350.00 MB, 4,096 bytes."""
+    if n >= 1e8:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e5:
+        return f"{n / 1e6:.2f} MB"
+    return f"{int(n):,} bytes"
+
+
+def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "pipeline",
+              objective: str = "prefill") -> Plan:
+    """Plan which node holds which tensors.
+
+    Args:
+        metadata: the model (tensors, blocks, compute).
+        nodes: the fleet; node ids must be unique.
+        strategy: ``pipeline`` (contiguous blocks, minimal bottleneck) or ``greedy`` (the seed's algorithm).
+        objective: ``prefill`` (stage GFLOPs / TFLOPS) or ``decode`` (stage bytes / memory bandwidth).
+
+    Returns:
+        The plan; for ``pipeline`` its assignments are in stage order.
+
+    Raises:
+        PlanError: unknown strategy or objective, no nodes, or duplicate node ids.
+        InfeasiblePlan: no plan fits; the message names the constraint and the shortfall.
+    """
+    if strategy not in STRATEGIES:
+        raise PlanError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if objective not in OBJECTIVES:
+        raise PlanError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    if not nodes:
+        raise PlanError("no nodes to plan over")
+    ids = [v.node_id for v in nodes]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise PlanError(f"node '{dup}' appears more than once in the fleet")
+    if strategy == "greedy":
+        return greedy_plan(metadata, nodes, objective)
+    return _pipeline(metadata, list(nodes), objective)
+
+
+def _pipeline(meta: ModelMetadata, nodes: list[Node], objective: str) -> Plan:
+    model = pipeline_model(meta)
+    excluded: list[ExcludedNode] = []
+    if objective == "decode":
+        excluded += [ExcludedNode(v.node_id, "no memory_bandwidth_gbps, needed by --objective decode")
+                     for v in nodes if v.memory_bandwidth_gbps is None]
+        nodes = [v for v in nodes if v.memory_bandwidth_gbps is not None]
+        if not nodes:
+            raise InfeasiblePlan("--objective decode needs memory_bandwidth_gbps, and no node gives it")
+    smallest = min(model.block_bytes, default=0)
+    small = [v for v in nodes if v.memory_bytes < smallest]
+    excluded += [ExcludedNode(v.node_id, f"cannot hold a single block: the smallest needs {fmt_bytes(smallest)}, "
+                                         f"it has {fmt_bytes(v.memory_bytes)}") for v in small]
+    usable = [v for v in nodes if v.memory_bytes >= smallest]
+    if not usable:
+        big = max(nodes, key=lambda v: v.memory_bytes)
+        raise InfeasiblePlan(f"no node can hold a single block: the smallest block needs {fmt_bytes(smallest)} but "
+                             f"the largest node '{big.node_id}' has {fmt_bytes(big.memory_bytes)} (short by "
+                             f"{fmt_bytes(smallest - big.memory_bytes)})")
+    if model.n == 0:
+        return _single(meta, model, usable, objective, excluded)
+    drop = set(dominated(usable, model.n, objective))
+    excluded += [ExcludedNode(usable[i].node_id, f"at least {model.n} other nodes are as fast with as much "
+                                                 f"memory, and the model has only {model.n} blocks")
+                 for i in sorted(drop)]
+    candidates = [v for i, v in enumerate(usable) if i not in drop]
+    found = search(model, candidates, objective)
+    if found is None:
+        raise InfeasiblePlan(_why_infeasible(model, candidates))
+    stages = found.stages
+    plan_nodes = [candidates[s.node] for s in stages]
+    plan = _assemble(meta, model, stages, plan_nodes, objective, found.exact,
+                     lower_bound(model, candidates, objective), excluded)
+    in_plan = set(plan.node_ids)
+    unused = [ExcludedNode(v.node_id, f"not needed: adding it does not lower the bottleneck "
+                                      f"({format_seconds(plan.bottleneck_s or 0.0)})" if found.exact else
+                           "not chosen by the heuristic search (fleet too large for the exact search)")
+              for v in candidates if v.node_id not in in_plan]
+    return Plan(**{**plan.__dict__, "excluded": tuple(excluded + unused)})
+
+
+def _assemble(meta: ModelMetadata, model: PipelineModel, stages: Sequence[Stage], plan_nodes: list[Node],
+              objective: str, exact: bool | None, lower: float, excluded: list[ExcludedNode]) -> Plan:
+    rows = []
+    for s, v in zip(stages, plan_nodes, strict=True):
+        names, shared = model.stage_names(s.start, s.end)
+        gflops = model.stage_compute(s.start, s.end)
+        nbytes = model.stage_bytes(s.start, s.end)
+        blocks = (model.block_index[s.start], model.block_index[s.end - 1] + 1) if s.end > s.start else (0, 0)
+        rows.append((v, names, shared, gflops, nbytes, blocks, prefill_time(gflops, v), decode_time(nbytes, v)))
+    prefill = max(r[6] for r in rows)
+    decodes = [r[7] for r in rows]
+    decode = max(decodes) if all(d is not None for d in decodes) else None  # type: ignore[type-var]
+    bottleneck = prefill if objective == "prefill" else decode
+    assignments = []
+    for j, (v, names, shared, gflops, nbytes, blocks, t_pre, t_dec) in enumerate(rows):
+        t = t_pre if objective == "prefill" else t_dec
+        assignments.append(NodeAssignment(
+            node_id=v.node_id, layer_names=names, total_compute=gflops,
+            compute_utilization=(t / bottleneck) if bottleneck else 1.0, bytes=nbytes, stage=j, blocks=blocks,
+            stage_time_s=t_pre, decode_time_s=t_dec, shared_tensors=shared))
+    gap = (bottleneck / lower - 1.0) if bottleneck and lower else None
+    return Plan(strategy="pipeline", assignments=tuple(assignments), model_name=meta.model_name,
+                objective=objective, bottleneck_s=bottleneck, prefill_bottleneck_s=prefill,
+                decode_bottleneck_s=decode, latency_s=math.fsum(r[6] for r in rows),
+                tokens_per_s=_tokens_per_s(objective, prefill, decode, model.tokens), lower_bound_s=lower,
+                exact=exact, excluded=tuple(excluded), extra={"gap_to_lower_bound": gap})
+
+
+def _single(meta: ModelMetadata, model: PipelineModel, usable: list[Node], objective: str,
+            excluded: list[ExcludedNode]) -> Plan:
+    """A model without blocks: one node holds everything; the fastest that fits."""
+    need = model.stage_bytes(0, 0)
+    fit = [v for v in usable if v.memory_bytes >= need]
+    if not fit:
+        big = max(usable, key=lambda v: v.memory_bytes)
+        raise InfeasiblePlan(f"the model needs {fmt_bytes(need)} on one node (it has no blocks to split) but the "
+                             f"largest node '{big.node_id}' has {fmt_bytes(big.memory_bytes)} (short by "
+                             f"{fmt_bytes(need - big.memory_bytes)})")
+
+    def key(v: Node) -> float:
+        return prefill_time(1.0, v) if objective == "prefill" else decode_time(1.0, v)  # type: ignore[return-value]
+
+    best = min(fit, key=key)
+    plan = _assemble(meta, model, [Stage(0, 0, 0)], [best], objective, True, 0.0, excluded)
+    rest = [ExcludedNode(v.node_id, "not needed: the model has no blocks, one node holds it") for v in usable
+            if v is not best]
+    return Plan(**{**plan.__dict__, "excluded": tuple(excluded + rest)})
+
+
+def _why_infeasible(model: PipelineModel, nodes: list[Node]) -> str:
+    """The first constraint that fails, with the shortfall."""
+    big = max(nodes, key=lambda v: v.memory_bytes)
+    have = big.memory_bytes
+    n = model.n
+
+    def short(what: str, need: int) -> str:
+        return (f"{what} needs {fmt_bytes(need)} but the largest node '{big.node_id}' has {fmt_bytes(have)} "
+                f"(short by {fmt_bytes(need - have)})")
+
+    for i, b in enumerate(model.block_bytes):
+        if b > have:
+            return short(f"block {model.block_index[i]}", b)
+    if n > 1 and model.stage_bytes(0, 1) > have:
+        return short(f"the first stage (embeddings and block {model.block_index[0]})", model.stage_bytes(0, 1))
+    if n > 1 and model.stage_bytes(n - 1, n) > have:
+        return short(f"the last stage (block {model.block_index[-1]}, final norm and head)",
+                     model.stage_bytes(n - 1, n))
+    if n == 1:
+        return short("the only block with the embeddings and head", model.stage_bytes(0, 1))
+    total_need = model.stage_bytes(0, 1) + model.stage_bytes(1, n)  # no node holds it all: 2+ stages
+    total_have = sum(v.memory_bytes for v in nodes)
+    if total_need > total_have:
+        replica = " (with the tied head's replica)" if model.replica_bytes else ""
+        return (f"the model needs {fmt_bytes(total_need)}{replica} but the {len(nodes)} usable nodes have "
+                f"{fmt_bytes(total_have)} in total (short by {fmt_bytes(total_need - total_have)})")
+    p = max_coverage(model, nodes)
+    return (f"the blocks do not pack into contiguous runs on these {len(nodes)} nodes: the best split holds blocks "
+            f"[{model.block_index[0]}, {model.block_index[p] if p < n else n}) and leaves "
+            f"{fmt_bytes(model.stage_bytes(p, n))} (blocks from {model.block_index[p]} on, with the final norm and "
+            f"head) without a node with room")

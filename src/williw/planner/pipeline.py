@@ -1,0 +1,282 @@
+"""The pipeline search: which nodes, in which order, hold which contiguous run of blocks.
+
+Problem: blocks ``0..n-1`` in model order; choose distinct nodes ``v_1..v_k`` and cuts ``0 = p_0 < ... < p_k = n``
+so that every stage fits its node's memory, minimising the bottleneck ``max_j cost(stage j on v_j)``. Choosing the
+nodes and their order is NP-hard in general (one-dimensional partitioning on heterogeneous processors; Pinar and
+Aykanat 2004 solve the fixed-order case exactly); we use:
+
+* **Threshold feasibility.** For a threshold ``T``, a node ``v`` starting at block ``p`` can take any run that
+  fits both ``T`` and its memory; runs nest (a sub-run of a fitting run fits, since costs and bytes are
+  non-negative), so taking the *longest* run is never worse (exchange argument), and ``ext(v, p)`` is
+  non-decreasing in ``p``.
+* **Exact, up to `EXACT_MAX_NODES` candidates:** a DP over node subsets, ``reach[S] = max_{v in S}
+  ext(v, reach[S - v])`` (the farthest block a set of nodes can cover, in its best order), then ``T`` feasible iff
+  some ``v`` outside ``S`` can finish ``[reach[S], n)`` with the last group. ``T`` is found by binary search on the
+  bit patterns of positive doubles (which order like the doubles), so the result is the exact minimum over all
+  the float values the cost functions can produce: at most 64 rounds of ``2^k · k`` steps.
+* **Heuristic, for larger fleets:** the same threshold search for a few fixed node orders (fastest first,
+  largest memory first), where the longest-run greedy is exact for the order; the plan reports its gap to a
+  lower bound.
+* **Exact pruning first:** with ``n`` blocks at most ``n`` nodes are used, so a node that ``n`` others weakly
+  dominate (at least as fast and at least as much memory) can be swapped out of any plan without loss.
+"""
+
+from __future__ import annotations
+
+import struct
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from williw.fleet import GB, TFLOPS_IN_GFLOPS, Node
+from williw.planner.costs import PipelineModel
+
+# 2^12 subsets · 12 nodes · up to 64 threshold rounds: ~0.3 s in CPython, measured in bench/planner.py.
+EXACT_MAX_NODES = 12
+HEURISTIC_REL_TOL = 1e-9  # the heuristic stops bisecting once hi/lo - 1 is below this
+
+
+@dataclass(frozen=True)
+class Stage:
+    node: int  # index into the candidate list
+    start: int  # block positions, [start, end)
+    end: int
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    stages: tuple[Stage, ...]
+    exact: bool
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _float(b: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", b))[0]
+
+
+class _Costs:
+    """Stage fitting for one model, one candidate list and one objective."""
+
+    def __init__(self, model: PipelineModel, nodes: Sequence[Node], objective: str) -> None:
+        self.m = model
+        self.nodes = nodes
+        self.decode = objective == "decode"
+        self.mem = [v.memory_bytes for v in nodes]
+        # Cost = amount / rate: GFLOPs / (TFLOPS·1000) or bytes / (GB/s·1e9).
+        if self.decode:
+            self.rate = [v.memory_bandwidth_gbps * GB for v in nodes]  # type: ignore[operator]
+        else:
+            self.rate = [v.compute_tflops * TFLOPS_IN_GFLOPS for v in nodes]
+
+    def amount(self, p: int, e: int, last: bool) -> float:
+        m = self.m
+        if self.decode:
+            b = m.prefix_bytes[e] - m.prefix_bytes[p] + (m.first_bytes if p == 0 else 0)
+            return b + (m.last_bytes + (m.replica_bytes if p > 0 else 0) if last else 0)
+        c = m.prefix_compute[e] - m.prefix_compute[p] + (m.first_compute if p == 0 else 0.0)
+        return c + (m.last_compute if last else 0.0)
+
+    def nbytes(self, p: int, e: int, last: bool) -> int:
+        m = self.m
+        b = m.prefix_bytes[e] - m.prefix_bytes[p] + (m.first_bytes if p == 0 else 0)
+        return b + (m.last_bytes + (m.replica_bytes if p > 0 else 0) if last else 0)
+
+    def cost(self, v: int, p: int, e: int, last: bool) -> float:
+        return self.amount(p, e, last) / self.rate[v]
+
+    def fits(self, v: int, p: int, e: int, last: bool, t: float) -> bool:
+        return self.nbytes(p, e, last) <= self.mem[v] and self.amount(p, e, last) / self.rate[v] <= t
+
+    def ext(self, v: int, p: int, t: float) -> int:
+        """The end of the longest non-final run from ``p`` that fits ``v`` under ``t`` (``p`` if none)."""
+        m = self.m
+        top = m.n - 1
+        first_b = m.first_bytes if p == 0 else 0
+        e = min(top, bisect_right(m.prefix_bytes, m.prefix_bytes[p] + self.mem[v] - first_b) - 1)
+        if t != float("inf"):
+            cap = t * self.rate[v]  # an estimate; the exact predicate below decides
+            if self.decode:
+                e = min(e, bisect_right(m.prefix_bytes, m.prefix_bytes[p] - first_b + cap) - 1)
+            else:
+                first_c = m.first_compute if p == 0 else 0.0
+                e = min(e, bisect_right(m.prefix_compute, m.prefix_compute[p] - first_c + cap) - 1)
+        e = max(e, p)
+        while e < top and self.fits(v, p, e + 1, False, t):
+            e += 1
+        while e > p and not self.fits(v, p, e, False, t):
+            e -= 1
+        return e
+
+    def finish(self, v: int, p: int, t: float) -> bool:
+        return self.fits(v, p, self.m.n, True, t)
+
+    def bottleneck(self, stages: Sequence[Stage]) -> float:
+        n = self.m.n
+        return max(self.cost(s.node, s.start, s.end, s.end == n) for s in stages)
+
+
+def _exact_feasible(c: _Costs, t: float, by_size: list[int]) -> tuple[Stage, ...] | None:
+    k = len(c.nodes)
+    n = c.m.n
+    full = 1 << k
+    reach = [0] * full
+    choice = [-1] * full
+    memo: list[dict[int, int]] = [{} for _ in range(k)]
+    for s in range(1, full):
+        best, who = -1, -1
+        rest = s
+        while rest:
+            low = rest & -rest
+            v = low.bit_length() - 1
+            p = reach[s ^ low]
+            r = memo[v].get(p)
+            if r is None:
+                r = memo[v][p] = c.ext(v, p, t)
+            if r > best:
+                best, who = r, v
+            rest ^= low
+        reach[s], choice[s] = best, who
+    done: list[dict[int, bool]] = [{} for _ in range(k)]
+    for s in by_size:  # fewest nodes first
+        p = reach[s]
+        for v in range(k):
+            if s >> v & 1:
+                continue
+            ok = done[v].get(p)
+            if ok is None:
+                ok = done[v][p] = c.finish(v, p, t)
+            if ok:
+                stages = [Stage(v, p, n)]
+                cur = s
+                while cur:
+                    u = choice[cur]
+                    prev = cur ^ (1 << u)
+                    if reach[cur] > reach[prev]:
+                        stages.append(Stage(u, reach[prev], reach[cur]))
+                    cur = prev
+                return tuple(reversed(stages))
+    return None
+
+
+def _ordered_feasible(c: _Costs, t: float, order: Sequence[int]) -> tuple[Stage, ...] | None:
+    n = c.m.n
+    p = 0
+    stages: list[Stage] = []
+    for v in order:
+        if c.finish(v, p, t):
+            stages.append(Stage(v, p, n))
+            return tuple(stages)
+        e = c.ext(v, p, t)
+        if e > p:
+            stages.append(Stage(v, p, e))
+            p = e
+    return None
+
+
+def _minimise(c: _Costs, feasible, lower: float, rel_tol: float = 0.0) -> tuple[Stage, ...] | None:
+    """Smallest threshold at which ``feasible`` finds a plan; bisection on the doubles' bit patterns."""
+    plan = feasible(float("inf"))
+    if plan is None:
+        return None
+    hi_t = c.bottleneck(plan)
+    if feasible(hi_t) is None:  # rounding between the search's prefix sums and the plan's own sums
+        return plan
+    hi = _bits(hi_t)
+    lo = _bits(lower * (1 - 1e-9)) if lower > 0 else -1  # known (or assumed) infeasible
+    while hi - lo > 1:
+        if rel_tol and lo >= 0 and _float(hi) <= _float(lo) * (1 + rel_tol):
+            break
+        mid = (lo + hi) // 2
+        found = feasible(_float(mid))
+        if found is None:
+            lo = mid
+        else:
+            hi, plan = mid, found
+            hi = min(hi, _bits(c.bottleneck(plan)))
+    return plan
+
+
+def lower_bound(model: PipelineModel, nodes: Sequence[Node], objective: str) -> float:
+    """A bound no plan beats: all the work at the whole fleet's summed rate, or the heaviest block on the fastest
+    node."""
+    if not nodes:
+        return 0.0
+    if objective == "decode":
+        rates = [v.memory_bandwidth_gbps * GB for v in nodes if v.memory_bandwidth_gbps]
+        if not rates:
+            return 0.0
+        total = model.prefix_bytes[-1] + model.first_bytes + model.last_bytes
+        return max(total / sum(rates), max(model.block_bytes, default=0) / max(rates))
+    rates = [v.compute_tflops * TFLOPS_IN_GFLOPS for v in nodes]
+    total = model.prefix_compute[-1] + model.first_compute + model.last_compute
+    return max(total / sum(rates), max(model.block_compute, default=0.0) / max(rates))
+
+
+def dominated(nodes: Sequence[Node], limit: int, objective: str) -> list[int]:
+    """Indices of nodes that at least ``limit`` others weakly dominate in (rate, memory); ties are broken by list
+    order, so of identical nodes the earlier ones count as dominating the later ones."""
+    if limit <= 0 or len(nodes) <= limit:
+        return []
+
+    def rate(v: Node) -> float:
+        return (v.memory_bandwidth_gbps or 0.0) if objective == "decode" else v.compute_tflops
+
+    order = sorted(range(len(nodes)), key=lambda i: (-rate(nodes[i]), -nodes[i].memory_bytes, i))
+    mems = sorted({v.memory_bytes for v in nodes}, reverse=True)
+    rank = {m: i + 1 for i, m in enumerate(mems)}  # 1 = largest memory
+    tree = [0] * (len(mems) + 1)  # Fenwick tree: how many processed nodes have memory rank <= r
+    out = []
+    for i in order:
+        r = rank[nodes[i].memory_bytes]
+        count, j = 0, r
+        while j > 0:
+            count += tree[j]
+            j -= j & -j
+        if count >= limit:
+            out.append(i)
+        j = r
+        while j < len(tree):
+            tree[j] += 1
+            j += j & -j
+    return sorted(out)
+
+
+def search(model: PipelineModel, nodes: Sequence[Node], objective: str) -> SearchResult | None:
+    """The best pipeline over ``nodes`` (every node able to hold a block; for decode, every node has a bandwidth).
+
+    Returns:
+        The stages in pipeline order, or None when no split fits the nodes' memory.
+    """
+    c = _Costs(model, nodes, objective)
+    lower = lower_bound(model, nodes, objective)
+    k = len(nodes)
+    if k <= EXACT_MAX_NODES:
+        by_size = sorted(range(1 << k), key=lambda s: (s.bit_count(), s))
+        plan = _minimise(c, lambda t: _exact_feasible(c, t, by_size), lower)
+        return SearchResult(plan, True) if plan is not None else None
+    orders = [sorted(range(k), key=lambda i: (-c.rate[i], -c.mem[i], i)),
+              sorted(range(k), key=lambda i: (-c.mem[i], -c.rate[i], i))]
+    best: tuple[Stage, ...] | None = None
+    for order in orders:
+        plan = _minimise(c, lambda t, o=order: _ordered_feasible(c, t, o), lower, HEURISTIC_REL_TOL)
+        if plan is not None and (best is None or c.bottleneck(plan) < c.bottleneck(best)):
+            best = plan
+    return SearchResult(best, False) if best is not None else None
+
+
+def max_coverage(model: PipelineModel, nodes: Sequence[Node]) -> int:
+    """How many leading blocks the nodes can hold in non-final contiguous runs (memory only): for messages."""
+    c = _Costs(model, nodes, "prefill")
+    k = len(nodes)
+    if k <= EXACT_MAX_NODES:
+        reach = [0] * (1 << k)
+        for s in range(1, 1 << k):
+            reach[s] = max(c.ext(v, reach[s ^ (1 << v)], float("inf")) for v in range(k) if s >> v & 1)
+        return max(reach)
+    p = 0
+    for v in sorted(range(k), key=lambda i: -c.mem[i]):
+        p = c.ext(v, p, float("inf"))
+    return p
