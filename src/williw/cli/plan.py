@@ -1,1 +1,95 @@
-"""Commands of this family are added by their issue."""
+"""``williw plan`` (metadata + nodes in, plan JSON out) and ``williw validate`` (is a plan complete and fitting)."""
+
+from __future__ import annotations
+
+import click
+
+from williw.cli import cli
+from williw.cli._output import EXIT_USER_ERROR, emit, json_option, set_json_mode, table
+
+
+@cli.command("plan")
+@click.argument("metadata", type=click.Path(dir_okay=False))
+@click.option("--nodes", "nodes_file", required=True, type=click.Path(dir_okay=False),
+              help="Nodes file (JSON or YAML list of node_id, compute_tflops, memory_gb, ...).")
+@click.option("--strategy", type=click.Choice(["pipeline", "greedy"]), default="pipeline", show_default=True,
+              help="pipeline: contiguous blocks, minimal bottleneck; greedy: the seed's algorithm.")
+@click.option("--objective", type=click.Choice(["prefill", "decode"]), default="prefill", show_default=True,
+              help="What the bottleneck minimises: stage GFLOPs / TFLOPS, or stage bytes / memory bandwidth.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON here.")
+@json_option
+def plan_cmd(metadata: str, nodes_file: str, strategy: str, objective: str, output: str | None,
+             as_json: bool) -> None:
+    """Plan which node holds which tensors of the model described by METADATA."""
+    set_json_mode(as_json)
+    from williw.fleet import load_nodes
+    from williw.metadata import load_metadata
+    from williw.planner import make_plan, save_plan
+
+    meta = load_metadata(metadata)
+    nodes = load_nodes(nodes_file)
+    plan = make_plan(meta, nodes, strategy=strategy, objective=objective)
+    if output:
+        save_plan(plan, output)
+    if as_json and not output:
+        emit(True, plan.to_dict(), "")
+        return
+    summary = {k: v for k, v in plan.to_dict()["@plan"].items()}
+    summary.update(nodes_used=len(plan.assignments), nodes_given=len(nodes), output=output)
+    emit(as_json, summary, lambda: _human(plan, len(nodes), output))
+
+
+def _human(plan, given: int, output: str | None) -> str:
+    from williw.planner.make import fmt_bytes, fmt_seconds
+    from williw.units import format_gflops
+
+    def secs(x: float | None) -> str:
+        return fmt_seconds(x) if x is not None else "-"
+
+    rows = []
+    for a in plan.assignments:
+        rows.append([a.node_id, "-" if a.stage is None else str(a.stage),
+                     "-" if a.blocks is None else f"[{a.blocks[0]}, {a.blocks[1]})", str(len(a.layer_names)),
+                     format_gflops(a.total_compute), fmt_bytes(a.bytes), secs(a.stage_time_s),
+                     secs(a.decode_time_s), f"{a.compute_utilization * 100:.1f}%"])
+    lines = [table(rows, ["node", "stage", "blocks", "tensors", "compute", "memory", "prefill", "decode", "util"])]
+    parts = [f"{plan.strategy} ({plan.objective}): {len(plan.assignments)} of {given} nodes",
+             f"bottleneck {secs(plan.bottleneck_s)}"]
+    if plan.lower_bound_s:
+        exact = {True: "exact", False: "heuristic", None: ""}[plan.exact]
+        parts[-1] += f" (lower bound {secs(plan.lower_bound_s)}{', ' + exact if exact else ''})"
+    parts += [f"prefill {secs(plan.prefill_bottleneck_s)}", f"decode {secs(plan.decode_bottleneck_s)}",
+              f"latency {secs(plan.latency_s)}"]
+    if plan.tokens_per_s:
+        parts.append(f"{plan.tokens_per_s:,.1f} tokens/s")
+    lines.append(", ".join(parts))
+    lines += [f"excluded {e.node_id}: {e.reason}" for e in plan.excluded]
+    if output:
+        lines.append(f"wrote {output}")
+    return "\n".join(lines)
+
+
+@cli.command("validate")
+@click.argument("metadata", type=click.Path(dir_okay=False))
+@click.argument("plan_file", metavar="PLAN", type=click.Path(dir_okay=False))
+@click.option("--nodes", "nodes_file", type=click.Path(dir_okay=False), help="Also check each node's memory.")
+@json_option
+def validate_cmd(metadata: str, plan_file: str, nodes_file: str | None, as_json: bool) -> None:
+    """Check that PLAN assigns every tensor of METADATA exactly once (and fits the nodes). Exit 2 if not."""
+    set_json_mode(as_json)
+    from williw.fleet import load_nodes
+    from williw.metadata import load_metadata
+    from williw.planner import check_plan, load_plan, validate_split_plan
+
+    meta = load_metadata(metadata)
+    plan = load_plan(plan_file)
+    nodes = load_nodes(nodes_file) if nodes_file else None
+    names = [x.name for x in meta.layers]
+    if not as_json:
+        check_plan(names, plan, metadata=meta, nodes=nodes)
+        click.echo(f"{plan_file}: valid {plan.strategy} plan, {len(plan.assignments)} nodes, {len(names)} tensors")
+        return
+    problems = validate_split_plan(names, plan, metadata=meta, nodes=nodes)
+    emit(True, {"valid": not problems, "problems": problems, "plan": plan_file}, "")
+    if problems:
+        raise click.exceptions.Exit(EXIT_USER_ERROR)

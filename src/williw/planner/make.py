@@ -22,7 +22,6 @@ from williw.planner.costs import OBJECTIVES, PipelineModel, decode_time, pipelin
 from williw.planner.greedy import _tokens_per_s, greedy_plan
 from williw.planner.pipeline import Stage, dominated, lower_bound, max_coverage, search
 from williw.planner.plan import STRATEGIES, ExcludedNode, NodeAssignment, Plan
-from williw.units import format_seconds
 
 
 def fmt_bytes(n: float) -> str:
@@ -32,6 +31,15 @@ def fmt_bytes(n: float) -> str:
     if n >= 1e5:
         return f"{n / 1e6:.2f} MB"
     return f"{int(n):,} bytes"
+
+
+def fmt_seconds(s: float) -> str:
+    """4.56 s, 12.3 ms, 45.6 µs: planned stage times of small models are microseconds."""
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.1f} µs"
 
 
 def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "pipeline",
@@ -101,7 +109,7 @@ def _pipeline(meta: ModelMetadata, nodes: list[Node], objective: str) -> Plan:
                      lower_bound(model, candidates, objective), excluded)
     in_plan = set(plan.node_ids)
     unused = [ExcludedNode(v.node_id, f"not needed: adding it does not lower the bottleneck "
-                                      f"({format_seconds(plan.bottleneck_s or 0.0)})" if found.exact else
+                                      f"({fmt_seconds(plan.bottleneck_s or 0.0)})" if found.exact else
                            "not chosen by the heuristic search (fleet too large for the exact search)")
               for v in candidates if v.node_id not in in_plan]
     return Plan(**{**plan.__dict__, "excluded": tuple(excluded + unused)})
