@@ -112,8 +112,8 @@ def parse_nodes(obj: Any, source: str = "nodes") -> list[Node]:
     if isinstance(obj, dict) and "nodes" in obj:
         obj = obj["nodes"]
     if not isinstance(obj, list) or not obj:
-        raise NodesError(f"'{source}': expected a non-empty list of nodes (or {{\"nodes\": [...]}}), "
-                         f"got {type(obj).__name__ if obj else obj!r}")
+        got = type(obj).__name__ if obj else repr(obj)
+        raise NodesError(f"'{source}': expected a non-empty list of nodes (or {{\"nodes\": [...]}}), got {got}")
     nodes: list[Node] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(obj):
