@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from williw.cli import cli
@@ -92,4 +94,6 @@ def validate_cmd(metadata: str, plan_file: str, nodes_file: str | None, as_json:
     problems = validate_split_plan(names, plan, metadata=meta, nodes=nodes)
     emit(True, {"valid": not problems, "problems": problems, "plan": plan_file}, "")
     if problems:
-        raise click.exceptions.Exit(EXIT_USER_ERROR)
+        # sys.exit, not click's Exit: run_main calls click with standalone_mode=False, which turns Exit(2) into
+        # a return value that run_main drops (exit 0).
+        sys.exit(EXIT_USER_ERROR)
