@@ -134,6 +134,7 @@ def test_bottleneck_is_the_exhaustive_optimum(objective: str, case) -> None:
                                                             [a.blocks[1] for a in plan.assignments], strict=True))
     assert plan.assignments[-1].blocks[1] == len(meta.blocks)
     assert max(a.compute_utilization for a in plan.assignments) == 1.0
+    assert plan.lower_bound_s <= plan.bottleneck_s
 
 
 def test_slow_node_is_left_out_with_a_reason() -> None:

@@ -176,9 +176,36 @@ def _ordered_feasible(c: _Costs, t: float, order: Sequence[int]) -> tuple[Stage,
     return None
 
 
-def _minimise(c: _Costs, feasible, lower: float, rel_tol: float = 0.0) -> tuple[Stage, ...] | None:
-    """Smallest threshold at which ``feasible`` finds a plan; bisection on the doubles' bit patterns."""
-    plan = feasible(float("inf"))
+def _candidates(c: _Costs, lo: float, hi: float) -> list[float]:
+    """Every stage cost in ``(lo, hi]``: the optimum is one of them (it is the cost of some stage)."""
+    m = c.m
+    n = m.n
+    out = set()
+    prefix = m.prefix_bytes if c.decode else m.prefix_compute
+    for v in range(len(c.nodes)):
+        rate = c.rate[v]
+        for p in range(n):
+            t = c.cost(v, p, n, True)
+            if lo < t <= hi:
+                out.add(t)
+            base = prefix[p] - (c.amount(0, 0, False) if p == 0 else 0)  # the first group counts on stage 0
+            a = max(p + 1, bisect_right(prefix, base + lo * rate) - 2)
+            b = min(n - 1, bisect_right(prefix, base + hi * rate) + 1)
+            for e in range(a, b + 1):
+                t = c.cost(v, p, e, False)
+                if lo < t <= hi:
+                    out.add(t)
+    return sorted(out)
+
+
+def _minimise(c: _Costs, feasible, lower: float, rel_tol: float = 0.0,
+              start: tuple[Stage, ...] | None = None) -> tuple[Stage, ...] | None:
+    """Smallest threshold at which ``feasible`` finds a plan.
+
+    Bisection on the doubles' bit patterns down to ``rel_tol`` (heuristic), or (exact, ``rel_tol`` 0) down to
+    1e-6 and then over the stage costs left in the interval, which contain the optimum.
+    """
+    plan = start or feasible(float("inf"))
     if plan is None:
         return None
     hi_t = c.bottleneck(plan)
@@ -186,8 +213,9 @@ def _minimise(c: _Costs, feasible, lower: float, rel_tol: float = 0.0) -> tuple[
         return plan
     hi = _bits(hi_t)
     lo = _bits(lower * (1 - 1e-9)) if lower > 0 else -1  # known (or assumed) infeasible
+    stop = rel_tol or 1e-6
     while hi - lo > 1:
-        if rel_tol and lo >= 0 and _float(hi) <= _float(lo) * (1 + rel_tol):
+        if lo >= 0 and _float(hi) <= _float(lo) * (1 + stop):
             break
         mid = (lo + hi) // 2
         found = feasible(_float(mid))
@@ -196,23 +224,48 @@ def _minimise(c: _Costs, feasible, lower: float, rel_tol: float = 0.0) -> tuple[
         else:
             hi, plan = mid, found
             hi = min(hi, _bits(c.bottleneck(plan)))
+    if rel_tol or hi - lo <= 1:
+        return plan
+    values = _candidates(c, _float(lo) if lo >= 0 else -1.0, _float(hi))
+    i, j = 0, len(values)  # the answer is values[i:j] or, if none is feasible, the plan at hi
+    while i < j:
+        mid = (i + j) // 2
+        found = feasible(values[mid])
+        if found is None:
+            i = mid + 1
+        else:
+            j, plan = mid, found
     return plan
 
 
 def lower_bound(model: PipelineModel, nodes: Sequence[Node], objective: str) -> float:
-    """A bound no plan beats: all the work at the whole fleet's summed rate, or the heaviest block on the fastest
-    node."""
-    if not nodes:
+    """A bound no plan beats.
+
+    A plan uses some ``j <= n`` nodes (``n`` blocks); every used node runs at least the lightest block, so
+    ``T >= w_min / r_j`` (``r_j`` the j-th largest rate), and all the work runs at the used nodes' summed rate, at
+    most the ``j`` largest rates' sum ``R_j``: ``T >= W / R_j``. So ``T >= min_j max(W / R_j, w_min / r_j)``; and
+    ``T >= w_max / r_1`` for the heaviest block. With ``j`` = all nodes this is ``total / Σ rate``.
+    """
+    if not nodes or model.n == 0:
         return 0.0
     if objective == "decode":
-        rates = [v.memory_bandwidth_gbps * GB for v in nodes if v.memory_bandwidth_gbps]
-        if not rates:
-            return 0.0
-        total = model.prefix_bytes[-1] + model.first_bytes + model.last_bytes
-        return max(total / sum(rates), max(model.block_bytes, default=0) / max(rates))
-    rates = [v.compute_tflops * TFLOPS_IN_GFLOPS for v in nodes]
-    total = model.prefix_compute[-1] + model.first_compute + model.last_compute
-    return max(total / sum(rates), max(model.block_compute, default=0.0) / max(rates))
+        rates = sorted((v.memory_bandwidth_gbps * GB for v in nodes if v.memory_bandwidth_gbps), reverse=True)
+        work = [float(b) for b in model.block_bytes]
+        total = float(model.prefix_bytes[-1] + model.first_bytes + model.last_bytes)
+    else:
+        rates = sorted((v.compute_tflops * TFLOPS_IN_GFLOPS for v in nodes), reverse=True)
+        work = list(model.block_compute)
+        total = model.prefix_compute[-1] + model.first_compute + model.last_compute
+    if not rates:
+        return 0.0
+    best = float("inf")
+    summed = 0.0
+    for j, r in enumerate(rates[:model.n]):
+        summed += r
+        best = min(best, max(total / summed, min(work) / r))
+        if j + 1 == len(rates):
+            break
+    return max(best, max(work) / rates[0])
 
 
 def dominated(nodes: Sequence[Node], limit: int, objective: str) -> list[int]:
@@ -255,7 +308,9 @@ def search(model: PipelineModel, nodes: Sequence[Node], objective: str) -> Searc
     k = len(nodes)
     if k <= EXACT_MAX_NODES:
         by_size = sorted(range(1 << k), key=lambda s: (s.bit_count(), s))
-        plan = _minimise(c, lambda t: _exact_feasible(c, t, by_size), lower)
+        order = sorted(range(k), key=lambda i: (-c.rate[i], -c.mem[i], i))
+        start = _minimise(c, lambda t: _ordered_feasible(c, t, order), lower, 1e-3)  # a good first upper bound
+        plan = _minimise(c, lambda t: _exact_feasible(c, t, by_size), lower, start=start)
         return SearchResult(plan, True) if plan is not None else None
     orders = [sorted(range(k), key=lambda i: (-c.rate[i], -c.mem[i], i)),
               sorted(range(k), key=lambda i: (-c.mem[i], -c.rate[i], i))]

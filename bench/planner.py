@@ -1,0 +1,120 @@
+"""Planner benchmarks, one table each.
+
+1. Scale: 1,000 blocks over 10,000 heterogeneous nodes (target: under 1 s), plus the exact search at its limit
+   (12 candidate nodes), each against the reference of the same run: the lower bound ``total / Σ rate``.
+2. Quality on the 1.1B bf16 Llama's metadata (``generate_metadata(llama_1b())``, batch 1 x 512 tokens) with 8
+   heterogeneous nodes: the bottleneck of ``pipeline`` against the seed's ``greedy`` and against the lower bound
+   ``total GFLOPs / sum of TFLOPS``.
+
+Run: ``.venv/bin/python bench/planner.py``
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))
+
+from williw.fleet import Node  # noqa: E402
+from williw.metadata import BlockMeta, LayerMeta, ModelMetadata, generate_metadata  # noqa: E402
+from williw.planner import make_plan, validate_split_plan  # noqa: E402
+
+
+def synthetic(n_blocks: int, rng: random.Random) -> ModelMetadata:
+    """A model of ``n_blocks`` uneven blocks (40-60 GFLOPs, 80-120 MB), one tensor each."""
+    layers = [LayerMeta("embed", (1,), "BF16", 1, 200_000_000, 0.0, "embedding", None, "first", "")]
+    blocks = []
+    for i in range(n_blocks):
+        c, b = rng.uniform(40, 60), rng.randint(80_000_000, 120_000_000)
+        layers.append(LayerMeta(f"layers.{i}.w", (1,), "BF16", 1, b, c, "mlp", i, "block", ""))
+        blocks.append(BlockMeta(i, 1, 1, b, c, 0.0))
+    layers.append(LayerMeta("lm_head", (1,), "BF16", 1, 200_000_000, 30.0, "lm_head", None, "last", ""))
+    total = sum(x.compute_required for x in layers)
+    return ModelMetadata(1, f"synthetic-{n_blocks}", "synthetic", None, "safetensors", 1, 512, None, tuple(layers),
+                         tuple(blocks), None, total, len(layers), sum(x.bytes for x in layers), len(layers))
+
+
+def fleet(n: int, rng: random.Random) -> list[Node]:
+    """Nodes from a laptop CPU to an H100: 1-1000 TFLOPS (log-uniform), 0.5-80 GB, 50-3000 GB/s."""
+    return [Node(f"n{i}", round(10 ** rng.uniform(0, 3), 3), round(rng.uniform(0.5, 80), 2),
+                 round(rng.uniform(50, 3000), 1)) for i in range(n)]
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def scale() -> None:
+    rng = random.Random(0)
+    rows = []
+    for n_blocks, n_nodes in ((1000, 10_000), (200, 12), (1000, 12)):
+        meta = synthetic(n_blocks, rng)
+        nodes = fleet(n_nodes, rng)
+        plan, secs = timed(lambda m=meta, v=nodes: make_plan(m, v))
+        assert validate_split_plan([x.name for x in meta.layers], plan, metadata=meta, nodes=nodes) == []
+        rows.append((f"{n_blocks} blocks / {n_nodes:,} nodes", "exact" if plan.exact else "heuristic",
+                     f"{secs * 1000:.0f} ms", len(plan.assignments), f"{plan.bottleneck_s * 1000:.3f} ms",
+                     f"{plan.lower_bound_s * 1000:.3f} ms",
+                     f"{(plan.bottleneck_s / plan.lower_bound_s - 1) * 100:.1f}%"))
+    print_table("Scale (prefill objective)", ["instance", "search", "plan time", "stages", "bottleneck",
+                                              "lower bound", "gap"], rows)
+
+
+# 8 nodes, dense bf16 TFLOPS and memory from public spec sheets (rounded); memory_gb is what is free for weights.
+LLAMA_FLEET = [
+    Node("a100", 312.0, 2.0, 2039.0),
+    Node("rtx4090", 165.0, 1.0, 1008.0),
+    Node("rtx3090", 71.0, 0.8, 936.0),
+    Node("t4", 65.0, 0.5, 320.0),
+    Node("m2max", 27.0, 1.5, 400.0),
+    Node("rtx3060", 25.0, 0.6, 360.0),
+    Node("orin", 10.0, 0.4, 102.0),
+    Node("cpu", 1.5, 4.0, 50.0),
+]
+
+
+def llama() -> None:
+    from _models import llama_1b
+
+    meta = generate_metadata(llama_1b())
+    names = [x.name for x in meta.layers]
+    rows = []
+    for label, nodes in (("memory-bound fleet (0.4-4 GB free)", LLAMA_FLEET),
+                         ("roomy fleet (x10 memory)", [Node(v.node_id, v.compute_tflops, v.memory_gb * 10,
+                                                            v.memory_bandwidth_gbps) for v in LLAMA_FLEET])):
+        lower = meta.total_compute / (sum(v.compute_tflops for v in nodes) * 1000)
+        for strategy in ("pipeline", "greedy"):
+            try:
+                plan, secs = timed(lambda s=strategy, v=nodes: make_plan(meta, v, strategy=s))
+            except Exception as exc:  # greedy ignores memory and may not fit: show why
+                rows.append((label, strategy, "-", "-", "-", f"{lower * 1000:.3f} ms", str(exc)[:70]))
+                continue
+            assert validate_split_plan(names, plan, metadata=meta, nodes=nodes) == []
+            rows.append((label, strategy, f"{secs * 1000:.0f} ms", len(plan.assignments),
+                         f"{plan.prefill_bottleneck_s * 1000:.3f} ms", f"{lower * 1000:.3f} ms",
+                         f"{plan.prefill_bottleneck_s / lower:.2f}x lower bound"))
+    print_table(f"{meta.model_name}: {meta.total_compute:,.0f} GFLOPs, {meta.total_bytes / 1e9:.2f} GB, "
+                f"{len(meta.blocks)} blocks, batch {meta.batch_size} x {meta.sequence_length} tokens",
+                ["fleet", "strategy", "plan time", "nodes", "prefill bottleneck", "total/ΣTFLOPS", "vs bound"], rows)
+
+
+def print_table(title: str, headers: list[str], rows: list[tuple]) -> None:
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    print(f"\n{title}")
+    for j, r in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+if __name__ == "__main__":
+    scale()
+    llama()
