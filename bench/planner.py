@@ -86,7 +86,7 @@ def llama() -> None:
     meta = generate_metadata(llama_1b())
     names = [x.name for x in meta.layers]
     rows = []
-    for label, nodes in (("memory-bound fleet (0.4-4 GB free)", LLAMA_FLEET),
+    for label, nodes in (("tight memory (0.4-4 GB free)", LLAMA_FLEET),
                          ("roomy fleet (x10 memory)", [Node(v.node_id, v.compute_tflops, v.memory_gb * 10,
                                                             v.memory_bandwidth_gbps) for v in LLAMA_FLEET])):
         lower = meta.total_compute / (sum(v.compute_tflops for v in nodes) * 1000)
