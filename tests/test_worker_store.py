@@ -52,7 +52,8 @@ def test_url_spellings():
 def test_plan_versions_only_grow(tmp_path):
     store = Store(str(tmp_path / "w.db"))
     store.create_request("r", "m", None, 1, 8, 1.0)
-    assert [store.save_plan("r", lambda v: {"v": v}, 2.0) for _ in range(3)] == [1, 2, 3]
+    assert [store.save_plan("r", lambda v: {"v": v}, 2.0) for _ in range(3)] == [(1, {"v": 1}), (2, {"v": 2}),
+                                                                               (3, {"v": 3})]
     assert store.get_plan("r", 2) == {"v": 2}
     assert store.get_request("r").plan_version == 3
     store.mark_failed("r", "why", 3.0)

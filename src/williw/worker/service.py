@@ -123,9 +123,9 @@ def process_request(store: Store, settings: WorkerSettings, request_id: str, *, 
     def render(version: int) -> dict[str, Any]:
         return dataclasses.replace(plan, version=version).to_dict()
 
-    version = store.save_plan(request_id, render, time.time())
+    version, stored = store.save_plan(request_id, render, time.time())
     log.info("request %s planned: version %d on %d node(s)", request_id, version, len(plan.assignments))
-    return version, store.get_plan(request_id, version)
+    return version, stored
 
 
 def _fetch_metadata(store: Store, settings: WorkerSettings, request: RequestRecord, repo: str,

@@ -289,14 +289,15 @@ class Store:
             conn.execute(update(requests).where(requests.c.request_id == request_id)
                          .values(status="failed", reason=reason, updated_at=now))
 
-    def save_plan(self, request_id: str, render: Callable[[int], dict[str, Any]], now: float) -> int:
+    def save_plan(self, request_id: str, render: Callable[[int], dict[str, Any]],
+                  now: float) -> tuple[int, dict[str, Any]]:
         """Store the next plan version of a request and make it the one in force.
 
         Args:
             render: the plan JSON for a given version (the version is written inside the plan too).
 
         Returns:
-            The new version: 1 for the first plan, then one more than the last.
+            The new version (1 for the first plan, then one more than the last) and the plan JSON stored.
 
         Raises:
             NotFound: no such request.
@@ -310,11 +311,12 @@ class Store:
                 raise NotFound(f"request '{request_id}' does not exist")
             last = conn.execute(select(func.max(plans.c.version)).where(plans.c.request_id == request_id)).scalar()
             version = (last or 0) + 1
-            conn.execute(insert(plans).values(request_id=request_id, version=version,
-                                              plan_json=json.dumps(render(version)), created_at=now))
+            plan = render(version)
+            conn.execute(insert(plans).values(request_id=request_id, version=version, plan_json=json.dumps(plan),
+                                              created_at=now))
             conn.execute(update(requests).where(requests.c.request_id == request_id)
                          .values(status="planned", reason=None, plan_version=version, updated_at=now))
-        return version
+        return version, plan
 
     def get_plan(self, request_id: str, version: int) -> dict[str, Any]:
         """The stored plan JSON.
