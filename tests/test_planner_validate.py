@@ -98,3 +98,13 @@ def test_check_plan_raises_one_line_with_all_problems() -> None:
 def test_malformed_plan_is_one_problem() -> None:
     assert validate_split_plan(NAMES, {"a": {"node_id": "b", "layer_names": []}}) == [
         "'plan': node 'a' has node_id 'b'; the key and node_id must match"]
+
+
+def test_plan_file_with_a_bad_number_names_node_and_field() -> None:
+    from williw.errors import PlanError
+    from williw.planner import Plan
+
+    with pytest.raises(PlanError) as err:
+        Plan.from_dict({"a": {"node_id": "a", "layer_names": [], "total_compute": 1, "compute_utilization": 1,
+                              "bytes": "x"}}, "p.json")
+    assert str(err.value) == "'p.json': node 'a': field 'bytes' must be a finite number >= 0, got 'x'"

@@ -16,85 +16,28 @@ from __future__ import annotations
 
 import gc
 import os
-import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from williw.classify import block_of, find_block_prefix
 from williw.errors import VerifyError, require_torch
 from williw.planner.plan import Plan, load_plan
+from williw.verify_report import (
+    TOLERANCES,
+    Meter,
+    StageReport,
+    VerifyReport,
+    compare,
+    differs,
+)
 
 if TYPE_CHECKING:
     import torch
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog."
 SHARD_FILE = "model.safetensors"
-MEMORY_METHOD = "peak RSS sampled every 5 ms while the stage loads and runs; delta over the RSS before it"
-# Bit-exact in float32 and float64: the stages run the very operations of the full model, in the same order.
-# Half precision gets a margin in case a kernel picks another blocking for a differently aligned tensor:
-# 8 units of the last place at 1.0 (bfloat16 has 8 significant bits, float16 11).
-TOLERANCES = {"float32": (0.0, 0.0), "float64": (0.0, 0.0), "bfloat16": (0.0, 8 * 2**-7),
-              "float16": (0.0, 8 * 2**-10)}
-
-
-@dataclass(frozen=True)
-class StageReport:
-    """One stage: blocks ``[start, end)``, its output compared at its boundary with the full model's."""
-
-    stage: int
-    node_id: str
-    blocks: tuple[int, int]
-    tensors: int
-    parameters: int
-    load_s: float
-    run_s: float
-    peak_rss_bytes: int
-    rss_delta_bytes: int
-    max_abs_diff: float | None
-    ignored: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class OutputDiff:
-    """``max_rel_diff`` is the largest absolute difference over the largest reference magnitude."""
-
-    name: str
-    shape: tuple[int, ...]
-    max_abs_diff: float
-    max_rel_diff: float
-    top1_agree: bool | None
-    match: bool
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    model_dir: str
-    architecture: str
-    mode: str  # "pipeline" or "reassembled"
-    note: str
-    dtype: str
-    prompt: str
-    tokens: int
-    token_source: str  # "tokenizer" or "bytes" (UTF-8 bytes modulo the vocabulary size)
-    atol: float
-    rtol: float
-    reference: StageReport
-    stages: tuple[StageReport, ...]
-    outputs: tuple[OutputDiff, ...]
-    failure: str | None
-    memory_method: str = MEMORY_METHOD
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ok"] = self.ok
-        return d
-
 
 def verify_shards(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str],
                   shards_dir: str | os.PathLike[str], *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
@@ -157,7 +100,7 @@ def verify_shards(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathL
     if failure is None and bad is not None:
         where = f"stage {len(specs) - 1} (node '{specs[-1][0]}', blocks [{specs[-1][1][0]}, {specs[-1][1][1]}))" \
             if pipeline else "reassembled model"
-        failure = f"{where}: {_differs(bad.name, bad, atol, rtol)}"
+        failure = f"{where}: {differs(bad.name, bad, atol, rtol)}"
         if pipeline:
             failure = _with_culprit(failure, model_dir, shards_dir / specs[-1][0] / SHARD_FILE)
     return VerifyReport(model_dir=str(model_dir), architecture=arch_name, mode="pipeline" if pipeline else
@@ -212,31 +155,6 @@ def token_ids(model_dir: Path, prompt: str, vocab_size: int) -> tuple[torch.Tens
     return torch.tensor([ids], dtype=torch.long), source
 
 
-def compare(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> OutputDiff:
-    """Element-wise comparison: a match needs ``|got - want| <= atol + rtol * |want|`` everywhere (and, for
-    logits, the same top-1 token at every position)."""
-    diff = (got.double() - want.double()).abs()
-    scale = want.double().abs().max().item()
-    max_abs = diff.max().item()
-    within = bool((diff <= atol + rtol * want.double().abs()).all())
-    top1 = bool((got.argmax(-1) == want.argmax(-1)).all()) if name == "logits" else None
-    return OutputDiff(name=name, shape=tuple(want.shape), max_abs_diff=max_abs,
-                      max_rel_diff=max_abs / scale if scale else max_abs, top1_agree=top1,
-                      match=within and top1 is not False)
-
-
-_SUBJECT = {"logits": "the logits differ", "last_hidden_state": "the last hidden state differs",
-            "pooler_output": "the pooler output differs"}
-
-
-def _differs(what: str, d: OutputDiff, atol: float, rtol: float) -> str:
-    """``what`` is an output name or a phrase ending in a verb."""
-    what = _SUBJECT.get(what, what)
-    tol = "exact" if atol == 0 and rtol == 0 else f"atol {atol:g}, rtol {rtol:g}"
-    top1 = ", top-1 differs" if d.top1_agree is False else ""
-    return f"{what} from the full model's (max abs diff {d.max_abs_diff:.3g}, tolerance {tol}{top1})"
-
-
 def _with_culprit(failure: str, model_dir: Path, shard: Path) -> str:
     """Name the first tensor of the shard whose bytes differ from the model's, if any does."""
     from safetensors import safe_open
@@ -263,37 +181,6 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-class _Meter:
-    """Wall time and peak RSS of a block of code (a 5 ms sampling thread)."""
-
-    def __enter__(self) -> _Meter:
-        self.before = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        self.start = time.perf_counter()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
-def _rss() -> int:
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:  # Linux without psutil: resident pages are the second field of statm
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _free() -> None:
     gc.collect()
 
@@ -310,7 +197,7 @@ def _reference(model_dir: Path, arch_name: str, arch: Any, dtype: torch.dtype, i
     if not progress_enabled():  # from_pretrained draws its own bar on stderr
         transformers.utils.logging.disable_progress_bar()
     hidden: dict[int, torch.Tensor] = {}
-    with _Meter() as meter:
+    with Meter() as meter:
         model = getattr(transformers, arch_name).from_pretrained(model_dir, dtype=dtype,
                                                                  attn_implementation=ATTN_IMPLEMENTATION).eval()
         align(model)
@@ -332,7 +219,7 @@ def _reference(model_dir: Path, arch_name: str, arch: Any, dtype: torch.dtype, i
     return _with_memory(report, meter), outputs, hidden
 
 
-def _with_memory(report: StageReport, meter: _Meter) -> StageReport:
+def _with_memory(report: StageReport, meter: Meter) -> StageReport:
     return replace(report, peak_rss_bytes=meter.peak, rss_delta_bytes=meter.peak - meter.before)
 
 
@@ -355,7 +242,7 @@ def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_
     for i, (node_id, blocks) in enumerate(specs):
         where = f"stage {i} (node '{node_id}', blocks [{blocks[0]}, {blocks[1]}))"
         shard = shards_dir / node_id / SHARD_FILE
-        with _Meter() as meter:
+        with Meter() as meter:
             model = st.skeleton(st.load_config(shards_dir / node_id), dtype)
             with st.ShardReader(shard) as f:
                 available = f.keys()
@@ -379,7 +266,7 @@ def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_
                 report = replace(report, max_abs_diff=d.max_abs_diff)
                 if failure is None and not d.match:
                     what = f"the hidden state after block {blocks[1] - 1} differs"
-                    failure = _with_culprit(f"{where}: {_differs(what, d, atol, rtol)}", model_dir, shard)
+                    failure = _with_culprit(f"{where}: {differs(what, d, atol, rtol)}", model_dir, shard)
         reports.append(report)
     return reports, out, failure
 
@@ -404,7 +291,7 @@ def _reassembled(plan: Plan, shards_dir: Path, arch: Any, dtype: torch.dtype,
 
     sources: dict[str, Any] = {}
     handles = []
-    with _Meter() as meter:
+    with Meter() as meter:
         for a in plan.assignments:
             shard = shards_dir / a.node_id / SHARD_FILE
             handle = st.ShardReader(shard)

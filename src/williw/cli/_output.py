@@ -60,7 +60,10 @@ def _numeric(cell: str) -> bool:
 def run_main(group: click.Group) -> None:
     """Run the click group; WilliwError (and a few builtins) become ``error: <line>`` and exit 2."""
     try:
-        group.main(standalone_mode=False)
+        # standalone_mode=False returns ctx.exit(n)'s code instead of exiting: pass it on.
+        code = group.main(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)

@@ -166,9 +166,12 @@ def _assignment(key: str, value: Any, source: str) -> NodeAssignment:
     shared = value.get("shared_tensors", [])
     if not isinstance(shared, list) or not all(isinstance(n, str) for n in shared):
         raise PlanError(f"{where}: field 'shared_tensors' must be a list of tensor names")
-    nums = {}
-    for f in ("total_compute", "compute_utilization"):
-        v = value.get(f, 0.0)
+    nums: dict[str, float | None] = {}
+    for f in ("total_compute", "compute_utilization", "bytes", "stage_time_s", "decode_time_s"):
+        v = value.get(f, 0.0 if f in ("total_compute", "compute_utilization", "bytes") else None)
+        if v is None:
+            nums[f] = None
+            continue
         if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
             raise PlanError(f"{where}: field '{f}' must be a finite number >= 0, got {v!r}")
         nums[f] = float(v)
@@ -179,10 +182,10 @@ def _assignment(key: str, value: Any, source: str) -> NodeAssignment:
     stage = value.get("stage")
     if stage is not None and (not isinstance(stage, int) or isinstance(stage, bool) or stage < 0):
         raise PlanError(f"{where}: field 'stage' must be an integer >= 0, got {stage!r}")
-    return NodeAssignment(node_id=key, layer_names=tuple(names), total_compute=nums["total_compute"],
-                          compute_utilization=nums["compute_utilization"], bytes=int(value.get("bytes", 0) or 0),
+    return NodeAssignment(node_id=key, layer_names=tuple(names), total_compute=nums["total_compute"] or 0.0,
+                          compute_utilization=nums["compute_utilization"] or 0.0, bytes=int(nums["bytes"] or 0),
                           stage=stage, blocks=tuple(blocks) if blocks is not None else None,  # type: ignore[arg-type]
-                          stage_time_s=value.get("stage_time_s"), decode_time_s=value.get("decode_time_s"),
+                          stage_time_s=nums["stage_time_s"], decode_time_s=nums["decode_time_s"],
                           shared_tensors=tuple(shared))
 
 
