@@ -1,0 +1,1 @@
+"""Commands of this family are added by their issue."""
