@@ -131,7 +131,7 @@ class Store:
             self._reader = _sqlite_engine(self.url, pool_size=pool_size, writer=False)
         else:
             self._writer = self._reader = create_engine(self.url, pool_size=pool_size, max_overflow=pool_size,
-                                                        pool_pre_ping=True)
+                                                        pool_recycle=300)
         self._migrate()
 
     def close(self) -> None:
