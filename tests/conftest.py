@@ -13,6 +13,9 @@ os.environ.setdefault("WILLIW_NO_PROGRESS", "1")
 
 from williw import tinymodels as factories
 
+# The fake Hub (tests/hubserver.py) as a fixture every test can ask for by name: `fake_hub`.
+pytest_plugins = ["hubserver"]
+
 VENV_BIN = Path(sys.executable).parent
 
 
