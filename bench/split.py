@@ -26,9 +26,9 @@ from _models import ROOT, llama_1b
 
 sys.path.insert(0, str(ROOT.parent / "src"))
 
-from williw.checkpoint import open_checkpoint  # noqa: E402
-from williw.classify import block_of, find_block_prefix, is_embedding_side  # noqa: E402
-from williw.planner.plan import NodeAssignment, Plan, save_plan  # noqa: E402
+from williw.metadata import generate_metadata  # noqa: E402
+from williw.planner import pipeline_from_cuts  # noqa: E402
+from williw.planner.plan import Plan, save_plan  # noqa: E402
 
 VENV = Path(sys.executable).parent
 NODES = 4
@@ -47,19 +47,11 @@ for node_id, a in plan.items():
 
 
 def pipeline_plan(model_dir: Path, stages: int) -> Plan:
-    """Contiguous blocks per stage; embeddings first, final norm and head last."""
-    names = [t.name for t in open_checkpoint(model_dir).tensors]
-    prefix = find_block_prefix(names)
-    blocks = 1 + max(b for n in names if (b := block_of(n, prefix)) is not None)
-    bounds = [round(i * blocks / stages) for i in range(stages + 1)]
-    owned: list[list[str]] = [[] for _ in range(stages)]
-    for n in names:
-        b = block_of(n, prefix)
-        s = (0 if is_embedding_side(n) else stages - 1) if b is None else \
-            next(i for i in range(stages) if bounds[i] <= b < bounds[i + 1])
-        owned[s].append(n)
-    return Plan("pipeline", tuple(NodeAssignment(f"node-{s}", tuple(owned[s]), 0.0, 0.0, stage=s,
-                                                 blocks=(bounds[s], bounds[s + 1])) for s in range(stages)))
+    """Contiguous blocks per stage, cut evenly; embeddings first, final norm and head last."""
+    meta = generate_metadata(model_dir)
+    n = len(meta.blocks)
+    return pipeline_from_cuts(meta, [round(i * n / stages) for i in range(1, stages)],
+                              [f"node-{s}" for s in range(stages)])
 
 
 def reset_cache(model_dir: Path) -> str:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from _models import CACHE, llama_1b
 from williw.metadata import generate_metadata
-from williw.planner.plan import NodeAssignment, Plan, load_plan, save_plan
+from williw.planner import pipeline_from_cuts
+from williw.planner.plan import Plan, load_plan, save_plan
 from williw.units import format_bytes, format_seconds
 
 CUTS = [6, 11, 17]  # 22 blocks -> 6, 5, 6, 5
@@ -26,15 +27,8 @@ PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 
 
 def pipeline_plan(model: Path, cuts: list[int]) -> Plan:
-    meta = generate_metadata(model)
-    bounds = [0, *cuts, len(meta.blocks)]
-    last = len(bounds) - 2
-    assignments = []
-    for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
-        names = tuple(x.name for x in meta.layers if (x.block is not None and start <= x.block < end)
-                      or (x.placement == "first" and i == 0) or (x.placement == "last" and i == last))
-        assignments.append(NodeAssignment(f"node-{i}", names, 0.0, 0.0, stage=i, blocks=(start, end)))
-    return Plan("pipeline", tuple(assignments), model_name=model.name)
+    return pipeline_from_cuts(generate_metadata(model), cuts, [f"node-{i}" for i in range(len(cuts) + 1)],
+                              model_name=model.name)
 
 
 def shards_for(model: Path) -> tuple[Path, Path]:

@@ -7,30 +7,17 @@ import struct
 from pathlib import Path
 
 from williw.checkpoint import open_checkpoint
-from williw.classify import block_of, find_block_prefix, is_embedding_side
+from williw.metadata import generate_metadata
+from williw.planner import pipeline_from_cuts
 from williw.planner.plan import NodeAssignment, Plan
 
 
 def pipeline_plan(model_dir: Path, stages: int = 3) -> Plan:
     """Contiguous blocks per node; embeddings on stage 0, final norm and head on the last; a tied LM head's
     embedding replicated on the last stage."""
-    names = [t.name for t in open_checkpoint(model_dir).tensors]
-    prefix = find_block_prefix(names)
-    blocks = 1 + max(b for n in names if (b := block_of(n, prefix)) is not None)
-    bounds = [round(i * blocks / stages) for i in range(stages + 1)]
-    owned: list[list[str]] = [[] for _ in range(stages)]
-    for n in names:
-        b = block_of(n, prefix)
-        if b is None:
-            owned[0 if is_embedding_side(n) else -1].append(n)
-        else:
-            owned[next(s for s in range(stages) if bounds[s] <= b < bounds[s + 1])].append(n)
-    tied = not any("lm_head" in n for n in names)
-    embed = next(n for n in names if "embed_tokens" in n or n.endswith("wte.weight"))
-    return Plan("pipeline", tuple(
-        NodeAssignment(f"stage-{s}", tuple(owned[s]), 1.0, 0.5, stage=s, blocks=(bounds[s], bounds[s + 1]),
-                       shared_tensors=(embed,) if tied and s == stages - 1 else ())
-        for s in range(stages)), model_name="test/model")
+    meta = generate_metadata(model_dir)
+    n = len(meta.blocks)
+    return pipeline_from_cuts(meta, [round(i * n / stages) for i in range(1, stages)], model_name="test/model")
 
 
 def greedy_plan(model_dir: Path, nodes: int = 3) -> Plan:

@@ -20,24 +20,15 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from williw import tinymodels as factories  # noqa: E402
 from williw.errors import VerifyError  # noqa: E402
 from williw.metadata import generate_metadata  # noqa: E402
+from williw.planner import pipeline_from_cuts  # noqa: E402
 from williw.planner.plan import NodeAssignment, Plan, save_plan  # noqa: E402
 from williw.splitter import split_all  # noqa: E402
 from williw.verify import verify_shards  # noqa: E402
 
 
 def pipeline_plan(model: Path, cuts: list[int]) -> Plan:
-    """Contiguous blocks cut at ``cuts``; "first" tensors on stage 0, "last" on the last, a tied head shared."""
-    meta = generate_metadata(model)
-    bounds = [0, *cuts, len(meta.blocks)]
-    last = len(bounds) - 2
-    assignments = []
-    for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
-        names = tuple(x.name for x in meta.layers if (x.block is not None and start <= x.block < end)
-                      or (x.placement == "first" and i == 0) or (x.placement == "last" and i == last))
-        shared = (meta.tied_lm_head.tensor,) if meta.tied_lm_head and i == last and i > 0 else ()
-        assignments.append(NodeAssignment(f"n{i}", names, 0.0, 0.0, stage=i, blocks=(start, end),
-                                          shared_tensors=shared))
-    return Plan("pipeline", tuple(assignments))
+    """Contiguous blocks cut at ``cuts``, on nodes n0, n1, ..."""
+    return pipeline_from_cuts(generate_metadata(model), cuts, [f"n{i}" for i in range(len(cuts) + 1)])
 
 
 def split(model: Path, plan: Plan, out: Path) -> Path:
