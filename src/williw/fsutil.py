@@ -47,3 +47,20 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     with atomic_writer(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+def read_json(path: str | os.PathLike[str], error: type[Exception], missing: str) -> Any:
+    """Load a JSON file, turning the two ways it fails into one-line ``error``s that name the file.
+
+    Args:
+        path: the file.
+        error: the exception family of the caller (MetadataError, PlanError, ...).
+        missing: what to say when the file does not exist, e.g. "no such plan file".
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"'{path}': {missing}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"'{path}': not valid JSON ({exc})") from None

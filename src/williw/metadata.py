@@ -19,7 +19,6 @@ Compute model: GFLOPs of one forward pass over ``B·S`` tokens (B = batch size, 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ from typing import Any
 from williw.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from williw.classify import LAYER_TYPES, block_of, find_block_prefix, is_embedding_side, layer_type
 from williw.errors import MetadataError
-from williw.fsutil import write_json
+from williw.fsutil import read_json, write_json
 from williw.units import DTYPE_BITS, FLOAT_DTYPES
 
 FORMAT_VERSION = 1
@@ -241,12 +240,7 @@ def load_metadata(path: str | os.PathLike[str]) -> ModelMetadata:
         MetadataError: missing file, invalid JSON, or a field with a wrong type or value (named in the message).
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MetadataError(f"'{path}': no such metadata file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MetadataError(f"'{path}': not valid JSON ({exc})") from None
+    data = read_json(path, MetadataError, "no such metadata file")
     return _parse(data, str(path))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from williw.errors import PlanError
-from williw.fsutil import write_json
+from williw.fsutil import read_json, write_json
 
 PLAN_KEY = "@plan"
 STRATEGIES = ("pipeline", "greedy")
@@ -202,12 +202,7 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
         PlanError: missing file, invalid JSON, or a malformed node entry.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PlanError(f"'{path}': no such plan file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlanError(f"'{path}': not valid JSON ({exc})") from None
+    data = read_json(path, PlanError, "no such plan file")
     return Plan.from_dict(data, str(path))
 
 

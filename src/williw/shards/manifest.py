@@ -7,7 +7,6 @@ anything else is redone (`is_complete`, `prepare_shard_dir`, `finish_shard`).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ from typing import Any
 
 from williw.checkpoint import TensorInfo, is_plain_filename
 from williw.errors import SplitError
-from williw.fsutil import INCOMPLETE_SUFFIX, atomic_writer, write_json
+from williw.fsutil import INCOMPLETE_SUFFIX, atomic_writer, read_json, write_json
 from williw.header import serialize_header
 
 FORMAT_VERSION = 1
@@ -128,12 +127,7 @@ def read_manifest(shard_dir: str | os.PathLike[str]) -> ShardManifest:
         SplitError: missing, not JSON, or a field of the wrong type.
     """
     path = Path(shard_dir) / MANIFEST_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SplitError(f"'{path}': no shard manifest (the shard is missing or its split did not finish)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SplitError(f"'{path}': not valid JSON ({exc})") from None
+    data = read_json(path, SplitError, "no shard manifest (the shard is missing or its split did not finish)")
     return ShardManifest.from_dict(data, str(path))
 
 
