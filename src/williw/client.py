@@ -146,6 +146,36 @@ class WorkerClient:
         """``GET /healthz``: status, database kind, schema version, auth mode, node TTL."""
         return self._call("GET", "/healthz")
 
+    # -- assignments (issue 7) -----------------------------------------------------------------------------
+
+    def distribute(self, request_id: str, source: str, revision: str | None = None) -> dict[str, Any]:
+        """``POST /api/requests/{id}/distribute``: one assignment per plan node, pulling from ``source``.
+
+        Returns:
+            ``{request_id, plan_version, assignments: [...]}``. Calling it again keeps ready assignments.
+        """
+        body: dict[str, Any] = {"source": source}
+        if revision is not None:
+            body["revision"] = revision
+        # Idempotent on the worker (same plan version: states are kept), so a lost answer may be retried.
+        return self._call("POST", f"/api/requests/{_segment(request_id)}/distribute", json=body)
+
+    def request_assignments(self, request_id: str) -> dict[str, Any]:
+        """``GET /api/requests/{id}/assignments``: each node's state with ``online`` and ``heartbeat_age_s``."""
+        return self._call("GET", f"/api/requests/{_segment(request_id)}/assignments")
+
+    def node_assignments(self, node_id: str) -> list[dict[str, Any]]:
+        """``GET /api/nodes/{node_id}/assignments``: the node's assignments in every request."""
+        return self._call("GET", f"/api/nodes/{_segment(node_id)}/assignments")["assignments"]
+
+    def report_assignment(self, request_id: str, node_id: str, state: str, *, plan_version: int | None = None,
+                          shard_path: str | None = None, sha256: str | None = None,
+                          error: str | None = None) -> dict[str, Any]:
+        """``POST /api/assignments/{request_id}/{node_id}``: move the node's assignment to ``state``."""
+        body = {k: v for k, v in {"state": state, "plan_version": plan_version, "shard_path": shard_path,
+                                  "sha256": sha256, "error": error}.items() if v is not None}
+        return self._call("POST", f"/api/assignments/{_segment(request_id)}/{_segment(node_id)}", json=body)
+
     # -- transport -----------------------------------------------------------------------------------------
 
     def _call(self, method: str, path: str, *, json: Any = None, params: dict[str, str] | None = None,

@@ -1,4 +1,4 @@
-"""``williw serve-model`` (and, with the workflow, ``williw run`` and ``williw node``)."""
+"""``williw serve-model``, ``williw node`` (the node agent) and ``williw run`` (the complete workflow)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,112 @@ def serve_model_cmd(model_dir: str, host: str, port: int, as_json: bool) -> None
         server.serve_forever()
     finally:
         server.server_close()
+
+
+@cli.command("node")
+@click.option("--worker", "worker_url", envvar="WORKER_URL", required=True, help="The worker's URL (WORKER_URL).")
+@click.option("--node-id", required=True, envvar="NODE_ID", help="This node's id (NODE_ID).")
+@click.option("--compute-tflops", type=click.FloatRange(min=0, min_open=True), required=True)
+@click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True), required=True)
+@click.option("--memory-bandwidth-gbps", type=click.FloatRange(min=0, min_open=True))
+@click.option("--data-dir", type=click.Path(file_okay=False), required=True,
+              help="Where the node keeps its token (node.json) and its shards (<request_id>/<node_id>/).")
+@click.option("--token", envvar="WILLIW_TOKEN", help="The worker's admin token, for the first registration.")
+@click.option("--heartbeat-s", type=click.FloatRange(min=0.05), default=5.0, show_default=True)
+@click.option("--poll-s", type=click.FloatRange(min=0.05), default=1.0, show_default=True)
+@json_option
+def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: float,
+             memory_bandwidth_gbps: float | None, data_dir: str, token: str | None, heartbeat_s: float,
+             poll_s: float, as_json: bool) -> None:
+    """Run a node agent: register, heartbeat, pull each assigned shard, check it and report it ready."""
+    import os
+    import signal
+
+    set_json_mode(as_json)
+    from williw.agent import AgentConfig, NodeAgent
+
+    agent = NodeAgent(AgentConfig(worker_url, node_id, compute_tflops, memory_gb, data_dir, token=token,
+                                  memory_bandwidth_gbps=memory_bandwidth_gbps, heartbeat_s=heartbeat_s,
+                                  poll_s=poll_s, hf_token=os.environ.get("HF_TOKEN")))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop())
+    agent.register()
+    emit(as_json, {"node_id": node_id, "worker": worker_url, "data_dir": data_dir, "status": "running"},
+         f"node {node_id} registered with {worker_url}; shards go to {data_dir} (Ctrl-C to stop)")
+    agent.run()
+    emit(as_json, {"node_id": node_id, "status": "stopped", "ready": agent.done},
+         f"node {node_id} stopped")
+
+
+@cli.command("run")
+@click.argument("model")
+@click.option("--worker", "worker_url", envvar="WORKER_URL",
+              help="The worker's URL (WORKER_URL); without it a worker runs in this process.")
+@click.option("--metadata-repo", envvar="METADATA_REPO", help="Hub repo for the metadata; without it, sent inline.")
+@click.option("--node-id", envvar="NODE_ID", help="This user node's id (NODE_ID).")
+@click.option("--token", envvar="WILLIW_TOKEN", help="The worker's admin token.")
+@click.option("--hf-token", envvar="HF_TOKEN", help="Hub token (HF_TOKEN).")
+@click.option("--model-name", help="The name the worker records for a local folder (default local/<folder>).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--sequence-length", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--pull-from", type=click.Choice(["serve", "hub"]), default="serve", show_default=True,
+              help="serve: nodes pull from this node's model folder served over HTTP; hub: from the Hub repo.")
+@click.option("--local-nodes", type=click.Path(dir_okay=False),
+              help="Nodes file; with no --worker, runs these nodes' agents in this process.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default="williw-run", show_default=True)
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds distribution may take.")
+@json_option
+def run_cmd(model: str, worker_url: str | None, metadata_repo: str | None, node_id: str | None, token: str | None,
+            hf_token: str | None, model_name: str | None, batch_size: int, sequence_length: int, pull_from: str,
+            local_nodes: str | None, work_dir: str, timeout_s: float, as_json: bool) -> None:
+    """Run the complete workflow for MODEL (a Hub repo id or a local folder) and wait for every node's shard."""
+    from pathlib import Path
+
+    set_json_mode(as_json)
+    from williw.workflow import NodeClient
+
+    embedded = None
+    if worker_url is None:
+        from williw.workflow.embedded import EmbeddedWorker
+
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        embedded = EmbeddedWorker(Path(work_dir) / "worker.db").start()
+        worker_url = embedded.url
+        if local_nodes:
+            from williw.fleet import load_nodes
+
+            nodes = [{"node_id": n.node_id, "compute_tflops": n.compute_tflops, "memory_gb": n.memory_gb,
+                      "memory_bandwidth_gbps": n.memory_bandwidth_gbps} for n in load_nodes(local_nodes)]
+            embedded.start_local_nodes(nodes, Path(work_dir) / "nodes")
+    try:
+        client = NodeClient(worker_url, hf_token, metadata_repo, node_id, token=token, work_dir=work_dir,
+                            pull_from=pull_from, timeout_s=timeout_s, model_label=model_name,
+                            reporter=None if as_json else _print_step)
+        result = client.execute_complete_workflow(model, batch_size, sequence_length)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    emit(as_json, result.to_dict(), lambda: summary(result))
+
+
+def _print_step(step: str, result) -> None:
+    if result is None:
+        click.echo(f"[{step}] ...", err=True)
+    else:
+        click.echo(f"[{step}] {result.status} in {result.seconds:.2f} s: {result.detail}")
+
+
+def summary(result) -> str:
+    """The plan table and where each node's shard lives (``williw run``'s and the demo's last lines)."""
+    from williw.cli.plan import _human
+    from williw.planner.plan import Plan
+
+    plan = Plan.from_dict(result.plan)
+    lines = [_human(plan, len(plan.assignments), None), "",
+             f"request {result.request_id}, plan version {result.plan_version}: every node holds its shard"]
+    lines += [f"  {node}: {s['shard_path']} (sha256 {s['sha256'][:12]})" for node, s in sorted(result.shards.items())]
+    total = sum(s.seconds for s in result.steps)
+    lines.append("steps: " + ", ".join(f"{s.step} {s.status} {s.seconds:.2f} s" for s in result.steps)
+                 + f"; total {total:.2f} s")
+    return "\n".join(lines)

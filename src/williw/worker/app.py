@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from williw.errors import MetadataError, NodesError, PlanError
 from williw.progress import get_logger
+from williw.worker.assignments import router as assignments_router
 from williw.worker.auth import Auth, AuthError
 from williw.worker.routes import router
 from williw.worker.service import Conflict, WorkerSettings
@@ -41,6 +42,7 @@ def create_app(settings: WorkerSettings, store: Store | None = None) -> FastAPI:
     app.state.auth = Auth(settings.token)
     app.state.settings = settings
     app.include_router(router)
+    app.include_router(assignments_router)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if own:

@@ -53,6 +53,22 @@ plans = Table(
     Column("created_at", Float, nullable=False),
 )
 
+# One row per node of the plan a request distributes: state assigned → pulling → ready | failed (issue 7).
+assignments = Table(
+    "assignments", meta,
+    Column("request_id", Text, primary_key=True),
+    Column("node_id", Text, primary_key=True),
+    Column("plan_version", Integer, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("source", Text, nullable=False),  # a serve-model URL or a Hub repo id the node pulls from
+    Column("revision", Text),
+    Column("shard_path", Text),
+    Column("sha256", Text),
+    Column("error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
 schema_version = Table(
     "williw_schema_version", meta,
     Column("version", Integer, primary_key=True),
@@ -78,6 +94,13 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "version INTEGER NOT NULL, plan_json TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
         "PRIMARY KEY (request_id, version))",
     )),
+    (2, "assignments", (
+        "CREATE TABLE assignments (request_id TEXT NOT NULL REFERENCES requests(request_id) ON DELETE CASCADE, "
+        "node_id TEXT NOT NULL, plan_version INTEGER NOT NULL, state TEXT NOT NULL, source TEXT NOT NULL, "
+        "revision TEXT, shard_path TEXT, sha256 TEXT, error TEXT, created_at DOUBLE PRECISION NOT NULL, "
+        "updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (request_id, node_id))",
+        "CREATE INDEX assignments_by_node ON assignments (node_id)",
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]
@@ -85,4 +108,4 @@ LATEST_VERSION = MIGRATIONS[-1][0]
 # Held while migrating so that two workers starting at once on one PostgreSQL database do not both run DDL.
 PG_MIGRATION_LOCK_KEY = 0x77696C6C6977  # "williw"
 
-__all__ = ["LATEST_VERSION", "MIGRATIONS", "meta", "nodes", "plans", "requests", "schema_version"]
+__all__ = ["LATEST_VERSION", "assignments", "MIGRATIONS", "meta", "nodes", "plans", "requests", "schema_version"]

@@ -1,0 +1,205 @@
+"""The node agent (``williw node``): register, heartbeat, pull each assigned shard, check it, report it ready.
+
+Identity: the node token the worker issues at the first registration is kept in ``DATA_DIR/node.json`` (mode
+0600), so a restarted agent re-registers with it and keeps its token; registering again with the admin token
+would revoke it. Only when the worker no longer accepts the saved token (its database was reset) does the agent
+fall back to the admin token, if it has one.
+
+Work: every ``poll_s`` the agent asks for its assignments; each one that is not ``ready`` is pulled with
+`williw.pull.pull_shard` into ``DATA_DIR/<request_id>/<node_id>/`` (a complete shard is skipped, so a restart
+after a crash costs only the unfinished file), checked against its manifest (the plan's sha256 and the file's
+sha256 recomputed), then reported ``ready`` with its path. A failed pull is reported ``failed`` with the reason.
+Heartbeats run in their own thread, so a long pull does not make the node look dead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from williw.client import WorkerClient, WorkerHTTPError
+from williw.errors import WilliwError, WorkerError
+from williw.fleet import check_node_id
+from williw.progress import get_logger
+
+log = get_logger(__name__)
+
+IDENTITY_FILE = "node.json"
+# Request ids are the worker's uuid4 hex; anything else is refused before it becomes a folder name.
+REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """One node agent.
+
+    Attributes:
+        worker_url, node_id, compute_tflops, memory_gb: where to register and what this node offers.
+        data_dir: where the identity file and the shards live.
+        token: the admin token, needed for the first registration when the worker has one.
+        heartbeat_s, poll_s: seconds between heartbeats and between assignment polls.
+        hf_token, hub_endpoint: for pulls from the Hub (default ``HF_TOKEN``, ``HF_ENDPOINT``).
+    """
+
+    worker_url: str
+    node_id: str
+    compute_tflops: float
+    memory_gb: float
+    data_dir: str
+    token: str | None = None
+    memory_bandwidth_gbps: float | None = None
+    heartbeat_s: float = 5.0
+    poll_s: float = 1.0
+    hf_token: str | None = None
+    hub_endpoint: str | None = None
+
+
+class NodeAgent:
+    """Run with `run` until `stop` is called (the CLI calls it on SIGTERM/SIGINT)."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        check_node_id(config.node_id, "--node-id")
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self._stop = threading.Event()
+        self.client: WorkerClient | None = None
+        self.done: dict[str, str] = {}  # request_id → shard path reported ready by this process
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def register(self) -> WorkerClient:
+        """Register (or re-register) with the worker; returns a client that sends this node's token.
+
+        Raises:
+            WorkerError: the worker refuses the registration.
+        """
+        c = self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        saved = self._saved_token()
+        fields: dict[str, Any] = {"memory_bandwidth_gbps": c.memory_bandwidth_gbps}
+        base = WorkerClient(c.worker_url, saved or c.token)
+        try:
+            answer = base.register_node(c.node_id, c.compute_tflops, c.memory_gb, **fields)
+        except WorkerHTTPError as exc:
+            if saved is None or exc.status_code not in (401, 403):
+                raise
+            log.info("node %s: the worker refused the saved token (%s); registering with the admin token",
+                     c.node_id, exc.detail)
+            base = WorkerClient(c.worker_url, c.token)
+            answer = base.register_node(c.node_id, c.compute_tflops, c.memory_gb, **fields)
+        finally:
+            base.close()
+        self._save_token(answer["node_token"])
+        self.client = WorkerClient(c.worker_url, answer["node_token"])
+        return self.client
+
+    def run(self) -> None:
+        """Register, then heartbeat and work until `stop`.
+
+        Raises:
+            WorkerError: the first registration fails (later worker outages are waited out).
+        """
+        client = self.register()
+        beat = threading.Thread(target=self._heartbeats, name=f"heartbeat-{self.config.node_id}", daemon=True)
+        beat.start()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.work_once(client)
+                except WorkerError as exc:  # the worker is restarting or unreachable: try again later
+                    log.info("node %s: %s", self.config.node_id, exc)
+                self._stop.wait(self.config.poll_s)
+        finally:
+            self._stop.set()
+            beat.join(5)
+            client.close()
+
+    def work_once(self, client: WorkerClient) -> int:
+        """Pull every assignment that is not ready yet; returns how many became ready."""
+        made = 0
+        for a in client.node_assignments(self.config.node_id):
+            if self._stop.is_set():
+                break
+            if a["state"] == "ready" or (a["state"] == "failed" and self.done.get(a["request_id"]) == "failed"):
+                continue
+            made += self._pull(client, a)
+        return made
+
+    def _pull(self, client: WorkerClient, a: dict[str, Any]) -> int:
+        request_id, version, node_id = a["request_id"], a["plan_version"], self.config.node_id
+        if not REQUEST_ID.match(request_id):
+            log.warning("node %s: ignoring assignment with malformed request id %r", node_id, request_id)
+            return 0
+        client.report_assignment(request_id, node_id, "pulling", plan_version=version)
+        try:
+            shard_dir, sha = self._pull_and_check(client, request_id, version, a["source"], a.get("revision"))
+        except (WilliwError, OSError) as exc:  # a pull's failure is reported; the worker's goes to `run`
+            if isinstance(exc, WorkerError):
+                raise
+            message = " ".join(str(exc).split())[:1900]
+            log.warning("node %s: pulling request %s failed: %s", node_id, request_id, message)
+            client.report_assignment(request_id, node_id, "failed", plan_version=version, error=message)
+            self.done[request_id] = "failed"
+            return 0
+        client.report_assignment(request_id, node_id, "ready", plan_version=version, shard_path=str(shard_dir),
+                                 sha256=sha)
+        self.done[request_id] = str(shard_dir)
+        return 1
+
+    def _pull_and_check(self, client: WorkerClient, request_id: str, version: int, source: str,
+                        revision: str | None) -> tuple[Path, str]:
+        from williw.errors import SplitError
+        from williw.planner.plan import Plan
+        from williw.pull import pull_shard
+        from williw.shards import read_manifest, sha256_file
+
+        node_id = self.config.node_id
+        plan = Plan.from_dict(client.get_plan(request_id, version=version), f"plan version {version}")
+        pull_shard(source, plan, node_id, self.data_dir / request_id, revision=revision,
+                            token=self.config.hf_token, endpoint=self.config.hub_endpoint)
+        shard_dir = self.data_dir / request_id / node_id  # result.shard_path is the weights file in it
+        manifest = read_manifest(shard_dir)
+        if manifest.plan_sha256 != plan.digest():
+            raise SplitError(f"'{shard_dir}': the shard was cut for another plan (sha256 {manifest.plan_sha256[:12]})")
+        actual = sha256_file(shard_dir / manifest.file)
+        if actual != manifest.file_sha256:
+            raise SplitError(f"'{shard_dir / manifest.file}': sha256 {actual[:12]}… does not match the manifest's "
+                             f"{manifest.file_sha256[:12]}…")
+        return shard_dir.resolve(), actual
+
+    def _heartbeats(self) -> None:
+        client = self.client
+        while client is not None and not self._stop.wait(self.config.heartbeat_s):
+            try:
+                client.heartbeat(self.config.node_id)
+            except WorkerError as exc:
+                log.info("node %s: heartbeat failed: %s", self.config.node_id, exc)
+
+    def _identity_path(self) -> Path:
+        return self.data_dir / IDENTITY_FILE
+
+    def _saved_token(self) -> str | None:
+        try:
+            data = json.loads(self._identity_path().read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return None
+        if isinstance(data, dict) and data.get("node_id") == self.config.node_id and isinstance(
+                data.get("node_token"), str):
+            return data["node_token"]
+        return None
+
+    def _save_token(self, token: str) -> None:
+        path = self._identity_path()
+        tmp = path.with_name(f".{path.name}.incomplete")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"node_id": self.config.node_id, "node_token": token, "worker_url": self.config.worker_url}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
