@@ -19,9 +19,10 @@ from williw.cli._output import EXIT_USER_ERROR, emit, json_option, set_json_mode
 @click.option("--objective", type=click.Choice(["prefill", "decode"]), default="prefill", show_default=True,
               help="What the bottleneck minimises: stage GFLOPs / TFLOPS, or stage bytes / memory bandwidth.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON here.")
+@click.option("--svg", "svg_path", type=click.Path(dir_okay=False), help="Also draw the plan as an SVG picture here.")
 @json_option
 def plan_cmd(metadata: str, nodes_file: str, strategy: str, objective: str, output: str | None,
-             as_json: bool) -> None:
+             svg_path: str | None, as_json: bool) -> None:
     """Plan which node holds which tensors of the model described by METADATA."""
     set_json_mode(as_json)
     from williw.fleet import load_nodes
@@ -33,12 +34,16 @@ def plan_cmd(metadata: str, nodes_file: str, strategy: str, objective: str, outp
     plan = make_plan(meta, nodes, strategy=strategy, objective=objective)
     if output:
         save_plan(plan, output)
+    if svg_path:
+        from williw.cli.show import write_svg
+
+        write_svg(plan, svg_path, nodes)
     if as_json and not output:
         emit(True, plan.to_dict(), "")
         return
     summary = {k: v for k, v in plan.to_dict()["@plan"].items()}
-    summary.update(nodes_used=len(plan.assignments), nodes_given=len(nodes), output=output)
-    emit(as_json, summary, lambda: _human(plan, len(nodes), output))
+    summary.update(nodes_used=len(plan.assignments), nodes_given=len(nodes), output=output, svg=svg_path)
+    emit(as_json, summary, lambda: _human(plan, len(nodes), output) + (f"\nwrote {svg_path}" if svg_path else ""))
 
 
 def _human(plan, given: int, output: str | None) -> str:

@@ -15,6 +15,7 @@ from williw.errors import MetadataError, NodesError, PlanError
 from williw.progress import get_logger
 from williw.worker.assignments import router as assignments_router
 from williw.worker.auth import Auth, AuthError
+from williw.worker.dashboard import router as dashboard_router
 from williw.worker.routes import router
 from williw.worker.service import Conflict, WorkerSettings
 from williw.worker.store import NotFound, Store
@@ -42,6 +43,7 @@ def create_app(settings: WorkerSettings, store: Store | None = None) -> FastAPI:
     app.state.auth = Auth(settings.token)
     app.state.settings = settings
     app.include_router(router)
+    app.include_router(dashboard_router)
     app.include_router(assignments_router)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

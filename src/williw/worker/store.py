@@ -364,3 +364,12 @@ def _sqlite_engine(url: str, *, pool_size: int, writer: bool) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
     return engine
+
+
+# -- listing requests (the dashboard) ------------------------------------------------------------------------
+
+def list_requests(store: Store, limit: int = 100) -> list[RequestRecord]:
+    """The newest ``limit`` requests, newest first (the dashboard's list; ids are capabilities, see `dashboard`)."""
+    with store._read() as conn:
+        rows = conn.execute(select(requests).order_by(requests.c.created_at.desc()).limit(limit))
+        return [RequestRecord(**r._mapping) for r in rows]

@@ -1,0 +1,261 @@
+"""The dashboard page: one HTML document with its style and script inline, so the worker serves it with no build
+step and no second file.
+
+What the script does, and why:
+* It polls the read endpoints (``/healthz``, ``/api/nodes``, ``/api/requests``, the selected request and its
+  picture ``/api/plans/{id}.svg``) every ``?poll=`` ms (default 2000) with ``setTimeout``, never reloading.
+* Between polls it ages each node's heartbeat locally from the server's ``heartbeat_age_s`` (not the browser's
+  clock, which may be skewed against the worker's), so a node turns offline on the page when its TTL runs out.
+* Optional endpoints of later issues are probed and left out when absent: a request's assignments
+  (``/api/requests/{id}/assignments``, node states ``assigned → pulling → ready | failed``) and its plan versions
+  with a migration (``/api/requests/{id}/plans``).
+* With a token on the worker, it asks for the token once, keeps it in ``sessionStorage`` (gone with the tab) and
+  sends it as ``Authorization: Bearer``. All data reaches the DOM through ``textContent``; the SVG is parsed
+  as XML and only an ``<svg>`` root is inserted.
+"""
+
+PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>williw worker</title>
+<style>
+:root { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #202124; }
+body { margin: 0; background: #f8f9fa; }
+header { background: #202124; color: #fff; padding: 10px 20px; display: flex; gap: 16px; align-items: baseline; }
+header h1 { font-size: 18px; margin: 0; } header span { color: #bdc1c6; font-size: 13px; }
+main { padding: 12px 20px; display: grid; gap: 16px; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); }
+section { background: #fff; border: 1px solid #dadce0; border-radius: 8px; padding: 10px 14px; }
+section.wide { grid-column: 1 / -1; }
+h2 { font-size: 15px; margin: 2px 0 8px; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; }
+th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #eee; white-space: nowrap; }
+th { color: #5f6368; font-weight: 500; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: 600; }
+.online, .ready, .planned { background: #e6f4ea; color: #137333; }
+.offline, .failed { background: #fce8e6; color: #c5221f; }
+.received, .assigned, .pulling { background: #fef7e0; color: #b06000; }
+tr.request { cursor: pointer; } tr.request:hover { background: #f1f3f4; } tr.selected { background: #e8f0fe; }
+#plan svg { max-width: 100%; height: auto; } .muted { color: #5f6368; } .error { color: #c5221f; }
+#auth form { display: flex; gap: 8px; align-items: center; } #auth input { width: 320px; padding: 4px; }
+</style></head>
+<body>
+<header><h1>williw worker</h1><span id="health">connecting…</span><span id="updated"></span></header>
+<main>
+<section id="auth" class="wide" hidden>
+  <form id="auth-form"><label for="token">This worker has a token. Admin token:</label>
+  <input id="token" type="password" autocomplete="off"><button type="submit">Use token</button>
+  <span id="auth-msg" class="error"></span></form>
+  <p class="muted">Kept in this tab's sessionStorage only; sent as a bearer token to this worker.</p>
+</section>
+<section id="nodes-section"><h2>Nodes <span id="nodes-count" class="muted"></span></h2>
+<table id="nodes"><thead><tr><th>node</th><th>TFLOPS</th><th>memory</th><th>last heartbeat</th><th>status</th>
+<th class="assign-col" hidden>assignment</th><th>in plan</th></tr></thead><tbody></tbody></table></section>
+<section id="requests-section"><h2>Requests <span id="requests-count" class="muted"></span></h2>
+<table id="requests"><thead><tr><th>request</th><th>model</th><th>status</th><th>plan</th><th>updated</th></tr>
+</thead><tbody></tbody></table><p id="requests-msg" class="muted"></p></section>
+<section class="wide"><h2>Plan <span id="plan-title" class="muted"></span></h2>
+<p id="request-reason" class="error"></p><div id="plan"><p class="muted">Select a request.</p></div>
+<div id="migration" hidden><h2>Migration</h2><ol id="migration-steps"></ol></div></section>
+</main>
+<script>
+"use strict";
+const params = new URLSearchParams(location.search);
+const POLL_MS = Math.min(60000, Math.max(250, Number(params.get("poll")) || 2000));
+const TOKEN_KEY = "williw-token";
+const state = { ttl: 30, nodes: [], nodesAt: 0, requests: [], selected: null, shown: "", plan: null,
+                assignments: null, authNeeded: false };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v; else if (k === "data") Object.assign(e.dataset, v); else e.setAttribute(k, v);
+  }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return e;
+}
+const badge = (word) => el("span", { class: "badge " + word }, word);
+function ago(s) {
+  if (s < 1) return "just now"; if (s < 90) return s.toFixed(0) + " s ago";
+  if (s < 5400) return (s / 60).toFixed(0) + " min ago"; return (s / 3600).toFixed(1) + " h ago";
+}
+function bytes(n) {
+  // Decimal units, as nodes give memory_gb (1 GB = 1e9 bytes) and as the plan picture prints them.
+  for (const [u, k] of [["GB", 1e9], ["MB", 1e6], ["kB", 1e3]]) {
+    if (n >= k) return (n / k).toFixed(u === "GB" ? 2 : 1) + " " + u;
+  }
+  return Math.round(n) + " bytes";
+}
+
+async function api(path, opts) {
+  const headers = Object.assign({}, (opts || {}).headers);
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers["Authorization"] = "Bearer " + token;
+  return fetch(path, Object.assign({}, opts, { headers, cache: "no-store" }));
+}
+
+function askToken(message) {
+  state.authNeeded = true;
+  $("auth").hidden = false; $("auth-msg").textContent = message || "";
+}
+$("auth-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const t = $("token").value.trim();
+  if (!t) return;
+  sessionStorage.setItem(TOKEN_KEY, t); $("token").value = "";
+  state.authNeeded = false; $("auth").hidden = true; poll();
+});
+
+async function loadHealth() {
+  const r = await api("/healthz");
+  const h = await r.json();
+  state.ttl = h.node_ttl_s;
+  $("health").textContent = `${h.database} · auth ${h.auth} · node TTL ${h.node_ttl_s} s`;
+  if (h.auth === "token" && !sessionStorage.getItem(TOKEN_KEY) && !state.authNeeded) askToken();
+}
+
+async function loadNodes() {
+  const r = await api("/api/nodes");
+  if (!r.ok) throw new Error("/api/nodes answered " + r.status);
+  const body = await r.json();
+  state.nodes = body.nodes; state.ttl = body.ttl_s; state.nodesAt = performance.now();
+}
+
+async function loadRequests() {
+  if (state.authNeeded) return;
+  const r = await api("/api/requests");
+  if (r.status === 401 || r.status === 403) {
+    const d = await r.json().catch(() => ({}));
+    sessionStorage.removeItem(TOKEN_KEY);
+    askToken(r.status === 403 ? "That token is not the admin token." : "");
+    $("requests-msg").textContent = "Listing requests needs the admin token. " + (d.detail || "");
+    return;
+  }
+  if (!r.ok) throw new Error("/api/requests answered " + r.status);
+  state.requests = (await r.json()).requests; $("requests-msg").textContent = "";
+  if (!state.selected || !state.requests.some((q) => q.request_id === state.selected)) {
+    const fromHash = location.hash.startsWith("#request=") ? location.hash.slice(9) : null;
+    const pick = state.requests.find((q) => q.request_id === fromHash) ||
+                 state.requests.find((q) => q.plan_version) || state.requests[0];
+    state.selected = pick ? pick.request_id : null;
+  }
+}
+
+async function loadSelected() {
+  const id = state.selected;
+  if (!id) return;
+  const q = state.requests.find((x) => x.request_id === id);
+  $("request-reason").textContent = q && q.status === "failed" ? "failed: " + (q.reason || "") : "";
+  const key = q && q.plan_version ? `${id}@${q.plan_version}` : "";
+  if (key && key !== state.shown) {
+    const [svgR, planR] = await Promise.all([
+      api(`/api/plans/${encodeURIComponent(id)}.svg?version=${q.plan_version}`),
+      api("/api/get-plan", { method: "POST", headers: { "Content-Type": "application/json" },
+                             body: JSON.stringify({ request_id: id, version: q.plan_version }) })]);
+    if (svgR.ok && planR.ok) {
+      const doc = new DOMParser().parseFromString(await svgR.text(), "image/svg+xml");
+      const root = doc.documentElement;
+      if (root.nodeName === "svg") {
+        $("plan").replaceChildren(document.importNode(root, true));
+        state.plan = await planR.json(); state.shown = key;
+        $("plan-title").textContent = `${q.model_name} · request ${id.slice(0, 8)} · version ${q.plan_version}`;
+      }
+    }
+  } else if (!key) {
+    state.plan = null; state.shown = "";
+    $("plan").replaceChildren(el("p", { class: "muted" }, q ? `No plan yet (status ${q.status}).` : ""));
+    $("plan-title").textContent = q ? `${q.model_name} · request ${id.slice(0, 8)}` : "";
+  }
+  await loadOptional(id);
+}
+
+// Endpoints that arrive with later issues; when one is missing (404/405) its part of the page stays hidden.
+async function loadOptional(id) {
+  const [a, p] = await Promise.all([api(`/api/requests/${encodeURIComponent(id)}/assignments`),
+                                    api(`/api/requests/${encodeURIComponent(id)}/plans`)]);
+  state.assignments = null;
+  if (a.ok) {
+    const body = await a.json();
+    const list = Array.isArray(body) ? body : (body.assignments || []);
+    // Before a request is distributed its list is empty: no column of blanks then.
+    if (list.length) state.assignments = Object.fromEntries(list.map((x) => [x.node_id, x]));
+  }
+  renderMigration(p.ok ? await p.json() : null);
+}
+
+// The hook for re-planning (issue 9): steps of the migration under way, each with its node, blocks and state.
+function renderMigration(body) {
+  const migration = body && (body.migration || (body.plans || []).map((v) => v.migration).find(Boolean));
+  const steps = migration && (migration.steps || migration);
+  $("migration").hidden = !(Array.isArray(steps) && steps.length);
+  if ($("migration").hidden) return;
+  $("migration-steps").replaceChildren(...steps.map((s) => el("li", { data: { node: s.node_id || "" } },
+    `${s.node_id || "?"}: pull blocks ${JSON.stringify(s.blocks || s.block_range || "")}`,
+    ` from ${s.source || s.from || "?"}`,
+    " ", badge(s.state || s.status || "pending"))));
+}
+
+function stageOf(nodeId) {
+  const a = state.plan && state.plan[nodeId];
+  if (!a) return "";
+  return a.blocks ? `stage ${a.stage} · [${a.blocks[0]}, ${a.blocks[1]})` : `${a.layer_names.length} tensors`;
+}
+
+function render() { renderNodes(); renderRequests(); }
+
+function renderNodes() {
+  const elapsed = (performance.now() - state.nodesAt) / 1000;
+  const showAssign = state.assignments !== null;
+  document.querySelectorAll(".assign-col").forEach((c) => { c.hidden = !showAssign; });
+  let online = 0;
+  const rows = state.nodes.map((n) => {
+    const age = n.heartbeat_age_s + elapsed;
+    const isOnline = n.online && age <= state.ttl;
+    online += isOnline ? 1 : 0;
+    const asg = showAssign && state.assignments[n.node_id];
+    const assignCell = el("td", { class: "assign-col" },
+                          asg ? badge(asg.state) : "", asg ? ` v${asg.plan_version}` : "");
+    assignCell.hidden = !showAssign;
+    return el("tr", { class: "node", data: { node: n.node_id, online: String(isOnline) } },
+      el("td", {}, n.node_id), el("td", { class: "num" }, n.compute_tflops),
+      el("td", { class: "num" }, bytes(n.memory_gb * 1e9)),
+      el("td", { title: new Date(n.last_heartbeat * 1000).toLocaleString() }, ago(age)),
+      el("td", { class: "status" }, badge(isOnline ? "online" : "offline")), assignCell,
+      el("td", { class: "muted" }, stageOf(n.node_id)));
+  });
+  $("nodes").tBodies[0].replaceChildren(...rows);
+  $("nodes-count").textContent = `${online} of ${state.nodes.length} online`;
+}
+
+// Rebuilt only after a poll, not on the 500 ms tick, so that a click never lands on a row being replaced.
+function renderRequests() {
+  $("requests").tBodies[0].replaceChildren(...state.requests.map((q) => {
+    const tr = el("tr", { class: "request" + (q.request_id === state.selected ? " selected" : ""),
+                          data: { request: q.request_id, status: q.status }, title: q.reason || "" },
+      el("td", {}, q.request_id.slice(0, 8)), el("td", {}, q.model_name),
+      el("td", { class: "status" }, badge(q.status)), el("td", {}, q.plan_version ? "v" + q.plan_version : "–"),
+      el("td", {}, new Date(q.updated_at * 1000).toLocaleTimeString()));
+    tr.addEventListener("click", () => { state.selected = q.request_id; location.hash = "request=" + q.request_id;
+                                         render(); loadSelected().then(render).catch(showError); });
+    return tr;
+  }));
+  $("requests-count").textContent = state.requests.length ? `${state.requests.length}` : "";
+}
+
+function showError(e) { $("updated").textContent = "error: " + e.message; }
+
+let timer = null;
+async function poll() {
+  clearTimeout(timer);
+  try {
+    await loadHealth();
+    await Promise.all([loadNodes(), loadRequests()]);
+    await loadSelected();
+    render();
+    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (e) { showError(e); }
+  timer = setTimeout(poll, POLL_MS);
+}
+setInterval(() => { if (state.nodesAt) renderNodes(); }, 500);
+poll();
+</script></body></html>
+"""
