@@ -1,1 +1,84 @@
-"""Commands of this family are added by their issue."""
+"""``williw replan``: the current plan and the changed fleet in, the next plan version and its migration out."""
+
+from __future__ import annotations
+
+import click
+
+from williw.cli import cli
+from williw.cli._output import emit, json_option, set_json_mode, table
+
+
+@cli.command("replan")
+@click.argument("metadata", type=click.Path(dir_okay=False))
+@click.option("--plan", "plan_file", required=True, type=click.Path(dir_okay=False),
+              help="The plan in force (its nodes missing from --nodes have left).")
+@click.option("--nodes", "nodes_file", required=True, type=click.Path(dir_okay=False),
+              help="The fleet now (JSON or YAML nodes file).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the new plan JSON here.")
+@click.option("--migration", "migration_file", type=click.Path(dir_okay=False),
+              help="Write the migration schedule JSON here.")
+@click.option("--max-slowdown", type=float, default=0.05, show_default=True,
+              help="How much slower than the best plan for the new fleet the re-plan may be (0.05 = 5%).")
+@click.option("--max-step-bytes", type=int, help="The most bytes one pull step of the migration carries.")
+@click.option("--objective", type=click.Choice(["prefill", "decode"]), help="Default: the current plan's.")
+@json_option
+def replan_cmd(metadata: str, plan_file: str, nodes_file: str, output: str | None, migration_file: str | None,
+               max_slowdown: float, max_step_bytes: int | None, objective: str | None, as_json: bool) -> None:
+    """Re-plan for a changed fleet, moving the fewest bytes within --max-slowdown of the best bottleneck."""
+    set_json_mode(as_json)
+    from williw.fleet import load_nodes
+    from williw.fsutil import write_json
+    from williw.metadata import load_metadata
+    from williw.planner import load_plan, replan, save_plan
+
+    meta = load_metadata(metadata)
+    result = replan(meta, load_plan(plan_file), load_nodes(nodes_file), max_slowdown=max_slowdown,
+                    objective=objective, max_step_bytes=max_step_bytes)
+    if output:
+        save_plan(result.plan, output)
+    if migration_file:
+        write_json(migration_file, result.migration.to_dict())
+    summary = {**result.summary(), "output": output, "migration": migration_file}
+    if as_json:
+        if not output:
+            summary["plan"] = result.plan.to_dict()
+        if not migration_file:
+            summary["migration_schedule"] = result.migration.to_dict()
+    emit(as_json, summary, lambda: _human(result, max_slowdown, output, migration_file))
+
+
+def _human(result, max_slowdown: float, output: str | None, migration_file: str | None) -> str:
+    from williw.planner import MODEL_SOURCE
+    from williw.planner.make import fmt_bytes, fmt_seconds
+
+    pulls = [s for s in result.migration.steps if s.action == "pull"]
+    rows = []
+    for a in result.plan.assignments:
+        mine = [s for s in pulls if s.node_id == a.node_id]
+        peer = sum(s.bytes for s in mine if s.source != MODEL_SOURCE)
+        rows.append([a.node_id, str(a.stage), f"[{a.blocks[0]}, {a.blocks[1]})", fmt_bytes(a.bytes),
+                     fmt_bytes(sum(s.bytes for s in mine)), fmt_bytes(peer), fmt_seconds(a.stage_time_s or 0.0)
+                     if result.plan.objective == "prefill" else fmt_seconds(a.decode_time_s or 0.0)])
+    lines = [table(rows, ["node", "stage", "blocks", "memory", "pulls", "from peers", "time"])]
+    if result.bottleneck_before_s is not None:
+        before = fmt_seconds(result.bottleneck_before_s)
+    elif result.departed:
+        before = f"- ({', '.join(repr(u) for u in result.departed)} left)"
+    else:
+        before = "- (the current plan does not fit this fleet)"
+    lines.append(f"plan v{result.plan.version} ({result.plan.objective}): bottleneck before {before}, after "
+                 f"{fmt_seconds(result.bottleneck_after_s)} (best {fmt_seconds(result.best_bottleneck_s)}, bound "
+                 f"+{max_slowdown:.0%} {fmt_seconds(result.bound_s)})")
+    how = "fewest possible" if result.exact else \
+        f"heuristic; at least {fmt_bytes(result.moved_lower_bound)} must move"
+    lines.append(f"bytes moved {fmt_bytes(result.bytes_moved)} ({how}); a fresh plan moves "
+                 f"{fmt_bytes(result.fresh_bytes_moved)}")
+    steps = result.migration.steps
+    lines.append(f"migration: {len(pulls)} pull steps ({fmt_bytes(result.migration.peer_bytes)} from peers), switch "
+                 f"to v{result.plan.version}, {sum(s.action == 'drop' for s in steps)} drop steps")
+    for v in result.migration.nodes:
+        if v.over_memory:
+            lines.append(f"warning: node '{v.node_id}' holds {fmt_bytes(v.peak_bytes)} while migrating (old and new "
+                         f"tensors until the switch) but has {fmt_bytes(v.memory_bytes)}")
+    lines += [f"wrote {path}" for path in (output, migration_file) if path]
+    return "\n".join(lines)
