@@ -134,6 +134,13 @@ def bytes_to_move(metadata: ModelMetadata, held: dict[str, frozenset[str]], plan
     return sum(size[t] for a in plan.assignments for t in set(a.tensor_names) - held.get(a.node_id, frozenset()))
 
 
+def check_step_bytes(max_step_bytes: int | None) -> None:
+    """Raise `PlanError` unless ``max_step_bytes`` is None or a positive integer."""
+    if max_step_bytes is not None and (isinstance(max_step_bytes, bool) or not isinstance(max_step_bytes, int)
+                                       or max_step_bytes <= 0):
+        raise PlanError(f"max_step_bytes must be a positive integer of bytes, got {max_step_bytes!r}")
+
+
 def migration_schedule(metadata: ModelMetadata, current: Plan, new: Plan, nodes: Sequence[Node],
                        max_step_bytes: int | None = None) -> MigrationSchedule:
     """The steps from ``current`` to ``new`` on the fleet ``nodes``.
@@ -152,9 +159,7 @@ def migration_schedule(metadata: ModelMetadata, current: Plan, new: Plan, nodes:
         PlanError: ``max_step_bytes`` is not a positive integer, a node of ``new`` is not in the fleet, or a plan
             names a tensor the model does not have.
     """
-    if max_step_bytes is not None and (isinstance(max_step_bytes, bool) or not isinstance(max_step_bytes, int)
-                                       or max_step_bytes <= 0):
-        raise PlanError(f"max_step_bytes must be a positive integer of bytes, got {max_step_bytes!r}")
+    check_step_bytes(max_step_bytes)
     fleet = {v.node_id: v for v in nodes}
     order = {x.name: i for i, x in enumerate(metadata.layers)}  # model order
     size = {x.name: x.bytes for x in metadata.layers}

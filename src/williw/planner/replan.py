@@ -33,7 +33,7 @@ from williw.fleet import Node
 from williw.metadata import ModelMetadata
 from williw.planner.costs import OBJECTIVES, PipelineModel, decode_time, pipeline_model, prefill_time
 from williw.planner.make import _assemble, fmt_seconds, make_plan
-from williw.planner.migrate import MigrationSchedule, bytes_to_move, holdings, migration_schedule
+from williw.planner.migrate import MigrationSchedule, bytes_to_move, check_step_bytes, holdings, migration_schedule
 from williw.planner.pipeline import Stage, lower_bound
 from williw.planner.plan import ExcludedNode, Plan
 from williw.planner.validate import validate_split_plan
@@ -109,6 +109,7 @@ def replan(metadata: ModelMetadata, current_plan: Plan, nodes: Sequence[Node], m
     if isinstance(max_slowdown, bool) or not isinstance(max_slowdown, int | float) \
             or not math.isfinite(max_slowdown) or max_slowdown < 0:
         raise PlanError(f"max_slowdown must be a finite number >= 0 (0.05 = 5% slower), got {max_slowdown!r}")
+    check_step_bytes(max_step_bytes)
     objective = objective or (current_plan.objective if current_plan.objective in OBJECTIVES else "prefill")
     known = {x.name for x in metadata.layers}
     for a in current_plan.assignments:

@@ -1,0 +1,71 @@
+"""``williw replan`` as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from test_planner_pipeline import build_meta
+from williw.cli import cli
+from williw.fleet import Node
+from williw.metadata import save_metadata
+from williw.planner import make_plan, save_plan
+
+
+@pytest.fixture
+def files(tmp_path):
+    meta = build_meta([(10, 3)] * 8)
+    save_metadata(meta, tmp_path / "meta.json")
+    nodes = [Node("a", 1.0, 10e-9), Node("b", 1.0, 10e-9), Node("c", 2.0, 20e-9)]
+    save_plan(make_plan(meta, nodes), tmp_path / "plan.json")  # b [0, 2), a [2, 4), c [4, 8)
+    after = [nodes[0], nodes[2], Node("d", 1.0, 10e-9)]  # b left, d joined
+    (tmp_path / "nodes.json").write_text(json.dumps([v.to_dict() for v in after]))
+    return tmp_path
+
+
+def test_replan_writes_the_plan_and_migration_and_prints_the_figures(files) -> None:
+    d = files
+    result = CliRunner().invoke(cli, ["replan", str(d / "meta.json"), "--plan", str(d / "plan.json"), "--nodes",
+                                      str(d / "nodes.json"), "-o", str(d / "new.json"), "--migration",
+                                      str(d / "mig.json"), "--max-step-bytes", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[2:] == [
+        "d         0  [0, 2)   7 bytes  7 bytes     0 bytes  20.0 ms",
+        "a         1  [2, 4)   6 bytes  0 bytes     0 bytes  20.0 ms",
+        "c         2  [4, 8)  13 bytes  0 bytes     0 bytes  20.5 ms",
+        "plan v2 (prefill): bottleneck before - ('b' left), after 20.5 ms (best 20.5 ms, bound +5% 21.5 ms)",
+        "bytes moved 7 bytes (fewest possible); a fresh plan moves 7 bytes",
+        "migration: 2 pull steps (0 bytes from peers), switch to v2, 0 drop steps",
+        f"wrote {d / 'new.json'}",
+        f"wrote {d / 'mig.json'}"]
+    new = json.loads((d / "new.json").read_text())
+    assert new["@plan"]["version"] == 2 and new["@plan"]["stages"] == ["d", "a", "c"]
+    steps = json.loads((d / "mig.json").read_text())["steps"]
+    assert [(s["action"], s.get("tensors")) for s in steps] == [
+        ("pull", ["emb", "h.0.w"]), ("pull", ["h.1.w"]), ("switch", None)]
+
+
+def test_replan_json_carries_the_plan_and_schedule_when_not_written(files) -> None:
+    d = files
+    result = CliRunner().invoke(cli, ["replan", str(d / "meta.json"), "--plan", str(d / "plan.json"), "--nodes",
+                                      str(d / "nodes.json"), "--json", "--max-slowdown", "0"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert {k: out[k] for k in ("version", "bytes_moved", "fresh_bytes_moved", "bottleneck_before_s",
+                                "bottleneck_after_s", "bound_s", "departed", "joined", "exact")} == {
+        "version": 2, "bytes_moved": 7, "fresh_bytes_moved": 7, "bottleneck_before_s": None,
+        "bottleneck_after_s": 0.0205, "bound_s": 0.0205, "departed": ["b"], "joined": ["d"], "exact": True}
+    assert out["plan"]["@plan"]["version"] == 2
+    assert out["migration_schedule"]["pull_bytes"] == 7
+
+
+def test_replan_errors_are_one_line_and_exit_2(files, williw) -> None:
+    d = files
+    bad = williw("replan", str(d / "meta.json"), "--plan", str(d / "plan.json"), "--nodes", str(d / "nodes.json"),
+                 "--max-step-bytes", "0")
+    assert (bad.returncode, bad.stdout, bad.stderr) == (
+        2, "", "error: max_step_bytes must be a positive integer of bytes, got 0\n")
+    missing = williw("replan", str(d / "meta.json"), "--plan", str(d / "none.json"), "--nodes", str(d / "nodes.json"))
+    assert (missing.returncode, missing.stderr) == (2, f"error: '{d / 'none.json'}': no such plan file\n")
