@@ -52,8 +52,18 @@ def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: fl
     agent = NodeAgent(AgentConfig(worker_url, node_id, compute_tflops, memory_gb, data_dir, token=token,
                                   memory_bandwidth_gbps=memory_bandwidth_gbps, heartbeat_s=heartbeat_s,
                                   poll_s=poll_s, hf_token=os.environ.get("HF_TOKEN")))
+    def _stop(*_: object) -> None:
+        # Leave at once, even mid-pull: shard files are written atomically, so an interrupted pull leaves no
+        # shard that looks complete, and a restarted agent resumes it.
+        agent.stop()
+        # A pull's reader threads may sit in a network retry; give them 3 s, then leave without them.
+        import threading
+
+        threading.Timer(3.0, os._exit, args=(0,)).start()
+        raise SystemExit(0)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.stop())
+        signal.signal(sig, _stop)
     agent.register()
     emit(as_json, {"node_id": node_id, "worker": worker_url, "data_dir": data_dir, "status": "running"},
          f"node {node_id} registered with {worker_url}; shards go to {data_dir} (Ctrl-C to stop)")
