@@ -1,0 +1,19 @@
+"""`make demo`'s path: real worker and node processes, the plan table, verify passing, nothing left running."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_ends_verified_and_leaves_nothing_running(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", f"import sys, williw.demo as d; "
+                          f"from pathlib import Path; sys.exit(d.main(Path({str(tmp_path)!r})))"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pipeline (prefill): 3 of 3 nodes" in out.stdout
+    assert "every node holds its shard" in out.stdout
+    assert "OK: the shards compute the model" in out.stdout
+    left = subprocess.run(["pgrep", "-f", f"{tmp_path}"], capture_output=True, text=True).stdout.split()
+    assert left == [], f"processes left running: {left}"
