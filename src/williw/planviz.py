@@ -20,12 +20,12 @@ from williw.units import format_gflops
 
 WIDTH = 960
 MARGIN = 20
-# A stage bar holds five lines of text, which need ~130 px however few blocks it has; the rest of the width is
+# A stage bar holds six lines of text, which need ~170 px however few blocks it has; the rest of the width is
 # shared in proportion to the blocks, so a 1-block stage of a 100-block model is still legible.
-MIN_STAGE_W = 130
+MIN_STAGE_W = 170
 GAP = 10
-BAR_Y = 64
-BAR_H = 168
+BAR_Y = 72
+BAR_H = 160
 CHAR_W = 6.6  # average advance of a 12 px sans-serif character, to fit and wrap text without measuring it
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif"
 STAGE_FILLS = ("#e8f0fe", "#e6f4ea", "#fef7e0", "#f3e8fd", "#e0f7fa", "#fce8e6")
@@ -161,22 +161,23 @@ def _stage(plan: Plan, a: NodeAssignment, i: int, x: float, w: float, is_worst: 
     lines.append(_text(tx, BAR_Y + 54, _fit(f"{format_gflops(a.total_compute)} · {fmt_bytes(a.bytes)}", fits),
                        fill="#444"))
     share = t / bottleneck if bottleneck > 0 else 0.0
-    mark = "  ◀ bottleneck" if is_worst else ""
-    lines.append(_text(tx, BAR_Y + 78, _fit(f"time {fmt_seconds(t)} ({share:.0%}){mark}", fits),
+    if is_worst:  # above the bar, where it cannot be cut short by a narrow stage
+        lines.append(_text(x + 2, BAR_Y - 6, "▼ bottleneck (slowest stage)", fill=SLOW, weight="600", size=11))
+    lines.append(_text(tx, BAR_Y + 78, _fit(f"time {fmt_seconds(t)} ({share:.0%})", fits),
                        fill=SLOW if is_worst else "#202124", weight="600" if is_worst else "400"))
     lines.append(_meter(tx, BAR_Y + 84, w - 16, share, SLOW if is_worst else TIME_FILL, "time"))
     if node is not None:
         cap = round(node.memory_gb * 1e9)
         use = a.bytes / cap if cap else 0.0
-        label = f"memory {fmt_bytes(a.bytes)} of {fmt_bytes(cap)} ({use:.0%})"
+        label = f"memory {fmt_bytes(a.bytes)} ({use:.0%})"
         color = MEM_OVER if use > 1 else MEM_HIGH if use > 0.8 else MEM_OK
     else:
         use, label, color = 0.0, f"memory {fmt_bytes(a.bytes)} (capacity unknown)", "#bbb"
     lines.append(_text(tx, BAR_Y + 118, _fit(label, fits)))
     lines.append(_meter(tx, BAR_Y + 124, w - 16, use, color, "memory"))
     if node is not None:
-        lines.append(_text(tx, BAR_Y + 158, _fit(f"node: {node.compute_tflops:g} TFLOPS, {fmt_bytes(cap)}", fits),
-                           fill="#666", size=11))
+        lines.append(_text(tx, BAR_Y + 150, _fit(f"of {fmt_bytes(cap)} · {node.compute_tflops:g} TFLOPS", fits),
+                           fill="#555", size=11))
     lines.append("</g>\n")
     return "".join(lines)
 

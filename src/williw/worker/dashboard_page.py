@@ -23,7 +23,7 @@ body { margin: 0; background: #f8f9fa; }
 header { background: #202124; color: #fff; padding: 10px 20px; display: flex; gap: 16px; align-items: baseline; }
 header h1 { font-size: 18px; margin: 0; } header span { color: #bdc1c6; font-size: 13px; }
 main { padding: 12px 20px; display: grid; gap: 16px; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); }
-section { background: #fff; border: 1px solid #dadce0; border-radius: 8px; padding: 10px 14px; }
+section { background: #fff; border: 1px solid #dadce0; border-radius: 8px; padding: 10px 14px; overflow-x: auto; }
 section.wide { grid-column: 1 / -1; }
 h2 { font-size: 15px; margin: 2px 0 8px; }
 table { border-collapse: collapse; width: 100%; font-size: 13px; }
