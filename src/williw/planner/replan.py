@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
@@ -76,7 +76,7 @@ class Replan:
     exact: bool
     moved_lower_bound: int
     departed: tuple[str, ...] = ()
-    joined: tuple[str, ...] = field(default_factory=tuple)
+    joined: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, Any]:
         """The figures, JSON-ready (without the plans and the steps)."""
