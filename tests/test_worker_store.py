@@ -12,15 +12,15 @@ from williw.worker.store import NotFound, Store, StoreError, normalize_url
 def test_migrations_run_once_and_record_the_version(tmp_path):
     path = tmp_path / "w.db"
     store = Store(str(path))
-    assert store.schema_version() == 1
+    assert store.schema_version() == 2
     store.upsert_node({"node_id": "n", "compute_tflops": 1.0, "memory_gb": 1.0}, "hash", 5.0)
     store.close()
     again = Store(f"sqlite:///{path}")  # reopening migrates nothing and keeps the data
-    assert again.schema_version() == 1
+    assert again.schema_version() == 2
     assert [n.node_id for n in again.list_nodes()] == ["n"]
     again.close()
     rows = sqlite3.connect(path).execute("SELECT version, name FROM williw_schema_version").fetchall()
-    assert rows == [(1, "nodes, requests, plans")]
+    assert rows == [(1, "nodes, requests, plans"), (2, "assignments")]
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
@@ -29,7 +29,7 @@ def test_a_newer_schema_is_refused(tmp_path):
     Store(str(path)).close()
     with sqlite3.connect(path) as db:
         db.execute("INSERT INTO williw_schema_version VALUES (99, 'future', 0)")
-    with pytest.raises(StoreError, match=r"^the database is at schema version 99, newer than this williw's 1: "
+    with pytest.raises(StoreError, match=r"^the database is at schema version 99, newer than this williw's 2: "
                                          r"upgrade williw$"):
         Store(str(path))
 
