@@ -22,7 +22,7 @@ from planner import LLAMA_FLEET, print_table  # noqa: E402
 from williw.fleet import Node  # noqa: E402
 from williw.metadata import generate_metadata  # noqa: E402
 from williw.planner import make_plan, replan, validate_split_plan  # noqa: E402
-from williw.planner.make import fmt_bytes, fmt_seconds  # noqa: E402
+from williw.units import format_bytes, format_seconds  # noqa: E402
 
 JOINERS = [Node("h100", 989.0, 2.0, 3350.0), Node("l4", 121.0, 1.0, 300.0)]
 MAX_SLOWDOWN = 0.05
@@ -46,17 +46,17 @@ def main() -> None:
         assert r.bottleneck_after_s <= r.bound_s and r.bytes_moved <= r.fresh_bytes_moved
         totals[0] += r.bytes_moved
         totals[1] += r.fresh_bytes_moved
-        before = fmt_seconds(r.bottleneck_before_s) if r.bottleneck_before_s is not None else "-"
-        rows.append((label, fmt_bytes(r.bytes_moved), fmt_bytes(r.fresh_bytes_moved),
+        before = format_seconds(r.bottleneck_before_s) if r.bottleneck_before_s is not None else "-"
+        rows.append((label, format_bytes(r.bytes_moved), format_bytes(r.fresh_bytes_moved),
                      f"{r.bytes_moved / r.fresh_bytes_moved:.2f}x" if r.fresh_bytes_moved else "-",
-                     fmt_bytes(r.moved_lower_bound), before, fmt_seconds(r.best_bottleneck_s),
-                     fmt_seconds(r.bottleneck_after_s), f"{(r.bottleneck_after_s / r.best_bottleneck_s - 1):+.1%}",
+                     format_bytes(r.moved_lower_bound), before, format_seconds(r.best_bottleneck_s),
+                     format_seconds(r.bottleneck_after_s), f"{(r.bottleneck_after_s / r.best_bottleneck_s - 1):+.1%}",
                      "exact" if r.exact else "heuristic", len(r.migration.steps), f"{secs * 1000:.0f} ms"))
-    rows.append(("total", fmt_bytes(totals[0]), fmt_bytes(totals[1]), f"{totals[0] / totals[1]:.2f}x",
+    rows.append(("total", format_bytes(totals[0]), format_bytes(totals[1]), f"{totals[0] / totals[1]:.2f}x",
                  "", "", "", "", "", "", "", ""))
     stages = ", ".join(f"{a.node_id} [{a.blocks[0]}, {a.blocks[1]})" for a in current.assignments)
     print_table(f"{meta.model_name}: {meta.total_bytes / 1e9:.2f} GB, {len(meta.blocks)} blocks; current plan "
-                f"(bottleneck {fmt_seconds(current.bottleneck_s)}): {stages}; bound +{MAX_SLOWDOWN:.0%}, "
+                f"(bottleneck {format_seconds(current.bottleneck_s)}): {stages}; bound +{MAX_SLOWDOWN:.0%}, "
                 f"steps <= 256 MB",
                 ["change", "replan moves", "fresh moves", "ratio", "must move", "before", "best (fresh)",
                  "replan after", "vs best", "search", "steps", "replan time"], rows)
@@ -65,8 +65,8 @@ def main() -> None:
     for label, fleet in (changes[1], changes[-2]):
         for slowdown in (0.0, 0.05, 0.2, 0.5):
             r = replan(meta, current, fleet, slowdown)
-            rows.append((label, f"{slowdown:.0%}", fmt_bytes(r.bytes_moved), fmt_bytes(r.fresh_bytes_moved),
-                         fmt_seconds(r.best_bottleneck_s), fmt_seconds(r.bottleneck_after_s),
+            rows.append((label, f"{slowdown:.0%}", format_bytes(r.bytes_moved), format_bytes(r.fresh_bytes_moved),
+                         format_seconds(r.best_bottleneck_s), format_seconds(r.bottleneck_after_s),
                          f"{(r.bottleneck_after_s / r.best_bottleneck_s - 1):+.1%}"))
     print_table("Bytes moved against the allowed slowdown", ["change", "max slowdown", "replan moves", "fresh moves",
                                                              "best (fresh)", "replan after", "vs best"], rows)

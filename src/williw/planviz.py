@@ -16,7 +16,7 @@ from html import escape
 from typing import Protocol
 
 from williw.planner.plan import NodeAssignment, Plan
-from williw.units import format_gflops
+from williw.units import format_bytes, format_gflops, format_seconds
 
 WIDTH = 960
 MARGIN = 20
@@ -88,14 +88,14 @@ def _summary(plan: Plan) -> str:
     if plan.bottleneck_s is not None:
         bound = ""
         if plan.lower_bound_s:
-            bound = f" (lower bound {fmt_seconds(plan.lower_bound_s)}{', exact' if plan.exact else ''})"
-        parts.append(f"bottleneck {fmt_seconds(plan.bottleneck_s)}{bound}")
+            bound = f" (lower bound {format_seconds(plan.lower_bound_s)}{', exact' if plan.exact else ''})"
+        parts.append(f"bottleneck {format_seconds(plan.bottleneck_s)}{bound}")
     if plan.latency_s is not None:
-        parts.append(f"latency {fmt_seconds(plan.latency_s)}")
+        parts.append(f"latency {format_seconds(plan.latency_s)}")
     if plan.tokens_per_s:
         parts.append(f"{plan.tokens_per_s:,.1f} tokens/s")
     total = sum(a.bytes for a in plan.assignments)
-    parts.append(f"{fmt_bytes(total)} on {len(plan.assignments)} node{'s' if len(plan.assignments) != 1 else ''}")
+    parts.append(f"{format_bytes(total)} on {len(plan.assignments)} node{'s' if len(plan.assignments) != 1 else ''}")
     return " · ".join(parts)
 
 
@@ -158,25 +158,25 @@ def _stage(plan: Plan, a: NodeAssignment, i: int, x: float, w: float, is_worst: 
     lines.append(_text(tx, BAR_Y + 20, _fit(f"stage {a.stage if a.stage is not None else i} · {a.node_id}", fits),
                        weight="600", size=13))
     lines.append(_text(tx, BAR_Y + 38, _fit(label_blocks, fits)))
-    lines.append(_text(tx, BAR_Y + 54, _fit(f"{format_gflops(a.total_compute)} · {fmt_bytes(a.bytes)}", fits),
+    lines.append(_text(tx, BAR_Y + 54, _fit(f"{format_gflops(a.total_compute)} · {format_bytes(a.bytes)}", fits),
                        fill="#444"))
     share = t / bottleneck if bottleneck > 0 else 0.0
     if is_worst:  # above the bar, where it cannot be cut short by a narrow stage
         lines.append(_text(x + 2, BAR_Y - 6, "▼ bottleneck (slowest stage)", fill=SLOW, weight="600", size=11))
-    lines.append(_text(tx, BAR_Y + 78, _fit(f"time {fmt_seconds(t)} ({share:.0%})", fits),
+    lines.append(_text(tx, BAR_Y + 78, _fit(f"time {format_seconds(t)} ({share:.0%})", fits),
                        fill=SLOW if is_worst else "#202124", weight="600" if is_worst else "400"))
     lines.append(_meter(tx, BAR_Y + 84, w - 16, share, SLOW if is_worst else TIME_FILL, "time"))
     if node is not None:
         cap = round(node.memory_gb * 1e9)
         use = a.bytes / cap if cap else 0.0
-        label = f"memory {fmt_bytes(a.bytes)} ({use:.0%})"
+        label = f"memory {format_bytes(a.bytes)} ({use:.0%})"
         color = MEM_OVER if use > 1 else MEM_HIGH if use > 0.8 else MEM_OK
     else:
-        use, label, color = 0.0, f"memory {fmt_bytes(a.bytes)} (capacity unknown)", "#bbb"
+        use, label, color = 0.0, f"memory {format_bytes(a.bytes)} (capacity unknown)", "#bbb"
     lines.append(_text(tx, BAR_Y + 118, _fit(label, fits)))
     lines.append(_meter(tx, BAR_Y + 124, w - 16, use, color, "memory"))
     if node is not None:
-        lines.append(_text(tx, BAR_Y + 150, _fit(f"of {fmt_bytes(cap)} · {node.compute_tflops:g} TFLOPS", fits),
+        lines.append(_text(tx, BAR_Y + 150, _fit(f"of {format_bytes(cap)} · {node.compute_tflops:g} TFLOPS", fits),
                            fill="#555", size=11))
     lines.append("</g>\n")
     return "".join(lines)
@@ -185,12 +185,12 @@ def _stage(plan: Plan, a: NodeAssignment, i: int, x: float, w: float, is_worst: 
 def _stage_tooltip(plan: Plan, a: NodeAssignment, i: int, t: float, bottleneck: float, node: NodeLike | None) -> str:
     parts = [f"stage {a.stage if a.stage is not None else i} on {a.node_id}",
              f"blocks [{a.blocks[0]}, {a.blocks[1]})" if a.blocks else "no blocks",
-             f"{len(a.layer_names)} tensors", format_gflops(a.total_compute), fmt_bytes(a.bytes),
-             f"{plan.objective} time {fmt_seconds(t)} of bottleneck {fmt_seconds(bottleneck)}"]
+             f"{len(a.layer_names)} tensors", format_gflops(a.total_compute), format_bytes(a.bytes),
+             f"{plan.objective} time {format_seconds(t)} of bottleneck {format_seconds(bottleneck)}"]
     if a.stage_time_s is not None and a.decode_time_s is not None:
-        parts.append(f"prefill {fmt_seconds(a.stage_time_s)}, decode {fmt_seconds(a.decode_time_s)}/token")
+        parts.append(f"prefill {format_seconds(a.stage_time_s)}, decode {format_seconds(a.decode_time_s)}/token")
     if node is not None:
-        parts.append(f"node: {node.compute_tflops:g} TFLOPS, {fmt_bytes(round(node.memory_gb * 1e9))}")
+        parts.append(f"node: {node.compute_tflops:g} TFLOPS, {format_bytes(round(node.memory_gb * 1e9))}")
     return "; ".join(parts)
 
 
@@ -209,22 +209,22 @@ def _greedy(plan: Plan, fleet: dict[str, NodeLike]) -> tuple[int, list[str], flo
         out.append(f'<g class="node-load{" bottleneck" if is_worst else ""}" data-node="{escape(a.node_id)}" '
                    f'data-bottleneck="{"true" if is_worst else "false"}">\n'
                    f"<title>{escape(a.node_id)}: {len(a.layer_names)} tensors, {format_gflops(a.total_compute)}, "
-                   f"{fmt_bytes(a.bytes)}</title>\n")
+                   f"{format_bytes(a.bytes)}</title>\n")
         name = _fit(a.node_id, int(label_w / CHAR_W) - 2) + ("  ◀ slowest" if is_worst else "")
         out.append(_text(MARGIN, y + 16, name, weight="600", fill=SLOW if is_worst else "#202124"))
         load = a.compute_utilization
         out.append(_meter(MARGIN + label_w, y + 4, bar_w, load, SLOW if is_worst else TIME_FILL, "compute", h=16))
         out.append(_text(MARGIN + label_w + 4, y + 34, f"{format_gflops(a.total_compute)} ({load:.0%})"
-                                                       + (f" · {fmt_seconds(a.stage_time_s)}"
+                                                       + (f" · {format_seconds(a.stage_time_s)}"
                                                           if a.stage_time_s is not None else ""), size=11))
         mx = MARGIN + label_w + bar_w + 20
         if node is not None:
             cap = round(node.memory_gb * 1e9)
             use = a.bytes / cap if cap else 0.0
             color = MEM_OVER if use > 1 else MEM_HIGH if use > 0.8 else MEM_OK
-            label = f"{fmt_bytes(a.bytes)} of {fmt_bytes(cap)} ({use:.0%})"
+            label = f"{format_bytes(a.bytes)} of {format_bytes(cap)} ({use:.0%})"
         else:
-            use, color, label = 0.0, "#bbb", f"{fmt_bytes(a.bytes)} (capacity unknown)"
+            use, color, label = 0.0, "#bbb", f"{format_bytes(a.bytes)} (capacity unknown)"
         out.append(_meter(mx, y + 4, bar_w, use, color, "memory", h=16))
         out.append(_text(mx + 4, y + 34, label, size=11))
         out.append("</g>\n")
@@ -281,20 +281,3 @@ def _wrap(s: str, per_line: int, max_lines: int = 3) -> list[str]:
         lines = lines[:max_lines]
         lines[-1] = _fit(lines[-1] + " …", per_line)
     return [_fit(line, per_line) for line in lines]
-
-
-def fmt_bytes(n: float) -> str:
-    """Decimal units, as node memory is given (GB = 1e9 bytes): 2.20 GB, 350.0 MB, 4.1 kB, 12 bytes."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}" if unit == "GB" else f"{n / size:.1f} {unit}"
-    return f"{int(n)} bytes"
-
-
-def fmt_seconds(s: float) -> str:
-    """4.56 s, 12.3 ms, 45.6 µs: planned stage times of small models are microseconds."""
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.1f} µs"

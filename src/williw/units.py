@@ -72,12 +72,12 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int | None:
 
 
 def format_bytes(n: float) -> str:
-    """Human size with binary prefixes, e.g. 1.50 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    """Decimal units, like ``memory_gb`` (GB = 1e9 bytes): 2.20 GB, 350.00 MB, 4,096 bytes."""
+    if n >= 1e8:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e5:
+        return f"{n / 1e6:.2f} MB"
+    return f"{int(n):,} bytes"
 
 
 def format_gflops(gflops: float) -> str:
@@ -87,8 +87,10 @@ def format_gflops(gflops: float) -> str:
     return f"{gflops:.2f} GFLOPs"
 
 
-def format_seconds(seconds: float) -> str:
-    """Duration in the unit that keeps it readable: 12.3 ms, 4.56 s."""
-    if seconds < 1:
-        return f"{seconds * 1000:.1f} ms"
-    return f"{seconds:.2f} s"
+def format_seconds(s: float) -> str:
+    """4.56 s, 12.3 ms, 45.6 µs: planned stage times of small models are microseconds."""
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.1f} µs"

@@ -47,17 +47,16 @@ def plan_cmd(metadata: str, nodes_file: str, strategy: str, objective: str, outp
 
 
 def _human(plan, given: int, output: str | None) -> str:
-    from williw.planner.make import fmt_bytes, fmt_seconds
-    from williw.units import format_gflops
+    from williw.units import format_bytes, format_gflops, format_seconds
 
     def secs(x: float | None) -> str:
-        return fmt_seconds(x) if x is not None else "-"
+        return format_seconds(x) if x is not None else "-"
 
     rows = []
     for a in plan.assignments:
         rows.append([a.node_id, "-" if a.stage is None else str(a.stage),
                      "-" if a.blocks is None else f"[{a.blocks[0]}, {a.blocks[1]})", str(len(a.layer_names)),
-                     format_gflops(a.total_compute), fmt_bytes(a.bytes), secs(a.stage_time_s),
+                     format_gflops(a.total_compute), format_bytes(a.bytes), secs(a.stage_time_s),
                      secs(a.decode_time_s), f"{a.compute_utilization * 100:.1f}%"])
     lines = [table(rows, ["node", "stage", "blocks", "tensors", "compute", "memory", "prefill", "decode", "util"])]
     parts = [f"{plan.strategy} ({plan.objective}): {len(plan.assignments)} of {given} nodes",

@@ -49,36 +49,36 @@ def replan_cmd(metadata: str, plan_file: str, nodes_file: str, output: str | Non
 
 def _human(result, max_slowdown: float, output: str | None, migration_file: str | None) -> str:
     from williw.planner import MODEL_SOURCE
-    from williw.planner.make import fmt_bytes, fmt_seconds
+    from williw.units import format_bytes, format_seconds
 
     pulls = [s for s in result.migration.steps if s.action == "pull"]
     rows = []
     for a in result.plan.assignments:
         mine = [s for s in pulls if s.node_id == a.node_id]
         peer = sum(s.bytes for s in mine if s.source != MODEL_SOURCE)
-        rows.append([a.node_id, str(a.stage), f"[{a.blocks[0]}, {a.blocks[1]})", fmt_bytes(a.bytes),
-                     fmt_bytes(sum(s.bytes for s in mine)), fmt_bytes(peer), fmt_seconds(a.stage_time_s or 0.0)
-                     if result.plan.objective == "prefill" else fmt_seconds(a.decode_time_s or 0.0)])
+        time_s = a.stage_time_s if result.plan.objective == "prefill" else a.decode_time_s
+        rows.append([a.node_id, str(a.stage), f"[{a.blocks[0]}, {a.blocks[1]})", format_bytes(a.bytes),
+                     format_bytes(sum(s.bytes for s in mine)), format_bytes(peer), format_seconds(time_s or 0.0)])
     lines = [table(rows, ["node", "stage", "blocks", "memory", "pulls", "from peers", "time"])]
     if result.bottleneck_before_s is not None:
-        before = fmt_seconds(result.bottleneck_before_s)
+        before = format_seconds(result.bottleneck_before_s)
     elif result.departed:
         before = f"- ({', '.join(repr(u) for u in result.departed)} left)"
     else:
         before = "- (the current plan does not fit this fleet)"
     lines.append(f"plan v{result.plan.version} ({result.plan.objective}): bottleneck before {before}, after "
-                 f"{fmt_seconds(result.bottleneck_after_s)} (best {fmt_seconds(result.best_bottleneck_s)}, bound "
-                 f"+{max_slowdown:.0%} {fmt_seconds(result.bound_s)})")
+                 f"{format_seconds(result.bottleneck_after_s)} (best {format_seconds(result.best_bottleneck_s)}, "
+                 f"bound +{max_slowdown:.0%} {format_seconds(result.bound_s)})")
     how = "fewest possible" if result.exact else \
-        f"heuristic; at least {fmt_bytes(result.moved_lower_bound)} must move"
-    lines.append(f"bytes moved {fmt_bytes(result.bytes_moved)} ({how}); a fresh plan moves "
-                 f"{fmt_bytes(result.fresh_bytes_moved)}")
+        f"heuristic; at least {format_bytes(result.moved_lower_bound)} must move"
+    lines.append(f"bytes moved {format_bytes(result.bytes_moved)} ({how}); a fresh plan moves "
+                 f"{format_bytes(result.fresh_bytes_moved)}")
     steps = result.migration.steps
-    lines.append(f"migration: {len(pulls)} pull steps ({fmt_bytes(result.migration.peer_bytes)} from peers), switch "
-                 f"to v{result.plan.version}, {sum(s.action == 'drop' for s in steps)} drop steps")
+    lines.append(f"migration: {len(pulls)} pull steps ({format_bytes(result.migration.peer_bytes)} from peers), "
+                 f"switch to v{result.plan.version}, {sum(s.action == 'drop' for s in steps)} drop steps")
     for v in result.migration.nodes:
         if v.over_memory:
-            lines.append(f"warning: node '{v.node_id}' holds {fmt_bytes(v.peak_bytes)} while migrating (old and new "
-                         f"tensors until the switch) but has {fmt_bytes(v.memory_bytes)}")
+            lines.append(f"warning: node '{v.node_id}' holds {format_bytes(v.peak_bytes)} while migrating (old and "
+                         f"new tensors until the switch) but has {format_bytes(v.memory_bytes)}")
     lines += [f"wrote {path}" for path in (output, migration_file) if path]
     return "\n".join(lines)

@@ -45,7 +45,7 @@ def greedy_plan(meta: ModelMetadata, nodes: Sequence[Node], objective: str = "pr
     Raises:
         InfeasiblePlan: a tensor fits no node's remaining capacity, or a node's tensors exceed its memory.
     """
-    from williw.planner.make import fmt_bytes
+    from williw.units import format_bytes
 
     order = sorted(nodes, key=lambda v: -v.compute_tflops)
     capacity = [v.compute_tflops * TFLOPS_IN_GFLOPS for v in order]
@@ -69,8 +69,9 @@ def greedy_plan(meta: ModelMetadata, nodes: Sequence[Node], objective: str = "pr
                                  "GFLOPs per forward pass); try --strategy pipeline")
     for j, v in enumerate(order):
         if nbytes[j] > v.memory_bytes:
-            raise InfeasiblePlan(f"greedy: node '{v.node_id}' would hold {fmt_bytes(nbytes[j])} but has "
-                                 f"{fmt_bytes(v.memory_bytes)} (over by {fmt_bytes(nbytes[j] - v.memory_bytes)}); "
+            over = format_bytes(nbytes[j] - v.memory_bytes)
+            raise InfeasiblePlan(f"greedy: node '{v.node_id}' would hold {format_bytes(nbytes[j])} but has "
+                                 f"{format_bytes(v.memory_bytes)} (over by {over}); "
                                  "the seed's greedy ignores memory, try --strategy pipeline")
     extra = [[u] for u in used]  # GFLOPs of each node, plus work that belongs to no tensor
     for block in meta.blocks:

@@ -22,24 +22,7 @@ from williw.planner.costs import OBJECTIVES, PipelineModel, decode_time, pipelin
 from williw.planner.greedy import _tokens_per_s, greedy_plan
 from williw.planner.pipeline import Stage, dominated, lower_bound, max_coverage, search
 from williw.planner.plan import STRATEGIES, ExcludedNode, NodeAssignment, Plan
-
-
-def fmt_bytes(n: float) -> str:
-    """Decimal units, like ``memory_gb``: 2.20 GB, 350.00 MB, 4,096 bytes."""
-    if n >= 1e8:
-        return f"{n / 1e9:.2f} GB"
-    if n >= 1e5:
-        return f"{n / 1e6:.2f} MB"
-    return f"{int(n):,} bytes"
-
-
-def fmt_seconds(s: float) -> str:
-    """4.56 s, 12.3 ms, 45.6 µs: planned stage times of small models are microseconds."""
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.1f} µs"
+from williw.units import format_bytes, format_seconds
 
 
 def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "pipeline",
@@ -85,14 +68,14 @@ def _pipeline(meta: ModelMetadata, nodes: list[Node], objective: str) -> Plan:
             raise InfeasiblePlan("--objective decode needs memory_bandwidth_gbps, and no node gives it")
     smallest = min(model.block_bytes, default=0)
     small = [v for v in nodes if v.memory_bytes < smallest]
-    excluded += [ExcludedNode(v.node_id, f"cannot hold a single block: the smallest needs {fmt_bytes(smallest)}, "
-                                         f"it has {fmt_bytes(v.memory_bytes)}") for v in small]
+    excluded += [ExcludedNode(v.node_id, f"cannot hold a single block: the smallest needs {format_bytes(smallest)}, "
+                                         f"it has {format_bytes(v.memory_bytes)}") for v in small]
     usable = [v for v in nodes if v.memory_bytes >= smallest]
     if not usable:
         big = max(nodes, key=lambda v: v.memory_bytes)
-        raise InfeasiblePlan(f"no node can hold a single block: the smallest block needs {fmt_bytes(smallest)} but "
-                             f"the largest node '{big.node_id}' has {fmt_bytes(big.memory_bytes)} (short by "
-                             f"{fmt_bytes(smallest - big.memory_bytes)})")
+        raise InfeasiblePlan(f"no node can hold a single block: the smallest block needs {format_bytes(smallest)} but "
+                             f"the largest node '{big.node_id}' has {format_bytes(big.memory_bytes)} (short by "
+                             f"{format_bytes(smallest - big.memory_bytes)})")
     if model.n == 0:
         return _single(meta, model, usable, objective, excluded)
     drop = set(dominated(usable, model.n, objective))
@@ -109,7 +92,7 @@ def _pipeline(meta: ModelMetadata, nodes: list[Node], objective: str) -> Plan:
                      lower_bound(model, candidates, objective), excluded)
     in_plan = set(plan.node_ids)
     unused = [ExcludedNode(v.node_id, f"not needed: adding it does not lower the bottleneck "
-                                      f"({fmt_seconds(plan.bottleneck_s or 0.0)})" if found.exact else
+                                      f"({format_seconds(plan.bottleneck_s or 0.0)})" if found.exact else
                            "not chosen by the heuristic search (fleet too large for the exact search)")
               for v in candidates if v.node_id not in in_plan]
     return Plan(**{**plan.__dict__, "excluded": tuple(excluded + unused)})
@@ -150,9 +133,9 @@ def _single(meta: ModelMetadata, model: PipelineModel, usable: list[Node], objec
     fit = [v for v in usable if v.memory_bytes >= need]
     if not fit:
         big = max(usable, key=lambda v: v.memory_bytes)
-        raise InfeasiblePlan(f"the model needs {fmt_bytes(need)} on one node (it has no blocks to split) but the "
-                             f"largest node '{big.node_id}' has {fmt_bytes(big.memory_bytes)} (short by "
-                             f"{fmt_bytes(need - big.memory_bytes)})")
+        raise InfeasiblePlan(f"the model needs {format_bytes(need)} on one node (it has no blocks to split) but the "
+                             f"largest node '{big.node_id}' has {format_bytes(big.memory_bytes)} (short by "
+                             f"{format_bytes(need - big.memory_bytes)})")
 
     def key(v: Node) -> float:
         return prefill_time(1.0, v) if objective == "prefill" else decode_time(1.0, v)  # type: ignore[return-value]
@@ -171,8 +154,8 @@ def _why_infeasible(model: PipelineModel, nodes: list[Node]) -> str:
     n = model.n
 
     def short(what: str, need: int) -> str:
-        return (f"{what} needs {fmt_bytes(need)} but the largest node '{big.node_id}' has {fmt_bytes(have)} "
-                f"(short by {fmt_bytes(need - have)})")
+        return (f"{what} needs {format_bytes(need)} but the largest node '{big.node_id}' has {format_bytes(have)} "
+                f"(short by {format_bytes(need - have)})")
 
     for i, b in enumerate(model.block_bytes):
         if b > have:
@@ -188,10 +171,10 @@ def _why_infeasible(model: PipelineModel, nodes: list[Node]) -> str:
     total_have = sum(v.memory_bytes for v in nodes)
     if total_need > total_have:
         replica = " (with the tied head's replica)" if model.replica_bytes else ""
-        return (f"the model needs {fmt_bytes(total_need)}{replica} but the {len(nodes)} usable nodes have "
-                f"{fmt_bytes(total_have)} in total (short by {fmt_bytes(total_need - total_have)})")
+        return (f"the model needs {format_bytes(total_need)}{replica} but the {len(nodes)} usable nodes have "
+                f"{format_bytes(total_have)} in total (short by {format_bytes(total_need - total_have)})")
     p = max_coverage(model, nodes)
     return (f"the blocks do not pack into contiguous runs on these {len(nodes)} nodes: the best split holds blocks "
             f"[{model.block_index[0]}, {model.block_index[p] if p < n else n}) and leaves "
-            f"{fmt_bytes(model.stage_bytes(p, n))} (blocks from {model.block_index[p]} on, with the final norm and "
+            f"{format_bytes(model.stage_bytes(p, n))} (blocks from {model.block_index[p]} on, with the final norm and "
             f"head) without a node with room")

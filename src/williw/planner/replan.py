@@ -32,11 +32,12 @@ from williw.errors import PlanError
 from williw.fleet import Node
 from williw.metadata import ModelMetadata
 from williw.planner.costs import OBJECTIVES, PipelineModel, decode_time, pipeline_model, prefill_time
-from williw.planner.make import _assemble, fmt_seconds, make_plan
+from williw.planner.make import _assemble, make_plan
 from williw.planner.migrate import MigrationSchedule, bytes_to_move, check_step_bytes, holdings, migration_schedule
 from williw.planner.pipeline import Stage, lower_bound
 from williw.planner.plan import ExcludedNode, Plan
 from williw.planner.validate import validate_split_plan
+from williw.units import format_seconds
 
 # 2^14 node subsets x 23 block positions (377k states) take 0.2-0.8 s in CPython on the 1.1B Llama when no node
 # holds anything yet (nothing to prune); measured beside bench/replan.py.
@@ -138,7 +139,7 @@ def replan(metadata: ModelMetadata, current_plan: Plan, nodes: Sequence[Node], m
     used = set(plan.node_ids)
     excluded = [e for e in fresh.excluded if e.node_id not in usable]
     excluded += [ExcludedNode(v.node_id, f"not used: the plan moving the fewest bytes within {max_slowdown:.0%} of "
-                                         f"the best bottleneck ({fmt_seconds(best)}) does without it")
+                                         f"the best bottleneck ({format_seconds(best)}) does without it")
                  for v in candidates if v.node_id not in used]
     moved = bytes_to_move(metadata, held, plan)
     record = {"from_version": current_plan.version, "from_digest": current_plan.digest(),

@@ -75,7 +75,7 @@ def check_plan(all_layers: Sequence[str], plan: Plan | dict[str, Any], *, metada
 
 
 def _memory(plan: Plan, metadata: ModelMetadata | None, nodes: Sequence[Node]) -> list[str]:
-    from williw.planner.make import fmt_bytes
+    from williw.units import format_bytes
 
     fleet = {v.node_id: v for v in nodes}
     size = {x.name: x.bytes for x in metadata.layers} if metadata else {}
@@ -87,8 +87,8 @@ def _memory(plan: Plan, metadata: ModelMetadata | None, nodes: Sequence[Node]) -
             continue
         held = sum(size.get(n, 0) for n in set(a.tensor_names)) if metadata else a.bytes
         if held > node.memory_bytes:
-            out.append(f"node '{a.node_id}' holds {fmt_bytes(held)} but has {fmt_bytes(node.memory_bytes)} "
-                       f"(over by {fmt_bytes(held - node.memory_bytes)})")
+            out.append(f"node '{a.node_id}' holds {format_bytes(held)} but has {format_bytes(node.memory_bytes)} "
+                       f"(over by {format_bytes(held - node.memory_bytes)})")
     return out
 
 
