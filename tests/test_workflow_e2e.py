@@ -54,13 +54,19 @@ class Fleet:
         return self
 
     def close(self) -> None:
-        for p in self.nodes.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.terminate()
-        for p in self.nodes.values():
-            p.wait(10)
-        self.worker.stop()
+        try:
+            for p in self.nodes.values():
+                if p.poll() is None:
+                    p.send_signal(signal.SIGCONT)
+                    p.terminate()
+            for p in self.nodes.values():
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
+        finally:
+            self.worker.stop()
 
 
 @pytest.fixture
