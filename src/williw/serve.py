@@ -53,6 +53,14 @@ class ModelServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         super().__init__((host, port), _Handler)
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that drops its keep-alive connection is normal; anything else is logged, never printed."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, ConnectionError):
+            log.warning("serve-model: error answering %s: %r", client_address, exc)
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]

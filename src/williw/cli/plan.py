@@ -43,10 +43,11 @@ def plan_cmd(metadata: str, nodes_file: str, strategy: str, objective: str, outp
         return
     summary = {k: v for k, v in plan.to_dict()["@plan"].items()}
     summary.update(nodes_used=len(plan.assignments), nodes_given=len(nodes), output=output, svg=svg_path)
-    emit(as_json, summary, lambda: _human(plan, len(nodes), output) + (f"\nwrote {svg_path}" if svg_path else ""))
+    emit(as_json, summary, lambda: plan_table(plan, len(nodes), output) + (f"\nwrote {svg_path}" if svg_path else ""))
 
 
-def _human(plan, given: int, output: str | None) -> str:
+def plan_table(plan, given: int, output: str | None) -> str:
+    """The per-node table and one-line summary that `williw plan` prints (also used by `williw run`)."""
     from williw.units import format_bytes, format_gflops, format_seconds
 
     def secs(x: float | None) -> str:

@@ -133,11 +133,11 @@ def _print_step(step: str, result) -> None:
 
 def summary(result) -> str:
     """The plan table and where each node's shard lives (``williw run``'s and the demo's last lines)."""
-    from williw.cli.plan import _human
+    from williw.cli.plan import plan_table
     from williw.planner.plan import Plan
 
     plan = Plan.from_dict(result.plan)
-    lines = [_human(plan, len(plan.assignments), None), "",
+    lines = [plan_table(plan, len(plan.assignments), None), "",
              f"request {result.request_id}, plan version {result.plan_version}: every node holds its shard"]
     lines += [f"  {node}: {s['shard_path']} (sha256 {s['sha256'][:12]})" for node, s in sorted(result.shards.items())]
     total = sum(s.seconds for s in result.steps)
