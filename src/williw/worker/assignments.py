@@ -12,29 +12,22 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from williw.fleet import check_node_id
 from williw.planner.plan import PLAN_KEY
 from williw.worker import assignment_store as db
-from williw.worker.auth import Auth
-from williw.worker.deps import get_auth, get_settings, get_store, get_token
-from williw.worker.schemas import ID_MAX, NODE_ID_MAX, REPO_ID_PATTERN
+from williw.worker.deps import AuthDep, NodeIdPath, RequestIdPath, SettingsDep, StoreDep, TokenDep
+from williw.worker.schemas import REPO_ID_PATTERN
 from williw.worker.service import Conflict, WorkerSettings, is_online
 from williw.worker.store import NotFound, Store
 
 router = APIRouter()
 
-StoreDep = Annotated[Store, Depends(get_store)]
-AuthDep = Annotated[Auth, Depends(get_auth)]
-SettingsDep = Annotated[WorkerSettings, Depends(get_settings)]
-TokenDep = Annotated[str | None, Depends(get_token)]
-NodeIdPath = Annotated[str, Path(min_length=1, max_length=NODE_ID_MAX)]
-RequestIdPath = Annotated[str, Path(min_length=1, max_length=ID_MAX)]
 # A serve-model URL (http(s), no spaces or quotes) or a Hub repo id.
 SOURCE_PATTERN = rf"^(https?://[A-Za-z0-9._~:/?#\[\]@!$&()*+,;=%-]{{1,2000}}|{REPO_ID_PATTERN[1:-1]})$"
 

@@ -13,22 +13,18 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from williw.worker import service
-from williw.worker.auth import Auth
 from williw.worker.dashboard_page import PAGE
-from williw.worker.deps import get_auth, get_store, get_token
+from williw.worker.deps import AuthDep, StoreDep, TokenDep
 from williw.worker.schemas import ID_MAX, RequestOut
-from williw.worker.store import Store, list_requests
+from williw.worker.store import list_requests
 
 router = APIRouter()
 
-StoreDep = Annotated[Store, Depends(get_store)]
-AuthDep = Annotated[Auth, Depends(get_auth)]
-TokenDep = Annotated[str | None, Depends(get_token)]
 
 # The page's script and style are inline (no build step, no second file to serve), so they need 'unsafe-inline';
 # everything else is locked to this origin: the page can only talk to the worker that served it.

@@ -6,9 +6,12 @@ hops per request (each waiting for the GIL) cut heartbeat throughput from ~1,000
 
 from __future__ import annotations
 
-from fastapi import Header, Request
+from typing import Annotated
+
+from fastapi import Depends, Header, Path, Request
 
 from williw.worker.auth import Auth, bearer_token
+from williw.worker.schemas import ID_MAX, NODE_ID_MAX
 from williw.worker.service import WorkerSettings
 from williw.worker.store import Store
 
@@ -27,3 +30,12 @@ async def get_settings(request: Request) -> WorkerSettings:
 
 async def get_token(authorization: str | None = Header(default=None)) -> str | None:
     return bearer_token(authorization)
+
+
+# The parameter types every router declares.
+StoreDep = Annotated[Store, Depends(get_store)]
+AuthDep = Annotated[Auth, Depends(get_auth)]
+SettingsDep = Annotated[WorkerSettings, Depends(get_settings)]
+TokenDep = Annotated[str | None, Depends(get_token)]
+NodeIdPath = Annotated[str, Path(min_length=1, max_length=NODE_ID_MAX)]
+RequestIdPath = Annotated[str, Path(min_length=1, max_length=ID_MAX)]

@@ -9,19 +9,17 @@ GIL, which halved heartbeat throughput.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Response, status
+from fastapi import APIRouter, Response, status
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from williw.fleet import check_node_id
 from williw.worker import service
-from williw.worker.auth import Auth, AuthError, hash_token, new_node_token
-from williw.worker.deps import get_auth, get_settings, get_store, get_token
+from williw.worker.auth import AuthError, hash_token, new_node_token
+from williw.worker.deps import AuthDep, NodeIdPath, RequestIdPath, SettingsDep, StoreDep, TokenDep
 from williw.worker.schemas import (
-    ID_MAX,
-    NODE_ID_MAX,
     GetPlanIn,
     HeartbeatOut,
     NodeIn,
@@ -37,12 +35,6 @@ from williw.worker.store import NodeRecord, NotFound, Store
 
 router = APIRouter()
 
-StoreDep = Annotated[Store, Depends(get_store)]
-AuthDep = Annotated[Auth, Depends(get_auth)]
-SettingsDep = Annotated[WorkerSettings, Depends(get_settings)]
-TokenDep = Annotated[str | None, Depends(get_token)]
-NodeIdPath = Annotated[str, Path(min_length=1, max_length=NODE_ID_MAX)]
-RequestIdPath = Annotated[str, Path(min_length=1, max_length=ID_MAX)]
 
 
 def _node_out(node: NodeRecord, settings: WorkerSettings, now: float) -> NodeOut:
