@@ -220,3 +220,14 @@ def test_tiny_llama_blocks_stay_whole(tiny_llama) -> None:
         assert len({owner[x.name] for x in meta.layers if x.block == block.index}) == 1
     assert plan.bottleneck_s == pytest.approx(brute_force(meta, nodes, "prefill"), rel=1e-12)
     assert validate_split_plan([x.name for x in meta.layers], plan, metadata=meta, nodes=nodes) == []
+
+
+def test_a_model_without_blocks_must_fit_one_node() -> None:
+    meta = build_meta([], first=(1, 2_000_000_000), last=(1, 1_000_000_000))
+    with pytest.raises(InfeasiblePlan) as exc:
+        make_plan(meta, [Node("a", 1.0, 2.5), Node("b", 9.0, 1.0)])
+    assert str(exc.value) == ("the model needs 3.00 GB on one node (it has no blocks to split) but the largest "
+                              "node 'a' has 2.50 GB (short by 0.50 GB)")
+
+    plan = make_plan(meta, [Node("a", 1.0, 3.5), Node("b", 9.0, 3.0)])
+    assert [(a.node_id, a.layer_names) for a in plan.assignments] == [("b", ("emb", "head"))]

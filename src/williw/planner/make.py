@@ -72,10 +72,7 @@ def _pipeline(meta: ModelMetadata, nodes: list[Node], objective: str) -> Plan:
                                          f"it has {format_bytes(v.memory_bytes)}") for v in small]
     usable = [v for v in nodes if v.memory_bytes >= smallest]
     if not usable:
-        big = max(nodes, key=lambda v: v.memory_bytes)
-        raise InfeasiblePlan(f"no node can hold a single block: the smallest block needs {format_bytes(smallest)} but "
-                             f"the largest node '{big.node_id}' has {format_bytes(big.memory_bytes)} (short by "
-                             f"{format_bytes(smallest - big.memory_bytes)})")
+        raise InfeasiblePlan("no node can hold a single block: " + _short("the smallest block", smallest, nodes))
     if model.n == 0:
         return _single(meta, model, usable, objective, excluded)
     drop = set(dominated(usable, model.n, objective))
@@ -132,10 +129,7 @@ def _single(meta: ModelMetadata, model: PipelineModel, usable: list[Node], objec
     need = model.stage_bytes(0, 0)
     fit = [v for v in usable if v.memory_bytes >= need]
     if not fit:
-        big = max(usable, key=lambda v: v.memory_bytes)
-        raise InfeasiblePlan(f"the model needs {format_bytes(need)} on one node (it has no blocks to split) but the "
-                             f"largest node '{big.node_id}' has {format_bytes(big.memory_bytes)} (short by "
-                             f"{format_bytes(need - big.memory_bytes)})")
+        raise InfeasiblePlan(_short("the model", need, usable, " on one node (it has no blocks to split)"))
 
     def key(v: Node) -> float:
         return prefill_time(1.0, v) if objective == "prefill" else decode_time(1.0, v)  # type: ignore[return-value]
@@ -147,15 +141,21 @@ def _single(meta: ModelMetadata, model: PipelineModel, usable: list[Node], objec
     return Plan(**{**plan.__dict__, "excluded": tuple(excluded + rest)})
 
 
-def _why_infeasible(model: PipelineModel, nodes: list[Node]) -> str:
-    """The first constraint that fails, with the shortfall."""
+def _short(what: str, need: int, nodes: Sequence[Node], where: str = "") -> str:
+    """``<what> needs X<where> but the largest node 'n' has Y (short by Z)``."""
     big = max(nodes, key=lambda v: v.memory_bytes)
     have = big.memory_bytes
+    return (f"{what} needs {format_bytes(need)}{where} but the largest node '{big.node_id}' has {format_bytes(have)} "
+            f"(short by {format_bytes(need - have)})")
+
+
+def _why_infeasible(model: PipelineModel, nodes: list[Node]) -> str:
+    """The first constraint that fails, with the shortfall."""
+    have = max(v.memory_bytes for v in nodes)
     n = model.n
 
     def short(what: str, need: int) -> str:
-        return (f"{what} needs {format_bytes(need)} but the largest node '{big.node_id}' has {format_bytes(have)} "
-                f"(short by {format_bytes(need - have)})")
+        return _short(what, need, nodes)
 
     for i, b in enumerate(model.block_bytes):
         if b > have:
