@@ -15,7 +15,6 @@ Heartbeats run in their own thread, so a long pull does not make the node look d
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 from williw.client import WorkerClient, WorkerHTTPError
 from williw.errors import WilliwError, WorkerError
 from williw.fleet import check_node_id
+from williw.fsutil import write_json
 from williw.progress import get_logger
 
 log = get_logger(__name__)
@@ -68,7 +68,8 @@ class NodeAgent:
         self.data_dir = Path(config.data_dir)
         self._stop = threading.Event()
         self.client: WorkerClient | None = None
-        self.done: dict[str, str] = {}  # request_id → shard path reported ready by this process
+        self.ready: dict[str, str] = {}  # request_id → shard folder this process reported ready
+        self.failed: set[str] = set()  # requests whose pull failed in this process: not retried until restart
 
     def stop(self) -> None:
         self._stop.set()
@@ -126,7 +127,7 @@ class NodeAgent:
         for a in client.node_assignments(self.config.node_id):
             if self._stop.is_set():
                 break
-            if a["state"] == "ready" or (a["state"] == "failed" and self.done.get(a["request_id"]) == "failed"):
+            if a["state"] == "ready" or (a["state"] == "failed" and a["request_id"] in self.failed):
                 continue
             made += self._pull(client, a)
         return made
@@ -145,11 +146,11 @@ class NodeAgent:
             message = " ".join(str(exc).split())[:1900]
             log.warning("node %s: pulling request %s failed: %s", node_id, request_id, message)
             client.report_assignment(request_id, node_id, "failed", plan_version=version, error=message)
-            self.done[request_id] = "failed"
+            self.failed.add(request_id)
             return 0
         client.report_assignment(request_id, node_id, "ready", plan_version=version, shard_path=str(shard_dir),
                                  sha256=sha)
-        self.done[request_id] = str(shard_dir)
+        self.ready[request_id] = str(shard_dir)
         return 1
 
     def _pull_and_check(self, client: WorkerClient, request_id: str, version: int, source: str,
@@ -162,7 +163,7 @@ class NodeAgent:
         node_id = self.config.node_id
         plan = Plan.from_dict(client.get_plan(request_id, version=version), f"plan version {version}")
         pull_shard(source, plan, node_id, self.data_dir / request_id, revision=revision,
-                            token=self.config.hf_token, endpoint=self.config.hub_endpoint)
+                   token=self.config.hf_token, endpoint=self.config.hub_endpoint)
         shard_dir = self.data_dir / request_id / node_id  # result.shard_path is the weights file in it
         manifest = read_manifest(shard_dir)
         if manifest.plan_sha256 != plan.digest():
@@ -195,11 +196,5 @@ class NodeAgent:
         return None
 
     def _save_token(self, token: str) -> None:
-        path = self._identity_path()
-        tmp = path.with_name(f".{path.name}.incomplete")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"node_id": self.config.node_id, "node_token": token, "worker_url": self.config.worker_url}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json(self._identity_path(), {"node_id": self.config.node_id, "node_token": token,
+                                           "worker_url": self.config.worker_url}, perms=0o600)

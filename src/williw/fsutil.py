@@ -18,13 +18,16 @@ INCOMPLETE_SUFFIX = ".incomplete"
 
 
 @contextmanager
-def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on a clean exit fsync it and rename it onto ``path``."""
+def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", perms: int = 0o666) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on a clean exit fsync it and rename it onto ``path``.
+
+    ``perms`` (before the umask) applies from the file's creation, so a secret never exists world-readable.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}{INCOMPLETE_SUFFIX}")
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode, opener=lambda name, flags: os.open(name, flags, perms)) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -42,9 +45,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+def write_json(path: str | os.PathLike[str], obj: Any, perms: int = 0o666) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    with atomic_writer(path, "w") as f:
+    with atomic_writer(path, "w", perms) as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
 

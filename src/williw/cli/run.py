@@ -68,7 +68,7 @@ def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: fl
     emit(as_json, {"node_id": node_id, "worker": worker_url, "data_dir": data_dir, "status": "running"},
          f"node {node_id} registered with {worker_url}; shards go to {data_dir} (Ctrl-C to stop)")
     agent.run()
-    emit(as_json, {"node_id": node_id, "status": "stopped", "ready": agent.done},
+    emit(as_json, {"node_id": node_id, "status": "stopped", "ready": agent.ready, "failed": sorted(agent.failed)},
          f"node {node_id} stopped")
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from williw.client import WorkerClient, WorkerHTTPError
 from williw.errors import WilliwError, WorkerError
+from williw.fsutil import write_json
 from williw.progress import get_logger
 
 log = get_logger(__name__)
@@ -173,10 +174,7 @@ class NodeClient:
 
     def save_state(self) -> None:
         """Write the run state atomically (a crash leaves the old file or the new one, never half of one)."""
-        path = self.work_dir / STATE_FILE
-        tmp = path.with_name(f".{path.name}.incomplete")
-        tmp.write_text(json.dumps(self.state, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json(self.work_dir / STATE_FILE, self.state)
 
     # -- waiting for the nodes -----------------------------------------------------------------------------
 

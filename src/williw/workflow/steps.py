@@ -3,11 +3,11 @@ records its result in the run state so that a re-run can skip it."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from williw.client import WorkerHTTPError
+from williw.fsutil import write_json
 
 if TYPE_CHECKING:
     from williw.serve import ModelServer
@@ -73,7 +73,7 @@ class Steps:
             except MetadataError:
                 pass
         self.meta = generate_metadata(self.state["model_dir"], model_name=self._repo_name(),
-                                          batch_size=self.batch_size, sequence_length=self.sequence_length)
+                                      batch_size=self.batch_size, sequence_length=self.sequence_length)
         save_metadata(self.meta, path)
         self.state["metadata_file"] = str(path)
         self.state.pop("uploaded", None)
@@ -118,7 +118,7 @@ class Steps:
         problems = validate_split_plan([x.name for x in self.meta.layers], plan, metadata=self.meta)
         if problems:
             raise PlanError(f"the worker's plan does not fit the model: {'; '.join(problems)}")
-        (self.node.work_dir / "plan.json").write_text(json.dumps(self.plan_dict, indent=2), encoding="utf-8")
+        write_json(self.node.work_dir / "plan.json", self.plan_dict)
         return "done", f"{len(plan.assignments)} node(s), bottleneck {plan.bottleneck_s or 0:.4g} s"
 
     def distribute(self) -> tuple[str, str]:
