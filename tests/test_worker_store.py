@@ -12,16 +12,36 @@ from williw.worker.store import NotFound, Store, StoreError, normalize_url
 def test_migrations_run_once_and_record_the_version(tmp_path):
     path = tmp_path / "w.db"
     store = Store(str(path))
-    assert store.schema_version() == 2
+    assert store.schema_version() == 3
     store.upsert_node({"node_id": "n", "compute_tflops": 1.0, "memory_gb": 1.0}, "hash", 5.0)
     store.close()
     again = Store(f"sqlite:///{path}")  # reopening migrates nothing and keeps the data
-    assert again.schema_version() == 2
+    assert again.schema_version() == 3
     assert [n.node_id for n in again.list_nodes()] == ["n"]
     again.close()
     rows = sqlite3.connect(path).execute("SELECT version, name FROM williw_schema_version").fetchall()
-    assert rows == [(1, "nodes, requests, plans"), (2, "assignments")]
+    assert rows == [(1, "nodes, requests, plans"), (2, "assignments"), (3, "re-planning")]
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_a_version_2_database_migrates_to_3_and_keeps_its_rows(tmp_path):
+    from williw.worker import schema
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # what williw with migrations 1 and 2 left behind
+        db.execute(schema.SCHEMA_VERSION_DDL)
+        for version, name, statements in schema.MIGRATIONS[:2]:
+            for statement in statements:
+                db.execute(statement)
+            db.execute("INSERT INTO williw_schema_version VALUES (?, ?, 0)", (version, name))
+        db.execute("INSERT INTO nodes VALUES ('n', 1.0, 2.0, NULL, NULL, '[]', 'h', 1, 1, 1)")
+        db.execute("INSERT INTO requests VALUES ('r', 'm', NULL, 1, 8, 'received', NULL, NULL, 1, 1)")
+    store = Store(str(path))
+    assert store.schema_version() == 3
+    assert [(n.node_id, n.memory_gb) for n in store.list_nodes()] == [("n", 2.0)]
+    request = store.get_request("r")
+    assert (request.model_name, request.metadata_digest, request.auto_replan) == ("m", None, None)
+    store.close()
 
 
 def test_a_newer_schema_is_refused(tmp_path):
@@ -29,7 +49,7 @@ def test_a_newer_schema_is_refused(tmp_path):
     Store(str(path)).close()
     with sqlite3.connect(path) as db:
         db.execute("INSERT INTO williw_schema_version VALUES (99, 'future', 0)")
-    with pytest.raises(StoreError, match=r"^the database is at schema version 99, newer than this williw's 2: "
+    with pytest.raises(StoreError, match=r"^the database is at schema version 99, newer than this williw's 3: "
                                          r"upgrade williw$"):
         Store(str(path))
 

@@ -16,6 +16,8 @@ from williw.progress import get_logger
 from williw.worker.assignments import router as assignments_router
 from williw.worker.auth import Auth, AuthError
 from williw.worker.dashboard import router as dashboard_router
+from williw.worker.migration_routes import router as migration_router
+from williw.worker.replanning import Replanner
 from williw.worker.routes import router
 from williw.worker.service import Conflict, WorkerSettings
 from williw.worker.store import NotFound, Store
@@ -45,8 +47,12 @@ def create_app(settings: WorkerSettings, store: Store | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(dashboard_router)
     app.include_router(assignments_router)
+    app.include_router(migration_router)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    replanner = Replanner(store, settings)
+    app.router.add_event_handler("startup", replanner.start)
+    app.router.add_event_handler("shutdown", replanner.stop)
     if own:
         app.router.add_event_handler("shutdown", store.close)
     return app

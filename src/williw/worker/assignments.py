@@ -1,12 +1,16 @@
 """The distribution endpoints: a request's plan becomes one assignment per node, each node reports its progress.
 
-* ``POST /api/requests/{request_id}/distribute`` ``{source, revision?}`` (admin): one ``assigned`` row per node of
-  the plan in force; ``source`` is where nodes pull from (a ``williw serve-model`` URL or a Hub repo id).
+* ``POST /api/requests/{request_id}/distribute`` ``{source, revision?, auto_replan?, max_slowdown?,
+  max_step_bytes?}`` (admin): one ``assigned`` row per node of the plan in force; ``source`` is where nodes pull
+  from (a ``williw serve-model`` URL or a Hub repo id). ``auto_replan: true`` lets the worker re-plan the request
+  when its nodes leave or new ones join (`williw.worker.replanning`); false turns it off; absent leaves it.
 * ``GET /api/requests/{request_id}/assignments``: every node's state, with its liveness (``online``,
   ``heartbeat_age_s``), so the user node can tell a slow node from a dead one.
-* ``GET /api/nodes/{node_id}/assignments``: what a node has to do (reads need no token, as every read).
+* ``GET /api/nodes/{node_id}/assignments``: what a node has to do (reads need no token, as every read), with
+  the version in force (``in_force_version``) and, on a version being migrated to, the node's ``pulls``.
 * ``POST /api/assignments/{request_id}/{node_id}`` ``{state, plan_version?, shard_path?, sha256?, error?}``: only
-  that node's token or the admin; illegal transitions answer 409.
+  that node's token or the admin; illegal transitions answer 409. The last ``ready`` of a migration switches the
+  request to its version.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from starlette.concurrency import run_in_threadpool
 from williw.fleet import check_node_id
 from williw.planner.plan import PLAN_KEY
 from williw.worker import assignment_store as db
+from williw.worker import migration_store
 from williw.worker.deps import AuthDep, NodeIdPath, RequestIdPath, SettingsDep, StoreDep, TokenDep
+from williw.worker.replanning import node_pulls, switch_if_ready
 from williw.worker.schemas import REPO_ID_PATTERN
 from williw.worker.service import Conflict, WorkerSettings, is_online
 from williw.worker.store import NotFound, Store
@@ -36,6 +42,9 @@ class DistributeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: str = Field(pattern=SOURCE_PATTERN, description="serve-model URL or Hub repo id the nodes pull from")
     revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._/-]{1,128}$")
+    auto_replan: bool | None = Field(default=None, description="re-plan when nodes leave or join")
+    max_slowdown: float = Field(default=0.05, ge=0, le=10, allow_inf_nan=False)
+    max_step_bytes: int | None = Field(default=None, ge=1)
 
 
 class AssignmentIn(BaseModel):
@@ -78,6 +87,9 @@ async def distribute(request_id: RequestIdPath, body: DistributeIn, store: Store
         node_ids = sorted(k for k in plan if k != PLAN_KEY)
         records = db.distribute(store, request_id, request.plan_version, node_ids, body.source, body.revision,
                                 time.time())
+        if body.auto_replan is not None:
+            options = {"max_slowdown": body.max_slowdown, "max_step_bytes": body.max_step_bytes}
+            migration_store.set_auto_replan(store, request_id, options if body.auto_replan else None)
         return {"request_id": request_id, "plan_version": request.plan_version,
                 "assignments": _with_liveness(store, settings, records)}
 
@@ -98,7 +110,12 @@ async def request_assignments(request_id: RequestIdPath, store: StoreDep, settin
 async def node_assignments(node_id: NodeIdPath, store: StoreDep) -> dict[str, Any]:
     def work() -> Any:
         check_node_id(node_id, "path 'node_id'")
-        return {"node_id": node_id, "assignments": [r.to_dict() for r in db.for_node(store, node_id)]}
+        records = db.for_node(store, node_id)
+        pulls = node_pulls(store, node_id, records)
+        in_force = {r.request_id: store.get_request(r.request_id).plan_version for r in records}
+        return {"node_id": node_id, "assignments": [
+            {**r.to_dict(), "in_force_version": in_force[r.request_id], "pulls": pulls.get(r.request_id)}
+            for r in records]}
 
     return await run_in_threadpool(work)
 
@@ -115,6 +132,8 @@ async def report(request_id: RequestIdPath, node_id: NodeIdPath, body: Assignmen
                                   error=body.error)
         except db.IllegalTransition as exc:
             raise Conflict(str(exc)) from None
+        if body.state == "ready":
+            switch_if_ready(store, request_id)
         return record.to_dict()
 
     return await run_in_threadpool(work)

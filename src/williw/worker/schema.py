@@ -5,9 +5,10 @@ table without the first one already creating the new column (what ``metadata.cre
 tables would do). Types are the portable subset SQLite and PostgreSQL share: TEXT, INTEGER and DOUBLE
 PRECISION (SQLite gives it REAL affinity). Times are Unix seconds (float); JSON is stored as TEXT.
 
-Room for what comes next: issue 7 adds ``assignments`` (request, node, plan version, state
-``assigned → pulling → ready | failed``) as migration 2; issue 9 adds migration state beside ``plans``, whose
-``version`` column already only grows per request.
+Migration 2 added ``assignments`` (request, node, plan version, state ``assigned → pulling → ready | failed``);
+migration 3 adds re-planning: the metadata a request was planned from (``model_metadata``, shared by digest, so
+a thousand requests of one model store it once), the request's automatic re-planning options, each node's shard
+server URL (for peer pulls) and the ``migrations`` from one plan version to the next.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ nodes = Table(
     Column("registered_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("last_heartbeat", Float, nullable=False),
+    Column("serve_url", Text),  # where the node's agent serves its shards to peers; NULL: it does not (migration 3)
 )
 
 requests = Table(
@@ -43,6 +45,8 @@ requests = Table(
     Column("plan_version", Integer),  # the plan in force; NULL until the first plan
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    Column("metadata_digest", Text),  # the model_metadata the latest plan was made from (migration 3)
+    Column("auto_replan", Text),  # NULL: off; else JSON {max_slowdown, max_step_bytes} (migration 3)
 )
 
 plans = Table(
@@ -65,6 +69,27 @@ assignments = Table(
     Column("shard_path", Text),
     Column("sha256", Text),
     Column("error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+model_metadata = Table(
+    "model_metadata", meta,
+    Column("digest", Text, primary_key=True),  # sha256 of the canonical metadata JSON
+    Column("metadata_json", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# A request's move from the plan in force to the next version: state pulling → switched | superseded.
+migrations = Table(
+    "migrations", meta,
+    Column("request_id", Text, primary_key=True),
+    Column("to_version", Integer, primary_key=True),
+    Column("from_version", Integer, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("reason", Text, nullable=False),  # why it started (nodes that left or joined, an admin's call)
+    Column("schedule_json", Text, nullable=False),  # planner.migrate.MigrationSchedule.to_dict()
+    Column("summary_json", Text, nullable=False),  # planner.replan.Replan.summary()
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
@@ -101,6 +126,17 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (request_id, node_id))",
         "CREATE INDEX assignments_by_node ON assignments (node_id)",
     )),
+    (3, "re-planning", (
+        "CREATE TABLE model_metadata (digest TEXT PRIMARY KEY, metadata_json TEXT NOT NULL, "
+        "created_at DOUBLE PRECISION NOT NULL)",
+        "ALTER TABLE requests ADD COLUMN metadata_digest TEXT",
+        "ALTER TABLE requests ADD COLUMN auto_replan TEXT",
+        "ALTER TABLE nodes ADD COLUMN serve_url TEXT",
+        "CREATE TABLE migrations (request_id TEXT NOT NULL REFERENCES requests(request_id) ON DELETE CASCADE, "
+        "to_version INTEGER NOT NULL, from_version INTEGER NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL, "
+        "schedule_json TEXT NOT NULL, summary_json TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+        "updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (request_id, to_version))",
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]
@@ -108,4 +144,5 @@ LATEST_VERSION = MIGRATIONS[-1][0]
 # Held while migrating so that two workers starting at once on one PostgreSQL database do not both run DDL.
 PG_MIGRATION_LOCK_KEY = 0x77696C6C6977  # "williw"
 
-__all__ = ["LATEST_VERSION", "assignments", "MIGRATIONS", "meta", "nodes", "plans", "requests", "schema_version"]
+__all__ = ["LATEST_VERSION", "assignments", "MIGRATIONS", "meta", "migrations", "model_metadata", "nodes", "plans",
+           "requests", "schema_version"]

@@ -124,6 +124,10 @@ def process_request(store: Store, settings: WorkerSettings, request_id: str, *, 
         return dataclasses.replace(plan, version=version).to_dict()
 
     version, stored = store.save_plan(request_id, render, time.time())
+    # Kept so that the worker can re-plan the request when its fleet changes (williw.worker.replanning).
+    from williw.worker.migration_store import remember_metadata
+
+    remember_metadata(store, request_id, metadata if metadata is not None else meta.to_dict(), time.time())
     log.info("request %s planned: version %d on %d node(s)", request_id, version, len(plan.assignments))
     return version, stored
 

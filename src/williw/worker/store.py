@@ -82,6 +82,8 @@ class RequestRecord:
     plan_version: int | None
     created_at: float
     updated_at: float
+    metadata_digest: str | None = None  # see `williw.worker.migration_store`
+    auto_replan: str | None = None
 
 
 def normalize_url(url: str) -> str:
