@@ -20,7 +20,7 @@ RANKS = {
     "checkpoint": 2, "classify": 2,
     "metadata": 3,
     "fleet": 4, "planner": 4,
-    "shards": 5, "splitter": 5, "pull": 5, "planviz": 5,
+    "shards": 5, "splitter": 5, "pull": 5, "gather": 5, "planviz": 5,
     "stages": 6, "verify": 6, "verify_report": 6,
     # shells
     "serve": 7, "client": 7, "worker": 7, "agent": 8, "workflow": 8, "tinymodels": 8, "demo": 9, "cli": 9,

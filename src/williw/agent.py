@@ -5,17 +5,26 @@ Identity: the node token the worker issues at the first registration is kept in 
 would revoke it. Only when the worker no longer accepts the saved token (its database was reset) does the agent
 fall back to the admin token, if it has one.
 
-Work: every ``poll_s`` the agent asks for its assignments; each one that is not ``ready`` is pulled with
-`williw.pull.pull_shard` into ``DATA_DIR/<request_id>/<node_id>/`` (a complete shard is skipped, so a restart
-after a crash costs only the unfinished file), checked against its manifest (the plan's sha256 and the file's
-sha256 recomputed), then reported ``ready`` with its path. A failed pull is reported ``failed`` with the reason.
-Heartbeats run in their own thread, so a long pull does not make the node look dead.
+Work: every ``poll_s`` the agent asks for its assignments; each one that is not ``ready`` is gathered with
+`williw.gather.gather_shard` into ``DATA_DIR/<request_id>/v<version>/<node_id>/``: tensors this node holds in a
+shard of an earlier version are copied locally, those the worker's migration steps name a peer for come from
+that peer's shard server, the rest from the model's source (a complete shard is skipped, so a restart after a
+crash costs only the unfinished file). It is checked against its manifest (the plan's sha256 and the file's
+sha256 recomputed), then reported ``ready`` with its path. A failed pull is reported ``failed`` with the reason;
+a failure involving peers is first retried from the model alone.
+
+Make-before-break: the shards of older versions are dropped only once the worker has put this node's new version
+in force (or, for a node no longer in the plan, once its assignment is gone). Heartbeats run in their own
+thread, so a long pull does not make the node look dead; the shard server (`williw.serve.ShardServer`, bound
+to ``serve_host``) answers peers in its own threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +41,7 @@ log = get_logger(__name__)
 IDENTITY_FILE = "node.json"
 # Request ids are the worker's uuid4 hex; anything else is refused before it becomes a folder name.
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,8})$")
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,8 @@ class AgentConfig:
         token: the admin token, needed for the first registration when the worker has one.
         heartbeat_s, poll_s: seconds between heartbeats and between assignment polls.
         hf_token, hub_endpoint: for pulls from the Hub (default ``HF_TOKEN``, ``HF_ENDPOINT``).
+        serve_host, serve_port: where the shard server listens for peers (None: no server, peers pull from the
+            model instead); serve_url: the URL peers use, when it is not ``http://serve_host:port``.
     """
 
     worker_url: str
@@ -57,6 +69,9 @@ class AgentConfig:
     poll_s: float = 1.0
     hf_token: str | None = None
     hub_endpoint: str | None = None
+    serve_host: str | None = "127.0.0.1"
+    serve_port: int = 0
+    serve_url: str | None = None
 
 
 class NodeAgent:
@@ -70,6 +85,8 @@ class NodeAgent:
         self.client: WorkerClient | None = None
         self.ready: dict[str, str] = {}  # request_id → shard folder this process reported ready
         self.failed: set[str] = set()  # requests whose pull failed in this process: not retried until restart
+        self.dropped: list[str] = []  # shard folders this process dropped (superseded versions)
+        self.server: Any = None  # the ShardServer, while running
 
     def stop(self) -> None:
         self._stop.set()
@@ -109,6 +126,7 @@ class NodeAgent:
         client = self.register()
         beat = threading.Thread(target=self._heartbeats, name=f"heartbeat-{self.config.node_id}", daemon=True)
         beat.start()
+        self._start_server(client)
         try:
             while not self._stop.is_set():
                 try:
@@ -119,17 +137,31 @@ class NodeAgent:
         finally:
             self._stop.set()
             beat.join(5)
+            if self.server is not None:
+                self.server.shutdown()
+                self.server.server_close()
             client.close()
+
+    def _start_server(self, client: WorkerClient) -> None:
+        from williw.serve import ShardServer
+
+        c = self.config
+        if c.serve_host is None:
+            return
+        self.server = ShardServer(self.data_dir, c.node_id, c.serve_host, c.serve_port).start()
+        client.set_serve_url(c.node_id, c.serve_url or self.server.url)
 
     def work_once(self, client: WorkerClient) -> int:
         """Pull every assignment that is not ready yet; returns how many became ready."""
         made = 0
-        for a in client.node_assignments(self.config.node_id):
+        assignments = client.node_assignments(self.config.node_id)
+        for a in assignments:
             if self._stop.is_set():
                 break
             if a["state"] == "ready" or (a["state"] == "failed" and a["request_id"] in self.failed):
                 continue
             made += self._pull(client, a)
+        self._drop_superseded(client, assignments)
         return made
 
     def _pull(self, client: WorkerClient, a: dict[str, Any]) -> int:
@@ -139,7 +171,7 @@ class NodeAgent:
             return 0
         client.report_assignment(request_id, node_id, "pulling", plan_version=version)
         try:
-            shard_dir, sha = self._pull_and_check(client, request_id, version, a["source"], a.get("revision"))
+            shard_dir, sha = self._pull_and_check(client, a)
         except (WilliwError, OSError) as exc:  # a pull's failure is reported; the worker's goes to `run`
             if isinstance(exc, WorkerError):
                 raise
@@ -153,18 +185,26 @@ class NodeAgent:
         self.ready[request_id] = str(shard_dir)
         return 1
 
-    def _pull_and_check(self, client: WorkerClient, request_id: str, version: int, source: str,
-                        revision: str | None) -> tuple[Path, str]:
+    def _pull_and_check(self, client: WorkerClient, a: dict[str, Any]) -> tuple[Path, str]:
         from williw.errors import SplitError
+        from williw.gather import gather_shard
         from williw.planner.plan import Plan
-        from williw.pull import pull_shard
         from williw.shards import read_manifest, sha256_file
 
-        node_id = self.config.node_id
+        request_id, version, node_id = a["request_id"], a["plan_version"], self.config.node_id
         plan = Plan.from_dict(client.get_plan(request_id, version=version), f"plan version {version}")
-        pull_shard(source, plan, node_id, self.data_dir / request_id, revision=revision,
-                   token=self.config.hf_token, endpoint=self.config.hub_endpoint)
-        shard_dir = self.data_dir / request_id / node_id  # result.shard_path is the weights file in it
+        out = self.data_dir / request_id / f"v{version}"
+        local = [d / node_id for d, _ in self._versions(request_id) if d != out]
+        peers = {t: step["url"] for step in a.get("pulls") or () if step.get("url") for t in step["tensors"]}
+        options = dict(revision=a.get("revision"), token=self.config.hf_token, endpoint=self.config.hub_endpoint)
+        try:
+            gather_shard(a["source"], plan, node_id, out, local=local, peers=peers, **options)
+        except WilliwError as exc:
+            if not peers:
+                raise
+            log.info("node %s: gathering from peers failed (%s); reading the model instead", node_id, exc)
+            gather_shard(a["source"], plan, node_id, out, local=local, **options)
+        shard_dir = out / node_id
         manifest = read_manifest(shard_dir)
         if manifest.plan_sha256 != plan.digest():
             raise SplitError(f"'{shard_dir}': the shard was cut for another plan (sha256 {manifest.plan_sha256[:12]})")
@@ -173,6 +213,44 @@ class NodeAgent:
             raise SplitError(f"'{shard_dir / manifest.file}': sha256 {actual[:12]}… does not match the manifest's "
                              f"{manifest.file_sha256[:12]}…")
         return shard_dir.resolve(), actual
+
+    def _versions(self, request_id: str) -> list[tuple[Path, int]]:
+        """(folder, version) of every version folder of the request on disk, oldest first."""
+        root = self.data_dir / request_id
+        found = [(d, int(m.group(1))) for d in root.iterdir() if (m := VERSION_DIR.match(d.name)) and d.is_dir()] \
+            if root.is_dir() else []
+        return sorted(found, key=lambda x: x[1])
+
+    def _drop_superseded(self, client: WorkerClient, assignments: list[dict[str, Any]]) -> None:
+        """Delete this node's shards of versions the worker no longer needs it to hold (make-before-break).
+
+        With an assignment ready on the version in force, every other version's folder goes; with no assignment in
+        a request the worker still knows, the whole request's folder goes (the node left its plan). A request the
+        worker does not know (its database was reset) is kept: deleting weights is not undone by a re-pull.
+        """
+        rows = {a["request_id"]: a for a in assignments}
+        for root in sorted(self.data_dir.iterdir()) if self.data_dir.is_dir() else ():
+            request_id = root.name
+            if not REQUEST_ID.match(request_id) or not root.is_dir():
+                continue
+            row = rows.get(request_id)
+            if row is None:
+                try:
+                    client.get_request(request_id)
+                except WorkerHTTPError:
+                    continue  # unknown to the worker (404) or refused: keep
+                doomed = [d for d, _ in self._versions(request_id)]
+            elif row["state"] == "ready" and row["plan_version"] == row.get("in_force_version"):
+                doomed = [d for d, v in self._versions(request_id) if v != row["plan_version"]]
+            else:
+                continue
+            for folder in doomed:
+                shutil.rmtree(folder, ignore_errors=True)
+                self.dropped.append(str(folder))
+                log.info("node %s: dropped %s (superseded)", self.config.node_id, folder)
+            if row is None:
+                with contextlib.suppress(OSError):  # not empty: a file this agent did not write
+                    root.rmdir()  # empty now: the worker need not be asked about it again
 
     def _heartbeats(self) -> None:
         client = self.client

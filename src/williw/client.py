@@ -148,15 +148,23 @@ class WorkerClient:
 
     # -- assignments (issue 7) -----------------------------------------------------------------------------
 
-    def distribute(self, request_id: str, source: str, revision: str | None = None) -> dict[str, Any]:
+    def distribute(self, request_id: str, source: str, revision: str | None = None, *,
+                   auto_replan: bool | None = None, max_slowdown: float | None = None,
+                   max_step_bytes: int | None = None) -> dict[str, Any]:
         """``POST /api/requests/{id}/distribute``: one assignment per plan node, pulling from ``source``.
+
+        Args:
+            auto_replan: True lets the worker re-plan the request when nodes leave or join (with ``max_slowdown``
+                and ``max_step_bytes``), False stops it, None leaves it as it is.
 
         Returns:
             ``{request_id, plan_version, assignments: [...]}``. Calling it again keeps ready assignments.
         """
         body: dict[str, Any] = {"source": source}
-        if revision is not None:
-            body["revision"] = revision
+        for key, value in (("revision", revision), ("auto_replan", auto_replan), ("max_slowdown", max_slowdown),
+                           ("max_step_bytes", max_step_bytes)):
+            if value is not None:
+                body[key] = value
         # Idempotent on the worker (same plan version: states are kept), so a lost answer may be retried.
         return self._call("POST", f"/api/requests/{_segment(request_id)}/distribute", json=body)
 
@@ -175,6 +183,23 @@ class WorkerClient:
         body = {k: v for k, v in {"state": state, "plan_version": plan_version, "shard_path": shard_path,
                                   "sha256": sha256, "error": error}.items() if v is not None}
         return self._call("POST", f"/api/assignments/{_segment(request_id)}/{_segment(node_id)}", json=body)
+
+    # -- re-planning (issue 9) ------------------------------------------------------------------------------
+
+    def request_plans(self, request_id: str) -> dict[str, Any]:
+        """``GET /api/requests/{id}/plans``: every plan version and the migrations between them."""
+        return self._call("GET", f"/api/requests/{_segment(request_id)}/plans")
+
+    def replan(self, request_id: str, *, max_slowdown: float | None = None,
+               max_step_bytes: int | None = None) -> dict[str, Any]:
+        """``POST /api/requests/{id}/replan``: re-plan a distributed request for the online nodes now."""
+        body = {k: v for k, v in {"max_slowdown": max_slowdown, "max_step_bytes": max_step_bytes}.items()
+                if v is not None}
+        return self._call("POST", f"/api/requests/{_segment(request_id)}/replan", json=body, idempotent=False)
+
+    def set_serve_url(self, node_id: str, serve_url: str | None) -> dict[str, Any]:
+        """``PUT /api/nodes/{node_id}/serve-url``: where this node serves its shards to peers."""
+        return self._call("PUT", f"/api/nodes/{_segment(node_id)}/serve-url", json={"serve_url": serve_url})
 
     # -- transport -----------------------------------------------------------------------------------------
 

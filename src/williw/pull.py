@@ -85,18 +85,10 @@ def pull_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_dir
     """
     plan = as_plan(plan)
     plan.node(node_id)  # an unknown node fails before any request
-    source, files = _open_remote(model, revision, token, endpoint, first_range_bytes, backoff_s)
+    source, files = open_remote(model, revision, token, endpoint, first_range_bytes, backoff_s)
     with source:
-        weights = _weight_files(source, files, model)
-        tensors: dict[str, TensorInfo] = {}
-        header_bytes = 0
-        for file in weights:
-            header, _ = source.read_header(file)
-            header_bytes += header.data_start
-            for e in header.entries:
-                if e.name in tensors:
-                    raise HubError(f"'{model}': tensor '{e.name}' is in both '{tensors[e.name].file}' and '{file}'")
-                tensors[e.name] = TensorInfo(e.name, e.dtype, e.shape, file, e.start, e.end)
+        weights = weight_files(source, files, model)
+        tensors, header_bytes = remote_tensors(source, weights, model)
         specs = plan_specs(plan, tensors, [node_id], Path(model))
         for file in weights:
             source.wanted[file] = merge_intervals([(t.start, t.end) for t in specs[0].tensors  # type: ignore[misc]
@@ -120,7 +112,25 @@ def pull_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_dir
                       file_sha256=written.manifest.file_sha256, source=model, skipped=written.skipped)
 
 
-def _open_remote(model: str, revision: str | None, token: str | None, endpoint: str | None,
+def remote_tensors(source: HttpRangeSource, weights: list[str], model: str) -> tuple[dict[str, TensorInfo], int]:
+    """Every tensor of the remote weights files (one or two range requests per header), and the header bytes.
+
+    Raises:
+        HubError: a file cannot be fetched, or two files hold the same tensor. CheckpointError: a corrupt header.
+    """
+    tensors: dict[str, TensorInfo] = {}
+    header_bytes = 0
+    for file in weights:
+        header, _ = source.read_header(file)
+        header_bytes += header.data_start
+        for e in header.entries:
+            if e.name in tensors:
+                raise HubError(f"'{model}': tensor '{e.name}' is in both '{tensors[e.name].file}' and '{file}'")
+            tensors[e.name] = TensorInfo(e.name, e.dtype, e.shape, file, e.start, e.end)
+    return tensors, header_bytes
+
+
+def open_remote(model: str, revision: str | None, token: str | None, endpoint: str | None,
                  first_range_bytes: int, backoff_s: float) -> tuple[HttpRangeSource, set[str] | None]:
     """A range source over the model and, on the Hub, its file list (a plain server has none to give)."""
     if model.startswith(("http://", "https://")):
@@ -136,7 +146,7 @@ def _open_remote(model: str, revision: str | None, token: str | None, endpoint: 
     return source, set(listing)
 
 
-def _weight_files(source: HttpRangeSource, files: set[str] | None, model: str) -> list[str]:
+def weight_files(source: HttpRangeSource, files: set[str] | None, model: str) -> list[str]:
     index = None
     if files is None or SAFETENSORS_INDEX in files:
         index = source.get_file(SAFETENSORS_INDEX, missing_ok=True)

@@ -61,6 +61,10 @@ class ModelServer(ThreadingHTTPServer):
         if not isinstance(exc, ConnectionError):
             log.warning("serve-model: error answering %s: %r", client_address, exc)
 
+    def lookup(self, rel: str) -> Path | None:
+        """The file served at ``rel``, or None."""
+        return self.files.get(rel)
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
@@ -70,6 +74,25 @@ class ModelServer(ThreadingHTTPServer):
         """Serve in a daemon thread (for tests and the in-process workflow)."""
         threading.Thread(target=self.serve_forever, name="williw-serve-model", daemon=True).start()
         return self
+
+
+class ShardServer(ModelServer):
+    """A node agent's shards, served to its peers during a migration: only
+    ``<request_id>/v<version>/<node_id>/{model.safetensors,shard.json}`` of this node under ``data_dir``, looked up
+    when asked (shards come and go) by a pattern that admits no other path (not the agent's token file)."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], node_id: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        super().__init__(data_dir, host, port)
+        self.files = {}
+        self._pattern = re.compile(rf"^[0-9a-f]{{32}}/v[1-9][0-9]{{0,8}}/{re.escape(node_id)}/"
+                                   r"(model\.safetensors|shard\.json)$")
+
+    def lookup(self, rel: str) -> Path | None:
+        if not self._pattern.match(rel):
+            return None
+        path = self.root / rel
+        return path if path.is_file() and not path.is_symlink() else None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -99,7 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, body: bool) -> None:
         rel = unquote(urlsplit(self.path).path).lstrip("/")
-        path = self.server.files.get(rel)
+        path = self.server.lookup(rel)
         if path is None:
             self._reply(HTTPStatus.NOT_FOUND, f"no file '{rel}' in this model folder\n".encode())
             return

@@ -34,14 +34,19 @@ def serve_model_cmd(model_dir: str, host: str, port: int, as_json: bool) -> None
 @click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True), required=True)
 @click.option("--memory-bandwidth-gbps", type=click.FloatRange(min=0, min_open=True))
 @click.option("--data-dir", type=click.Path(file_okay=False), required=True,
-              help="Where the node keeps its token (node.json) and its shards (<request_id>/<node_id>/).")
+              help="Where the node keeps its token (node.json) and its shards (<request_id>/v<version>/<node_id>/).")
 @click.option("--token", envvar="WILLIW_TOKEN", help="The worker's admin token, for the first registration.")
 @click.option("--heartbeat-s", type=click.FloatRange(min=0.05), default=5.0, show_default=True)
 @click.option("--poll-s", type=click.FloatRange(min=0.05), default=1.0, show_default=True)
+@click.option("--serve-host", default="127.0.0.1", show_default=True,
+              help="Where this node serves its shards to peers during a re-plan ('none': it does not).")
+@click.option("--serve-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Port of the shard server (0: any free port).")
+@click.option("--serve-url", help="The URL peers reach the shard server at (default http://HOST:PORT).")
 @json_option
 def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: float,
              memory_bandwidth_gbps: float | None, data_dir: str, token: str | None, heartbeat_s: float,
-             poll_s: float, as_json: bool) -> None:
+             poll_s: float, serve_host: str, serve_port: int, serve_url: str | None, as_json: bool) -> None:
     """Run a node agent: register, heartbeat, pull each assigned shard, check it and report it ready."""
     import os
     import signal
@@ -51,7 +56,9 @@ def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: fl
 
     agent = NodeAgent(AgentConfig(worker_url, node_id, compute_tflops, memory_gb, data_dir, token=token,
                                   memory_bandwidth_gbps=memory_bandwidth_gbps, heartbeat_s=heartbeat_s,
-                                  poll_s=poll_s, hf_token=os.environ.get("HF_TOKEN")))
+                                  poll_s=poll_s, hf_token=os.environ.get("HF_TOKEN"),
+                                  serve_host=None if serve_host == "none" else serve_host, serve_port=serve_port,
+                                  serve_url=serve_url))
     def _stop(*_: object) -> None:
         # Leave at once, even mid-pull: shard files are written atomically, so an interrupted pull leaves no
         # shard that looks complete, and a restarted agent resumes it.

@@ -86,8 +86,10 @@ def _with_states(store: Store, m: migration_store.MigrationRecord) -> dict[str, 
                 _PULL_STATE[row.state] if row is not None and row.plan_version == m.to_version else "pending"
         else:  # the switch, and the drops that wait for it
             state = "done" if m.state == migration_store.SWITCHED else "pending"
-        steps.append({k: v for k, v in {**s, "state": state}.items() if k != "tensors"}
-                     | {"tensor_count": len(s.get("tensors", []))})
+        step = {k: v for k, v in s.items() if k != "tensors"}  # names are in the plan; counts are enough here
+        if "tensors" in s:
+            step["tensor_count"] = len(s["tensors"])
+        steps.append({**step, "state": state})
     return {**_summary(m), "steps": steps, "nodes": m.schedule["nodes"]}
 
 

@@ -1,0 +1,92 @@
+"""A node's shard of a new plan version, gathered from its own old shard, a peer's shard server and the model:
+byte-identical to a fresh split, and each source sends exactly the bytes it is asked for (its server counts)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from williw.errors import PlanError
+from williw.fleet import Node
+from williw.gather import gather_shard
+from williw.metadata import generate_metadata
+from williw.planner import MODEL_SOURCE, migration_schedule, pipeline_from_cuts
+from williw.serve import ModelServer
+from williw.splitter import split_all
+
+NODES = [Node("a", 10.0, 1.0), Node("b", 10.0, 1.0), Node("c", 10.0, 1.0)]
+
+
+@pytest.fixture
+def setup(tiny_llama_sharded: Path, tmp_path: Path):
+    meta = generate_metadata(tiny_llama_sharded)
+    v1 = pipeline_from_cuts(meta, [1, 3], ["a", "b", "c"])  # a: 0, b: 1-2, c: 3 (+ norm, head)
+    v2 = dataclasses.replace(pipeline_from_cuts(meta, [2], ["a", "b"]), version=2)  # c left: a 0-1, b 2-3
+    split_all(tiny_llama_sharded, v1, tmp_path / "v1")
+    fresh = {r.node_id: Path(r.shard_path).read_bytes() for r in split_all(tiny_llama_sharded, v2, tmp_path / "ref")}
+    model = ModelServer(tiny_llama_sharded).start()
+    peers = ModelServer(tmp_path / "v1").start()  # serves <node>/model.safetensors, as an agent's shard server
+    yield meta, v1, v2, fresh, model, peers
+    model.shutdown()
+    peers.shutdown()
+
+
+def _peer_map(schedule, node_id: str, url: str) -> dict[str, str]:
+    return {t: f"{url}/{s.source}" for s in schedule.steps if s.action == "pull" and s.node_id == node_id
+            and s.source != MODEL_SOURCE for t in s.tensors}
+
+
+def test_gathered_shards_equal_a_fresh_split_and_each_source_sends_only_its_part(setup, tmp_path: Path) -> None:
+    meta, v1, v2, fresh, model, peers = setup
+    live = [n for n in NODES if n.node_id != "c"]
+    schedule = migration_schedule(meta, v1, v2, live)
+    size = {x.name: x.bytes for x in meta.layers}
+    for node_id in ("a", "b"):
+        model.bytes_sent.clear()
+        peers.bytes_sent.clear()
+        r = gather_shard(model.url, v2, node_id, tmp_path / "v2", local=[tmp_path / "v1" / node_id],
+                         peers=_peer_map(schedule, node_id, peers.url), first_range_bytes=64)
+        assert Path(r.shard_dir, "model.safetensors").read_bytes() == fresh[node_id]
+        pulls = [s for s in schedule.steps if s.action == "pull" and s.node_id == node_id]
+        from_model = {t for s in pulls if s.source == MODEL_SOURCE for t in s.tensors}
+        from_peers = {t for s in pulls if s.source != MODEL_SOURCE for t in s.tensors}
+        kept = set(v2.node(node_id).tensor_names) - from_model - from_peers
+        assert r.local_bytes == sum(size[t] for t in kept) > 0
+        assert r.model_bytes == sum(size[t] for t in from_model)
+        assert sum(r.peer_bytes.values()) == sum(size[t] for t in from_peers)
+        assert r.peer_failures == ()
+        # The servers' own counts: tensor bytes plus the headers (exactly, with a 64-byte first range).
+        sent_model = sum(v for f, v in model.bytes_sent.items() if f.endswith(".safetensors"))
+        sent_peers = sum(peers.bytes_sent.values())
+        assert sent_model - r.model_bytes < 4096 and sent_model >= r.model_bytes
+        assert sent_peers - sum(r.peer_bytes.values()) < 4096 and sent_peers >= sum(r.peer_bytes.values())
+    # a takes block 1 from b (a peer), b takes block 3 and the head from the model (c, which held them, left)
+    assert {(s.node_id, s.source) for s in schedule.steps if s.action == "pull"} == {("a", "b"), ("b", MODEL_SOURCE)}
+
+
+def test_an_unreachable_peer_falls_back_to_the_model(setup, tmp_path: Path) -> None:
+    meta, v1, v2, fresh, model, peers = setup
+    schedule = migration_schedule(meta, v1, v2, NODES[:2])
+    dead = {t: "http://127.0.0.1:9/b" for t in _peer_map(schedule, "a", peers.url)}
+    r = gather_shard(model.url, v2, "a", tmp_path / "v2", local=[tmp_path / "v1" / "a"], peers=dead,
+                     backoff_s=0.01)
+    assert Path(r.shard_dir, "model.safetensors").read_bytes() == fresh["a"]
+    assert r.peer_failures == ("http://127.0.0.1:9/b",)
+    assert r.peer_bytes == {} and r.model_bytes > 0
+
+
+def test_without_local_shards_or_peers_it_is_a_plain_pull(setup, tmp_path: Path) -> None:
+    meta, v1, v2, fresh, model, peers = setup
+    r = gather_shard(model.url, v2, "b", tmp_path / "v2", local=[tmp_path / "missing"])
+    assert Path(r.shard_dir, "model.safetensors").read_bytes() == fresh["b"]
+    assert (r.local_bytes, r.peer_bytes) == (0, {})
+    assert Path(r.shard_dir, "config.json").read_bytes() == Path(model.root, "config.json").read_bytes()
+
+
+def test_an_unknown_node_is_refused_before_any_request(setup, tmp_path: Path) -> None:
+    meta, v1, v2, fresh, model, peers = setup
+    with pytest.raises(PlanError, match=r"^node 'zz' is not in the plan \(nodes: a, b\)$"):
+        gather_shard(model.url, v2, "zz", tmp_path / "v2")
+    assert not model.bytes_sent
