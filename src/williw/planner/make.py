@@ -171,7 +171,8 @@ def _why_infeasible(model: PipelineModel, nodes: list[Node]) -> str:
     total_have = sum(v.memory_bytes for v in nodes)
     if total_need > total_have:
         replica = " (with the tied head's replica)" if model.replica_bytes else ""
-        return (f"the model needs {format_bytes(total_need)}{replica} but the {len(nodes)} usable nodes have "
+        who = "the only usable node has" if len(nodes) == 1 else f"the {len(nodes)} usable nodes have"
+        return (f"the model needs {format_bytes(total_need)}{replica} but {who} "
                 f"{format_bytes(total_have)} in total (short by {format_bytes(total_need - total_have)})")
     p = max_coverage(model, nodes)
     return (f"the blocks do not pack into contiguous runs on these {len(nodes)} nodes: the best split holds blocks "

@@ -24,6 +24,7 @@ from typing import Any
 from williw.errors import InfeasiblePlan
 from williw.planner.plan import PLAN_KEY, ExcludedNode, Plan
 from williw.progress import get_logger
+from williw.worker import assignment_store
 from williw.worker import migration_store as db
 from williw.worker.service import Conflict, WorkerSettings, is_online
 from williw.worker.store import NodeRecord, Store
@@ -59,6 +60,9 @@ def replan_request(store: Store, settings: WorkerSettings, request_id: str, *, r
     request = store.get_request(request_id)
     if request.plan_version is None:
         raise Conflict(f"request '{request_id}' has no plan to re-plan: its status is '{request.status}'")
+    if not assignment_store.for_request(store, request_id):
+        raise Conflict(f"request '{request_id}' is not distributed, so nothing is to migrate: POST /api/process "
+                       "plans it again")
     data = db.request_metadata(store, request_id)
     if data is None:
         raise Conflict(f"request '{request_id}' was planned before this worker kept metadata: POST /api/process "
@@ -158,7 +162,7 @@ class Replanner:
         self.interval_s = interval_s if interval_s is not None else min(5.0, max(0.1, settings.node_ttl_s / 4))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._tried: set[tuple[str, int, frozenset[str]]] = set()
+        self._tried: dict[str, tuple[int, frozenset[str]]] = {}  # request → the last fleet it re-planned for
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="williw-replanner", daemon=True)
@@ -204,10 +208,10 @@ class Replanner:
             if active is not None:
                 switch_if_ready(self.store, request_id)
             return
-        key = (request_id, active.to_version if active else in_force, online)
-        if key in self._tried:
+        key = (active.to_version if active else in_force, online)
+        if self._tried.get(request_id) == key:
             return
-        self._tried.add(key)
+        self._tried[request_id] = key
         parts = ([f"{', '.join(departed)} left"] if departed else []) + \
                 ([f"{', '.join(joined)} joined"] if joined else [])
         replan_request(self.store, self.settings, request_id, reason=" and ".join(parts))
