@@ -215,11 +215,29 @@ def test_run_through_the_hub(tmp_path: Path, model: Path, fake_hub, monkeypatch:
     fleet = Fleet(tmp_path, extra_args=("--hub-endpoint", fake_hub.url)).start_all()
     try:
         client = NodeClient(fleet.worker.url, "hf_write", "org/williw-metadata", "user", work_dir=tmp_path / "run",
-                            pull_from="hub", timeout_s=60)
+                            pull_from="hub", timeout_s=60, auto_replan=True)
         result = client.execute_complete_workflow("org/tiny", 1, 32)
         assert [s.status for s in result.steps] == ["done"] * 7
         assert result.source == "org/tiny"
         assert "org/williw-metadata" in fake_hub.repos
         assert_shards_exact(result, model, fleet.worker.url)
+
+        # With auto_replan, a node that dies is re-planned around, its blocks pulled from the Hub again.
+        victim = next(n for n in ("node-c", "node-b", "node-a") if n in result.plan)
+        fleet.nodes[victim].kill()
+        with WorkerClient(fleet.worker.url) as c:
+            assert c.request_plans(result.request_id)["auto_replan"] == {"max_slowdown": 0.05, "max_step_bytes": None}
+            deadline = time.monotonic() + 60
+            while (plans := c.request_plans(result.request_id))["plan_version"] != 2:
+                assert time.monotonic() < deadline, plans
+                time.sleep(0.1)
+            assert plans["migration"]["reason"] == f"{victim} left" and plans["migration"]["model_bytes"] > 0
+            v2 = c.get_plan(result.request_id)
+            src = source_tensors(model)
+            for a in c.request_assignments(result.request_id)["assignments"]:
+                assert a["node_id"] != victim and a["plan_version"] == 2
+                with safe_open(Path(a["shard_path"]) / "model.safetensors", "np") as f:
+                    assert sorted(f.keys()) == sorted(v2[a["node_id"]]["layer_names"])
+                    assert all(f.get_tensor(t).tobytes() == src[t] for t in f.keys())  # noqa: SIM118
     finally:
         fleet.close()

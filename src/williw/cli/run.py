@@ -97,10 +97,13 @@ def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: fl
 @click.option("--work-dir", type=click.Path(file_okay=False), default="williw-run", show_default=True)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=600.0, show_default=True,
               help="Seconds distribution may take.")
+@click.option("--auto-replan", is_flag=True,
+              help="Let the worker re-plan when nodes leave or join (pair with --pull-from hub: this run's own "
+                   "model server stops when the run ends).")
 @json_option
 def run_cmd(model: str, worker_url: str | None, metadata_repo: str | None, node_id: str | None, token: str | None,
             hf_token: str | None, model_name: str | None, batch_size: int, sequence_length: int, pull_from: str,
-            local_nodes: str | None, work_dir: str, timeout_s: float, as_json: bool) -> None:
+            local_nodes: str | None, work_dir: str, timeout_s: float, auto_replan: bool, as_json: bool) -> None:
     """Run the complete workflow for MODEL (a Hub repo id or a local folder) and wait for every node's shard."""
     from pathlib import Path
 
@@ -122,7 +125,7 @@ def run_cmd(model: str, worker_url: str | None, metadata_repo: str | None, node_
             embedded.start_local_nodes(nodes, Path(work_dir) / "nodes")
     try:
         client = NodeClient(worker_url, hf_token, metadata_repo, node_id, token=token, work_dir=work_dir,
-                            pull_from=pull_from, timeout_s=timeout_s, model_label=model_name,
+                            pull_from=pull_from, timeout_s=timeout_s, model_label=model_name, auto_replan=auto_replan,
                             reporter=None if as_json else _print_step)
         result = client.execute_complete_workflow(model, batch_size, sequence_length)
     finally:

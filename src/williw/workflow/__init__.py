@@ -90,6 +90,9 @@ class NodeClient:
         pull_from: ``"serve"`` (nodes pull from this node's folder, served here) or ``"hub"`` (from the Hub repo).
         hub_endpoint: the Hub address (default ``HF_ENDPOINT``).
         timeout_s: how long distribution may take before the run fails.
+        auto_replan: let the worker re-plan the request when nodes leave or join (issue 9). Blocks nobody alive
+            holds are then pulled from the model's source, which must still be reachable: the Hub, not this run's
+            short-lived server (with ``pull_from="serve"`` only peers can serve them).
         reporter: told when each step starts and ends (the CLI prints it; the library never does).
     """
 
@@ -97,7 +100,7 @@ class NodeClient:
                  node_id: str | None = None, *, token: str | None = None, work_dir: str | os.PathLike[str] = ".",
                  pull_from: str = "serve", hub_endpoint: str | None = None, serve_host: str = "127.0.0.1",
                  timeout_s: float = 600.0, poll_s: float = 0.25, model_label: str | None = None,
-                 reporter: Reporter | None = None) -> None:
+                 reporter: Reporter | None = None, auto_replan: bool = False) -> None:
         if pull_from not in ("serve", "hub"):
             raise WorkflowError("distribute", f"pull_from must be 'serve' or 'hub', not {pull_from!r}")
         self.worker_url = worker_url
@@ -111,6 +114,7 @@ class NodeClient:
         self.timeout_s = timeout_s
         self.model_label = model_label  # the name the worker records for a local folder (default local/<folder>)
         self.poll_s = poll_s
+        self.auto_replan = auto_replan
         self.reporter = reporter or (lambda _step, _result: None)
         self.client = WorkerClient(worker_url, token)
         self.state: dict[str, Any] = {}

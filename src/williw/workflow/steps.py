@@ -132,7 +132,7 @@ class Steps:
             self.server = ModelServer(self.state["model_dir"], self.node.serve_host, 0).start()
             source = self.server.url
         try:
-            self.node.client.distribute(rid, source, revision)
+            self.node.client.distribute(rid, source, revision, auto_replan=self.node.auto_replan or None)
             self.shards = self.node.wait_ready(rid, version)
         finally:
             if self.server is not None:
