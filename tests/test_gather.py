@@ -14,6 +14,7 @@ from williw.gather import gather_shard
 from williw.metadata import generate_metadata
 from williw.planner import MODEL_SOURCE, migration_schedule, pipeline_from_cuts
 from williw.serve import ModelServer
+from williw.shards import read_manifest
 from williw.splitter import split_all
 
 NODES = [Node("a", 10.0, 1.0), Node("b", 10.0, 1.0), Node("c", 10.0, 1.0)]
@@ -90,3 +91,21 @@ def test_an_unknown_node_is_refused_before_any_request(setup, tmp_path: Path) ->
     with pytest.raises(PlanError, match=r"^node 'zz' is not in the plan \(nodes: a, b\)$"):
         gather_shard(model.url, v2, "zz", tmp_path / "v2")
     assert not model.bytes_sent
+
+
+def test_a_node_whose_tensors_did_not_change_gets_a_hard_link_and_a_new_manifest(setup, tmp_path: Path,
+                                                                               tiny_llama_sharded: Path) -> None:
+    meta, v1, _v2, _fresh, model, _peers = setup
+    v2 = dataclasses.replace(pipeline_from_cuts(meta, [1], ["a", "b"]), version=2)  # a keeps block 0
+    want = Path(split_all(tiny_llama_sharded, v2, tmp_path / "ref2", node_ids=["a"])[0].shard_path).read_bytes()
+    old = tmp_path / "v1" / "a" / "model.safetensors"
+    r = gather_shard(model.url, v2, "a", tmp_path / "v2", local=[tmp_path / "v1" / "a"])
+    new = Path(r.shard_dir, "model.safetensors")
+    assert (r.linked, r.skipped, r.model_bytes, r.bytes_downloaded) == (True, False, 0, 0)
+    assert new.stat().st_ino == old.stat().st_ino and new.read_bytes() == want
+    assert read_manifest(r.shard_dir).plan_sha256 == v2.digest()
+    # the manifest a fresh split writes, but for the source named
+    assert read_manifest(r.shard_dir) == dataclasses.replace(read_manifest(tmp_path / "ref2" / "a"), source=model.url)
+    assert not model.bytes_sent
+    again = gather_shard(model.url, v2, "a", tmp_path / "v2", local=[tmp_path / "v1" / "a"])
+    assert (again.linked, again.skipped) == (True, True)

@@ -6,6 +6,10 @@ This is the pull side of a migration (`williw.planner.migrate`): the node pulls 
 already had. The shard is written by the same streaming writer as ``williw split`` and ``williw pull``, so it is
 byte-identical to theirs. A peer that cannot be read (gone, not serving) costs nothing but a fallback: its
 tensors come from the model instead, and the result says so.
+
+A node whose tensors did not change (most nodes of a re-plan) gets a new manifest and a hard link to its old
+weights file: the bytes would be identical (a shard's header does not depend on the plan), so copying them
+would only cost disk and time.
 """
 
 from __future__ import annotations
@@ -19,11 +23,23 @@ from typing import Any
 
 from williw.checkpoint import TensorInfo
 from williw.errors import CheckpointError, HubError, SplitError
+from williw.fsutil import INCOMPLETE_SUFFIX
 from williw.header import FIRST_RANGE_BYTES, read_header
 from williw.planner.plan import Plan
 from williw.pull import open_remote, remote_tensors, weight_files
 from williw.remote import BACKOFF_S, HttpRangeSource, merge_intervals
-from williw.shards import COPIED_FILES, LocalFileSource, read_manifest, write_shards
+from williw.shards import (
+    COPIED_FILES,
+    SAFETENSORS_FILE,
+    LocalFileSource,
+    ShardManifest,
+    ShardSpec,
+    expected_manifest,
+    is_complete,
+    read_manifest,
+    write_shards,
+)
+from williw.shards.manifest import finish_shard, prepare_shard_dir
 from williw.splitter import as_plan, plan_specs
 
 
@@ -41,6 +57,7 @@ class GatherResult:
     bytes_downloaded: int
     peer_failures: tuple[str, ...]
     skipped: bool
+    linked: bool = False  # the weights file is a hard link to this node's older shard (same tensors)
 
 
 class _Routed:
@@ -86,6 +103,7 @@ def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_d
     infos: dict[str, TensorInfo] = {}
     kind: dict[str, str] = {}  # tensor → "local" | peer URL | "model"
     extra_from: Path | None = None
+    whole: list[tuple[Path, ShardManifest]] = []  # local shards holding exactly this node's tensors
     for i, folder in enumerate(Path(p) for p in local):
         try:
             manifest = read_manifest(folder)
@@ -95,12 +113,22 @@ def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_d
         except (SplitError, CheckpointError, OSError):
             continue  # a shard being deleted, or never finished: the tensors come from elsewhere
         key = routed.add(f"local{i}", LocalFileSource(folder), manifest.file)
+        if {e.name for e in header.entries} == want and manifest.file == SAFETENSORS_FILE:
+            whole.append((folder, manifest))
         for e in header.entries:
             if e.name in want and e.name not in infos:
                 infos[e.name] = TensorInfo(e.name, e.dtype, e.shape, key, e.start, e.end)
                 kind[e.name] = "local"
         if extra_from is None and manifest.copied_files:
             extra_from = folder
+    out = Path(output_dir)
+    if want <= set(infos):
+        specs = plan_specs(plan, infos, [node_id], Path(model))
+        for folder, manifest in whole:
+            linked = _link(specs[0], folder, manifest, out, model_name=model_name or plan.model_name or model,
+                           source_name=model, plan_sha256=plan.digest())
+            if linked is not None:
+                return linked
     opened: list[HttpRangeSource] = []
     failures: list[str] = []
     try:
@@ -140,7 +168,6 @@ def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_d
                 model_source.wanted[file] = merge_intervals([(remote[n].start, remote[n].end) for n in missing
                                                              if n in remote and remote[n].file == file])
         specs = plan_specs(plan, infos, [node_id], Path(model))
-        out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".williw-gather-", dir=out) as tmp:
             extra = _extra_files(Path(tmp), extra_from, model_source, files)
@@ -160,6 +187,31 @@ def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_d
                         model_bytes=sum(size[n] for n, k in kind.items() if k == "model"),
                         bytes_downloaded=sum(s.bytes_received for s in opened), peer_failures=tuple(failures),
                         skipped=written.skipped)
+
+
+def _link(spec: ShardSpec, folder: Path, old: ShardManifest, out: Path, **manifest: str) -> GatherResult | None:
+    """The shard of ``spec`` as a hard link to ``folder``'s identical weights file and a new manifest; None when
+    the two files would differ or the link cannot be made (another filesystem): then the bytes are copied."""
+    new = expected_manifest(spec, copied_files=old.copied_files, **manifest)
+    if (new.tensors, new.file_bytes, new.file) != (old.tensors, old.file_bytes, old.file):
+        return None
+    new = ShardManifest(**{**new.__dict__, "file_sha256": old.file_sha256})
+    shard_dir = out / spec.node_id
+    result = GatherResult(node_id=spec.node_id, shard_dir=str(shard_dir), file_sha256=old.file_sha256,
+                          local_bytes=sum(t.nbytes for t in spec.tensors), peer_bytes={}, model_bytes=0,
+                          bytes_downloaded=0, peer_failures=(), skipped=False, linked=True)
+    if is_complete(shard_dir, new):
+        return GatherResult(**{**result.__dict__, "skipped": True})
+    prepare_shard_dir(shard_dir)
+    tmp = shard_dir / f"{new.file}{INCOMPLETE_SUFFIX}"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(folder / old.file, tmp)
+    except OSError:
+        return None
+    os.replace(tmp, shard_dir / new.file)
+    finish_shard(shard_dir, new, [folder / f for f in old.copied_files])
+    return result
 
 
 def _extra_files(tmp: Path, local: Path | None, model: HttpRangeSource | None, files: set[str] | None) -> list[Path]:
