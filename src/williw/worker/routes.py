@@ -3,15 +3,18 @@ function and shapes the answer; errors become HTTP statuses in `app`.
 
 Handlers are ``async def`` and hand their blocking part (SQL, the planner) to the thread pool in one hop: for a
 plain ``def`` handler FastAPI also validates and serialises the response in the pool, and each hop waits for the
-GIL, which halved heartbeat throughput.
+GIL, which halved heartbeat throughput. On SQLite the request → process → get-plan routes run their SQL on the
+loop instead, one at a time (`turns`), and `williw worker` plans in a child process (`planning`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -32,8 +35,10 @@ from williw.worker.schemas import (
 )
 from williw.worker.service import WorkerSettings
 from williw.worker.store import NodeRecord, NotFound, Store
+from williw.worker.turns import turns_of
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 
@@ -59,7 +64,8 @@ async def healthz(store: StoreDep, auth: AuthDep, settings: SettingsDep) -> dict
 # -- requests ------------------------------------------------------------------------------------------------
 
 @router.post("/api/request", status_code=status.HTTP_201_CREATED)
-async def create_request(body: RequestIn, store: StoreDep, auth: AuthDep, token: TokenDep) -> dict[str, str]:
+async def create_request(body: RequestIn, request: Request, store: StoreDep, auth: AuthDep,
+                         token: TokenDep) -> dict[str, str]:
     def work() -> Any:
         auth.require_admin(token, "creating a request")
         if body.node_id is not None:
@@ -68,32 +74,66 @@ async def create_request(body: RequestIn, store: StoreDep, auth: AuthDep, token:
                                       body.sequence_length, time.time())
         return {"request_id": record.request_id, "status": record.status}
 
-    return await run_in_threadpool(work)
+    # One INSERT: on the loop on SQLite (see `process`).
+    return await _on_loop(request, work) if store.is_sqlite else await run_in_threadpool(work)
 
 
 # Plans are JSON already (built by Plan.to_dict or read from the store) and tens of KB for a large fleet, so these
 # routes answer with a JSONResponse: FastAPI's jsonable_encoder walks every value again, which cost more than the
 # planner itself. ``response_model`` still documents the shape.
+#
+# On SQLite the store calls of these routes run on the event loop (each well under a millisecond, like the
+# heartbeat's) and `williw worker` plans in its child process: with no thread holding the GIL, the loop gets it back
+# at once after each SQLite call, instead of waiting up to a switch interval (5 ms) behind a thread; with 50
+# users planning back to back those waits made heartbeats' p99 ~300-900 ms. PostgreSQL calls wait on the network
+# and on WAL flushes, so there they stay in the thread pool.
 @router.post("/api/process", response_model=ProcessOut)
-async def process(body: ProcessIn, store: StoreDep, auth: AuthDep, settings: SettingsDep,
+async def process(body: ProcessIn, request: Request, store: StoreDep, auth: AuthDep, settings: SettingsDep,
                   token: TokenDep) -> JSONResponse:
-    def work() -> Any:
-        auth.require_admin(token, "processing a request")
-        version, plan = service.process_request(store, settings, body.request_id, metadata=body.metadata,
-                                                metadata_repo=body.metadata_repo, revision=body.revision,
-                                                strategy=body.strategy, objective=body.objective)
+    auth.require_admin(token, "processing a request")
+    # `williw worker` (server.serve) puts its planning process in app.state; an app built by create_app alone
+    # plans in the thread pool.
+    pool = getattr(request.app.state, "planning_pool", None)
+
+    def answer(version: int, plan: dict[str, Any]) -> JSONResponse:
         return JSONResponse({"request_id": body.request_id, "status": "planned", "plan_version": version,
                              "plan": plan})
 
-    return await run_in_threadpool(work)
+    if pool is None:
+        return await run_in_threadpool(lambda: answer(*service.process_request(
+            store, settings, body.request_id, metadata=body.metadata, metadata_repo=body.metadata_repo,
+            revision=body.revision, strategy=body.strategy, objective=body.objective)))
+
+    def prepare() -> service.PlanningJob:
+        return service.planning_job(store, settings, body.request_id, metadata=body.metadata,
+                                    metadata_repo=body.metadata_repo, revision=body.revision,
+                                    strategy=body.strategy, objective=body.objective)
+
+    # A Hub fetch is network I/O: never on the loop.
+    on_loop = store.is_sqlite and body.metadata is not None
+    job = await _on_loop(request, prepare) if on_loop else await run_in_threadpool(prepare)
+    planned = asyncio.ensure_future(pool.plan_dict(*job.args))
+    await asyncio.wait([planned])
+
+    def save() -> JSONResponse:
+        return answer(*service.save_outcome(store, job, planned.result))
+
+    return await _on_loop(request, save) if store.is_sqlite else await run_in_threadpool(save)
 
 
 @router.post("/api/get-plan")
-async def get_plan(body: GetPlanIn, store: StoreDep) -> JSONResponse:
+async def get_plan(body: GetPlanIn, request: Request, store: StoreDep) -> JSONResponse:
     def work() -> Any:
         return JSONResponse(service.plan_for(store, body.request_id, node_id=body.node_id, version=body.version))
 
-    return await run_in_threadpool(work)
+    return await _on_loop(request, work) if store.is_sqlite else await run_in_threadpool(work)
+
+
+async def _on_loop(request: Request, work: Callable[[], T]) -> T:
+    # A user request's SQLite work, on the loop in its turn (see `turns`): heartbeats never queue behind more than
+    # one of these.
+    async with turns_of(request.app.state).turn():
+        return work()
 
 
 @router.get("/api/requests/{request_id}")
@@ -101,7 +141,7 @@ async def get_request(request_id: RequestIdPath, store: StoreDep) -> RequestOut:
     def work() -> Any:
         return RequestOut(**vars(store.get_request(request_id)))
 
-    return await run_in_threadpool(work)
+    return work() if store.is_sqlite else await run_in_threadpool(work)
 
 
 # -- nodes ---------------------------------------------------------------------------------------------------

@@ -53,8 +53,11 @@ def serve(settings: WorkerSettings, host: str = "127.0.0.1", port: int = 8000, *
     import uvicorn
 
     from williw.worker.app import create_app
+    from williw.worker.planning import PlanningPool
 
     app = create_app(settings)
+    # The planner runs in a child process so that process calls do not hold the event loop's GIL (see planning).
+    planning = app.state.planning_pool = PlanningPool()
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{bound_port}"
@@ -65,9 +68,11 @@ def serve(settings: WorkerSettings, host: str = "127.0.0.1", port: int = 8000, *
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, workers=1, loop="auto",
                             timeout_keep_alive=30, backlog=2048)
     server = uvicorn.Server(config)
-    if on_listening is not None:
-        on_listening(url)
     try:
+        planning.warm()
+        if on_listening is not None:
+            on_listening(url)
         server.run(sockets=[sock])
     finally:
         sock.close()
+        planning.close()

@@ -15,16 +15,17 @@ Failure policy (documented in the README):
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from williw.errors import HubError, InfeasiblePlan, MetadataError, PlanError, WilliwError
-from williw.planner.plan import PLAN_KEY, ExcludedNode
+from williw.errors import HubError, InfeasiblePlan, MetadataError, WilliwError
+from williw.planner.plan import PLAN_KEY
 from williw.progress import get_logger
+from williw.worker.planning import PlanningUnavailable, plan_dict
 from williw.worker.store import NodeRecord, NotFound, RequestRecord, Store
 
 log = get_logger(__name__)
@@ -72,10 +73,22 @@ def is_online(node: NodeRecord, now: float, ttl_s: float) -> bool:
     return now - node.last_heartbeat <= ttl_s
 
 
+@dataclass(frozen=True)
+class PlanningJob:
+    """What the planner needs for one ``process`` call, read from the store: `planning.plan_dict`'s arguments."""
+
+    request_id: str
+    source: str  # "metadata" (inline) or "Hub repo '<repo>'"
+    args: tuple[Any, ...]
+
+
 def process_request(store: Store, settings: WorkerSettings, request_id: str, *, metadata: dict[str, Any] | None,
                     metadata_repo: str | None, revision: str | None = None, strategy: str = "pipeline",
                     objective: str = "prefill") -> tuple[int, dict[str, Any]]:
-    """Plan a request on the online nodes and store the plan as its next version.
+    """Plan a request on the online nodes, in this thread, and store the plan as its next version.
+
+    `planning_job`, `williw.worker.planning.plan_dict` and `save_outcome` in a row; `williw worker` runs the middle
+    step in its planning process instead.
 
     Args:
         metadata: the metadata JSON inline, or None to read ``metadata_repo``.
@@ -91,63 +104,83 @@ def process_request(store: Store, settings: WorkerSettings, request_id: str, *, 
         MetadataError, PlanError: the inline metadata or the options are invalid (the request is unchanged).
         Conflict: planning failed; the request is now ``failed`` with the same message as its reason.
     """
-    from williw.fleet import parse_nodes
-    from williw.metadata import ModelMetadata
+    job = planning_job(store, settings, request_id, metadata=metadata, metadata_repo=metadata_repo,
+                       revision=revision, strategy=strategy, objective=objective)
+    return save_outcome(store, job, lambda: plan_dict(*job.args))
 
+
+def planning_job(store: Store, settings: WorkerSettings, request_id: str, *, metadata: dict[str, Any] | None,
+                 metadata_repo: str | None, revision: str | None = None, strategy: str = "pipeline",
+                 objective: str = "prefill") -> PlanningJob:
+    """Read what planning ``request_id`` needs: its metadata (inline, or fetched from the Hub) and the nodes.
+
+    Raises:
+        NotFound: unknown request.
+        Conflict: the Hub repo is unreachable (502) or no node is online (409); the request is now ``failed``.
+    """
     request = store.get_request(request_id)
     if metadata is not None:
-        meta = ModelMetadata.from_dict(metadata, "metadata")
+        source = "metadata"
     else:
-        meta = _fetch_metadata(store, settings, request, metadata_repo or "", revision)
-
+        repo = metadata_repo or ""
+        metadata, source = _fetch_metadata(store, settings, request, repo, revision), f"Hub repo '{repo}'"
     now = time.time()
     records = store.list_nodes()
-    online = [r for r in records if is_online(r, now, settings.node_ttl_s)]
-    offline = tuple(ExcludedNode(r.node_id, f"offline: last heartbeat {now - r.last_heartbeat:.0f} s ago "
-                                            f"(TTL {settings.node_ttl_s:g} s)")
+    online = [r.fleet_dict() for r in records if is_online(r, now, settings.node_ttl_s)]
+    offline = tuple((r.node_id, f"offline: last heartbeat {now - r.last_heartbeat:.0f} s ago "
+                                f"(TTL {settings.node_ttl_s:g} s)")
                     for r in records if not is_online(r, now, settings.node_ttl_s))
     if not online:
         _fail(store, request_id, f"no online nodes: {len(records)} registered, none heartbeated in the last "
                                  f"{settings.node_ttl_s:g} s")
-    nodes = parse_nodes([r.fleet_dict() for r in online], "the worker's registry")
-    from williw.planner import make_plan
+    return PlanningJob(request_id, source, (metadata, source, online, offline, strategy, objective))
 
+
+def save_outcome(store: Store, job: PlanningJob, result: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """Store the plan that ``result()`` returns as the request's next version, or what went wrong.
+
+    Args:
+        result: returns `plan_dict`'s answer or raises its error (a done future's ``result``).
+
+    Returns:
+        The plan version and the stored plan JSON.
+
+    Raises:
+        MetadataError, PlanError: bad inline metadata or options (the request is unchanged).
+        Conflict: the model does not fit, or the Hub repo holds bad metadata: the request is now ``failed``
+            (409); the planning process died twice (503, the request is unchanged).
+    """
     try:
-        plan = make_plan(meta, nodes, strategy=strategy, objective=objective)
+        plan = result()
     except InfeasiblePlan as exc:
-        _fail(store, request_id, str(exc))
-    except PlanError:
-        raise  # a bad option, not a state of the fleet
-    plan = dataclasses.replace(plan, excluded=plan.excluded + offline)
+        _fail(store, job.request_id, str(exc))
+    except MetadataError as exc:
+        if job.source == "metadata":
+            raise  # the client's body is wrong: 422, the request is unchanged
+        _fail(store, job.request_id, str(exc))  # the Hub repo holds bad metadata
+    except PlanningUnavailable as exc:
+        raise Conflict(f"request '{job.request_id}' was not planned: {exc}", 503) from None
 
     def render(version: int) -> dict[str, Any]:
-        return dataclasses.replace(plan, version=version).to_dict()
+        plan[PLAN_KEY]["version"] = version
+        return plan
 
-    version, stored = store.save_plan(request_id, render, time.time())
-    # Kept so that the worker can re-plan the request when its fleet changes (williw.worker.replanning).
-    from williw.worker.migration_store import remember_metadata
-
-    remember_metadata(store, request_id, metadata if metadata is not None else meta.to_dict(), time.time())
-    log.info("request %s planned: version %d on %d node(s)", request_id, version, len(plan.assignments))
+    version, stored = store.save_plan(job.request_id, render, time.time())
+    log.info("request %s planned: version %d on %d node(s)", job.request_id, version,
+             len(stored[PLAN_KEY]["stages"]))
     return version, stored
 
 
 def _fetch_metadata(store: Store, settings: WorkerSettings, request: RequestRecord, repo: str,
                     revision: str | None) -> Any:
-    from williw.metadata import ModelMetadata
-
     try:
         from williw.hub import fetch_metadata
 
-        data = fetch_metadata(repo, request.model_name, token=settings.hub_token or os.environ.get("HF_TOKEN"),
+        return fetch_metadata(repo, request.model_name, token=settings.hub_token or os.environ.get("HF_TOKEN"),
                               endpoint=settings.hub_endpoint, revision=revision)
     except (HubError, ImportError) as exc:
         _fail(store, request.request_id, f"cannot read the metadata of '{request.model_name}' from Hub repo "
                                          f"'{repo}': {exc}", status_code=502)
-    try:
-        return ModelMetadata.from_dict(data, f"Hub repo '{repo}'")
-    except MetadataError as exc:
-        _fail(store, request.request_id, str(exc))
 
 
 def _fail(store: Store, request_id: str, reason: str, status_code: int = 409) -> Any:
@@ -181,5 +214,5 @@ def plan_for(store: Store, request_id: str, *, node_id: str | None = None,
     return plan[node_id]
 
 
-__all__ = ["Conflict", "NotFound", "WorkerSettings", "is_online", "new_request_id", "plan_for",
-           "process_request"]
+__all__ = ["Conflict", "NotFound", "PlanningJob", "WorkerSettings", "is_online", "new_request_id", "plan_for",
+           "planning_job", "process_request", "save_outcome"]
