@@ -7,6 +7,7 @@ exactly what the store avoids; to scale out, run several ``williw worker`` proce
 
 from __future__ import annotations
 
+import gc
 import socket
 from collections.abc import Callable
 
@@ -72,6 +73,10 @@ def serve(settings: WorkerSettings, host: str = "127.0.0.1", port: int = 8000, *
         planning.warm()
         if on_listening is not None:
             on_listening(url)
+        # The ~80k objects of the imported modules and the app live as long as the process. Frozen (moved out of
+        # the collector's generations), a full collection no longer walks them: it paused the loop ~20 ms each
+        # time, which was most of the heartbeats' p99 under load (48 ms, 14 ms frozen).
+        gc.freeze()
         server.run(sockets=[sock])
     finally:
         sock.close()
