@@ -2,6 +2,9 @@
 driven by Playwright. Three nodes heartbeat, one request is planned; the page must show the nodes, the request's
 status and one bar per stage, then show a node offline after its heartbeats stop, without a reload.
 
+Re-planning, on a worker of its own: a distributed request loses a node, the worker re-plans it by itself, and the
+page must show the migration's pull steps, each step's state as the nodes report, then the new version in force.
+
 Also the dashboard's HTTP endpoints (list of requests, plan picture) and their auth, over plain HTTP.
 
 Screenshots go to ``$WILLIW_TEST_ARTIFACTS`` (default ``test-artifacts/`` at the repo root, git-ignored).
@@ -34,6 +37,10 @@ ARTIFACTS = Path(os.environ.get("WILLIW_TEST_ARTIFACTS", Path(__file__).resolve(
 # 0.3 MB each: the tiny Llama (0.66 MB, blocks of ~0.15 MB) needs all three nodes, so the plan has 3 stages.
 NODES = [("gpu-a", 40.0, 0.0003), ("gpu-b", 20.0, 0.0003), ("cpu-c", 2.0, 0.0003)]
 STOPPED = "cpu-c"
+# 0.5 MB each: the plan needs two of the three nodes and still fits on the other two when one of them leaves.
+REPLAN_NODES = [("gpu-a", 40.0, 0.0005), ("gpu-b", 20.0, 0.0005), ("cpu-c", 2.0, 0.0005)]
+LEAVES = "gpu-b"
+SHARD = {"shard_path": "/x", "sha256": "0" * 64}
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -167,5 +174,108 @@ def test_dashboard_in_chromium(worker, fleet, chromium, tmp_path):
                 assert page.get_attribute(f'tr.node[data-node="{node_id}"]', "data-online") == "true"
             assert page.evaluate("() => window.__marker") == marker, "the page was reloaded"
             page.screenshot(path=str(ARTIFACTS / "dashboard-offline.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def replanning(tmp_path, tiny_llama):
+    """A worker of its own, three heartbeating nodes and one request distributed with automatic re-planning on,
+    every node ready on version 1; yields (worker URL, request id, plan, node tokens, beats)."""
+    with WorkerProcess(f"sqlite:///{tmp_path / 'worker.db'}", TOKEN, node_ttl=TTL) as proc, \
+            WorkerClient(proc.url, TOKEN) as client:
+        tokens = {node_id: client.register_node(node_id, tflops, mem, memory_bandwidth_gbps=100.0)["node_token"]
+                  for node_id, tflops, mem in REPLAN_NODES}
+        beats = Beats(proc.url, tokens)
+        beats.thread.start()
+        try:
+            meta = json.loads(json.dumps(generate_metadata(tiny_llama, model_name="tiny/llama").to_dict()))
+            rid = client.create_request("tiny/llama")["request_id"]
+            plan = client.process(rid, metadata=meta)["plan"]
+            client.distribute(rid, "http://127.0.0.1:9/model", auto_replan=True)
+            for node_id in plan["@plan"]["stages"]:
+                report(proc.url, tokens, rid, node_id, "ready", 1)
+            yield proc.url, rid, plan, tokens, beats
+        finally:
+            beats.stop_all.set()
+            beats.thread.join(5)
+
+
+def report(url: str, tokens: dict[str, str], rid: str, node_id: str, state: str, version: int) -> None:
+    """What a node agent reports, with the node's own token."""
+    with WorkerClient(url, tokens[node_id]) as node:
+        node.report_assignment(rid, node_id, state, plan_version=version, **(SHARD if state == "ready" else {}))
+
+
+def _step_rows(page, table: str, action: str = "pull") -> list[list[str]]:
+    return page.eval_on_selector_all(
+        f'{table} tr.step[data-action="{action}"]',
+        "rows => rows.map(r => [r.dataset.node, r.dataset.source, r.querySelector('td.source').innerText, "
+        "r.querySelector('td.status').innerText])")
+
+
+def test_migration_in_chromium(replanning, chromium):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+    url, rid, plan, tokens, beats = replanning
+    assert LEAVES in plan["@plan"]["stages"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw, WorkerClient(url, TOKEN) as client:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"{url}/?poll=300#request={rid}")
+            page.fill("#token", TOKEN)
+            page.click("#auth-form button")
+            page.wait_for_selector("#plan svg g.stage", timeout=5000)
+            assert page.is_hidden("#migration") and page.is_hidden("#history")  # one version, nothing moving
+            marker = page.evaluate("() => (window.__marker = Math.random())")
+
+            # The node leaves; within its TTL (and a Replanner tick) the worker starts a migration to version 2.
+            beats.stopped.add(LEAVES)
+            try:
+                page.wait_for_selector("#migration:not([hidden]) tr.step", timeout=TTL * 1000 + 5000)
+            except sync_api.TimeoutError:
+                body, request = client.request_plans(rid), client.get_request(rid)
+                pytest.fail(f"no migration shown after {LEAVES} left: request {request['status']} "
+                            f"({request['reason']}), /plans migrations {body['migrations']}")
+            m = client.request_plans(rid)["migration"]
+            assert (m["from_version"], m["to_version"], m["state"], m["reason"]) == (1, 2, "pulling", f"{LEAVES} left")
+            pulls = [s for s in m["steps"] if s["action"] == "pull"]
+            label = {"@model": "the model"}
+            assert _step_rows(page, "#migration-steps") == [
+                [s["node_id"], s["source"], label.get(s["source"], f"peer {s['source']}"), "pending"] for s in pulls]
+            # This fleet's migration fetches from both: the block only the leaver held from the model, and a block
+            # a survivor holds from that peer.
+            assert {s["source"] for s in pulls} == {"@model", "gpu-a"}
+            assert page.inner_text("#migration-title") == "version 1 → version 2"
+            assert f"because {LEAVES} left" in page.inner_text("#migration-reason")
+            assert page.inner_text("#migration-progress").startswith(f"0 of {len(pulls)} pulls done")
+            page.screenshot(path=str(ARTIFACTS / "dashboard-migration.png"), full_page=True)
+
+            # One node pulls, then is ready: its pull steps go pending → pulling → done, without a reload.
+            first = pulls[0]["node_id"]
+            mine = f'#migration-steps tr.step[data-action="pull"][data-node="{first}"]'
+            report(url, tokens, rid, first, "pulling", 2)
+            page.wait_for_selector(f'{mine}[data-state="pulling"]', timeout=5000)
+            report(url, tokens, rid, first, "ready", 2)
+            page.wait_for_selector(f'{mine}[data-state="done"]', timeout=5000)
+            assert page.inner_text(f"{mine} td.status") == "done"
+            done = sum(1 for s in pulls if s["node_id"] == first)
+            assert page.inner_text("#migration-progress").startswith(f"{done} of {len(pulls)} pulls done")
+            assert page.evaluate("() => window.__marker") == marker, "the page was reloaded"
+
+            # Every node of version 2 ready: the worker switches, the panel folds into a line under the plan.
+            for node_id in sorted({s["node_id"] for s in pulls} - {first}):
+                report(url, tokens, rid, node_id, "ready", 2)
+            page.wait_for_selector('#versions tr[data-version="2"] .badge.in-force', timeout=5000)
+            page.wait_for_selector("#migration", state="hidden", timeout=5000)
+            assert page.inner_text("#last-summary").startswith("Version 2 in force since ")
+            assert page.inner_text('#versions tr[data-version="1"] td.status') == "replaced"
+            page.wait_for_function("() => document.getElementById('plan-title').textContent.endsWith('version 2')",
+                                   timeout=5000)
+            assert page.evaluate("() => window.__marker") == marker, "the page was reloaded"
+            page.click("#last-summary")  # unfold the steps for the picture
+            assert {r[3] for r in _step_rows(page, "#last-steps")} == {"done"}
+            page.screenshot(path=str(ARTIFACTS / "dashboard-switched.png"), full_page=True)
         finally:
             browser.close()

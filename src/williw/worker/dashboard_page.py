@@ -8,11 +8,13 @@ What the script does, and why:
   clock, which may be skewed against the worker's), so a node turns offline on the page when its TTL runs out.
 * Optional endpoints of later issues are probed and left out when absent: a request's assignments
   (``/api/requests/{id}/assignments``, node states ``assigned → pulling → ready | failed``) and its plan versions
-  with a migration (``/api/requests/{id}/plans``).
+  with a migration (``/api/requests/{id}/plans``, drawn by `dashboard_migration`'s part of the script).
 * With a token on the worker, it asks for the token once, keeps it in ``sessionStorage`` (gone with the tab) and
   sends it as ``Authorization: Bearer``. All data reaches the DOM through ``textContent``; the SVG is parsed
   as XML and only an ``<svg>`` root is inserted.
 """
+
+from williw.worker.dashboard_migration import HISTORY_HTML, MIGRATION_CSS, MIGRATION_HTML, MIGRATION_JS
 
 PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -36,7 +38,7 @@ th { color: #5f6368; font-weight: 500; } td.num { text-align: right; font-varian
 tr.request { cursor: pointer; } tr.request:hover { background: #f1f3f4; } tr.selected { background: #e8f0fe; }
 #plan svg { max-width: 100%; height: auto; } .muted { color: #5f6368; } .error { color: #c5221f; }
 #auth form { display: flex; gap: 8px; align-items: center; } #auth input { width: 320px; padding: 4px; }
-</style></head>
+/*MIGRATION_CSS*/</style></head>
 <body>
 <header><h1>williw worker</h1><span id="health">connecting…</span><span id="updated"></span></header>
 <main>
@@ -52,9 +54,9 @@ tr.request { cursor: pointer; } tr.request:hover { background: #f1f3f4; } tr.sel
 <section id="requests-section"><h2>Requests <span id="requests-count" class="muted"></span></h2>
 <table id="requests"><thead><tr><th>request</th><th>model</th><th>status</th><th>plan</th><th>updated</th></tr>
 </thead><tbody></tbody></table><p id="requests-msg" class="muted"></p></section>
-<section class="wide"><h2>Plan <span id="plan-title" class="muted"></span></h2>
+<!--MIGRATION_HTML--><section class="wide"><h2>Plan <span id="plan-title" class="muted"></span></h2>
 <p id="request-reason" class="error"></p><div id="plan"><p class="muted">Select a request.</p></div>
-<div id="migration" hidden><h2>Migration</h2><ol id="migration-steps"></ol></div></section>
+<!--HISTORY_HTML--></section>
 </main>
 <script>
 "use strict";
@@ -73,7 +75,8 @@ function el(tag, attrs, ...children) {
   for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
   return e;
 }
-const badge = (word) => el("span", { class: "badge " + word }, word);
+// The state is also the badge's class: "in force" → "in-force".
+const badge = (word) => el("span", { class: "badge " + String(word).replace(/[^A-Za-z0-9-]+/g, "-") }, word);
 function ago(s) {
   if (s < 1) return "just now"; if (s < 90) return s.toFixed(0) + " s ago";
   if (s < 5400) return (s / 60).toFixed(0) + " min ago"; return (s / 3600).toFixed(1) + " h ago";
@@ -182,18 +185,7 @@ async function loadOptional(id) {
   renderMigration(p.ok ? await p.json() : null);
 }
 
-// The hook for re-planning (issue 9): steps of the migration under way, each with its node, blocks and state.
-function renderMigration(body) {
-  const migration = body && (body.migration || (body.plans || []).map((v) => v.migration).find(Boolean));
-  const steps = migration && (migration.steps || migration);
-  $("migration").hidden = !(Array.isArray(steps) && steps.length);
-  if ($("migration").hidden) return;
-  $("migration-steps").replaceChildren(...steps.map((s) => el("li", { data: { node: s.node_id || "" } },
-    `${s.node_id || "?"}: pull blocks ${JSON.stringify(s.blocks || s.block_range || "")}`,
-    ` from ${s.source || s.from || "?"}`,
-    " ", badge(s.state || s.status || "pending"))));
-}
-
+/*MIGRATION_JS*/
 function stageOf(nodeId) {
   const a = state.plan && state.plan[nodeId];
   if (!a) return "";
@@ -258,4 +250,5 @@ async function poll() {
 setInterval(() => { if (state.nodesAt) renderNodes(); }, 500);
 poll();
 </script></body></html>
-"""
+""".replace("/*MIGRATION_CSS*/", MIGRATION_CSS.lstrip()).replace("<!--MIGRATION_HTML-->", MIGRATION_HTML.lstrip()) \
+   .replace("<!--HISTORY_HTML-->", HISTORY_HTML.lstrip()).replace("/*MIGRATION_JS*/", MIGRATION_JS.lstrip())
