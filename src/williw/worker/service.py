@@ -166,6 +166,10 @@ def save_outcome(store: Store, job: PlanningJob, result: Callable[[], dict[str, 
         return plan
 
     version, stored = store.save_plan(job.request_id, render, time.time())
+    # Kept so that the worker can re-plan the request when its fleet changes (williw.worker.replanning).
+    from williw.worker.migration_store import remember_metadata
+
+    remember_metadata(store, job.request_id, job.args[0], time.time())
     log.info("request %s planned: version %d on %d node(s)", job.request_id, version,
              len(stored[PLAN_KEY]["stages"]))
     return version, stored
