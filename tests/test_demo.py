@@ -14,6 +14,8 @@ def test_demo_ends_verified_and_leaves_nothing_running(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pipeline (prefill): 3 of 3 nodes" in out.stdout
     assert "every node holds its shard" in out.stdout
-    assert "OK: the shards compute the model" in out.stdout
+    assert out.stdout.count("OK: the shards compute the model") == 2  # version 1, and the re-plan's version 2
+    assert "node-d (16 TFLOPS, 1.6 MB) joins; the worker re-plans on its own" in out.stdout
+    assert "version 2 in force " in out.stdout and " from peers and 0 bytes from the model " in out.stdout
     left = subprocess.run(["pgrep", "-f", f"{tmp_path}"], capture_output=True, text=True).stdout.split()
     assert left == [], f"processes left running: {left}"

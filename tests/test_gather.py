@@ -109,3 +109,14 @@ def test_a_node_whose_tensors_did_not_change_gets_a_hard_link_and_a_new_manifest
     assert not model.bytes_sent
     again = gather_shard(model.url, v2, "a", tmp_path / "v2", local=[tmp_path / "v1" / "a"])
     assert (again.linked, again.skipped) == (True, True)
+
+
+def test_a_new_node_gathers_everything_from_peers_and_never_asks_the_model(setup, tmp_path: Path) -> None:
+    meta, v1, v2, fresh, model, peers = setup
+    holder = {t: a.node_id for a in v1.assignments for t in a.tensor_names}
+    mapping = {t: f"{peers.url}/{holder[t]}" for t in v2.node("b").tensor_names}
+    r = gather_shard(model.url, v2, "b", tmp_path / "v2", peers=mapping)  # b as a newcomer: nothing local
+    assert Path(r.shard_dir, "model.safetensors").read_bytes() == fresh["b"]
+    assert (r.local_bytes, r.model_bytes) == (0, 0)
+    assert dict(model.bytes_sent) == {}  # not even config.json: it came from a peer's shard folder
+    assert Path(r.shard_dir, "config.json").read_bytes() == Path(model.root, "config.json").read_bytes()

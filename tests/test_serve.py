@@ -55,3 +55,29 @@ def test_subfolders_and_unsatisfiable_range(served) -> None:
         assert http.get("/sub/tok.json").text == "{}"
         bad = http.get("/model.safetensors", headers={"Range": "bytes=5000-6000"})
     assert (bad.status_code, bad.headers["content-range"]) == (416, "bytes */1024")
+
+
+def test_shard_server_answers_only_its_own_shard_files(tmp_path: Path) -> None:
+    from williw.serve import ShardServer
+
+    rid = "ab" * 16
+    shard = tmp_path / rid / "v3" / "n1"
+    shard.mkdir(parents=True)
+    for name in ("model.safetensors", "shard.json", "config.json", "secret.txt"):
+        (shard / name).write_bytes(name.encode())
+    (tmp_path / "node.json").write_text('{"node_token": "t"}')
+    other = tmp_path / rid / "v3" / "n2"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"other")
+    server = ShardServer(tmp_path, "n1").start()
+    try:
+        ok = httpx.get(f"{server.url}/{rid}/v3/n1/model.safetensors", headers={"Range": "bytes=1-3"})
+        assert (ok.status_code, ok.content) == (206, b"ode")
+        assert httpx.get(f"{server.url}/{rid}/v3/n1/config.json").content == b"config.json"
+        for bad in ("node.json", f"{rid}/v3/n1/secret.txt", f"{rid}/v3/n2/model.safetensors",
+                    f"{rid}/v3/n1/../n2/model.safetensors", f"{rid}/v03/n1/model.safetensors",
+                    f"{rid}/v3/n1/%2e%2e/n2/model.safetensors"):
+            assert httpx.get(f"{server.url}/{bad}").status_code == 404, bad
+        assert server.bytes_sent == {f"{rid}/v3/n1/model.safetensors": 3, f"{rid}/v3/n1/config.json": 11}
+    finally:
+        server.shutdown()

@@ -4,8 +4,10 @@ It builds a tiny Llama (8 blocks), starts a worker (``williw worker``, SQLite) a
 (``williw node``) with different compute and memory on loopback, then runs the user node's complete workflow
 in this process: it serves the model folder over HTTP with ranges, the worker plans a pipeline on the three
 nodes, each node pulls only its own tensors' bytes and reports its shard ready. It ends with the plan table,
-where each shard lives, and ``williw verify`` on the three nodes' shards. Every process it started is stopped
-on the way out, also on Ctrl-C or an error.
+where each shard lives, and ``williw verify`` on the three nodes' shards. Then a faster fourth node joins: the
+worker re-plans by itself (the request was distributed with automatic re-planning on), the nodes gather the new
+plan's shards from each other (nothing from the model), and ``williw verify`` checks the new version too. Every
+process it started is stopped on the way out, also on Ctrl-C or an error.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from williw.cli import cli
 
 # Memory is what forces a three-stage pipeline: the model is ~3.5 MB, so no node can hold it alone.
 NODES = (("node-a", 8.0, 0.0016), ("node-b", 4.0, 0.0016), ("node-c", 2.0, 0.0016))
+JOINER = ("node-d", 16.0, 0.0016)
 MODEL_NAME = "demo/tiny-llama"
 
 
@@ -40,10 +43,10 @@ def _start_worker(out: Path, procs: list[subprocess.Popen]) -> str:
         raise RuntimeError(f"the worker did not start (exit code {proc.poll()}); see {out / 'worker.log'}") from None
 
 
-def _start_nodes(url: str, out: Path, procs: list[subprocess.Popen]) -> None:
+def _start_nodes(url: str, out: Path, procs: list[subprocess.Popen], nodes=NODES) -> None:
     from williw.client import WorkerClient
 
-    for node_id, tflops, memory_gb in NODES:
+    for node_id, tflops, memory_gb in nodes:
         log = open(out / f"{node_id}.log", "w")  # noqa: SIM115
         procs.append(subprocess.Popen([*_williw(), "node", "--worker", url, "--node-id", node_id,
                                        "--compute-tflops", str(tflops), "--memory-gb", str(memory_gb),
@@ -51,10 +54,46 @@ def _start_nodes(url: str, out: Path, procs: list[subprocess.Popen]) -> None:
                                        "--poll-s", "0.2"], stdout=log, stderr=subprocess.STDOUT))
     with WorkerClient(url) as client:
         deadline = time.monotonic() + 30
-        while len(client.list_nodes(online=True)) < len(NODES):
+        while not {n[0] for n in nodes} <= {n["node_id"] for n in client.list_nodes(online=True)}:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the node agents did not register within 30 s; see {out}/node-*.log")
             time.sleep(0.1)
+
+
+def _verify(model: Path, shards: Path, plan: Path, paths: dict[str, str]) -> int:
+    """``williw verify`` on shards that live in each node's own folder (linked under ``shards/<node_id>``)."""
+    shards.mkdir()
+    for node_id, path in paths.items():
+        (shards / node_id).symlink_to(Path(path).resolve(), target_is_directory=True)
+    return cli.main(["verify", str(model), "--plan", str(plan), "--shards", str(shards)], standalone_mode=False) or 0
+
+
+def _join(url: str, model: Path, out: Path, procs: list[subprocess.Popen], request_id: str) -> int:
+    """A faster node joins; wait for the worker's re-plan to be in force, show it, verify the new shards."""
+    from williw.client import WorkerClient
+    from williw.fsutil import write_json
+    from williw.units import format_bytes, format_seconds
+
+    name, tflops, memory_gb = JOINER
+    print(f"\n{name} ({tflops:g} TFLOPS, {memory_gb * 1000:g} MB) joins; the worker re-plans on its own")
+    joined = time.monotonic()
+    _start_nodes(url, out, procs, (JOINER,))
+    with WorkerClient(url) as client:
+        deadline = time.monotonic() + 60
+        while (plans := client.request_plans(request_id))["plan_version"] < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no re-plan in force within 60 s: {plans['migration'] or 'none started'}")
+            time.sleep(0.1)
+        m, plan = plans["migration"], client.get_plan(request_id)
+        paths = {a["node_id"]: a["shard_path"] for a in client.request_assignments(request_id)["assignments"]}
+    r = m["replan"]
+    print(f"version {m['to_version']} in force {time.monotonic() - joined:.1f} s after {name} started: stages "
+          f"{' → '.join(r['stages'])}; moved {format_bytes(m['peer_bytes'])} from peers and "
+          f"{format_bytes(m['model_bytes'])} from the model (a fresh plan would move "
+          f"{format_bytes(r['fresh_bytes_moved'])}); bottleneck {format_seconds(r['best_bottleneck_s'])} best, "
+          f"{format_seconds(r['bottleneck_after_s'])} re-planned")
+    write_json(out / "run" / "plan-v2.json", plan)
+    return _verify(model, out / "shards-v2", out / "run" / "plan-v2.json", paths)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -81,7 +120,7 @@ def main(out: Path = Path("demo-out")) -> int:
     if not (model / "config.json").exists():
         shutil.rmtree(model, ignore_errors=True)
         tinymodels.build_causal_lm(model, "llama", layers=8, shard_bytes=400_000)
-    for old in ("worker.db", "worker.db-wal", "worker.db-shm", "nodes", "run", "shards"):
+    for old in ("worker.db", "worker.db-wal", "worker.db-shm", "nodes", "run", "shards", "shards-v2"):
         path = out / old
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     procs: list[subprocess.Popen] = []
@@ -90,16 +129,14 @@ def main(out: Path = Path("demo-out")) -> int:
         _start_nodes(url, out, procs)
         print(f"worker at {url}; nodes: " + ", ".join(f"{n} ({t:g} TFLOPS, {m * 1000:g} MB)" for n, t, m in NODES))
         result = NodeClient(url, node_id="user-node", work_dir=out / "run", model_label=MODEL_NAME, timeout_s=90,
-                            reporter=_print_step).execute_complete_workflow(str(model), 1, 64)
+                            reporter=_print_step, auto_replan=True).execute_complete_workflow(str(model), 1, 64)
         print(summary(result))
-        shards = out / "shards"  # verify reads <shards>/<node_id>/: link each node's own shard folder there
-        shards.mkdir()
-        for node_id, shard in result.shards.items():
-            (shards / node_id).symlink_to(Path(shard["shard_path"]).resolve(), target_is_directory=True)
-        code = cli.main(["verify", str(model), "--plan", str(out / "run" / "plan.json"), "--shards", str(shards)],
-                        standalone_mode=False)
+        code = _verify(model, out / "shards", out / "run" / "plan.json",
+                       {n: s["shard_path"] for n, s in result.shards.items()})
+        if not code:
+            code = _join(url, model, out, procs, result.request_id)
         print(f"demo finished in {time.monotonic() - started:.1f} s")
-        return code or 0
+        return code
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130

@@ -14,6 +14,7 @@ would only cost disk and time.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +31,7 @@ from williw.pull import open_remote, remote_tensors, weight_files
 from williw.remote import BACKOFF_S, HttpRangeSource, merge_intervals
 from williw.shards import (
     COPIED_FILES,
+    MANIFEST_NAME,
     SAFETENSORS_FILE,
     LocalFileSource,
     ShardManifest,
@@ -131,6 +133,7 @@ def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_d
                 return linked
     opened: list[HttpRangeSource] = []
     failures: list[str] = []
+    extra_peer: tuple[HttpRangeSource, tuple[str, ...]] | None = None  # a peer's config and tokenizer files
     try:
         by_peer: dict[str, set[str]] = {}
         for name, url in (peers or {}).items():
@@ -144,6 +147,8 @@ def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_d
             except (HubError, CheckpointError):
                 failures.append(url)
                 continue
+            if extra_from is None and extra_peer is None:
+                extra_peer = _peer_extras(source)
             key = routed.add(f"peer{j}", source, "model.safetensors")
             found = [e for e in header.entries if e.name in names]
             source.wanted["model.safetensors"] = merge_intervals([(e.start, e.end) for e in found])
@@ -153,7 +158,7 @@ def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_d
         missing = want - set(infos)
         model_source: HttpRangeSource | None = None
         files: set[str] | None = None
-        if missing or extra_from is None:
+        if missing or (extra_from is None and extra_peer is None):
             model_source, files = open_remote(model, revision, token, endpoint, first_range_bytes, backoff_s)
             opened.append(model_source)
         if missing:
@@ -170,7 +175,7 @@ def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_d
         specs = plan_specs(plan, infos, [node_id], Path(model))
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".williw-gather-", dir=out) as tmp:
-            extra = _extra_files(Path(tmp), extra_from, model_source, files)
+            extra = _extra_files(Path(tmp), extra_from, extra_peer, model_source, files)
             written = write_shards(specs, routed, out, model_name=model_name or plan.model_name or model,
                                    source_name=model, plan_sha256=plan.digest(), extra_files=extra,
                                    desc=f"gather {node_id}")[0]
@@ -214,12 +219,25 @@ def _link(spec: ShardSpec, folder: Path, old: ShardManifest, out: Path, **manife
     return result
 
 
-def _extra_files(tmp: Path, local: Path | None, model: HttpRangeSource | None, files: set[str] | None) -> list[Path]:
-    """config.json and the tokenizer files: from a local shard that has them, else from the model's source."""
+def _peer_extras(source: HttpRangeSource) -> tuple[HttpRangeSource, tuple[str, ...]] | None:
+    """The peer and the config/tokenizer files its manifest says its shard folder holds; None if unreadable."""
+    try:
+        raw = source.get_file(MANIFEST_NAME, missing_ok=True, max_bytes=64 << 20)
+        manifest = ShardManifest.from_dict(json.loads(raw or b""), f"{source.base_url}{MANIFEST_NAME}")
+    except (HubError, SplitError, ValueError):
+        return None
+    return source, tuple(f for f in manifest.copied_files if f in COPIED_FILES)
+
+
+def _extra_files(tmp: Path, local: Path | None, peer: tuple[HttpRangeSource, tuple[str, ...]] | None,
+                 model: HttpRangeSource | None, files: set[str] | None) -> list[Path]:
+    """config.json and the tokenizer files: from a local shard that has them, else a peer's, else the model."""
     out = []
     for f in COPIED_FILES:
         if local is not None:
             data = (local / f).read_bytes() if (local / f).is_file() else None
+        elif peer is not None:
+            data = peer[0].get_file(f, missing_ok=True) if f in peer[1] else None
         elif model is not None and (files is None or f in files):
             data = model.get_file(f, missing_ok=True)
         else:

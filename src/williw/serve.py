@@ -78,15 +78,17 @@ class ModelServer(ThreadingHTTPServer):
 
 class ShardServer(ModelServer):
     """A node agent's shards, served to its peers during a migration: only
-    ``<request_id>/v<version>/<node_id>/{model.safetensors,shard.json}`` of this node under ``data_dir``, looked up
+    ``<request_id>/v<version>/<node_id>/{model.safetensors,shard.json,config.json,...}`` of this node, looked up
     when asked (shards come and go) by a pattern that admits no other path (not the agent's token file)."""
 
     def __init__(self, data_dir: str | os.PathLike[str], node_id: str, host: str = "127.0.0.1", port: int = 0) -> None:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(data_dir, host, port)
         self.files = {}
-        self._pattern = re.compile(rf"^[0-9a-f]{{32}}/v[1-9][0-9]{{0,8}}/{re.escape(node_id)}/"
-                                   r"(model\.safetensors|shard\.json)$")
+        from williw.shards import COPIED_FILES, MANIFEST_NAME, SAFETENSORS_FILE
+
+        names = "|".join(re.escape(n) for n in (SAFETENSORS_FILE, MANIFEST_NAME, *COPIED_FILES))
+        self._pattern = re.compile(rf"^[0-9a-f]{{32}}/v[1-9][0-9]{{0,8}}/{re.escape(node_id)}/({names})$")
 
     def lookup(self, rel: str) -> Path | None:
         if not self._pattern.match(rel):
