@@ -188,6 +188,12 @@ def test_no_plan_for_the_survivors_fails_the_request_and_keeps_the_plan(fleet: F
     assert request["reason"].endswith(" left failed: the model needs 0.66 MB but the only usable node has 0.40 MB "
                                       "in total (short by 0.26 MB)")
     assert request["plan_version"] == 1 and fleet.admin.get_plan(fleet.rid)["@plan"]["version"] == 1
+    fleet.gone.clear()  # the nodes come back: the plan in force runs again, and the request is planned again
+    deadline = time.monotonic() + 15
+    while (request := fleet.admin.get_request(fleet.rid))["status"] != "planned":
+        assert time.monotonic() < deadline, request
+        time.sleep(0.05)
+    assert (request["reason"], request["plan_version"]) == (None, 1)
 
 
 def test_without_auto_replan_a_departure_changes_nothing(tmp_path: Path, meta: dict) -> None:

@@ -95,6 +95,19 @@ def auto_requests(store: Store) -> list[RequestRecord]:
         return [RequestRecord(**r._mapping) for r in rows]
 
 
+REPLAN_FAILURE = "re-planning after "  # how `replanning` starts the reason of a request it could not re-plan
+
+
+def clear_replan_failure(store: Store, request_id: str, now: float) -> bool:
+    """The fleet of the plan in force is whole again: a request that failed only because re-planning failed is
+    ``planned`` again. Returns whether it was."""
+    with store._write() as conn:
+        done = conn.execute(update(requests).where(requests.c.request_id == request_id, requests.c.status == "failed",
+                                                   requests.c.reason.startswith(REPLAN_FAILURE, autoescape=True))
+                            .values(status="planned", reason=None, updated_at=now))
+    return done.rowcount > 0
+
+
 def set_serve_url(store: Store, node_id: str, url: str | None) -> None:
     """Record where ``node_id``'s agent serves its shards (None: nowhere).
 

@@ -27,7 +27,7 @@ from williw.progress import get_logger
 from williw.worker import assignment_store
 from williw.worker import migration_store as db
 from williw.worker.service import Conflict, WorkerSettings, is_online
-from williw.worker.store import NodeRecord, Store
+from williw.worker.store import NodeRecord, RequestRecord, Store
 
 log = get_logger(__name__)
 
@@ -145,7 +145,7 @@ def _layout(plan: Plan) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def _infeasible(store: Store, request_id: str, reason: str, why: str) -> None:
-    message = " ".join(f"re-planning after {reason} failed: {why}".split())
+    message = " ".join(f"{db.REPLAN_FAILURE}{reason} failed: {why}".split())
     store.mark_failed(request_id, message, time.time())
     raise Conflict(f"request '{request_id}': {message}")
 
@@ -192,12 +192,12 @@ class Replanner:
         for request in requests:
             m = active.get(request.request_id)
             try:
-                self._check(request.request_id, request.plan_version, m, online)
+                self._check(request, m, online)
             except (Conflict, db.Stale) as exc:
                 log.info("request %s: %s", request.request_id, exc)
 
-    def _check(self, request_id: str, in_force: int, active: db.MigrationRecord | None,
-               online: frozenset[str]) -> None:
+    def _check(self, request: RequestRecord, active: db.MigrationRecord | None, online: frozenset[str]) -> None:
+        request_id, in_force = request.request_id, request.plan_version
         target = self.store.get_plan(request_id, active.to_version if active else in_force)
         members = [k for k in target if k != PLAN_KEY]
         known = set(members) | {e["node_id"] for e in target[PLAN_KEY].get("excluded", [])
@@ -205,6 +205,8 @@ class Replanner:
         departed = [n for n in members if n not in online]
         joined = sorted(online - known)
         if not departed and not joined:
+            if request.status == "failed" and db.clear_replan_failure(self.store, request_id, time.time()):
+                log.info("request %s: the nodes of its plan are back; it is planned again", request_id)
             if active is not None:
                 switch_if_ready(self.store, request_id)
             return
