@@ -30,16 +30,21 @@ class Fleet:
     def __init__(self, tmp: Path, db_url: str, meta: dict, *, auto_replan: bool = True) -> None:
         self.worker = WorkerProcess(db_url, TOKEN, node_ttl=TTL, log_path=tmp / "worker.log").start()
         self.admin = WorkerClient(self.worker.url, TOKEN)
-        self.tokens = {n: self.admin.register_node(n, t, m)["node_token"] for n, (t, m) in NODES.items()}
         self.gone: set[str] = set()
+        self.tokens: dict[str, str] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
-        self.thread.start()
-        self.rid = self.admin.create_request("tiny/llama")["request_id"]
-        self.v1 = self.admin.process(self.rid, metadata=meta)["plan"]
-        self.admin.distribute(self.rid, "http://127.0.0.1:9/model", auto_replan=auto_replan or None)
-        for n in self.members(self.v1):
-            self.report(n, "ready", 1)
+        try:
+            self.tokens.update({n: self.admin.register_node(n, t, m)["node_token"] for n, (t, m) in NODES.items()})
+            self.thread.start()
+            self.rid = self.admin.create_request("tiny/llama")["request_id"]
+            self.v1 = self.admin.process(self.rid, metadata=meta)["plan"]
+            self.admin.distribute(self.rid, "http://127.0.0.1:9/model", auto_replan=auto_replan or None)
+            for n in self.members(self.v1):
+                self.report(n, "ready", 1)
+        except BaseException:
+            self.close()  # a failed set-up must not leave the worker running
+            raise
 
     def _beat(self) -> None:
         with httpx.Client(base_url=self.worker.url, timeout=5) as http:
@@ -74,7 +79,8 @@ class Fleet:
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join(5)
+        if self.thread.is_alive():
+            self.thread.join(5)
         self.admin.close()
         self.worker.stop()
 
