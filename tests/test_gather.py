@@ -60,7 +60,7 @@ def test_gathered_shards_equal_a_fresh_split_and_each_source_sends_only_its_part
         assert r.peer_failures == ()
         # The servers' own counts: tensor bytes plus the headers (exactly, with a 64-byte first range).
         sent_model = sum(v for f, v in model.bytes_sent.items() if f.endswith(".safetensors"))
-        sent_peers = sum(peers.bytes_sent.values())
+        sent_peers = sum(v for f, v in peers.bytes_sent.items() if f.endswith(".safetensors"))
         assert sent_model - r.model_bytes < 4096 and sent_model >= r.model_bytes
         assert sent_peers - sum(r.peer_bytes.values()) < 4096 and sent_peers >= sum(r.peer_bytes.values())
     # a takes block 1 from b (a peer), b takes block 3 and the head from the model (c, which held them, left)
@@ -120,3 +120,25 @@ def test_a_new_node_gathers_everything_from_peers_and_never_asks_the_model(setup
     assert (r.local_bytes, r.model_bytes) == (0, 0)
     assert dict(model.bytes_sent) == {}  # not even config.json: it came from a peer's shard folder
     assert Path(r.shard_dir, "config.json").read_bytes() == Path(model.root, "config.json").read_bytes()
+
+
+def test_tensors_from_several_places_are_laid_out_in_the_models_order(tiny_llama_sharded: Path,
+                                                                      tmp_path: Path) -> None:
+    """b keeps block 2 and takes blocks 0-1 (and the embeddings) from a peer: the shard is still in model order,
+    byte-identical to a fresh split, not grouped by where the bytes came from."""
+    meta = generate_metadata(tiny_llama_sharded)
+    v1 = pipeline_from_cuts(meta, [2], ["a", "b"])
+    v2 = dataclasses.replace(pipeline_from_cuts(meta, [3], ["b", "a"]), version=2)  # b: [0, 3), a: [3, 4)
+    split_all(tiny_llama_sharded, v1, tmp_path / "v1")
+    fresh = Path(split_all(tiny_llama_sharded, v2, tmp_path / "ref", node_ids=["b"])[0].shard_path).read_bytes()
+    model = ModelServer(tiny_llama_sharded).start()
+    peers = ModelServer(tmp_path / "v1").start()
+    try:
+        mapping = {t: f"{peers.url}/a" for t in v1.node("a").tensor_names}
+        r = gather_shard(model.url, v2, "b", tmp_path / "v2", local=[tmp_path / "v1" / "b"], peers=mapping)
+        assert r.local_bytes > 0 and sum(r.peer_bytes.values()) > 0 and r.model_bytes == 0
+        assert Path(r.shard_dir, "model.safetensors").read_bytes() == fresh
+        assert not any(f.endswith(".safetensors") for f in model.bytes_sent)  # the order came from manifests
+    finally:
+        model.shutdown()
+        peers.shutdown()

@@ -63,18 +63,45 @@ class GatherResult:
 
 
 class _Routed:
-    """A `ByteSource` over several: a tensor's ``file`` is a key naming the source and its real file."""
+    """A `ByteSource` over several, addressed by where each tensor sits in the model's own files.
+
+    Tensors carry their model position (file, offset), so the shard's layout is the model's order, the same as
+    ``split`` and ``pull`` write, wherever the bytes come from; a read of a model range is served tensor by tensor
+    from the source that has each one (the gaps between them, other nodes' tensors, are zeros the writer drops).
+    """
 
     def __init__(self) -> None:
-        self.routes: dict[str, tuple[Any, str]] = {}
+        self.segments: dict[str, list[tuple[int, int, Any, str, int]]] = {}  # model file → (start, end, src, file, at)
 
-    def add(self, key: str, source: Any, file: str) -> str:
-        self.routes[key] = (source, file)
-        return key
+    def add(self, at: tuple[str, int], nbytes: int, source: Any, file: str, start: int) -> None:
+        self.segments.setdefault(at[0], []).append((at[1], at[1] + nbytes, source, file, start))
 
     def read_range(self, file: str, start: int, end: int) -> Iterator[Any]:
-        source, real = self.routes[file]
-        return source.read_range(real, start, end)
+        pos = start
+        for lo, hi, source, real, at in sorted(self.segments.get(file, ())):
+            if hi <= start or lo >= end:
+                continue
+            a, b = max(lo, start), min(hi, end)
+            while pos < a:
+                n = min(a - pos, 1 << 20)
+                yield bytes(n)
+                pos += n
+            yield from source.read_range(real, at + (a - lo), at + (b - lo))
+            pos = b
+        while pos < end:
+            n = min(end - pos, 1 << 20)
+            yield bytes(n)
+            pos += n
+
+
+@dataclass
+class _Found:
+    """Where one wanted tensor's bytes are: ``kind`` is "local", a peer URL or "model"."""
+
+    entry: Any  # a header entry: name, dtype, shape, start, end in ``file``
+    source: Any
+    file: str
+    kind: str
 
 
 def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_dir: str | os.PathLike[str], *,
@@ -101,12 +128,11 @@ def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_d
     """
     plan = as_plan(plan)
     want = set(plan.node(node_id).tensor_names)
-    routed = _Routed()
-    infos: dict[str, TensorInfo] = {}
-    kind: dict[str, str] = {}  # tensor → "local" | peer URL | "model"
+    found: dict[str, _Found] = {}
+    at: dict[str, tuple[str, int]] = {}  # tensor → its position in the model's files, from manifests or headers
     extra_from: Path | None = None
     whole: list[tuple[Path, ShardManifest]] = []  # local shards holding exactly this node's tensors
-    for i, folder in enumerate(Path(p) for p in local):
+    for folder in (Path(p) for p in local):
         try:
             manifest = read_manifest(folder)
             path = folder / manifest.file
@@ -114,20 +140,20 @@ def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_d
                 header = read_header(f, manifest.file, path.stat().st_size)
         except (SplitError, CheckpointError, OSError):
             continue  # a shard being deleted, or never finished: the tensors come from elsewhere
-        key = routed.add(f"local{i}", LocalFileSource(folder), manifest.file)
+        _positions(at, manifest)
+        source = LocalFileSource(folder)
         if {e.name for e in header.entries} == want and manifest.file == SAFETENSORS_FILE:
             whole.append((folder, manifest))
         for e in header.entries:
-            if e.name in want and e.name not in infos:
-                infos[e.name] = TensorInfo(e.name, e.dtype, e.shape, key, e.start, e.end)
-                kind[e.name] = "local"
+            if e.name in want and e.name not in found:
+                found[e.name] = _Found(e, source, manifest.file, "local")
         if extra_from is None and manifest.copied_files:
             extra_from = folder
     out = Path(output_dir)
-    if want <= set(infos):
-        specs = plan_specs(plan, infos, [node_id], Path(model))
+    name = model_name or plan.model_name or model
+    if want <= set(found) and all(n in at for n in want):
         for folder, manifest in whole:
-            linked = _link(specs[0], folder, manifest, out, model_name=model_name or plan.model_name or model,
+            linked = _link(_spec(plan, node_id, found, at, model), folder, manifest, out, model_name=name,
                            source_name=model, plan_sha256=plan.digest())
             if linked is not None:
                 return linked
@@ -136,62 +162,87 @@ def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_d
     extra_peer: tuple[HttpRangeSource, tuple[str, ...]] | None = None  # a peer's config and tokenizer files
     try:
         by_peer: dict[str, set[str]] = {}
-        for name, url in (peers or {}).items():
-            if name in want and name not in infos:
-                by_peer.setdefault(url, set()).add(name)
-        for j, (url, names) in enumerate(sorted(by_peer.items())):
+        for tensor, url in (peers or {}).items():
+            if tensor in want and tensor not in found:
+                by_peer.setdefault(url, set()).add(tensor)
+        for url, names in sorted(by_peer.items()):
             source = HttpRangeSource(url, first_range_bytes=first_range_bytes, backoff_s=backoff_s, retries=1)
             opened.append(source)
             try:
-                header, _ = source.read_header("model.safetensors")
+                header, _ = source.read_header(SAFETENSORS_FILE)
             except (HubError, CheckpointError):
                 failures.append(url)
                 continue
-            if extra_from is None and extra_peer is None:
-                extra_peer = _peer_extras(source)
-            key = routed.add(f"peer{j}", source, "model.safetensors")
-            found = [e for e in header.entries if e.name in names]
-            source.wanted["model.safetensors"] = merge_intervals([(e.start, e.end) for e in found])
-            for e in found:
-                infos[e.name] = TensorInfo(e.name, e.dtype, e.shape, key, e.start, e.end)
-                kind[e.name] = url
-        missing = want - set(infos)
+            manifest = _peer_manifest(source)
+            if manifest is not None:
+                _positions(at, manifest)
+                if extra_from is None and extra_peer is None:
+                    extra_peer = (source, tuple(f for f in manifest.copied_files if f in COPIED_FILES))
+            hits = [e for e in header.entries if e.name in names]
+            source.wanted[SAFETENSORS_FILE] = merge_intervals([(e.start, e.end) for e in hits])
+            for e in hits:
+                found[e.name] = _Found(e, source, SAFETENSORS_FILE, url)
+        missing = want - set(found)
         model_source: HttpRangeSource | None = None
         files: set[str] | None = None
-        if missing or (extra_from is None and extra_peer is None):
-            model_source, files = open_remote(model, revision, token, endpoint, first_range_bytes, backoff_s)
-            opened.append(model_source)
-        if missing:
-            assert model_source is not None
-            remote, _ = remote_tensors(model_source, weight_files(model_source, files, model), model)
-            for name in missing & set(remote):
-                t = remote[name]
-                infos[name] = TensorInfo(name, t.dtype, t.shape, routed.add(f"model:{t.file}", model_source, t.file),
-                                         t.start, t.end)
-                kind[name] = "model"
+        unplaced = any(n not in at for n in want)
+        if missing or unplaced or (extra_from is None and extra_peer is None):
+            try:
+                model_source, files = open_remote(model, revision, token, endpoint, first_range_bytes, backoff_s)
+                opened.append(model_source)
+                remote, _ = remote_tensors(model_source, weight_files(model_source, files, model), model)
+            except (HubError, CheckpointError):
+                if missing or (extra_from is None and extra_peer is None):
+                    raise
+                remote = {}  # only the model's order was wanted: keep the order the sources give
+            for n, t in remote.items():
+                at[n] = (t.file, t.start)  # type: ignore[assignment]
+            for n in missing & set(remote):
+                found[n] = _Found(remote[n], model_source, remote[n].file, "model")
             for file in {remote[n].file for n in missing if n in remote}:
-                model_source.wanted[file] = merge_intervals([(remote[n].start, remote[n].end) for n in missing
-                                                             if n in remote and remote[n].file == file])
-        specs = plan_specs(plan, infos, [node_id], Path(model))
+                model_source.wanted[file] = merge_intervals(  # type: ignore[union-attr]
+                    [(remote[n].start, remote[n].end) for n in missing if n in remote and remote[n].file == file])
+        spec = _spec(plan, node_id, found, at, model)
+        routed = _Routed()
+        for t in spec.tensors:
+            f = found[t.name]
+            routed.add((t.file, t.start), t.nbytes, f.source, f.file, f.entry.start)  # type: ignore[arg-type]
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".williw-gather-", dir=out) as tmp:
             extra = _extra_files(Path(tmp), extra_from, extra_peer, model_source, files)
-            written = write_shards(specs, routed, out, model_name=model_name or plan.model_name or model,
-                                   source_name=model, plan_sha256=plan.digest(), extra_files=extra,
-                                   desc=f"gather {node_id}")[0]
+            written = write_shards([spec], routed, out, model_name=name, source_name=model,
+                                   plan_sha256=plan.digest(), extra_files=extra, desc=f"gather {node_id}")[0]
     finally:
         for s in opened:
             s.close()
-    size = {t.name: t.nbytes for t in specs[0].tensors}
+    size = {t.name: t.nbytes for t in spec.tensors}
     peer_bytes: dict[str, int] = {}
-    for name, k in kind.items():
-        if k not in ("local", "model"):
-            peer_bytes[k] = peer_bytes.get(k, 0) + size[name]
+    for n, f in found.items():
+        if f.kind not in ("local", "model") and n in size:
+            peer_bytes[f.kind] = peer_bytes.get(f.kind, 0) + size[n]
     return GatherResult(node_id=node_id, shard_dir=str(written.path.parent), file_sha256=written.manifest.file_sha256,
-                        local_bytes=sum(size[n] for n, k in kind.items() if k == "local"), peer_bytes=peer_bytes,
-                        model_bytes=sum(size[n] for n, k in kind.items() if k == "model"),
+                        local_bytes=sum(size[n] for n, f in found.items() if f.kind == "local" and n in size),
+                        peer_bytes=peer_bytes,
+                        model_bytes=sum(size[n] for n, f in found.items() if f.kind == "model" and n in size),
                         bytes_downloaded=sum(s.bytes_received for s in opened), peer_failures=tuple(failures),
                         skipped=written.skipped)
+
+
+def _positions(at: dict[str, tuple[str, int]], manifest: ShardManifest) -> None:
+    for t in manifest.tensors:
+        if t.source_at is not None:
+            at.setdefault(t.name, t.source_at)
+
+
+def _spec(plan: Plan, node_id: str, found: dict[str, _Found], at: dict[str, tuple[str, int]],
+          model: str) -> ShardSpec:
+    """The node's shard with each tensor at its model position (or, unknown, after them in the order found)."""
+    infos = {}
+    for n, f in found.items():
+        e = f.entry
+        file, start = at.get(n, (f"~{f.kind}/{f.file}", e.start))
+        infos[n] = TensorInfo(n, e.dtype, e.shape, file, start, start + (e.end - e.start))
+    return plan_specs(plan, infos, [node_id], Path(model))[0]
 
 
 def _link(spec: ShardSpec, folder: Path, old: ShardManifest, out: Path, **manifest: str) -> GatherResult | None:
@@ -219,14 +270,13 @@ def _link(spec: ShardSpec, folder: Path, old: ShardManifest, out: Path, **manife
     return result
 
 
-def _peer_extras(source: HttpRangeSource) -> tuple[HttpRangeSource, tuple[str, ...]] | None:
-    """The peer and the config/tokenizer files its manifest says its shard folder holds; None if unreadable."""
+def _peer_manifest(source: HttpRangeSource) -> ShardManifest | None:
+    """The peer's shard manifest (model positions, config files), or None when it cannot be read."""
     try:
         raw = source.get_file(MANIFEST_NAME, missing_ok=True, max_bytes=64 << 20)
-        manifest = ShardManifest.from_dict(json.loads(raw or b""), f"{source.base_url}{MANIFEST_NAME}")
+        return ShardManifest.from_dict(json.loads(raw or b""), f"{source.base_url}{MANIFEST_NAME}")
     except (HubError, SplitError, ValueError):
         return None
-    return source, tuple(f for f in manifest.copied_files if f in COPIED_FILES)
 
 
 def _extra_files(tmp: Path, local: Path | None, peer: tuple[HttpRangeSource, tuple[str, ...]] | None,

@@ -44,10 +44,14 @@ class ShardSpec:
 
 @dataclass(frozen=True)
 class ManifestTensor:
+    """One tensor of a shard. ``source_at`` is where it starts in the model's own files (file name, offset): the
+    shard's order is the model's, and a node gathering a shard from peers' shards learns that order from here."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
     bytes: int
+    source_at: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,8 @@ class ShardManifest:
                 "blocks": list(self.blocks) if self.blocks is not None else None, "file": self.file,
                 "file_sha256": self.file_sha256, "file_bytes": self.file_bytes,
                 "copied_files": list(self.copied_files),
-                "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.bytes}
+                "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.bytes,
+                             **({"source_at": list(t.source_at)} if t.source_at is not None else {})}
                             for t in self.tensors]}
 
     @staticmethod
@@ -111,7 +116,12 @@ class ShardManifest:
                     and isinstance(t.get("shape"), list) and all(isinstance(s, int) for s in t["shape"])
                     and isinstance(t.get("bytes"), int)):
                 raise SplitError(f"'{source}': tensors[{i}] must be {{name, dtype, shape, bytes}}")
-            parsed.append(ManifestTensor(t["name"], t["dtype"], tuple(t["shape"]), t["bytes"]))
+            at = t.get("source_at")
+            if at is not None and not (isinstance(at, list) and len(at) == 2 and isinstance(at[0], str)
+                                       and is_plain_filename(at[0]) and isinstance(at[1], int) and at[1] >= 0):
+                raise SplitError(f"'{source}': tensors[{i}].source_at must be [file name, offset >= 0]")
+            parsed.append(ManifestTensor(t["name"], t["dtype"], tuple(t["shape"]), t["bytes"],
+                                         (at[0], at[1]) if at is not None else None))
         stage = d.get("stage")
         return ShardManifest(node_id=d["node_id"], model_name=d["model_name"], source=d["source"],
                              plan_sha256=d["plan_sha256"], stage=stage if isinstance(stage, int) else None,
@@ -192,7 +202,9 @@ def expected_manifest(spec: ShardSpec, *, model_name: str, source_name: str, pla
         file_bytes = len(safetensors_prefix(layout)) + sum(t.nbytes for t in layout)
     return ShardManifest(node_id=spec.node_id, model_name=model_name, source=source_name, plan_sha256=plan_sha256,
                          stage=spec.stage, blocks=spec.blocks, file=file, file_sha256="", file_bytes=file_bytes,
-                         tensors=tuple(ManifestTensor(t.name, t.dtype, t.shape, t.nbytes) for t in layout),
+                         tensors=tuple(ManifestTensor(t.name, t.dtype, t.shape, t.nbytes,
+                                                      (t.file, t.start) if t.start is not None else None)
+                                       for t in layout),
                          copied_files=tuple(copied_files))
 
 
