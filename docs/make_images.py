@@ -1,10 +1,14 @@
-"""Make the README's pictures with williw's own commands: ``docs/plan.svg`` and ``docs/dashboard.png``.
+"""Make the README's pictures with williw's own commands: ``docs/plan.svg``, ``docs/dashboard.png`` and
+``docs/dashboard-replan.png``.
 
 1. A 1.1B Llama (TinyLlama's shape, bf16) as a *sparse* safetensors file: the real header and a hole where the
    weights would be. `williw metadata` reads only headers, so the numbers are the real model's, at no disk cost.
 2. ``williw metadata`` → ``williw plan --svg docs/plan.svg`` on five heterogeneous nodes (one too small).
 3. ``williw worker`` on a free loopback port, the same nodes registered and heartbeating (one stops), a request
    planned through the API, and headless Chromium (Debian's, driven by Playwright) photographs ``/``.
+4. The request is distributed with automatic re-planning on, its nodes report their shards ready (no agents run:
+   the script reports for them), a fast node joins, the worker re-plans by itself, and one node of the new version
+   reports ready: the page's re-plan panel, photographed mid-migration.
 
 Run: ``.venv/bin/python docs/make_images.py`` (needs ``chromium`` at /usr/bin/chromium and ``playwright``).
 """
@@ -15,6 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +28,7 @@ BIN = Path(sys.executable).parent
 TOKEN = "docs-admin"
 DIMS = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
             num_key_value_heads=4, vocab_size=32000)
+JOINER = {"node_id": "h100-5", "compute_tflops": 989, "memory_gb": 0.9, "memory_bandwidth_gbps": 3350}
 NODES = [
     {"node_id": "a100-0", "compute_tflops": 312, "memory_gb": 0.8, "memory_bandwidth_gbps": 2039},
     {"node_id": "l4-1", "compute_tflops": 121, "memory_gb": 0.9, "memory_bandwidth_gbps": 300},
@@ -73,7 +79,7 @@ def main() -> None:
         williw("plan", str(work / "metadata.json"), "--nodes", str(nodes_file), "-o", str(work / "plan.json"),
                "--svg", str(DOCS / "plan.svg"), "--json")
         screenshot_dashboard(work, json.loads((work / "metadata.json").read_text()))
-    print(f"wrote {DOCS / 'plan.svg'} and {DOCS / 'dashboard.png'}")
+    print(f"wrote {DOCS / 'plan.svg'}, {DOCS / 'dashboard.png'} and {DOCS / 'dashboard-replan.png'}")
 
 
 def screenshot_dashboard(work: Path, metadata: dict) -> None:
@@ -98,9 +104,9 @@ def screenshot_dashboard(work: Path, metadata: dict) -> None:
             http.post("/api/process", json={"request_id": rid, "metadata": metadata}, headers=admin).raise_for_status()
             http.post("/api/request", json={"model_name": "meta-llama/Llama-3.2-1B"}, headers=admin)
             time.sleep(3.5)  # past the TTL: only the nodes that beat below are online, edge-4 shows offline
-            for node_id, token in tokens.items():
-                if node_id != "edge-4":
-                    http.post(f"/api/nodes/{node_id}/heartbeat", headers={"Authorization": f"Bearer {token}"})
+        stop = threading.Event()
+        beats = threading.Thread(target=_heartbeats, args=(url, tokens, stop), daemon=True)
+        beats.start()
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 820})
@@ -110,10 +116,58 @@ def screenshot_dashboard(work: Path, metadata: dict) -> None:
             page.wait_for_selector("#plan svg g.stage")
             page.wait_for_selector('tr.node[data-node="edge-4"][data-online="false"]')
             page.screenshot(path=str(DOCS / "dashboard.png"), full_page=True)
+            _start_replan(url, rid, tokens)
+            page.wait_for_selector("#migration:not([hidden]) #migration-steps .badge.done")
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(DOCS / "dashboard-replan.png"), full_page=True)
             browser.close()
+        stop.set()
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _heartbeats(url: str, tokens: dict[str, str], stop: threading.Event) -> None:
+    """Every node but edge-4 beats every 0.5 s (tokens may gain a node meanwhile)."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=30) as http:
+        while True:
+            for node_id, token in list(tokens.items()):
+                if node_id != "edge-4":
+                    http.post(f"/api/nodes/{node_id}/heartbeat", headers={"Authorization": f"Bearer {token}"})
+            if stop.wait(0.5):
+                return
+
+
+def _start_replan(url: str, rid: str, tokens: dict[str, str]) -> None:
+    """Distribute with auto re-plan, report version 1 ready, let a fast node join, report one pull of version 2."""
+    import httpx
+
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=url, timeout=30) as http:
+        stages = http.post("/api/get-plan", json={"request_id": rid}).json()["@plan"]["stages"]
+        http.post(f"/api/requests/{rid}/distribute", json={"source": "http://127.0.0.1:9/TinyLlama",
+                                                           "auto_replan": True}, headers=admin).raise_for_status()
+        for n in stages:
+            http.post(f"/api/assignments/{rid}/{n}", json={"state": "ready", "plan_version": 1,
+                                                           "shard_path": f"/data/{n}", "sha256": "0" * 64},
+                      headers={"Authorization": f"Bearer {tokens[n]}"}).raise_for_status()
+        tokens[JOINER["node_id"]] = http.post("/api/nodes", json=JOINER, headers=admin).json()["node_token"]
+        for _ in range(200):
+            migration = http.get(f"/api/requests/{rid}/plans").json()["migration"]
+            if migration:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the worker did not re-plan after a node joined")
+        pullers = [s["node_id"] for s in migration["steps"] if s["action"] == "pull"]
+        for n, state in zip(dict.fromkeys(pullers), ("ready", "pulling"), strict=False):
+            body = {"state": state, "plan_version": 2}
+            if state == "ready":
+                body.update(shard_path=f"/data/{n}/v2", sha256="0" * 64)
+            http.post(f"/api/assignments/{rid}/{n}", json=body,
+                      headers={"Authorization": f"Bearer {tokens[n]}"}).raise_for_status()
 
 
 if __name__ == "__main__":
