@@ -39,6 +39,7 @@ from williw.shards import (
     expected_manifest,
     is_complete,
     read_manifest,
+    shard_layout,
     write_shards,
 )
 from williw.shards.manifest import finish_shard, prepare_shard_dir
@@ -74,11 +75,12 @@ class _Routed:
         self.segments: dict[str, list[tuple[int, int, Any, str, int]]] = {}  # model file → (start, end, src, file, at)
 
     def add(self, at: tuple[str, int], nbytes: int, source: Any, file: str, start: int) -> None:
+        """Add one tensor; call in model order (`shard_layout`), as `read_range` walks each list once."""
         self.segments.setdefault(at[0], []).append((at[1], at[1] + nbytes, source, file, start))
 
     def read_range(self, file: str, start: int, end: int) -> Iterator[Any]:
         pos = start
-        for lo, hi, source, real, at in sorted(self.segments.get(file, ())):
+        for lo, hi, source, real, at in self.segments.get(file, ()):
             if hi <= start or lo >= end:
                 continue
             a, b = max(lo, start), min(hi, end)
@@ -204,7 +206,7 @@ def gather_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_d
                     [(remote[n].start, remote[n].end) for n in missing if n in remote and remote[n].file == file])
         spec = _spec(plan, node_id, found, at, model)
         routed = _Routed()
-        for t in spec.tensors:
+        for t in shard_layout(spec.tensors):  # by model position: read_range walks each file's list in order
             f = found[t.name]
             routed.add((t.file, t.start), t.nbytes, f.source, f.file, f.entry.start)  # type: ignore[arg-type]
         out.mkdir(parents=True, exist_ok=True)

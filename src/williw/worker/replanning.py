@@ -26,8 +26,8 @@ from williw.planner.plan import PLAN_KEY, ExcludedNode, Plan
 from williw.progress import get_logger
 from williw.worker import assignment_store
 from williw.worker import migration_store as db
-from williw.worker.service import Conflict, WorkerSettings, is_online
-from williw.worker.store import NodeRecord, RequestRecord, Store
+from williw.worker.service import OFFLINE, Conflict, WorkerSettings, is_online, split_fleet
+from williw.worker.store import RequestRecord, Store
 
 log = get_logger(__name__)
 
@@ -72,7 +72,7 @@ def replan_request(store: Store, settings: WorkerSettings, request_id: str, *, r
     step = max_step_bytes if max_step_bytes is not None else options.get("max_step_bytes")
     meta = ModelMetadata.from_dict(data, f"the stored metadata of request '{request_id}'")
     current = Plan.from_dict(store.get_plan(request_id, request.plan_version), f"plan version {request.plan_version}")
-    online, offline = _split_fleet(store.list_nodes(), now, settings.node_ttl_s)
+    online, offline = split_fleet(store.list_nodes(), now, settings.node_ttl_s)
     if not online:
         return _infeasible(store, request_id, reason, "no online nodes")
     try:
@@ -85,7 +85,8 @@ def replan_request(store: Store, settings: WorkerSettings, request_id: str, *, r
     active = db.active_migrations(store, [request_id]).get(request_id)
 
     def render(version: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        plan = dataclasses.replace(r.plan, version=version, excluded=r.plan.excluded + offline)
+        excluded = r.plan.excluded + tuple(ExcludedNode(n, why) for n, why in offline)
+        plan = dataclasses.replace(r.plan, version=version, excluded=excluded)
         schedule = dataclasses.replace(r.migration, to_version=version)
         return plan.to_dict(), schedule.to_dict(), {**r.summary(), "version": version}
 
@@ -130,14 +131,6 @@ def node_pulls(store: Store, node_id: str, records: list[Any]) -> dict[str, list
                           "bytes": s["bytes"]})
         out[request_id] = steps
     return out
-
-
-def _split_fleet(records: list[NodeRecord], now: float,
-                 ttl_s: float) -> tuple[list[NodeRecord], tuple[ExcludedNode, ...]]:
-    online = [r for r in records if is_online(r, now, ttl_s)]
-    offline = tuple(ExcludedNode(r.node_id, f"offline: last heartbeat {now - r.last_heartbeat:.0f} s ago "
-                                            f"(TTL {ttl_s:g} s)") for r in records if not is_online(r, now, ttl_s))
-    return online, offline
 
 
 def _layout(plan: Plan) -> list[tuple[str, tuple[str, ...]]]:
@@ -201,7 +194,7 @@ class Replanner:
         target = self.store.get_plan(request_id, active.to_version if active else in_force)
         members = [k for k in target if k != PLAN_KEY]
         known = set(members) | {e["node_id"] for e in target[PLAN_KEY].get("excluded", [])
-                                if not str(e.get("reason", "")).startswith("offline")}
+                                if not str(e.get("reason", "")).startswith(OFFLINE)}
         departed = [n for n in members if n not in online]
         joined = sorted(online - known)
         if not departed and not joined:

@@ -73,6 +73,18 @@ def is_online(node: NodeRecord, now: float, ttl_s: float) -> bool:
     return now - node.last_heartbeat <= ttl_s
 
 
+OFFLINE = "offline: "  # how a plan's reason for excluding an offline node starts (the re-planning check reads it)
+
+
+def split_fleet(records: list[NodeRecord], now: float,
+                ttl_s: float) -> tuple[list[NodeRecord], tuple[tuple[str, str], ...]]:
+    """The online nodes, and ``(node_id, reason)`` for each of the others (the plan lists them as excluded)."""
+    online = [r for r in records if is_online(r, now, ttl_s)]
+    offline = tuple((r.node_id, f"{OFFLINE}last heartbeat {now - r.last_heartbeat:.0f} s ago (TTL {ttl_s:g} s)")
+                    for r in records if not is_online(r, now, ttl_s))
+    return online, offline
+
+
 @dataclass(frozen=True)
 class PlanningJob:
     """What the planner needs for one ``process`` call, read from the store: `planning.plan_dict`'s arguments."""
@@ -126,10 +138,8 @@ def planning_job(store: Store, settings: WorkerSettings, request_id: str, *, met
         metadata, source = _fetch_metadata(store, settings, request, repo, revision), f"Hub repo '{repo}'"
     now = time.time()
     records = store.list_nodes()
-    online = [r.fleet_dict() for r in records if is_online(r, now, settings.node_ttl_s)]
-    offline = tuple((r.node_id, f"offline: last heartbeat {now - r.last_heartbeat:.0f} s ago "
-                                f"(TTL {settings.node_ttl_s:g} s)")
-                    for r in records if not is_online(r, now, settings.node_ttl_s))
+    live, offline = split_fleet(records, now, settings.node_ttl_s)
+    online = [r.fleet_dict() for r in live]
     if not online:
         _fail(store, request_id, f"no online nodes: {len(records)} registered, none heartbeated in the last "
                                  f"{settings.node_ttl_s:g} s")
