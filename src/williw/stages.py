@@ -1,17 +1,29 @@
-"""Pipeline stages of a transformers model, built from one shard each and run as separate nodes would run them.
+"""Pipeline stages of a transformers model, built from one shard each and run through the model's own ``forward``.
 
-A stage is the model skeleton from ``config.json`` on the meta device (no memory) with only the stage's modules
-materialised: the embeddings on the first stage, its blocks, the final norm and head on the last. Between stages
-only the hidden state travels; each stage derives everything else (position ids, rotary embeddings, the attention
-mask) from its shape, as a node that never saw the tokens must. Each architecture's `Arch` mirrors that model's own
-``forward`` in transformers 5, call for call, so that a float32 pipeline is bit-exact with the full model.
+A stage is the model skeleton from ``config.json`` on the meta device (no memory) in which:
+
+- the blocks of the stage get real weights, loaded by transformers' own loader (so checkpoint renamings and
+  fusions, e.g. per-expert MoE tensors into one ``experts.gate_up_proj``, are the library's, not ours);
+- the blocks outside the stage are replaced by `Passthrough` modules;
+- the embeddings (first stage) and the final norm and head (last stage) get real weights; every other tensor is a
+  zero-stride placeholder (``torch.zeros(()).expand(shape)``: the right shape and dtype, no memory), so the model's
+  forward can compute masks and rotary embeddings from real, correctly shaped tensors.
+
+The stage then runs the model's own ``forward``: a forward pre-hook on its first block swaps in the hidden state
+received from the previous stage, and a forward hook on its last block captures the hidden state to send and stops
+the forward there. No modeling code is copied, so a new decoder family that transformers builds needs no change.
+
+Which modules run before and after the block stack is not guessed from names either: `_trace_phases` runs the
+skeleton once with every block passed through and placeholders everywhere (a few KB of compute) and records, for
+each parameter, whether the model uses it before the first block or after the last.
 
 torch and transformers are imported inside the functions (they are an extra).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,54 +33,14 @@ from williw.errors import VerifyError
 if TYPE_CHECKING:
     import torch
 
-# The attention kernel of both the reference and the stages. They must agree for bit-exactness; sdpa is what
-# transformers 5 picks by default on CPU, so the reference is the model as users normally run it.
-ATTN_IMPLEMENTATION = "sdpa"
 # Math libraries may take another code path for data that is not 64-byte aligned (MKL documents that results can
 # then differ in the last bits). safetensors aligns tensors to 8 bytes in a file, and from_pretrained keeps the
 # memory-mapped file's tensors, so their alignment depends on the file: a tiny BERT's pooler gave 4.5e-08 apart with
 # the same weight at two alignments. Both the reference and the stages therefore copy unaligned tensors.
 ALIGNMENT = 64
 
-
-@dataclass(frozen=True)
-class Arch:
-    """Where an architecture keeps its parts (module paths in the skeleton) and how to run them."""
-
-    name: str
-    first: tuple[str, ...]  # modules run before the first block
-    blocks: str  # the ModuleList of blocks
-    last: tuple[str, ...]  # modules run after the last block
-    helpers: tuple[str, ...] = ()  # weightless modules every stage needs (rotary embeddings)
-    outputs: tuple[str, ...] = ("logits",)
-
-
-LLAMA = Arch("llama", ("model.embed_tokens",), "model.layers", ("model.norm", "lm_head"), ("model.rotary_emb",))
-GPT2 = Arch("gpt2", ("transformer.wte", "transformer.wpe"), "transformer.h", ("transformer.ln_f", "lm_head"))
-BERT = Arch("bert", ("embeddings",), "encoder.layer", ("pooler",), outputs=("last_hidden_state", "pooler_output"))
-
-# architectures[0] of config.json -> adapter. Only classes whose forward the runners below mirror.
-ARCHITECTURES: dict[str, Arch] = {
-    "LlamaForCausalLM": LLAMA,
-    "MistralForCausalLM": LLAMA,
-    "Qwen2ForCausalLM": LLAMA,
-    "GPT2LMHeadModel": GPT2,
-    "BertModel": BERT,
-}
-
-
-def arch_of(config: Any) -> tuple[str, Arch]:
-    """The architecture name in a transformers config and its adapter.
-
-    Raises:
-        VerifyError: the architecture is not one verify can run stage by stage.
-    """
-    archs = getattr(config, "architectures", None) or []
-    name = archs[0] if archs else None
-    if name not in ARCHITECTURES:
-        raise VerifyError(f"architecture '{name or config.model_type}' is not supported by verify "
-                          f"(supported: {', '.join(ARCHITECTURES)})")
-    return name, ARCHITECTURES[name]  # type: ignore[return-value]
+# Output fields of a transformers ModelOutput that are not the model's result.
+_NOT_OUTPUTS = {"past_key_values", "hidden_states", "attentions", "cross_attentions", "loss"}
 
 
 def load_config(folder: Path) -> Any:
@@ -88,133 +60,129 @@ def load_config(folder: Path) -> Any:
         raise VerifyError(f"'{folder / 'config.json'}': transformers cannot read it ({exc})") from None
 
 
-def skeleton(config: Any, dtype: torch.dtype) -> Any:
-    """The whole model on the meta device: every module exists, no tensor holds memory."""
-    import torch
+def model_class(config: Any) -> tuple[str, Any]:
+    """The transformers class named by ``config.architectures[0]``, refused with one line when its stages cannot
+    run from their shards alone.
+
+    Raises:
+        VerifyError: a quantized checkpoint, an architecture whose blocks do not form one chain passing one hidden
+            state (encoder-decoder, vision-language, audio), or a class this transformers release does not have.
+    """
     import transformers
 
-    name, _ = arch_of(config)
+    archs = getattr(config, "architectures", None) or []
+    name = archs[0] if archs else None
+    label = name or config.model_type
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None))
+        method = getattr(method, "value", method) or "an unknown method"
+        raise VerifyError(f"architecture '{label}' is quantized with {method} (config.json quantization_config): "
+                          f"verify compares float outputs bit for bit and would need the {method} kernels to "
+                          f"dequantize each stage; verify an unquantized copy of the model instead")
+    why = _not_a_chain(config)
+    if why:
+        raise VerifyError(f"architecture '{label}' is not supported by verify: {why}")
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None:
+        raise VerifyError(f"architecture '{label}' is not a class of transformers {transformers.__version__} "
+                          f"(config.json architectures); upgrade transformers or fix config.json")
+    return name, cls  # type: ignore[return-value]
+
+
+def _not_a_chain(config: Any) -> str | None:
+    """Why the model's blocks do not form one chain that passes one hidden state, or None."""
+    if getattr(config, "is_encoder_decoder", False):
+        return ("it is an encoder-decoder model (config.json is_encoder_decoder): every decoder block also reads "
+                "the encoder's output, so the stages do not pass one hidden state")
+    parts = [k for k in (getattr(config, "sub_configs", None) or {}) if k != "text_config"]
+    if parts:
+        return (f"it has sub-models ({', '.join(sorted(parts))} in config.json) that run beside the language model, "
+                f"so its blocks do not form one chain passing one hidden state")
+    return None
+
+
+def skeleton(cls: Any, config: Any, dtype: torch.dtype) -> Any:
+    """The whole model on the meta device: every module exists, no tensor holds memory."""
+    import torch
+
     with torch.device("meta"):
-        model = getattr(transformers, name)._from_config(config, dtype=dtype,
-                                                         attn_implementation=ATTN_IMPLEMENTATION)
+        model = cls._from_config(config, dtype=dtype)
     return model.eval()  # modules start in training mode; GPT-2 and BERT have dropout
 
 
-@dataclass
-class Stage:
-    """A materialised stage. ``loaded`` maps each model key to the checkpoint name it was read from."""
-
-    model: Any
-    arch: Arch
-    blocks: tuple[int, int]
-    is_first: bool
-    is_last: bool
-    loaded: dict[str, str] = field(default_factory=dict)
-    ignored: list[str] = field(default_factory=list)
-
-    @property
-    def parameters(self) -> int:
-        return sum(self.model.get_parameter(k).numel() for k in self.loaded
-                   if _is_parameter(self.model, k))
-
-    def modules(self) -> list[str]:
-        return stage_modules(self.arch, self.blocks, self.is_first, self.is_last)
-
-
-def stage_modules(arch: Arch, blocks: tuple[int, int], is_first: bool, is_last: bool) -> list[str]:
-    """Module paths a stage runs: ``[start, end)`` blocks, plus the first/last modules at the ends."""
-    names = list(arch.first) if is_first else []
-    names += [f"{arch.blocks}.{i}" for i in range(*blocks)]
-    return names + (list(arch.last) if is_last else [])
-
-
-def _is_parameter(model: Any, key: str) -> bool:
-    owner, _, leaf = key.rpartition(".")
-    return leaf in model.get_submodule(owner)._parameters
-
-
-def _exists(model: Any, path: str) -> bool:
-    try:
-        return model.get_submodule(path) is not None
-    except AttributeError:
-        return False
-
-
-def needed_keys(model: Any, modules: list[str]) -> list[str]:
-    """Parameters and persistent buffers of these modules, as model keys (tied parameters listed once each)."""
-    keys = []
-    for path in modules:
-        if not _exists(model, path):
-            continue  # e.g. a BertModel built without its pooler
-        for sub_name, sub in model.get_submodule(path).named_modules(remove_duplicate=False):
-            prefix = f"{path}.{sub_name}" if sub_name else path
-            keys += [f"{prefix}.{n}" for n, p in sub._parameters.items() if p is not None]
-            keys += [f"{prefix}.{n}" for n, b in sub._buffers.items()
-                     if b is not None and n not in sub._non_persistent_buffers_set]
-    return list(dict.fromkeys(keys))
-
-
-def checkpoint_names(model: Any, key: str) -> list[str]:
-    """Names a checkpoint may store model key ``key`` under, best first: the key, the tied source (a tied
-    head is not stored), and each without or with the base-model prefix (GPT-2 on the Hub has ``h.0...``, not
-    ``transformer.h.0...``; a ``BertForMaskedLM`` checkpoint has ``bert.embeddings...``)."""
-    keys = [key]
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    if key in tied:
-        keys.append(tied[key])
-    base = getattr(model, "base_model_prefix", "")
-    out = []
-    for k in keys:
-        out += [k, k.removeprefix(base + ".")] if k.startswith(base + ".") else [k, f"{base}.{k}"]
-    return list(dict.fromkeys(out))
-
-
-def materialise(model: Any, arch: Arch, blocks: tuple[int, int], is_first: bool, is_last: bool,
-                tensors: Callable[[str], torch.Tensor], available: set[str], where: str, source: str) -> Stage:
-    """Give the stage's modules real tensors, read through ``tensors(name)`` from the names in ``available``
-    (``source`` names where they come from, for the messages).
-
-    Non-persistent buffers (rotary ``inv_freq``, BERT's ``position_ids``) are not in checkpoints: they are
-    recomputed by the model's own ``_init_weights``, exactly as ``from_pretrained`` does.
+def block_stack(model: Any) -> tuple[str, Any]:
+    """The ``ModuleList`` of transformer blocks: the one whose length is the config's ``num_hidden_layers``.
 
     Raises:
-        VerifyError: a tensor the stage needs is not available (named, with ``where``), or has the wrong shape.
+        VerifyError: no module list, or more than one, has that length.
     """
     import torch
 
-    stage = Stage(model, arch, blocks, is_first, is_last)
-    modules = stage.modules() + [h for h in arch.helpers if _exists(model, h)]
-    for path in modules:
-        _init_buffers(model, path)
-    for key in needed_keys(model, modules):
-        name = next((n for n in checkpoint_names(model, key) if n in available), None)
-        if name is None:
-            tied = (getattr(model, "all_tied_weights_keys", None) or {}).get(key)
-            what = f"'{tied}' (the tied '{key}')" if tied else f"'{key}'"
-            raise VerifyError(f"{where}: tensor {what} is missing from {source}")
-        owner, _, leaf = key.rpartition(".")
-        module = model.get_submodule(owner)
-        current = module._parameters.get(leaf, module._buffers.get(leaf))
-        value = tensors(name)
-        if tuple(value.shape) != tuple(current.shape):
-            raise VerifyError(f"{where}: tensor '{name}' has shape {list(value.shape)}, the model expects "
-                              f"{list(current.shape)}")
-        if value.is_floating_point() and value.dtype != current.dtype:
-            value = value.to(current.dtype)
-        elif value.data_ptr() % ALIGNMENT:
-            value = value.clone()
-        if leaf in module._parameters:
-            module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-        else:
-            module._buffers[leaf] = value
-        stage.loaded[key] = name
-    return stage
+    n = model.config.get_text_config().num_hidden_layers
+    found = [(p, m) for p, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if len(found) != 1:
+        what = "no module list" if not found else f"{len(found)} module lists ({', '.join(p for p, _ in found)})"
+        raise VerifyError(f"architecture '{type(model).__name__}': {what} of num_hidden_layers = {n} blocks, "
+                          f"expected exactly one block stack")
+    return found[0]
 
 
-def _init_buffers(model: Any, path: str) -> None:
+class _StopStage(Exception):
+    """Raised by the hook on a stage's last block to end the model's forward there."""
+
+
+def _passthrough() -> Any:
     import torch
 
-    for sub in model.get_submodule(path).modules():
+    class Hidden(torch.Tensor):
+        """The hidden state a `Passthrough` returns. Some models' loops read a block's result as ``outputs[0]``
+        (blocks that return tuples), others use it as it is: index 0 of this tensor is the tensor itself, so both
+        readings give the hidden state. Operations on it give plain tensors."""
+
+        __torch_function__ = torch._C._disabled_torch_function_impl
+
+        def __getitem__(self, key: Any) -> Any:
+            return self if isinstance(key, int) and key == 0 else super().__getitem__(key)
+
+    class Passthrough(torch.nn.Module):
+        """A block of another stage: returns its hidden state unchanged (the next block's pre-hook replaces it)."""
+
+        def forward(self, hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
+            if hidden_states is None:  # passed by keyword
+                hidden_states = next(v for k, v in kwargs.items() if k.endswith("hidden_states"))
+            return hidden_states.as_subclass(Hidden)
+
+    return Passthrough()
+
+
+def _placeholder(t: torch.Tensor, parameter: bool) -> Any:
+    import torch
+
+    zero = torch.zeros((), dtype=t.dtype).expand(t.shape)
+    out = torch.nn.Parameter(zero, requires_grad=False) if parameter else zero
+    out._williw_placeholder = True  # type: ignore[attr-defined]
+    return out
+
+
+def _is_placeholder(t: Any) -> bool:
+    return getattr(t, "_williw_placeholder", False)
+
+
+def _tensors(model: Any) -> Iterator[tuple[Any, dict[str, Any], str, Any]]:
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for n, t in list(store.items()):
+                if t is not None:
+                    yield module, store, n, t
+
+
+def _fill_meta(model: Any) -> None:
+    """Non-persistent buffers (rotary ``inv_freq``) computed by the model's own ``_init_weights``, exactly as
+    ``from_pretrained`` does; every other tensor still on the meta device becomes a placeholder."""
+    import torch
+
+    for sub in model.modules():
         meta = [n for n, b in sub._buffers.items() if b is not None and b.is_meta
                 and n in sub._non_persistent_buffers_set]
         if meta:
@@ -222,24 +190,228 @@ def _init_buffers(model: Any, path: str) -> None:
                 sub._buffers[n] = torch.empty_like(sub._buffers[n], device="cpu")
             with torch.no_grad():
                 model._init_weights(sub)
+    for module, store, n, t in _tensors(model):
+        if t.is_meta:
+            store[n] = _placeholder(t, store is module._parameters)
+
+
+@dataclass
+class Stage:
+    """A stage ready to run: blocks ``[start, end)`` of ``n_blocks``. ``loaded`` lists the model keys given real
+    weights; ``ignored`` the checkpoint names the model does not know (GPT-2's stored ``attn.bias`` masks)."""
+
+    model: Any
+    blocks: tuple[int, int]
+    n_blocks: int
+    stack: Any
+    loaded: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def is_first(self) -> bool:
+        return self.blocks[0] == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.blocks[1] == self.n_blocks
+
+    @property
+    def parameters(self) -> int:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        unique = {id(params[k]): params[k] for k in self.loaded if k in params}
+        return sum(p.numel() for p in unique.values())
+
+
+def _trace_phases(model: Any, stack: Any) -> dict[str, set[str]]:
+    """For each tensor key of the non-block modules, the phases (``before``/``after`` the block stack) in which
+    the model's forward calls a module that owns it. Blocks must already be `Passthrough` modules."""
+    import torch
+
+    phase = ["before"]
+    seen: dict[int, set[str]] = {}
+    hooks = [stack[0].register_forward_pre_hook(lambda *_: phase.__setitem__(0, "inside")),
+             stack[len(stack) - 1].register_forward_hook(lambda *_: phase.__setitem__(0, "after"))]
+    for module in model.modules():
+        own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+        if own:
+            def record(_m: Any, _a: Any, own: list[Any] = own) -> None:
+                for t in own:
+                    seen.setdefault(id(t), set()).add(phase[0])
+            hooks.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {key: seen.get(id(t), set()) for key, t in _named_tensors(model)}
+
+
+def build_stage(config: Any, cls: Any, blocks: tuple[int, int], state: Mapping[str, torch.Tensor],
+                dtype: torch.dtype, *, where: str, source: str) -> Stage:
+    """Build the stage of blocks ``[start, end)`` from the checkpoint tensors in ``state`` (a shard) alone.
+
+    Args:
+        config, cls: from `load_config` and `model_class`.
+        blocks: half-open block range of the stage.
+        state: checkpoint name -> tensor, as stored (transformers converts names and layouts on loading).
+        dtype: compute dtype.
+        where, source: the stage and the shard, for the messages.
+
+    Raises:
+        VerifyError: a tensor the stage runs is missing (named, with ``where``); the shard holds a tensor that this
+            stage does not run; a tensor has the wrong shape.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    model = skeleton(cls, config, dtype)
+    path, stack = block_stack(model)
+    own_blocks = list(stack)
+    for i in range(len(stack)):
+        stack[i] = _passthrough()
+    _fill_meta(model)
+    phases = _trace_phases(model, stack)
+    for module, store, n, t in _tensors(model):  # back to meta: what the loader does not fill stays missing
+        if _is_placeholder(t):
+            store[n] = t.to("meta") if store is module._buffers else _meta_parameter(t)
+    start, end = blocks
+    for i in range(start, end):
+        stack[i] = own_blocks[i]
+    del own_blocks
+    load = LoadStateDictConfig(dtype=dtype, weight_mapping=get_model_conversion_mapping(model))
+    info, _ = convert_and_load_state_dict_in_model(model, dict(state), load)
+    model.tie_weights()
+    stage = Stage(model, blocks, len(stack), stack)
+    _check_loaded(stage, path, phases, info, where, source)
+    _fill_meta(model)
+    align(model)
+    return stage
+
+
+def _meta_parameter(t: Any) -> Any:
+    import torch
+
+    return torch.nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=False)
+
+
+def _check_loaded(stage: Stage, path: str, phases: dict[str, set[str]], info: Any, where: str,
+                  source: str) -> None:
+    """Every tensor the stage runs is real; every checkpoint tensor the model knows belongs to this stage."""
+    model = stage.model
+    for key, got, want in sorted(getattr(info, "mismatched_keys", None) or []):
+        raise VerifyError(f"{where}: tensor '{key}' has shape {list(got)}, the model expects {list(want)}")
+    for key, why in sorted((getattr(info, "conversion_errors", None) or {}).items()):
+        raise VerifyError(f"{where}: transformers could not convert tensor '{key}' from {source}: {why}")
+    in_blocks = tuple(f"{path}.{i}." for i in range(*stage.blocks))
+    wanted = {"before"} if stage.is_first else set()
+    wanted |= {"after"} if stage.is_last else set()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    tensors = list(_named_tensors(model))
+
+    def runs(key: str) -> bool:
+        return key.startswith(in_blocks) or bool(phases.get(key, set()) & wanted)
+
+    # A tied tensor (an input embedding that is also the head) is needed if any of its names is.
+    needed = {id(t) for key, t in tensors if runs(key)}
+    used = {id(t) for key, t in tensors if key.startswith(in_blocks) or phases.get(key)}
+    loaded = []
+    for key, t in tensors:
+        if t.is_meta and runs(key):
+            what = f"'{tied[key]}' (the tied '{key}')" if key in tied else f"'{key}'"
+            raise VerifyError(f"{where}: tensor {what} is missing from {source}")
+        if not t.is_meta:
+            if id(t) not in needed and id(t) in used:
+                raise VerifyError(f"{where}: the shard holds tensor '{key}', which this stage does not run")
+            loaded.append(key)
+    stage.loaded = loaded
+    unexpected = sorted(getattr(info, "unexpected_keys", None) or [])
+    other = [k for k in unexpected if _block_key(k, f"{path}.", model)]
+    if other:
+        raise VerifyError(f"{where}: the shard holds tensor '{other[0]}', which this stage does not run")
+    stage.ignored = unexpected
+
+
+def _named_tensors(model: Any) -> Iterator[tuple[str, Any]]:
+    yield from model.named_parameters(remove_duplicate=False)
+    for key, b in model.named_buffers(remove_duplicate=False):
+        owner, _, leaf = key.rpartition(".")
+        if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:
+            yield key, b
+
+
+def _block_key(name: str, prefix: str, model: Any) -> bool:
+    """Whether a checkpoint name the stage did not load is a block's (then it belongs to another stage), possibly
+    under the base-model prefix (``h.0...`` for ``transformer.h.0...``)."""
+    base = getattr(model, "base_model_prefix", "")
+    names = (name, f"{base}.{name}", name.removeprefix(f"{base}."))
+    return any(n.startswith(prefix) and n[len(prefix):].split(".", 1)[0].isdigit() for n in names)
 
 
 def align(model: Any) -> None:
     """Copy every parameter and buffer that is not `ALIGNMENT`-byte aligned into fresh (aligned) memory; a tied
-    parameter stays one parameter."""
+    parameter stays one parameter. Placeholders (zero strides) hold one element and are left alone."""
     import torch
 
     copies: dict[int, Any] = {}
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for n, t in store.items():
-                if t is None or t.is_meta or not t.data_ptr() % ALIGNMENT:
-                    continue
-                if id(t) not in copies:
-                    copy = t.detach().clone()
-                    copies[id(t)] = torch.nn.Parameter(copy, requires_grad=False) if store is module._parameters \
-                        else copy
-                store[n] = copies[id(t)]
+    for module, store, n, t in _tensors(model):
+        if t.is_meta or _is_placeholder(t) or not t.data_ptr() % ALIGNMENT:
+            continue
+        if id(t) not in copies:
+            copy = t.detach().clone()
+            copies[id(t)] = torch.nn.Parameter(copy, requires_grad=False) if store is module._parameters else copy
+        store[n] = copies[id(t)]
+
+
+@contextmanager
+def _hooks(stage: Stage, hidden_in: torch.Tensor | None, box: dict[str, Any]) -> Iterator[None]:
+    handles = []
+    start, end = stage.blocks
+    if hidden_in is not None:
+        def inject(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+            if args:
+                return (hidden_in, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden_in}
+        handles.append(stage.stack[start].register_forward_pre_hook(inject, with_kwargs=True))
+    if not stage.is_last:
+        def capture(_m: Any, _a: Any, out: Any) -> None:
+            box["hidden"] = out[0] if isinstance(out, tuple) else out
+            raise _StopStage
+        handles.append(stage.stack[end - 1].register_forward_hook(capture))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_stage(stage: Stage, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run a stage through the model's own forward on token ids (first stage, ``[batch, tokens]``) or the previous
+    stage's hidden state (``[batch, tokens, hidden]``).
+
+    Returns:
+        ``{"hidden": ...}`` for an inner stage; the model's outputs (``logits``, or ``last_hidden_state`` and
+        ``pooler_output``) for the last one.
+    """
+    import torch
+
+    box: dict[str, Any] = {}
+    # A node that never saw the tokens: the embeddings it does not hold see zeros of the right shape.
+    kwargs = {"input_ids": x} if stage.is_first else {"inputs_embeds": torch.zeros((), dtype=x.dtype).expand(x.shape)}
+    with torch.no_grad(), _hooks(stage, None if stage.is_first else x, box):
+        try:
+            result = stage.model(**kwargs, use_cache=False)
+        except _StopStage:
+            return {"hidden": box["hidden"]}
+    return model_outputs(result)
+
+
+def model_outputs(result: Any) -> dict[str, torch.Tensor]:
+    """The result tensors of a transformers ModelOutput (``logits``; ``last_hidden_state``, ``pooler_output``)."""
+    import torch
+
+    return {k: v for k, v in result.items() if k not in _NOT_OUTPUTS and isinstance(v, torch.Tensor)}
 
 
 class ShardReader:
@@ -276,6 +448,9 @@ class ShardReader:
             raise VerifyError(f"'{self.path}': tensor '{name}' is cut short")
         return out.view(getattr(torch, SAFETENSORS_TO_TORCH[e.dtype])).reshape(e.shape)
 
+    def read_all(self) -> dict[str, torch.Tensor]:
+        return {n: self.get_tensor(n) for n in self.entries}
+
     def close(self) -> None:
         self._file.close()
 
@@ -284,98 +459,3 @@ class ShardReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def release(model: Any, modules: list[str]) -> None:
-    """Send a stage's modules back to the meta device, freeing their memory."""
-    for path in modules:
-        if _exists(model, path):
-            model.get_submodule(path).to("meta")
-
-
-# ---- running: each mirrors its model's forward in transformers 5 (see the modeling_*.py files) ----
-
-def run_stage(stage: Stage, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run a stage on token ids (first stage) or the previous stage's hidden state.
-
-    Returns:
-        ``{"hidden": ...}`` for an inner stage; the architecture's outputs (``logits``, or ``last_hidden_state``
-        and ``pooler_output``) for the last one.
-    """
-    import torch
-
-    runner = {"llama": _run_llama, "gpt2": _run_gpt2, "bert": _run_bert}[stage.arch.name]
-    with torch.no_grad():
-        return runner(stage, x)
-
-
-def _positions(hidden: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-
-
-def _llama_mask_kind(config: Any, i: int) -> str:
-    if config.model_type == "mistral":  # MistralModel ignores layer_types: one mask for every layer
-        return "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
-    types = getattr(config, "layer_types", None)
-    return types[i] if types else "full_attention"
-
-
-def _run_llama(stage: Stage, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    m, config = stage.model, stage.model.config
-    hidden = m.model.embed_tokens(x) if stage.is_first else x
-    position_ids = _positions(hidden)
-    kinds = {_llama_mask_kind(config, i) for i in range(*stage.blocks)}
-    make = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-    masks = {k: make[k](config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-                        position_ids=position_ids) for k in kinds}
-    position_embeddings = m.model.rotary_emb(hidden, position_ids=position_ids)
-    for i in range(*stage.blocks):
-        hidden = m.model.layers[i](hidden, attention_mask=masks[_llama_mask_kind(config, i)],
-                                   position_embeddings=position_embeddings, position_ids=position_ids,
-                                   past_key_values=None, use_cache=False)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-    if not stage.is_last:
-        return {"hidden": hidden}
-    return {"logits": m.lm_head(m.model.norm(hidden))}
-
-
-def _run_gpt2(stage: Stage, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    from transformers.masking_utils import create_causal_mask
-
-    t = stage.model.transformer
-    if stage.is_first:
-        embeds = t.wte(x)
-        hidden = t.drop(embeds + t.wpe(_positions(embeds)))
-    else:
-        hidden = x
-    position_ids = _positions(hidden)
-    mask = create_causal_mask(config=stage.model.config, inputs_embeds=hidden, attention_mask=None,
-                              past_key_values=None, position_ids=position_ids)
-    for i in range(*stage.blocks):
-        hidden = t.h[i](hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
-                        position_ids=position_ids)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-    if not stage.is_last:
-        return {"hidden": hidden}
-    return {"logits": stage.model.lm_head(t.ln_f(hidden))}
-
-
-def _run_bert(stage: Stage, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    from transformers.masking_utils import create_bidirectional_mask
-
-    m = stage.model
-    hidden = m.embeddings(input_ids=x, past_key_values_length=0) if stage.is_first else x
-    mask = create_bidirectional_mask(config=m.config, inputs_embeds=hidden, attention_mask=None)
-    for i in range(*stage.blocks):
-        hidden = m.encoder.layer[i](hidden, mask, None, encoder_attention_mask=None, past_key_values=None)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-    if not stage.is_last:
-        return {"hidden": hidden}
-    out = {"last_hidden_state": hidden}
-    if m.pooler is not None:
-        out["pooler_output"] = m.pooler(hidden)
-    return out

@@ -42,6 +42,41 @@ def build_causal_lm(path: Path, family: str = "llama", *, layers: int = 4, dtype
     return _save(model, path, shard_bytes)
 
 
+# model_type -> config overrides that keep the tiny model valid and exercise the family's own features (sliding
+# windows shorter than verify's 44-token prompt, alternating layer types, experts). The defaults come from TINY.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {}, "mistral": {"sliding_window": 8}, "qwen2": {}, "qwen3": {"head_dim": 16},
+    "gemma": {"head_dim": 16}, "gemma2": {"head_dim": 16, "sliding_window": 8},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 8,
+                    "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "phi": {}, "phi3": {"pad_token_id": 0}, "gpt_neox": {},
+    "falcon": {"num_kv_heads": 2, "new_decoder_architecture": True},
+    "gpt2": {}, "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64},
+    "bert": {}, "roberta": {"pad_token_id": 1},
+}
+ENCODERS = ("bert", "roberta")
+
+
+def build_family(path: Path, model_type: str, *, tie: bool | None = None, layers: int = 4, seed: int = 0,
+                 **overrides: Any) -> Path:
+    """A tiny model of any family in `FAMILIES`, built by transformers from a small config: a causal LM, or the
+    bare encoder (``BertModel``, ``RobertaModel``) for encoder families. ``tie`` sets ``tie_word_embeddings``
+    (None keeps the family's default)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    kwargs = {**TINY, "num_hidden_layers": layers, **FAMILIES[model_type], **overrides}
+    if tie is not None:
+        kwargs["tie_word_embeddings"] = tie
+    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    auto = transformers.AutoModel if model_type in ENCODERS else transformers.AutoModelForCausalLM
+    model = auto.from_config(config).to(torch.float32).eval()
+    return _save(model, path, None)
+
+
 def build_bert(path: Path, *, layers: int = 3, seed: int = 0) -> Path:
     """A tiny BERT encoder (BertModel: embeddings, encoder.layer.N, pooler)."""
     import torch

@@ -61,14 +61,21 @@ def verify_shards(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathL
         MissingDependency: torch is not installed.
     """
     require_torch("verify")
+    from williw.progress import quiet_transformers
+
+    with quiet_transformers():
+        return _verify(Path(model_dir), plan, Path(shards_dir), prompt, dtype, atol, rtol)
+
+
+def _verify(model_dir: Path, plan: Plan | str | os.PathLike[str], shards_dir: Path, prompt: str, dtype: str,
+            atol: float | None, rtol: float | None) -> VerifyReport:
     import torch
 
     from williw import stages as st
 
-    model_dir, shards_dir = Path(model_dir), Path(shards_dir)
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     config = st.load_config(model_dir)
-    arch_name, arch = st.arch_of(config)
+    arch_name, cls = st.model_class(config)
     name = config.dtype if dtype == "auto" else dtype
     name = str(name or "float32").removeprefix("torch.")
     if name not in TOLERANCES:
@@ -77,7 +84,7 @@ def verify_shards(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathL
     atol = TOLERANCES[name][0] if atol is None else atol
     rtol = TOLERANCES[name][1] if rtol is None else rtol
     ids, token_source = token_ids(model_dir, prompt, config.vocab_size)
-    n_blocks = config.num_hidden_layers
+    n_blocks = config.get_text_config().num_hidden_layers
     pipeline = plan.strategy == "pipeline"
     specs = pipeline_stages(plan, n_blocks) if pipeline else [(a.node_id, (0, n_blocks)) for a in plan.assignments]
     for node_id, _ in specs:
@@ -85,17 +92,17 @@ def verify_shards(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathL
             raise VerifyError(f"node '{node_id}': no shard at '{shards_dir / node_id / SHARD_FILE}'")
 
     boundaries = [end - 1 for _, (_, end) in specs[:-1] if end > 0] if pipeline else []
-    reference, ref_out, ref_hidden = _reference(model_dir, arch_name, arch, torch_dtype, ids, boundaries)
+    reference, ref_out, ref_hidden = _reference(model_dir, cls, torch_dtype, ids, boundaries)
     if pipeline:
         note = f"{len(specs)} stages run one at a time, each from its own shard"
-        reports, out, failure = _pipeline(specs, shards_dir, model_dir, arch, torch_dtype, ids, ref_hidden,
+        reports, out, failure = _pipeline(specs, shards_dir, model_dir, cls, torch_dtype, ids, ref_hidden,
                                           atol, rtol)
     else:
         note = (f"a {plan.strategy} plan cannot run as a pipeline: checked instead that the shards of "
                 f"{len(specs)} nodes reassemble into the full model")
-        reports, out = _reassembled(plan, shards_dir, arch, torch_dtype, ids)
+        reports, out = _reassembled(plan, shards_dir, cls, torch_dtype, ids)
         failure = None
-    outputs = tuple(compare(n, out[n], ref_out[n], atol, rtol) for n in arch.outputs if n in ref_out)
+    outputs = tuple(compare(n, out[n], ref_out[n], atol, rtol) for n in ref_out if n in out)
     bad = next((o for o in outputs if not o.match), None)
     if failure is None and bad is not None:
         where = f"stage {len(specs) - 1} (node '{specs[-1][0]}', blocks [{specs[-1][1][0]}, {specs[-1][1][1]}))" \
@@ -185,36 +192,31 @@ def _free() -> None:
     gc.collect()
 
 
-def _reference(model_dir: Path, arch_name: str, arch: Any, dtype: torch.dtype, ids: torch.Tensor,
+def _reference(model_dir: Path, cls: Any, dtype: torch.dtype, ids: torch.Tensor,
                boundaries: list[int]) -> tuple[StageReport, dict[str, torch.Tensor], dict[int, torch.Tensor]]:
     """Load the full model the ordinary way, run it, keep its outputs and boundary hidden states, free it."""
     import torch
-    import transformers
 
-    from williw.progress import progress_enabled
-    from williw.stages import ATTN_IMPLEMENTATION, align
+    from williw.stages import align, block_stack, model_outputs
 
-    if not progress_enabled():  # from_pretrained draws its own bar on stderr
-        transformers.utils.logging.disable_progress_bar()
     hidden: dict[int, torch.Tensor] = {}
     with Meter() as meter:
-        model = getattr(transformers, arch_name).from_pretrained(model_dir, dtype=dtype,
-                                                                 attn_implementation=ATTN_IMPLEMENTATION).eval()
+        model = cls.from_pretrained(model_dir, dtype=dtype).eval()
         align(model)
         loaded = time.perf_counter()
+        _, stack = block_stack(model)
         for j in boundaries:
             def keep(_m: Any, _i: Any, out: Any, j: int = j) -> None:
                 hidden[j] = (out[0] if isinstance(out, tuple) else out).detach().clone()
-            model.get_submodule(f"{arch.blocks}.{j}").register_forward_hook(keep)
+            stack[j].register_forward_hook(keep)
         with torch.no_grad():
             result = model(input_ids=ids, use_cache=False)
-        outputs = {n: getattr(result, n).detach().clone() for n in arch.outputs if getattr(result, n, None)
-                   is not None}
-        report = StageReport(stage=-1, node_id="full model", blocks=(0, model.config.num_hidden_layers),
+        outputs = {n: v.detach().clone() for n, v in model_outputs(result).items()}
+        report = StageReport(stage=-1, node_id="full model", blocks=(0, len(stack)),
                              tensors=len(model.state_dict()), parameters=sum(p.numel() for p in model.parameters()),
                              load_s=loaded - meter.start, run_s=time.perf_counter() - loaded, peak_rss_bytes=0,
                              rss_delta_bytes=0, max_abs_diff=None)
-        del model, result
+        del model, result, stack
         _free()
     return _with_memory(report, meter), outputs, hidden
 
@@ -233,7 +235,7 @@ def _send(hidden: torch.Tensor) -> torch.Tensor:
     return received.clone() if received.data_ptr() % ALIGNMENT else received
 
 
-def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_dir: Path, arch: Any,
+def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_dir: Path, cls: Any,
               dtype: torch.dtype, ids: torch.Tensor, ref_hidden: dict[int, torch.Tensor], atol: float,
               rtol: float) -> tuple[list[StageReport], dict[str, torch.Tensor], str | None]:
     from williw import stages as st
@@ -243,19 +245,18 @@ def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_
         where = f"stage {i} (node '{node_id}', blocks [{blocks[0]}, {blocks[1]}))"
         shard = shards_dir / node_id / SHARD_FILE
         with Meter() as meter:
-            model = st.skeleton(st.load_config(shards_dir / node_id), dtype)
+            config = st.load_config(shards_dir / node_id)
             with st.ShardReader(shard) as f:
-                available = f.keys()
-                stage = st.materialise(model, arch, blocks, i == 0, i == len(specs) - 1, f.get_tensor, available,
-                                       where, f"shard '{shard}'")
-            ignored = _check_extras(stage, available, where)
+                state = f.read_all()
+            stage = st.build_stage(config, cls, blocks, state, dtype, where=where, source=f"shard '{shard}'")
+            del state
             loaded = time.perf_counter()
             out = st.run_stage(stage, x)
             ran = time.perf_counter()
             report = StageReport(stage=i, node_id=node_id, blocks=blocks, tensors=len(stage.loaded),
                                  parameters=stage.parameters, load_s=loaded - meter.start, run_s=ran - loaded,
-                                 peak_rss_bytes=0, rss_delta_bytes=0, max_abs_diff=None, ignored=tuple(ignored))
-            del stage, model
+                                 peak_rss_bytes=0, rss_delta_bytes=0, max_abs_diff=None, ignored=tuple(stage.ignored))
+            del stage
             _free()
         report = _with_memory(report, meter)
         if "hidden" in out:
@@ -271,50 +272,31 @@ def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_
     return reports, out, failure
 
 
-def _check_extras(stage: Any, available: set[str], where: str) -> list[str]:
-    """Tensors of the model that the shard holds but this stage does not run mean the shard belongs to another
-    stage; names the model does not know at all (GPT-2's ``attn.bias``) are ignored, as from_pretrained does."""
-    from williw.stages import checkpoint_names
-
-    model = stage.model
-    known = {n for k in model.state_dict(keep_vars=True) for n in checkpoint_names(model, k)}
-    used = set(stage.loaded.values())
-    extra = sorted(n for n in available if n in known and n not in used)
-    if extra:
-        raise VerifyError(f"{where}: the shard holds tensor '{extra[0]}', which this stage does not run")
-    return sorted(n for n in available if n not in known)
-
-
-def _reassembled(plan: Plan, shards_dir: Path, arch: Any, dtype: torch.dtype,
+def _reassembled(plan: Plan, shards_dir: Path, cls: Any, dtype: torch.dtype,
                  ids: torch.Tensor) -> tuple[list[StageReport], dict[str, torch.Tensor]]:
     from williw import stages as st
 
-    sources: dict[str, Any] = {}
-    handles = []
+    state: dict[str, Any] = {}
     with Meter() as meter:
         for a in plan.assignments:
             shard = shards_dir / a.node_id / SHARD_FILE
-            handle = st.ShardReader(shard)
-            handles.append(handle)
-            keys = set(handle.keys())
-            for n in a.layer_names:
-                if n not in keys:
-                    raise VerifyError(f"node '{a.node_id}': tensor '{n}' is missing from shard '{shard}'")
-                sources.setdefault(n, handle)
-        first = plan.assignments[0].node_id
-        model = st.skeleton(st.load_config(shards_dir / first), dtype)
-        n_blocks = model.config.num_hidden_layers
-        stage = st.materialise(model, arch, (0, n_blocks), True, True, lambda n: sources[n].get_tensor(n),
-                               set(sources), "reassembled model", "every shard")
+            with st.ShardReader(shard) as handle:
+                keys = handle.keys()
+                for n in a.layer_names:
+                    if n not in keys:
+                        raise VerifyError(f"node '{a.node_id}': tensor '{n}' is missing from shard '{shard}'")
+                    state.setdefault(n, handle.get_tensor(n))
+        config = st.load_config(shards_dir / plan.assignments[0].node_id)
+        n_blocks = config.get_text_config().num_hidden_layers
+        stage = st.build_stage(config, cls, (0, n_blocks), state, dtype, where="reassembled model",
+                               source="every shard")
+        state.clear()
         loaded = time.perf_counter()
         out = st.run_stage(stage, ids)
         report = StageReport(stage=0, node_id="+".join(plan.node_ids), blocks=(0, n_blocks),
                              tensors=len(stage.loaded), parameters=stage.parameters, load_s=loaded - meter.start,
                              run_s=time.perf_counter() - loaded, peak_rss_bytes=0, rss_delta_bytes=0,
                              max_abs_diff=None)
-        del stage, model
-        for handle in handles:
-            handle.close()
-        sources.clear()
+        del stage
         _free()
     return [_with_memory(report, meter)], out

@@ -59,6 +59,12 @@ def _numeric(cell: str) -> bool:
 
 def run_main(group: click.Group) -> None:
     """Run the click group; WilliwError (and a few builtins) become ``error: <line>`` and exit 2."""
+    if not os.environ.get("WILLIW_DEBUG"):
+        # One line per error and nothing else: third-party deprecation and user warnings stay off the terminal.
+        import warnings
+
+        warnings.simplefilter("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         # standalone_mode=False returns ctx.exit(n)'s code instead of exiting: pass it on.
         code = group.main(standalone_mode=False)
