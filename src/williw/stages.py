@@ -132,7 +132,9 @@ class _StopStage(Exception):
     """Raised by the hook on a stage's last block to end the model's forward there."""
 
 
-def _passthrough() -> Any:
+def _passthrough(block: Any) -> Any:
+    """A stand-in for ``block`` that keeps its plain attributes (``attention_type``, ``layer_idx``), which some
+    models' loops read from every block."""
     import torch
 
     class Hidden(torch.Tensor):
@@ -153,7 +155,11 @@ def _passthrough() -> Any:
                 hidden_states = next(v for k, v in kwargs.items() if k.endswith("hidden_states"))
             return hidden_states.as_subclass(Hidden)
 
-    return Passthrough()
+    stand_in = Passthrough()
+    for k, v in vars(block).items():
+        if not k.startswith("_") and isinstance(v, str | int | float | bool | None):
+            setattr(stand_in, k, v)
+    return stand_in
 
 
 def _placeholder(t: torch.Tensor, parameter: bool) -> Any:
@@ -262,15 +268,11 @@ def build_stage(config: Any, cls: Any, blocks: tuple[int, int], state: Mapping[s
         VerifyError: a tensor the stage runs is missing (named, with ``where``); the shard holds a tensor that this
             stage does not run; a tensor has the wrong shape.
     """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import convert_and_load_state_dict_in_model
-    from transformers.modeling_utils import LoadStateDictConfig
-
     model = skeleton(cls, config, dtype)
     path, stack = block_stack(model)
     own_blocks = list(stack)
     for i in range(len(stack)):
-        stack[i] = _passthrough()
+        stack[i] = _passthrough(own_blocks[i])
     _fill_meta(model)
     phases = _trace_phases(model, stack)
     for module, store, n, t in _tensors(model):  # back to meta: what the loader does not fill stays missing
@@ -280,8 +282,7 @@ def build_stage(config: Any, cls: Any, blocks: tuple[int, int], state: Mapping[s
     for i in range(start, end):
         stack[i] = own_blocks[i]
     del own_blocks
-    load = LoadStateDictConfig(dtype=dtype, weight_mapping=get_model_conversion_mapping(model))
-    info, _ = convert_and_load_state_dict_in_model(model, dict(state), load)
+    info = _load(model, state, dtype)
     model.tie_weights()
     stage = Stage(model, blocks, len(stack), stack)
     _check_loaded(stage, path, phases, info, where, source)
@@ -290,19 +291,48 @@ def build_stage(config: Any, cls: Any, blocks: tuple[int, int], state: Mapping[s
     return stage
 
 
+@dataclass
+class _Loaded:
+    unexpected_keys: set[str]
+    mismatched_keys: set[tuple[str, Any, Any]]
+    conversion_errors: dict[str, str]
+
+
+def _load(model: Any, state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> _Loaded:
+    """Load checkpoint tensors into the meta skeleton with transformers' own loader (the step of from_pretrained
+    that renames and converts checkpoint tensors), leaving what ``state`` lacks on the meta device. The loader's
+    signature changed within transformers 5 (5.0-5.14 take a ``tp_plan`` and return a 5-tuple; later releases
+    return a LoadStateDictInfo), so both are handled here and nowhere else."""
+    import inspect
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    load = LoadStateDictConfig(dtype=dtype, weight_mapping=get_model_conversion_mapping(model))
+    extra = {"tp_plan": None} if "tp_plan" in inspect.signature(convert_and_load_state_dict_in_model).parameters \
+        else {}
+    out = convert_and_load_state_dict_in_model(model, dict(state), load, **extra)
+    if len(out) == 5:
+        _missing, unexpected, mismatched, _offload, errors = out
+        return _Loaded(set(unexpected), set(mismatched), dict(errors or {}))
+    info = out[0]
+    return _Loaded(set(info.unexpected_keys), set(info.mismatched_keys), dict(info.conversion_errors or {}))
+
+
 def _meta_parameter(t: Any) -> Any:
     import torch
 
     return torch.nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=False)
 
 
-def _check_loaded(stage: Stage, path: str, phases: dict[str, set[str]], info: Any, where: str,
+def _check_loaded(stage: Stage, path: str, phases: dict[str, set[str]], info: _Loaded, where: str,
                   source: str) -> None:
     """Every tensor the stage runs is real; every checkpoint tensor the model knows belongs to this stage."""
     model = stage.model
-    for key, got, want in sorted(getattr(info, "mismatched_keys", None) or []):
+    for key, got, want in sorted(info.mismatched_keys):
         raise VerifyError(f"{where}: tensor '{key}' has shape {list(got)}, the model expects {list(want)}")
-    for key, why in sorted((getattr(info, "conversion_errors", None) or {}).items()):
+    for key, why in sorted(info.conversion_errors.items()):
         raise VerifyError(f"{where}: transformers could not convert tensor '{key}' from {source}: {why}")
     in_blocks = tuple(f"{path}.{i}." for i in range(*stage.blocks))
     wanted = {"before"} if stage.is_first else set()
@@ -326,7 +356,7 @@ def _check_loaded(stage: Stage, path: str, phases: dict[str, set[str]], info: An
                 raise VerifyError(f"{where}: the shard holds tensor '{key}', which this stage does not run")
             loaded.append(key)
     stage.loaded = loaded
-    unexpected = sorted(getattr(info, "unexpected_keys", None) or [])
+    unexpected = sorted(info.unexpected_keys)
     other = [k for k in unexpected if _block_key(k, f"{path}.", model)]
     if other:
         raise VerifyError(f"{where}: the shard holds tensor '{other[0]}', which this stage does not run")

@@ -49,7 +49,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma": {"head_dim": 16}, "gemma2": {"head_dim": 16, "sliding_window": 8},
     "gemma3_text": {"head_dim": 16, "sliding_window": 8,
                     "layer_types": ["sliding_attention", "full_attention"] * 2},
-    "phi": {}, "phi3": {"pad_token_id": 0}, "gpt_neox": {},
+    "phi": {"pad_token_id": 0}, "phi3": {"pad_token_id": 0}, "gpt_neox": {},
     "falcon": {"num_kv_heads": 2, "new_decoder_architecture": True},
     "gpt2": {}, "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
