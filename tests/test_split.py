@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import VENV_BIN
 from test_split_helpers import greedy_plan, pipeline_plan, raw_tensors, source_raw
 from williw import tinymodels
 from williw.checkpoint import TensorInfo
 from williw.errors import PlanError, SplitError
+from williw.header import serialize_header
 from williw.planner.plan import NodeAssignment, Plan, save_plan
 from williw.shards import LocalFileSource, ShardSpec, read_manifest, sha256_file, write_shards
 from williw.splitter import ModelSplitter, SplitConfig, check_shards, split_all
+from williw.units import format_bytes
 
 MODELS = ["tiny_llama", "tiny_llama_sharded", "tiny_llama_tied_bf16", "tiny_gpt2", "tiny_llama_fp16",
           "tiny_llama_bin", "tiny_llama_bin_sharded"]
@@ -236,3 +243,29 @@ def test_split_of_safetensors_does_not_import_torch(tiny_llama: Path, tmp_path: 
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip().endswith("[]")
+
+
+def test_a_split_larger_than_the_free_space_is_refused_before_anything_is_written(tmp_path: Path):
+    # A sparse model file whose one tensor is larger than the whole disk: it takes no space, and the split must
+    # refuse it from the sizes alone, before it creates a folder or reads a byte.
+    model = tmp_path / "model"
+    model.mkdir()
+    nbytes = shutil.disk_usage(tmp_path).total + (1 << 30)
+    prefix, _ = serialize_header([("big.weight", "U8", (nbytes,))])
+    with open(model / "model.safetensors", "wb") as f:
+        f.write(prefix)
+        f.truncate(len(prefix) + nbytes)
+    save_plan(Plan("greedy", (NodeAssignment("n1", ("big.weight",), 1.0, 0.5),)), tmp_path / "plan.json")
+    out = tmp_path / "out" / "shards"
+
+    # Should the check ever be lost, a file size limit of 64 MiB stops the split long before it fills the disk.
+    proc = subprocess.run([str(VENV_BIN / "williw"), "split", str(model), "--plan", str(tmp_path / "plan.json"),
+                           "--all", "-o", str(out)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "WILLIW_NO_PROGRESS": "1"},
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, 64 << 20)))
+
+    assert proc.returncode == 2 and proc.stdout == ""
+    need = format_bytes(len(prefix) + nbytes)
+    assert re.fullmatch(rf"error: '{re.escape(str(out))}': the shards need {re.escape(need)} but only "
+                        r"[0-9.]+ [KMGT]?B is free\n", proc.stderr), proc.stderr
+    assert not (tmp_path / "out").exists()

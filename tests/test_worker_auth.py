@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import re
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -110,3 +115,43 @@ def test_reads_need_no_token(worker, tokens):
     rid = call(worker, "POST", "/api/request", TOKEN, {"model_name": "a/b"}).json()["request_id"]
     assert call(worker, "GET", f"/api/requests/{rid}").status_code == 200
     assert call(worker, "POST", "/api/get-plan", None, {"request_id": rid}).status_code == 409
+
+
+def test_only_the_sha256_of_a_node_token_is_stored(worker, tokens):
+    from sqlalchemy import MetaData, create_engine, select
+
+    engine = create_engine(worker.db_url)
+    try:
+        tables = MetaData()
+        tables.reflect(engine)
+        with engine.connect() as conn:
+            stored = dict(conn.execute(select(tables.tables["nodes"].c.node_id,
+                                              tables.tables["nodes"].c.token_hash)).all())
+            cells = [str(v) for t in tables.tables.values() for row in conn.execute(select(t)) for v in row]
+    finally:
+        engine.dispose()
+    for node_id, token in tokens.items():
+        assert stored[node_id] == hashlib.sha256(token.encode()).hexdigest()
+        assert not any(token in c or token[3:] in c for c in cells)  # nowhere in any table, prefix or not
+    if worker.db_url.startswith("sqlite:///"):  # nor anywhere in the database's files, WAL included
+        db = Path(worker.db_url.removeprefix("sqlite:///"))
+        raw = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
+        assert all(token[3:].encode() not in raw for token in tokens.values())
+
+
+def test_tokens_are_compared_in_constant_time():
+    # Timing cannot be measured reliably on a shared machine, so check the code: every comparison of a token or
+    # of its hash in williw.worker.auth goes through hmac.compare_digest, whose time does not depend on where
+    # the strings differ; none uses == or !=.
+    import williw.worker.auth as auth
+
+    tree = ast.parse(Path(auth.__file__).read_text())
+    secret = re.compile(r"token|hash", re.IGNORECASE)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
+            operands = [ast.unparse(x) for x in (node.left, *node.comparators)]
+            assert not any(secret.search(x) for x in operands), f"auth.py line {node.lineno}: {ast.unparse(node)}"
+    digests = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "hmac.compare_digest"]
+    assert sorted(ast.unparse(n) for n in digests) == [
+        "hmac.compare_digest(hash_token(token), self._admin_hash)",
+        "hmac.compare_digest(hash_token(token), stored_hash())"]

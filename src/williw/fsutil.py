@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,10 @@ from pathlib import Path
 from typing import IO, Any
 
 INCOMPLETE_SUFFIX = ".incomplete"
+# Test hook (fault injection): with WILLIW_TEST_KILL_AT=<point>, the process SIGKILLs itself when it reaches the
+# `kill_point` of that name, so a test can crash a real process at an exact step and inspect what is left on disk
+# (tests/test_split_kill.py). Unset, as in any real use, a kill point is one environment lookup.
+KILL_AT_ENV = "WILLIW_TEST_KILL_AT"
 
 
 @contextmanager
@@ -35,6 +40,12 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", perms: int = 0
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def kill_point(name: str) -> None:
+    """Die here by SIGKILL (no handler, no cleanup: a crash) if ``WILLIW_TEST_KILL_AT`` is ``name``; a test hook."""
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(folder: Path) -> None:

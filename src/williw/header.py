@@ -127,7 +127,7 @@ def _entry(raw_name: str, info: object, where: str, data_start: int) -> HeaderEn
     if not isinstance(info, dict):
         raise CheckpointError(f"{where}: entry '{name}' must be an object with dtype, shape and data_offsets")
     dtype = info.get("dtype")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:  # a list or object is unhashable: not a dtype
         raise CheckpointError(f"{where}: tensor '{name}' has unknown dtype {dtype!r}")
     shape = info.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0

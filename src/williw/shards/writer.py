@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from williw.checkpoint import TensorInfo
 from williw.errors import SplitError
-from williw.fsutil import atomic_writer
+from williw.fsutil import atomic_writer, kill_point
 from williw.progress import progress_bar
 from williw.shards.manifest import (
     SAFETENSORS_FILE,
@@ -86,12 +86,14 @@ def write_shards(specs: Sequence[ShardSpec], source: ByteSource, out_dir: str | 
     for spec in todo:
         prepare_shard_dir(out / spec.node_id)
     hashes = _stream(todo, source, out, desc) if todo else {}
+    kill_point("split-renamed")  # every weights file in place, no manifest yet
     results = []
     for spec in specs:
         shard_dir = out / spec.node_id
         if spec.node_id in hashes:
             manifest = ShardManifest(**{**expected[spec.node_id].__dict__, "file_sha256": hashes[spec.node_id]})
             finish_shard(shard_dir, manifest, extra_files)
+            kill_point("split-manifest")  # the first shard complete, the others without their manifests
             results.append(WrittenShard(spec.node_id, shard_dir, manifest, skipped=False))
         else:
             results.append(WrittenShard(spec.node_id, shard_dir, read_manifest(shard_dir), skipped=True))
@@ -154,9 +156,11 @@ def _stream(specs: Sequence[ShardSpec], source: ByteSource, out: Path, desc: str
             try:
                 for file, run in runs:
                     _copy_run(file, run, pieces, holders, outs, hashers, written, hasher, bar)
+                    kill_point("split-copying")  # after the first run of bytes: temporaries half-written
             finally:
                 pieces.close()
             hasher.close()  # all bytes hashed before the files are renamed into place
+            kill_point("split-copied")  # every byte handed to the temporaries, nothing renamed yet
             for node_id, layout in layouts.items():
                 want = sum(t.nbytes for t in layout)
                 if written[node_id] != want:  # pragma: no cover - _copy_run checks every range
