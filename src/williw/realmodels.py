@@ -93,8 +93,7 @@ def hf_folder(model: GgufModel = SMOLLM2, cache: Path | None = None) -> tuple[Pa
 
     Args:
         model: which GGUF model; SmolLM2-135M-Instruct by default.
-        cache: the cache root; `cache_root()` by default. The folder is
-            ``<cache>/models/<name>-<distribution version>-float32``.
+        cache: the cache root; `cache_root()` by default. The folder is `folder_for` ``(model, cache)``.
 
     Returns:
         (the folder, True when this call converted it, False when it was already cached).
@@ -103,13 +102,28 @@ def hf_folder(model: GgufModel = SMOLLM2, cache: Path | None = None) -> tuple[Pa
         MissingDependency: the distribution, gguf or accelerate is not installed.
         CheckpointError: too little free disk space, or transformers could not convert the file.
     """
-    source = gguf_file(model)
-    version = importlib.metadata.version(model.distribution)
-    dest = (cache or cache_root()) / "models" / f"{model.name}-{version}-float32"
+    source, dest = gguf_file(model), folder_for(model, cache)
     if (dest / SOURCE_FILE).is_file():
         return dest, False
-    convert_gguf(source, dest, {"distribution": model.distribution, "version": version})
+    convert_gguf(source, dest, {"distribution": model.distribution,
+                                "version": importlib.metadata.version(model.distribution)})
     return dest, True
+
+
+def folder_for(model: GgufModel = SMOLLM2, cache: Path | None = None) -> Path:
+    """Where `hf_folder` keeps the converted model: ``<cache>/models/<name>-<distribution version>-float32``.
+
+    The folder holds ``williw-source.json`` once it is complete (it is renamed into place only then).
+
+    Raises:
+        MissingDependency: the distribution is not installed.
+    """
+    try:
+        version = importlib.metadata.version(model.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        gguf_file(model)  # raises the one-line error that says how to install it
+        raise
+    return (cache or cache_root()) / "models" / f"{model.name}-{version}-float32"
 
 
 def convert_gguf(source: Path, dest: Path, provenance: dict[str, str] | None = None) -> Path:
