@@ -23,7 +23,8 @@ RANKS = {
     "shards": 5, "splitter": 5, "pull": 5, "gather": 5, "planviz": 5,
     "stages": 6, "verify": 6, "verify_report": 6,
     # shells
-    "serve": 7, "client": 7, "worker": 7, "agent": 8, "workflow": 8, "tinymodels": 8, "demo": 9, "cli": 9,
+    "serve": 7, "client": 7, "worker": 7, "agent": 8, "workflow": 8, "tinymodels": 8, "realmodels": 8,
+    "demo": 9, "cli": 9,
 }
 
 

