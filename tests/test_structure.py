@@ -289,3 +289,28 @@ def test_metadata_json_keeps_stacks(tmp_path: Path, t5: Path) -> None:
     save_metadata(meta, tmp_path / "meta.json")
 
     assert load_metadata(tmp_path / "meta.json") == meta
+
+
+def _typed_model(path: Path, layer_types: list[str]) -> Path:
+    f32 = torch.float32
+    shapes = {f"model.layers.{i}.self_attn.q_proj.weight": ((16, 16), f32) for i in range(3)}
+    return craft(path, {"model_type": "qwen3_next", "hidden_size": 16, "num_hidden_layers": 3, "sliding_window": 4,
+                        "layer_types": layer_types}, shapes)
+
+
+def test_layer_types_set_each_attention_core(tmp_path: Path) -> None:
+    model = _typed_model(tmp_path / "m", ["full_attention", "sliding_attention", "linear_attention"])
+
+    meta = generate_metadata(model, batch_size=B, sequence_length=S)
+
+    # Each query sees S keys, at most the window's 4, or none (linear attention has no softmax core).
+    assert [b.attention_compute for b in meta.blocks] == [4 * B * S * S * 16 / 1e9, 4 * B * S * 4 * 16 / 1e9, 0.0]
+
+
+def test_layer_types_of_the_wrong_length(tmp_path: Path) -> None:
+    model = _typed_model(tmp_path / "m", ["full_attention"] * 2)
+
+    with pytest.raises(CheckpointError) as err:
+        generate_metadata(model)
+
+    assert str(err.value) == f"'{model / 'config.json'}': layer_types has 2 entries but num_hidden_layers = 3"

@@ -32,7 +32,10 @@ SSM_FLOPS_PER_STATE = 9
 _QUANT_STATE = ("qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv", "input_scale", "SCB",
                 "weight_format", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "zeros", "scale")
 _BUFFERS = ("inv_freq", "position_ids", "cos_cached", "sin_cached", "masked_bias", "_float_tensor")
-_INT_DTYPES = ("I32", "I8", "U8")
+# Module names of cross-attention (T5, BART/Whisper, GPT-2 with add_cross_attention, mllama): a second core.
+CROSS_ATTENTION = ("encdecattention", "encoder_attn", "crossattention", "cross_attn")
+# config layer_types with no softmax attention core (linear attention, state-space and convolution layers).
+_NO_CORE = ("linear_attention", "mamba", "ssm", "conv", "short_conv")
 
 
 @dataclass(frozen=True)
@@ -132,3 +135,25 @@ def ssm_core_flops(a_log_shape: tuple[int, ...], cfg: dict[str, Any], tokens: in
         d_state = _get(cfg, "state_size", "ssm_state_size", "mamba_d_state") or 0
         d_inner = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else 0
     return SSM_FLOPS_PER_STATE * tokens * d_inner * d_state
+
+
+def keys_attended(layer_types: tuple[str, ...] | None, index: int | None, cfg: dict[str, Any], seq: int) -> int:
+    """Keys each query of block ``index`` attends to, for the ``4·B·S·keys·hidden`` core: ``S``; a sliding
+    window's ``W`` when shorter (each query sees at most ``W`` keys); 0 for a layer type without softmax
+    attention (config ``layer_types``)."""
+    if layer_types is None or index is None:
+        return seq
+    kind = layer_types[index]
+    if kind in _NO_CORE:
+        return 0
+    window = _get(cfg, "sliding_window")
+    return min(seq, window) if kind == "sliding_attention" and isinstance(window, int) and window > 0 else seq
+
+
+def stack_hidden(cfg: dict[str, Any], part: str) -> int | None:
+    """The width of a stack's attention when it is not the model's: a vision tower's own (``embed_dim``)."""
+    vision = cfg.get("vision_config")
+    if part == "vision" and isinstance(vision, dict):
+        value = vision.get("embed_dim") or vision.get("hidden_size")
+        return value if isinstance(value, int) else None
+    return None

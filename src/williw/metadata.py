@@ -30,7 +30,7 @@ from typing import Any
 
 from williw.checkpoint import Checkpoint, open_checkpoint
 from williw.classify import LAYER_TYPES, layer_type
-from williw.compute import CostModel, ssm_core_flops
+from williw.compute import CROSS_ATTENTION, CostModel, keys_attended, ssm_core_flops, stack_hidden
 from williw.errors import MetadataError
 from williw.fsutil import read_json, write_json
 from williw.structure import ROLES, Structure, find_structure
@@ -198,9 +198,6 @@ def _guess_hidden(layers: list[LayerMeta]) -> int | None:
     return max(emb, key=lambda x: x.num_params).shape[1] if emb else None
 
 
-_CROSS = ("encdecattention", "encoder_attn", "crossattention", "cross_attn")
-
-
 def _blocks(layers: list[LayerMeta], flops: dict[str, int], hidden: int | None, batch: int, seq: int,
             cfg: dict[str, Any], structure: Structure) -> tuple[list[BlockMeta], int]:
     """The blocks' summaries, and the FLOPs of all attention and scan cores (which belong to no tensor)."""
@@ -208,7 +205,7 @@ def _blocks(layers: list[LayerMeta], flops: dict[str, int], hidden: int | None, 
     for x in layers:
         if x.block is not None:
             grouped.setdefault(x.block, []).append(x)
-    hidden_of = {s.part: _stack_hidden(cfg, s.part) or hidden for s in structure.stacks}
+    hidden_of = {s.part: stack_hidden(cfg, s.part) or hidden for s in structure.stacks}
     blocks = []
     cores = 0
     for index in sorted(grouped):
@@ -217,26 +214,20 @@ def _blocks(layers: list[LayerMeta], flops: dict[str, int], hidden: int | None, 
         h = hidden_of.get(stack or "", hidden) or 0
         attention = [x for x in members if x.layer_type == "attention" and len(x.shape) >= 2 and x.note is None
                      or x.note == "quantized" and x.layer_type == "attention"]
-        cross = any(c in x.name.lower() for x in attention for c in _CROSS)
-        core = (1 + cross) * 4 * batch * seq * seq * h if attention else 0
+        cross = any(c in x.name.lower() for x in attention for c in CROSS_ATTENTION)
+        spec = next((s for s in structure.stacks if s.part == stack), None)
+        in_stack = next((x.stack_index for x in members if x.role == "block"), None)
+        keys = keys_attended(spec.layer_types if spec else None, in_stack, cfg, seq)
+        core = (1 + cross) * 4 * batch * seq * keys * h if attention else 0
         scan = sum(ssm_core_flops(x.shape, cfg, batch * seq) for x in members if x.name.endswith(".A_log"))
         cores += core + scan
         blocks.append(BlockMeta(index=index, tensors=len(members), params=sum(x.num_params for x in members),
                                 bytes=sum(x.bytes for x in members),
                                 compute=(sum(flops[x.name] for x in members) + core + scan) / GIGA,
                                 attention_compute=core / GIGA, stack=stack,
-                                stack_index=next((x.stack_index for x in members if x.role == "block"), None),
+                                stack_index=in_stack,
                                 state_space_compute=scan / GIGA))
     return blocks, cores
-
-
-def _stack_hidden(cfg: dict[str, Any], part: str) -> int | None:
-    # The width of a stack's attention: a vision tower's own (Qwen2-VL's vision embed_dim), else the model's.
-    vision = cfg.get("vision_config")
-    if part == "vision" and isinstance(vision, dict):
-        value = vision.get("embed_dim") or vision.get("hidden_size")
-        return value if isinstance(value, int) else None
-    return None
 
 
 def _tied_head(ckpt: Checkpoint, layers: list[LayerMeta], tokens: int) -> tuple[TiedHead | None, int]:

@@ -39,10 +39,14 @@ class Stack:
     layers: int
     config_key: str | None  # the config field that gave ``layers``; None when guessed from names
     start: int
+    layer_types: tuple[str, ...] | None = None  # config ``layer_types``: full_attention, sliding_attention, ...
 
     def to_dict(self) -> dict[str, Any]:
-        return {"part": self.part, "prefix": self.prefix, "layers": self.layers, "config_key": self.config_key,
-                "start": self.start}
+        d: dict[str, Any] = {"part": self.part, "prefix": self.prefix, "layers": self.layers,
+                             "config_key": self.config_key, "start": self.start}
+        if self.layer_types is not None:
+            d["layer_types"] = list(self.layer_types)
+        return d
 
 
 @dataclass(frozen=True)
@@ -195,9 +199,20 @@ def find_structure(names: Iterable[str], cfg: dict[str, Any] | None, source: str
         if max(found) >= layers:
             mtp_prefix, mtp_layers = best, extra
         claimed.add(best)
-        stacks.append(Stack(want.part, best, layers, want.key, start))
+        types = _layer_types(cfg, want, layers, source) if want.part in ("language", "decoder") else None
+        stacks.append(Stack(want.part, best, layers, want.key, start, types))
         start += layers
     return Structure(tuple(stacks), mtp_prefix, mtp_layers)
+
+
+def _layer_types(cfg: dict[str, Any], want: _Want, layers: int, source: str) -> tuple[str, ...] | None:
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    types = cfg.get("layer_types", text.get("layer_types"))
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        return None
+    if len(types) != layers:
+        raise CheckpointError(f"'{source}': layer_types has {len(types)} entries but {want.key} = {layers}")
+    return tuple(types)
 
 
 def _guessed(names: list[str]) -> Structure:
