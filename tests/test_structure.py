@@ -314,3 +314,32 @@ def test_layer_types_of_the_wrong_length(tmp_path: Path) -> None:
         generate_metadata(model)
 
     assert str(err.value) == f"'{model / 'config.json'}': layer_types has 2 entries but num_hidden_layers = 3"
+
+
+F8 = torch.float8_e4m3fn
+QUANTIZED = {  # one 16 -> 32 linear (512 logical weights) as each method stores it; stored bytes written out
+    "fp8": ({"quant_method": "fp8", "weight_block_size": [128, 128]},
+            {"weight": ((32, 16), F8), "weight_scale_inv": ((1, 1), torch.float32)}, 512 + 4),
+    "bnb-4bit": ({"quant_method": "bitsandbytes", "load_in_4bit": True},
+                 {"weight": ((256, 1), torch.uint8), "weight.absmax": ((8,), torch.float32),
+                  "weight.quant_map": ((16,), torch.float32),
+                  "weight.quant_state.bitsandbytes__nf4": ((100,), torch.uint8)}, 256 + 32 + 64 + 100),
+    "bnb-8bit": ({"quant_method": "bitsandbytes", "load_in_8bit": True},
+                 {"weight": ((32, 16), torch.int8), "SCB": ((32,), torch.float32)}, 512 + 128),
+    "awq": ({"quant_method": "awq", "bits": 4, "group_size": 8},
+            {"qweight": ((16, 4), torch.int32), "qzeros": ((2, 4), torch.int32),
+             "scales": ((2, 32), torch.float16)}, 256 + 32 + 128),
+}
+
+
+@pytest.mark.parametrize("method", QUANTIZED)
+def test_quantized_linear_at_logical_shape(method: str, tmp_path: Path) -> None:
+    quant, tensors, stored = QUANTIZED[method]
+    prefix = "model.layers.0.mlp.up_proj"
+    model = craft(tmp_path / "m", {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
+                                   "quantization_config": quant},
+                  {f"{prefix}.{n}": spec for n, spec in tensors.items()})
+
+    meta = generate_metadata(model, batch_size=B, sequence_length=S)
+
+    assert (meta.total_params, meta.total_bytes, meta.total_compute) == (512, stored, 2 * T * 512 / 1e9)
