@@ -14,8 +14,9 @@ Compute model: FLOPs of one forward pass over ``T = B·S`` tokens.
     ``num_experts_per_tok / num_experts`` (rounded down to whole FLOPs), memory and parameters in full;
   * state-space (Mamba) scan: ``9·T·d_inner·d_state`` per block — the selective scan's discretisation
     (``exp(Δ·A)``, ``Δ·B·x``), state update and output ``C·h`` cost 9 FLOPs per (token, channel, state), as
-    counted by ``flops_selective_scan_ref`` in VMamba (Liu et al. 2024, ``classification/models/vmamba.py``,
-    after Gu & Dao 2023, "Mamba", section 3.3); ``A_log`` itself is part of that core and costs nothing alone.
+    counted by ``flops_selective_scan_fn`` in VMamba (MzeroMiko/VMamba, ``classification/models/vmamba.py``,
+    ``flops = 9 * B * L * D * N``, from state-spaces/mamba issue #110); its ``+ B·D·L`` skip term is the ``D``
+    vector's own ``T·d_inner`` here. ``A_log`` is part of the scan and costs nothing alone.
 """
 
 from __future__ import annotations
