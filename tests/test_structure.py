@@ -21,6 +21,8 @@ from williw.fleet import Node  # noqa: E402
 from williw.hub import choose_files  # noqa: E402
 from williw.metadata import generate_metadata, load_metadata, save_metadata  # noqa: E402
 from williw.planner import make_plan  # noqa: E402
+from williw.planner.validate import validate_split_plan  # noqa: E402
+from williw.splitter import split_all  # noqa: E402
 
 B, S = 2, 8
 T = B * S
@@ -77,7 +79,7 @@ def test_vision_language_stacks_in_execution_order(qwen2_vl: Path) -> None:
     assert meta.blocks[6].attention_compute == 4 * B * S * S * 64 / 1e9
 
 
-def test_tight_memory_puts_the_vision_tower_first(qwen2_vl: Path) -> None:
+def test_tight_memory_puts_the_vision_tower_first(qwen2_vl: Path, tmp_path: Path) -> None:
     meta = generate_metadata(qwen2_vl)
     fits = meta.total_bytes / 3 * 1.3 / 1e9
     nodes = [Node(node_id=f"n{i}", compute_tflops=1.0, memory_gb=fits) for i in range(3)]
@@ -91,6 +93,10 @@ def test_tight_memory_puts_the_vision_tower_first(qwen2_vl: Path) -> None:
     assert stage_of["model.layers.3.mlp.up_proj.weight"] == stage_of["lm_head.weight"] == 2
     assert [a.blocks for a in plan.assignments] == sorted(a.blocks for a in plan.assignments)  # type: ignore
     assert plan.assignments[0].blocks[0] == 0 and plan.assignments[-1].blocks[1] == 10  # type: ignore
+    assert validate_split_plan([x.name for x in meta.layers], plan, metadata=meta, nodes=nodes) == []
+    split_all(qwen2_vl, plan, tmp_path / "shards")
+    held = [n for a in plan.assignments for n in load_file(tmp_path / "shards" / a.node_id / "model.safetensors")]
+    assert sorted(held) == sorted(x.name for x in meta.layers)
 
 
 def test_encoder_decoder_stacks_and_cross_attention(t5: Path) -> None:
