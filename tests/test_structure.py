@@ -79,6 +79,31 @@ def test_vision_language_stacks_in_execution_order(qwen2_vl: Path) -> None:
     assert meta.blocks[6].attention_compute == 4 * B * S * S * 64 / 1e9
 
 
+def test_llava_projector_runs_between_the_stacks(tmp_path: Path) -> None:
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                                           num_attention_heads=4, image_size=28, patch_size=14)
+    text = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    model = save(transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(vision_config=vision,
+                                                                                     text_config=text)),
+                 tmp_path / "llava")
+
+    meta = generate_metadata(model)
+
+    assert [(s["part"], s["prefix"], s["layers"], s["start"]) for s in meta.stacks] == [
+        ("vision", "vision_tower.encoder.layers", 5, 0), ("language", "language_model.model.layers", 3, 5)]
+    roles = {x.name: (x.role, x.block) for x in meta.layers if x.role != "block"}
+    assert roles == {
+        "vision_tower.embeddings.class_embedding": ("first", None),
+        "vision_tower.embeddings.patch_embedding.weight": ("first", None),
+        "vision_tower.embeddings.position_embedding.weight": ("first", None),
+        "vision_tower.pre_layrnorm.weight": ("first", None), "vision_tower.pre_layrnorm.bias": ("first", None),
+        "language_model.model.embed_tokens.weight": ("first", None),
+        **{f"multi_modal_projector.linear_{i}.{p}": ("between", 4) for i in (1, 2) for p in ("weight", "bias")},
+        "vision_tower.post_layernorm.weight": ("between", 4), "vision_tower.post_layernorm.bias": ("between", 4),
+        "language_model.model.norm.weight": ("last", None), "language_model.lm_head.weight": ("last", None)}
+
+
 def test_tight_memory_puts_the_vision_tower_first(qwen2_vl: Path, tmp_path: Path) -> None:
     meta = generate_metadata(qwen2_vl)
     fits = meta.total_bytes / 3 * 1.3 / 1e9

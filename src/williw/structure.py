@@ -84,7 +84,7 @@ class Structure:
         if is_embedding_side(name) and layer_type(name) != "lm_head":
             return Place("first", None, None, None)  # input embeddings: computed from the ids the first stage has
         for k, s in enumerate(self.stacks):
-            root = s.prefix.rsplit(".", 1)[0] if "." in s.prefix else ""
+            root = _root(s)
             if not root or not name.startswith(root + "."):
                 continue
             before = _is_input_side(name[len(root) + 1:])
@@ -94,12 +94,33 @@ class Structure:
                 return Place("last", None, None, None)
             block = s.start if before else s.start + s.layers - 1
             return Place("between", block, s.part, None)
+        vision = next((s for s in self.stacks[:-1] if s.part == "vision"), None)
+        if vision and any(w in name.split(".") for w in _PROJECTORS):
+            return Place("between", vision.start + vision.layers - 1, vision.part, None)
         return Place("last", None, None, None)
 
 
+_VISION_WORDS = ("visual", "vision", "vision_tower", "vision_model")
+_PART_WORDS = {"vision": _VISION_WORDS, "encoder": ("encoder",), "decoder": ("decoder",)}
+# Modules that carry a vision tower's output into the language model (Llava, Qwen2-VL, DeepSeek-VL, Idefics).
+_PROJECTORS = ("multi_modal_projector", "mm_projector", "projector", "connector", "merger", "aligner")
+
+
+def _root(stack: Stack) -> str:
+    """The module that owns a stack: the first path component naming its part (``vision_tower`` in
+    ``vision_tower.vision_model.encoder.layers``), else the stack's parent module (``model`` of ``model.layers``)."""
+    parts = stack.prefix.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if any(w in part for w in _PART_WORDS.get(stack.part, ())):
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:-1])
+
+
 def _is_input_side(rest: str) -> bool:
-    # Modules of a stack's own input that are not embeddings: Whisper's conv stem, BART's embedding norm.
-    return rest.split(".", 1)[0] in ("conv1", "conv2", "rotary_pos_emb", "layernorm_embedding")
+    # Modules of a stack's own input that are not embeddings: Whisper's conv stem, BART's embedding norm, CLIP's
+    # norm before its first layer (spelled "pre_layrnorm" in transformers).
+    return rest.split(".", 1)[0] in ("conv1", "conv2", "rotary_pos_emb", "layernorm_embedding", "pre_layrnorm",
+                                     "pre_layernorm", "ln_pre")
 
 
 @dataclass(frozen=True)
@@ -173,7 +194,7 @@ def find_structure(names: Iterable[str], cfg: dict[str, Any] | None, source: str
     stacks: list[Stack] = []
     mtp_prefix, mtp_layers = None, 0
     start = 0
-    vision_words = ("visual", "vision", "vision_tower", "vision_model")
+    vision_words = _VISION_WORDS
     for want in wants:
         words = want.words or ()
         candidates = [p for p in numbered if p not in claimed
