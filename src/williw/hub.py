@@ -204,8 +204,12 @@ class ModelDownloader:
                 weight_map_files = _weight_map_files(Path(hf_hub_download(name, index, **kwargs)))
         wanted = choose_files(list(files), weight_map_files)
         if not any(f.endswith((".safetensors", ".bin", ".pth", ".pt")) for f in wanted):
+            _, nested = select_weight_files(list(files))
+            where = f"; its weights are in '{nested[0].split('/')[0]}/' (a sentence-transformers layout?), which " \
+                "williw does not read from a repo: download that folder and give its path" if nested else \
+                "; williw splits only those formats"
             raise HubError(f"model '{name}' has no safetensors or PyTorch weights at its top level "
-                           f"({len(files)} files); williw splits only those formats")
+                           f"({len(files)} files){where}")
         with hub_errors(ctx):
             path = snapshot_download(name, allow_patterns=[_glob_escape(f) for f in wanted], **kwargs)
         return DownloadResult(local_path=path, files=tuple(wanted),
