@@ -259,17 +259,21 @@ def test_gptq_priced_at_logical_shape(tmp_path: Path) -> None:
 
 def test_gpt2_stored_causal_masks_are_buffers(tmp_path: Path, tiny_gpt2: Path) -> None:
     model = Path(shutil.copytree(tiny_gpt2, tmp_path / "m"))
-    state = load_file(model / "model.safetensors")
-    for i in range(4):  # the original GPT-2 layout: a float causal mask per block
-        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 256, 256))
+    # The original GPT-2 layout: no "transformer." prefix, no stored head, a float causal mask in every block.
+    state = {n.removeprefix("transformer."): t for n, t in load_file(model / "model.safetensors").items()
+             if not n.startswith("lm_head")}
+    state.update({f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 256, 256)) for i in range(4)})
     save_file(state, model / "model.safetensors")
 
-    with_masks, without = generate_metadata(model), generate_metadata(tiny_gpt2)
+    original, transformers_layout = generate_metadata(model), generate_metadata(tiny_gpt2)
 
-    assert with_masks.total_params == without.total_params
-    assert with_masks.total_compute == without.total_compute
-    assert with_masks.total_bytes == without.total_bytes + 4 * 256 * 256 * 4
-    assert {x.note for x in with_masks.layers if x.name.endswith(".attn.bias")} == {"buffer"}
+    assert original.total_params == transformers_layout.total_params
+    assert original.total_compute == transformers_layout.total_compute
+    assert original.total_bytes == transformers_layout.total_bytes + 4 * 256 * 256 * 4
+    assert [(b.index, b.tensors) for b in original.blocks] == [(i, 13) for i in range(4)]
+    assert {x.note for x in original.layers if x.name.endswith(".attn.bias")} == {"buffer"}
+    assert {x.name: x.placement for x in original.layers if x.block is None} == {
+        "wte.weight": "first", "wpe.weight": "first", "ln_f.weight": "last", "ln_f.bias": "last"}
 
 
 def test_mamba_blocks_have_a_scan_not_an_attention_core(tmp_path: Path) -> None:
