@@ -1,4 +1,4 @@
-"""The layout holds: modules stay small, and imports flow one way (hub → checkpoint → metadata → planner →
+"""The layout holds: modules stay small, and imports flow one way (hub → checkpoint → structure → metadata → planner →
 splitter → verifier), with the shells (worker, client, agent, workflow, CLI) on top and never imported below."""
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ MAX_LINES = 400
 # Rank of each module (first dotted component under williw); a module may import only equal or lower ranks.
 RANKS = {
     "errors": 0, "units": 0, "progress": 0, "fsutil": 0,
-    "header": 1, "config": 1, "remote": 1, "hub": 1,
+    "header": 1, "config": 1, "remote": 1, "hub": 1, "weightfiles": 1,
     "checkpoint": 2, "classify": 2,
-    "metadata": 3,
-    "fleet": 4, "planner": 4,
-    "shards": 5, "splitter": 5, "pull": 5, "gather": 5, "planviz": 5,
-    "stages": 6, "verify": 6, "verify_report": 6,
+    "structure": 3,
+    "metadata": 4, "compute": 4,
+    "fleet": 5, "planner": 5,
+    "shards": 6, "splitter": 6, "pull": 6, "gather": 6, "planviz": 6,
+    "stages": 7, "verify": 7, "verify_report": 7,
     # shells
-    "serve": 7, "client": 7, "worker": 7, "agent": 8, "workflow": 8, "tinymodels": 8, "realmodels": 8,
-    "demo": 9, "cli": 9,
+    "serve": 8, "client": 8, "worker": 8, "agent": 9, "workflow": 9, "tinymodels": 9, "realmodels": 9,
+    "demo": 10, "cli": 10,
 }
 
 

@@ -178,3 +178,20 @@ def test_cli_download_json(fake_hub: FakeHub, tiny_llama: Path, tmp_path: Path) 
     assert out["files"] == ["config.json", "generation_config.json", "model.safetensors"]
     assert out["local_path"] == str((tmp_path / "m").resolve())
     assert _files(tmp_path / "m") == _files(tiny_llama)
+
+
+def test_weights_in_a_subfolder_are_named(fake_hub: FakeHub, tiny_bert: Path) -> None:
+    files = {f"0_Transformer/{p.name}": p.read_bytes() for p in tiny_bert.iterdir() if p.is_file()}
+    fake_hub.add_repo("org/st", files={**files, "modules.json": b"[]"})
+
+    with pytest.raises(HubError) as err:
+        ModelDownloader().download_model(DownloadConfig("org/st"))
+
+    assert str(err.value) == ("model 'org/st' has no safetensors or PyTorch weights at its top level (3 files); its "
+                              "weights are in '0_Transformer/' (a sentence-transformers layout?), which williw does "
+                              "not read from a repo: download that folder and give its path")
+
+
+def test_mistral_consolidated_copy_is_not_downloaded() -> None:
+    files = ["config.json", "params.json", "model.safetensors", "consolidated.safetensors", "tokenizer.json"]
+    assert choose_files(files) == ["config.json", "model.safetensors", "tokenizer.json"]

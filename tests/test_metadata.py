@@ -143,7 +143,7 @@ def test_json_round_trip(tmp_path: Path, tiny_llama_tied_bf16: Path) -> None:
     (lambda d: d["layers"][2].update(bytes=-5), "field 'layers[2].bytes' expected an integer >= 0, got -5"),
     (lambda d: d["layers"][0].update(dtype="F12"), "field 'layers[0].dtype' expected a safetensors dtype ("),
     (lambda d: d["layers"][1].update(layer_type="conv"),
-     "field 'layers[1].layer_type' expected one of embedding, attention, mlp, norm, lm_head, other, got 'conv'"),
+     "field 'layers[1].layer_type' expected one of embedding, attention, mlp, norm, lm_head, ssm, other, got 'conv'"),
     (lambda d: d.update(layers={}), "field 'layers' expected a list, got {}"),
     (lambda d: d.update(format_version=9), "format_version 9 is newer than this williw reads (1); upgrade williw"),
 ])

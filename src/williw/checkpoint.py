@@ -1,9 +1,10 @@
 """List every tensor of a local model folder from file headers, never reading tensor data.
 
-Formats, in order of preference (a folder with both keeps safetensors):
-  * ``model.safetensors.index.json`` + shards, or any ``*.safetensors`` files: headers only;
-  * ``pytorch_model.bin.index.json`` + shards, ``pytorch_model.bin``, ``*.bin``/``*.pth``/``*.pt``: through
-    ``torch.load(mmap=True, weights_only=True)``, which maps the file instead of reading it (needs torch).
+Which files are the checkpoint is decided once, by `checkpoint_files` (rules in `williw.weightfiles`: the index's
+shards, else ``model.safetensors``, else the other safetensors, never Mistral's ``consolidated*`` copy, a
+subfolder, or a second copy in another dtype; torch pickles only without safetensors). Safetensors are read
+from their headers only; ``.bin``/``.pth``/``.pt`` through ``torch.load(mmap=True, weights_only=True)``, which
+maps the file instead of reading it (needs torch).
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from williw.config import ModelConfig, read_config
 from williw.errors import CheckpointError, require_torch
 from williw.header import read_header
 from williw.units import TORCH_TO_SAFETENSORS, numel, tensor_nbytes
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_INDEX = "pytorch_model.bin.index.json"
-TORCH_SUFFIXES = (".bin", ".pth", ".pt")
+from williw.weightfiles import (
+    MISTRAL_NATIVE,
+    SAFETENSORS_INDEX,
+    TORCH_INDEX,
+    TORCH_SUFFIXES,
+    is_weights_name,
+    select_weight_files,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class Checkpoint:
     files: tuple[str, ...]
     tensors: tuple[TensorInfo, ...]
     config: ModelConfig | None
+    ignored: tuple[str, ...] = ()  # weight-like files that are not the checkpoint (see `checkpoint_files`)
 
     @cached_property
     def by_name(self) -> dict[str, TensorInfo]:
@@ -85,35 +91,96 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         fmt = "safetensors" if path.suffix == ".safetensors" else "torch" if path.suffix in TORCH_SUFFIXES else None
         if fmt is None:
             raise CheckpointError(f"'{path}': not a weights file (expected .safetensors, .bin, .pth or .pt)")
-        weight_map = None
+        weight_map, ignored = None, []
     else:
         model_dir = path
-        fmt, files, weight_map = _discover(path)
+        fmt, files, weight_map, ignored = _discover(path)
     config = read_config(model_dir)
     tensors = _safetensors_tensors(model_dir, files) if fmt == "safetensors" else _torch_tensors(model_dir, files)
     if weight_map is not None:
         _check_index(model_dir, tensors, weight_map)
-    return Checkpoint(path=model_dir, format=fmt, files=tuple(files), tensors=tuple(tensors), config=config)
+    return Checkpoint(path=model_dir, format=fmt, files=tuple(files), tensors=tuple(tensors), config=config,
+                      ignored=tuple(ignored))
 
 
-def _discover(model_dir: Path) -> tuple[Literal["safetensors", "torch"], list[str], dict[str, str] | None]:
-    for fmt, index_name in (("safetensors", SAFETENSORS_INDEX), ("torch", TORCH_INDEX)):
-        index = model_dir / index_name
-        if index.is_file():
-            weight_map = _read_index(model_dir, index)
-            return fmt, list(dict.fromkeys(weight_map.values())), weight_map  # type: ignore[return-value]
-        if fmt == "safetensors":
-            found = sorted(p.name for p in model_dir.glob("*.safetensors") if p.is_file())
-            if found:
-                return "safetensors", found, None
-    found = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.suffix in TORCH_SUFFIXES
-                   and not p.name.startswith(("training_args", "optimizer", "scheduler", "rng_state")))
-    if found:
-        return "torch", found, None
-    raise CheckpointError(
-        f"'{model_dir}': no weights found (expected model.safetensors, a safetensors index, pytorch_model.bin "
-        "or a .pth/.pt state dict)"
-    )
+def checkpoint_files(folder: str | os.PathLike[str]) -> tuple[list[Path], list[Path]]:
+    """The files that are the checkpoint of a model folder, and the weight-like files left out.
+
+    The one rule every step uses (download, metadata, split, pull, verify's reference): see
+    `williw.weightfiles`. Among several safetensors files without an index, a file whose tensors all
+    appear in a file before it (a second copy in another dtype) is left out too.
+
+    Returns:
+        ``(chosen, ignored)``: paths in the folder, chosen in reading order, ignored sorted (subfolders included).
+
+    Raises:
+        CheckpointError: no weights (naming a subfolder that holds a model, when there is one), or a bad index.
+    """
+    folder = Path(folder)
+    _fmt, files, _weight_map, ignored = _discover(folder)
+    return [folder / f for f in files], [folder / f for f in ignored]
+
+
+def _listing(model_dir: Path) -> list[str]:
+    names = []
+    for entry in sorted(model_dir.iterdir()):
+        if entry.is_file():
+            names.append(entry.name)
+        elif entry.is_dir() and not entry.name.startswith("."):
+            names.extend(f"{entry.name}/{p.name}" for p in sorted(entry.iterdir()) if p.is_file())
+    return names
+
+
+def _discover(model_dir: Path) -> tuple[Literal["safetensors", "torch"], list[str], dict[str, str] | None,
+                                        list[str]]:
+    names = _listing(model_dir)
+    weight_map = None
+    index_files = None
+    for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
+        if index_name in names:
+            weight_map = _read_index(model_dir, model_dir / index_name)
+            index_files = list(dict.fromkeys(weight_map.values()))
+            break
+    chosen, ignored = select_weight_files(names, index_files)
+    if not chosen:
+        raise CheckpointError(_no_weights(model_dir, names))
+    fmt: Literal["safetensors", "torch"] = "safetensors" if chosen[0].endswith(".safetensors") else "torch"
+    if index_files is not None and (fmt == "safetensors") == (index_files[0].endswith(".safetensors")):
+        return fmt, index_files, weight_map, ignored
+    if fmt == "safetensors" and len(chosen) > 1:
+        chosen, copies = _drop_copies(model_dir, chosen)
+        ignored = sorted(ignored + copies)
+    return fmt, chosen, None, ignored
+
+
+def _drop_copies(model_dir: Path, files: list[str]) -> tuple[list[str], list[str]]:
+    """Leave out a file whose tensors all appear in a file kept before it (the same weights in another dtype)."""
+    seen: set[str] = set()
+    kept, copies = [], []
+    for file in files:
+        path = model_dir / file
+        with open(path, "rb") as f:
+            names = {e.name for e in read_header(f, str(path), os.fstat(f.fileno()).st_size).entries}
+        if names and names <= seen:
+            copies.append(file)
+        else:
+            kept.append(file)
+            seen |= names
+    return kept, copies
+
+
+def _no_weights(model_dir: Path, names: list[str]) -> str:
+    nested = sorted({n.split("/", 1)[0] for n in names if "/" in n and is_weights_name(n.rsplit("/", 1)[1])})
+    holders = [d for d in nested if f"{d}/config.json" in names] or nested
+    if holders:
+        kind = " (a sentence-transformers folder)" if "modules.json" in names else ""
+        return (f"'{model_dir}': no weights at the top level{kind}; the model is in the subfolder "
+                f"'{holders[0]}': use '{model_dir / holders[0]}' as the model folder")
+    if any(n.startswith(MISTRAL_NATIVE) and n.endswith(".safetensors") for n in names):
+        return (f"'{model_dir}': only Mistral's own consolidated*.safetensors, which williw does not read; use the "
+                "transformers layout (config.json + model.safetensors) of the same model")
+    return (f"'{model_dir}': no weights found (expected model.safetensors, a safetensors index, pytorch_model.bin "
+            "or a .pth/.pt state dict)")
 
 
 def _read_index(model_dir: Path, index: Path) -> dict[str, str]:

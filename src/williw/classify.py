@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-LAYER_TYPES = ("embedding", "attention", "mlp", "norm", "lm_head", "other")
+LAYER_TYPES = ("embedding", "attention", "mlp", "norm", "lm_head", "ssm", "other")
 
 _LM_HEAD = ("lm_head", "embed_out", "output_layer", "cls.predictions.decoder")
 _NORM = ("norm", "ln_", "ln1", "ln2", "ln3", "layernorm")
@@ -20,10 +20,11 @@ _EMBEDDING = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "
 _ATTENTION = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "qkv", "query", "key", "value",
               "c_attn", "c_proj_attn", "out_proj", "dense_qkv")
 _MLP = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "fc1", "fc2", "c_fc", "gate_proj",
-        "up_proj", "down_proj", "experts", "router", "gate", "w1", "w2", "w3", "dense_h_to_4h", "dense_4h_to_h")
+        "up_proj", "down_proj", "experts", "router", "gate", "w1", "w2", "w3", "dense_h_to_4h", "dense_4h_to_h",
+        "densereludense", "densegatedactdense")
 
 
-def _leftmost_index(name: str) -> tuple[str, int] | None:
+def leftmost_index(name: str) -> tuple[str, int] | None:
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
         if i > 0 and part.isdigit():
@@ -36,7 +37,7 @@ def find_block_prefix(names: Iterable[str]) -> str | None:
     indices: dict[str, set[int]] = defaultdict(set)
     counts: dict[str, int] = defaultdict(int)
     for name in names:
-        found = _leftmost_index(name)
+        found = leftmost_index(name)
         if found:
             indices[found[0]].add(found[1])
             counts[found[0]] += 1

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from williw.errors import HubError
 from williw.remote import HubContext, hub_error_message, network_message
+from williw.weightfiles import SAFETENSORS_INDEX, TORCH_INDEX, select_weight_files
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MIB = 1024 * 1024
@@ -28,10 +29,6 @@ MIB = 1024 * 1024
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
               "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
               "spiece.model", "chat_template.jinja", "chat_template.json")
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_INDEX = "pytorch_model.bin.index.json"
-# Never weights of a split: training state and other frameworks' copies (onnx, gguf, flax, tf, ...).
-_NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
 
 
@@ -126,9 +123,9 @@ def auth_headers(token: str | None) -> dict[str, str]:
 def choose_files(files: list[str], weight_map_files: list[str] | None = None) -> list[str]:
     """The files of a repo a split needs: config and tokenizer files, and one copy of the weights.
 
-    Weights are the safetensors files (those of the index when there is one); ``.bin`` (or ``.pth``/``.pt``)
-    only when there is no safetensors; never onnx, gguf, flax, tf or msgpack duplicates, nor files in subfolders
-    (``original/``, ``onnx/``), which the split does not read.
+    The weights are those `williw.weightfiles.select_weight_files` chooses (the rule every step uses), with the
+    index; never onnx, gguf, flax, tf or msgpack duplicates, Mistral's ``consolidated*`` copy, or files in
+    subfolders (``original/``, ``onnx/``), which the split does not read.
 
     Args:
         files: every path of the repo.
@@ -136,17 +133,10 @@ def choose_files(files: list[str], weight_map_files: list[str] | None = None) ->
     """
     top = [f for f in files if "/" not in f]
     chosen = [f for f in top if f in SIDE_FILES or f.endswith(".tiktoken")]
-    safetensors = [f for f in top if f.endswith(".safetensors")]
-    if safetensors:
-        index = [SAFETENSORS_INDEX] if SAFETENSORS_INDEX in top else []
-        weights = [f for f in safetensors if weight_map_files is None or f in weight_map_files] if index else \
-            safetensors
-        return sorted(set(chosen + index + weights))
-    torch_files = [f for f in top if f.endswith((".bin", ".pth", ".pt")) and not f.startswith(_NOT_WEIGHTS)]
-    if TORCH_INDEX in top:
-        weights = [f for f in torch_files if weight_map_files is None or f in weight_map_files]
-        return sorted(set(chosen + [TORCH_INDEX] + weights))
-    return sorted(set(chosen + torch_files))
+    weights, _ignored = select_weight_files(files, weight_map_files)
+    index = [i for i in (SAFETENSORS_INDEX, TORCH_INDEX) if i in top and weights
+             and weights[0].endswith(".safetensors") == (i == SAFETENSORS_INDEX)]
+    return sorted(set(chosen + index[:1] + weights))
 
 
 @dataclass(frozen=True)
@@ -214,8 +204,12 @@ class ModelDownloader:
                 weight_map_files = _weight_map_files(Path(hf_hub_download(name, index, **kwargs)))
         wanted = choose_files(list(files), weight_map_files)
         if not any(f.endswith((".safetensors", ".bin", ".pth", ".pt")) for f in wanted):
+            _, nested = select_weight_files(list(files))
+            where = f"; its weights are in '{nested[0].split('/')[0]}/' (a sentence-transformers layout?), which " \
+                "williw does not read from a repo: download that folder and give its path" if nested else \
+                "; williw splits only those formats"
             raise HubError(f"model '{name}' has no safetensors or PyTorch weights at its top level "
-                           f"({len(files)} files); williw splits only those formats")
+                           f"({len(files)} files){where}")
         with hub_errors(ctx):
             path = snapshot_download(name, allow_patterns=[_glob_escape(f) for f in wanted], **kwargs)
         return DownloadResult(local_path=path, files=tuple(wanted),

@@ -5,16 +5,19 @@ The JSON keeps the seed's fields (``model_name``, ``model_type``, ``batch_size``
 ``total_layers``) and adds what planning needs: per tensor ``bytes``, ``block`` and ``placement``, a ``blocks[]``
 summary, totals, ``architecture``, the tied LM head, and ``format_version``.
 
-Compute model: GFLOPs of one forward pass over ``B·S`` tokens (B = batch size, S = sequence length).
-  * matrix weight (≥ 2 dims, not an embedding): ``2·B·S·params`` — one multiply-add per weight per token
-    (Kaplan et al. 2020, "Scaling Laws", table 1: C_forward ≈ 2N);
-  * embedding table: 0 — a lookup is a gather, not a matmul (the seed priced it as a matmul);
-  * bias: ``B·S·params`` (one add); norm weight: ``4·B·S·params`` (mean/variance, normalise, scale);
-  * integer buffers (``position_ids``, masks): 0;
-  * tied LM head (no ``lm_head`` tensor stored, the embedding reused): ``2·B·S·vocab·hidden``, on the last stage;
-  * attention core of each block that has attention: ``QKᵀ`` and ``A·V``, ``2·B·S²·hidden`` each, so
-    ``4·B·S²·hidden`` (the PaLM paper, appendix B, counts the same ``6·L·H·Q·T`` term for training = 3× forward),
-    counted in that block, not in any tensor.
+Structure: `williw.structure.find_structure` reads the stacks from ``config.json`` in execution order (vision
+tower → language model, encoder → decoder) and checks them against the tensor names. ``block`` is a block's
+index in the chain of all stacks (the pipeline); ``stack`` and ``stack_index`` say which stack and which block
+of it; ``role`` is ``first``/``block``/``between``/``last``/``mtp`` (``between`` modules and blocks have
+placement ``block``; ``mtp`` layers travel with the last stage).
+
+Compute model (GFLOPs of one forward pass over ``B·S`` tokens): `williw.compute` prices each tensor from what
+it is (quantized weights at their logical shape, buffers free, experts at the active fraction). Each block
+adds its cores, which belong to no tensor: the attention core of a block with attention, ``QKᵀ`` and ``A·V``,
+``2·B·S²·hidden`` each, so ``4·B·S²·hidden`` per attention (self, and cross in a decoder; the PaLM paper,
+appendix B, counts the same ``6·L·H·Q·T`` term for training = 3× forward), and the selective scan of a
+state-space block (`williw.compute.ssm_core_flops`). A tied LM head (no ``lm_head`` tensor stored, the embedding
+reused) costs ``2·B·S·vocab·hidden`` on the last stage.
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from williw.checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from williw.classify import LAYER_TYPES, block_of, find_block_prefix, is_embedding_side, layer_type
+from williw.checkpoint import Checkpoint, open_checkpoint
+from williw.classify import LAYER_TYPES, layer_type
+from williw.compute import CROSS_ATTENTION, CostModel, keys_attended, ssm_core_flops, stack_hidden
 from williw.errors import MetadataError
 from williw.fsutil import read_json, write_json
-from williw.units import DTYPE_BITS, FLOAT_DTYPES
+from williw.structure import ROLES, Structure, find_structure
+from williw.units import DTYPE_BITS
 
 FORMAT_VERSION = 1
-NORM_FLOPS_PER_ELEMENT = 4
 GIGA = 1e9
 PLACEMENTS = ("first", "block", "last")
 
@@ -51,6 +55,10 @@ class LayerMeta:
     block: int | None
     placement: str
     file: str
+    stack: str | None = None  # the stack of a block (or of a module between stacks)
+    stack_index: int | None = None  # the block's index within its stack
+    role: str | None = None  # first, block, between, last, mtp (None in files written before stacks)
+    note: str | None = None  # quantized, quant_state, buffer, experts: why params/compute are not shape-based
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,9 @@ class BlockMeta:
     bytes: int
     compute: float  # GFLOPs
     attention_compute: float  # GFLOPs
+    stack: str | None = None
+    stack_index: int | None = None
+    state_space_compute: float = 0.0  # GFLOPs of the selective scan (Mamba blocks)
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,8 @@ class ModelMetadata:
     total_params: int
     total_bytes: int
     total_layers: int
+    stacks: tuple[dict[str, Any], ...] = ()  # williw.structure.Stack.to_dict(), in execution order
+    ignored_files: tuple[str, ...] = ()  # weight-like files of the folder that are not the checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -127,14 +140,22 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
             raise MetadataError(f"{field} must be a positive integer, got {value!r}")
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     cfg = ckpt.config
+    raw = cfg.raw if cfg else {}
     tokens = batch_size * sequence_length
-    prefix = find_block_prefix(t.name for t in ckpt.tensors)
-    flops = {t.name: tensor_flops(t.name, t.shape, t.dtype, layer_type(t.name), tokens) for t in ckpt.tensors}
-    layers = [_layer(t, prefix, flops[t.name]) for t in ckpt.tensors]
+    names = [t.name for t in ckpt.tensors]
+    structure = find_structure(names, raw or None, str(ckpt.path / "config.json"))
+    costs = CostModel(raw, set(names), tokens)
+    ssm_mixers = {n.rsplit(".", 1)[0] + "." for n in names if n.endswith(".A_log")}
+    layers, flops = [], {}
+    for t in ckpt.tensors:
+        kind = "ssm" if any(t.name.startswith(m) for m in ssm_mixers) else layer_type(t.name)
+        cost = costs.cost(t.name, t.shape, t.dtype, kind)
+        flops[t.name] = cost.flops
+        layers.append(_layer(t, kind, cost.params, cost.flops, cost.note, structure))
     layers.sort(key=_model_order)
 
     hidden = cfg.hidden_size if cfg and cfg.hidden_size else _guess_hidden(layers)
-    blocks, block_flops = _blocks(layers, flops, hidden, batch_size, sequence_length)
+    blocks, block_flops = _blocks(layers, flops, hidden, batch_size, sequence_length, raw, structure)
     tied, tied_flops = _tied_head(ckpt, layers, tokens)
     total_compute = (sum(flops.values()) + block_flops + tied_flops) / GIGA
     return ModelMetadata(
@@ -153,37 +174,23 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
         total_params=sum(x.num_params for x in layers),
         total_bytes=sum(x.bytes for x in layers),
         total_layers=len(layers),
+        stacks=tuple(s.to_dict() for s in structure.stacks),
+        ignored_files=ckpt.ignored,
     )
 
 
-def tensor_flops(name: str, shape: tuple[int, ...], dtype: str, kind: str, tokens: int) -> int:
-    """Forward FLOPs of one tensor over ``tokens`` tokens, by the compute model of this module.
-
-    Integers, so that totals are exact sums divided once by 1e9.
-    """
-    n = math.prod(shape)
-    if dtype not in FLOAT_DTYPES or kind == "embedding":
-        return 0
-    if len(shape) >= 2:
-        return 2 * tokens * n
-    if kind == "norm" and not name.endswith("bias"):
-        return NORM_FLOPS_PER_ELEMENT * tokens * n
-    return tokens * n
+def _layer(t: Any, kind: str, params: int, flops: int, note: str | None, structure: Structure) -> LayerMeta:
+    place = structure.place(t.name)
+    placement = {"first": "first", "block": "block", "between": "block"}.get(place.role, "last")
+    return LayerMeta(name=t.name, shape=t.shape, dtype=t.dtype, num_params=params, bytes=t.nbytes,
+                     compute_required=flops / GIGA, layer_type=kind, block=place.block, placement=placement,
+                     file=t.file, stack=place.stack, stack_index=place.index, role=place.role, note=note)
 
 
-def _layer(t: TensorInfo, prefix: str | None, flops: int) -> LayerMeta:
-    kind = layer_type(t.name)
-    block = block_of(t.name, prefix)
-    placement = "block" if block is not None else ("first" if is_embedding_side(t.name) and kind != "lm_head"
-                                                   else "last")
-    return LayerMeta(name=t.name, shape=t.shape, dtype=t.dtype, num_params=t.numel, bytes=t.nbytes,
-                     compute_required=flops / GIGA, layer_type=kind,
-                     block=block, placement=placement, file=t.file)
-
-
-def _model_order(layer: LayerMeta) -> tuple[int, int, str]:
+def _model_order(layer: LayerMeta) -> tuple[int, int, int, str]:
     rank = PLACEMENTS.index(layer.placement)
-    return rank, layer.block if layer.block is not None else -1, layer.name
+    between = 0 if layer.role != "between" or layer.stack_index is not None else 1
+    return rank, layer.block if layer.block is not None else -1, between, layer.name
 
 
 def _guess_hidden(layers: list[LayerMeta]) -> int | None:
@@ -191,24 +198,35 @@ def _guess_hidden(layers: list[LayerMeta]) -> int | None:
     return max(emb, key=lambda x: x.num_params).shape[1] if emb else None
 
 
-def _blocks(layers: list[LayerMeta], flops: dict[str, int], hidden: int | None, batch: int,
-            seq: int) -> tuple[list[BlockMeta], int]:
-    """The blocks' summaries, and the FLOPs of all attention cores (which belong to no tensor)."""
+def _blocks(layers: list[LayerMeta], flops: dict[str, int], hidden: int | None, batch: int, seq: int,
+            cfg: dict[str, Any], structure: Structure) -> tuple[list[BlockMeta], int]:
+    """The blocks' summaries, and the FLOPs of all attention and scan cores (which belong to no tensor)."""
     grouped: dict[int, list[LayerMeta]] = {}
     for x in layers:
         if x.block is not None:
             grouped.setdefault(x.block, []).append(x)
+    hidden_of = {s.part: stack_hidden(cfg, s.part) or hidden for s in structure.stacks}
     blocks = []
     cores = 0
     for index in sorted(grouped):
         members = grouped[index]
-        has_attention = any(x.layer_type == "attention" and len(x.shape) >= 2 for x in members)
-        core = 4 * batch * seq * seq * hidden if has_attention and hidden else 0
-        cores += core
+        stack = next((x.stack for x in members if x.role == "block"), None)
+        h = hidden_of.get(stack or "", hidden) or 0
+        attention = [x for x in members if x.layer_type == "attention" and len(x.shape) >= 2 and x.note is None
+                     or x.note == "quantized" and x.layer_type == "attention"]
+        cross = any(c in x.name.lower() for x in attention for c in CROSS_ATTENTION)
+        spec = next((s for s in structure.stacks if s.part == stack), None)
+        in_stack = next((x.stack_index for x in members if x.role == "block"), None)
+        keys = keys_attended(spec.layer_types if spec else None, in_stack, cfg, seq)
+        core = (1 + cross) * 4 * batch * seq * keys * h if attention else 0
+        scan = sum(ssm_core_flops(x.shape, cfg, batch * seq) for x in members if x.name.endswith(".A_log"))
+        cores += core + scan
         blocks.append(BlockMeta(index=index, tensors=len(members), params=sum(x.num_params for x in members),
                                 bytes=sum(x.bytes for x in members),
-                                compute=(sum(flops[x.name] for x in members) + core) / GIGA,
-                                attention_compute=core / GIGA))
+                                compute=(sum(flops[x.name] for x in members) + core + scan) / GIGA,
+                                attention_compute=core / GIGA, stack=stack,
+                                stack_index=in_stack,
+                                state_space_compute=scan / GIGA))
     return blocks, cores
 
 
@@ -303,8 +321,11 @@ def _parse(d: Any, source: str) -> ModelMetadata:
         layers.append(LayerMeta(name=f.get("name", "str"), shape=tuple(shape), dtype=dtype,
                                 num_params=f.get("num_params", "int"), bytes=f.get("bytes", "int"),
                                 compute_required=float(f.get("compute_required", "num")), layer_type=kind,
-                                block=block, placement=placement, file=f.get("file", "str", optional=True,
-                                                                              default="")))
+                                block=block, placement=placement,
+                                file=f.get("file", "str", optional=True, default=""),
+                                stack=f.get("stack", "str", optional=True),
+                                stack_index=f.get("stack_index", "int", optional=True),
+                                role=_role(f, placement), note=f.get("note", "str", optional=True)))
     names = [x.name for x in layers]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -316,7 +337,11 @@ def _parse(d: Any, source: str) -> ModelMetadata:
                                 params=f.get("params", "int"), bytes=f.get("bytes", "int"),
                                 compute=float(f.get("compute", "num")),
                                 attention_compute=float(f.get("attention_compute", "num", optional=True,
-                                                              default=0.0))))
+                                                              default=0.0)),
+                                stack=f.get("stack", "str", optional=True),
+                                stack_index=f.get("stack_index", "int", optional=True),
+                                state_space_compute=float(f.get("state_space_compute", "num", optional=True,
+                                                                default=0.0))))
     if {b.index for b in blocks} != {x.block for x in layers if x.block is not None}:
         raise MetadataError(f"'{source}': 'blocks' does not list exactly the blocks named in 'layers'")
     tied = None
@@ -342,4 +367,13 @@ def _parse(d: Any, source: str) -> ModelMetadata:
         total_params=top.get("total_params", "int", optional=True, default=sum(x.num_params for x in layers)),
         total_bytes=top.get("total_bytes", "int", optional=True, default=sum(x.bytes for x in layers)),
         total_layers=top.get("total_layers", "int", optional=True, default=len(layers)),
+        stacks=tuple(top.get("stacks", "list", optional=True, default=[])),
+        ignored_files=tuple(str(x) for x in top.get("ignored_files", "list", optional=True, default=[])),
     )
+
+
+def _role(f: _Fields, placement: str) -> str | None:
+    role = f.get("role", "str", optional=True)
+    if role is not None and role not in ROLES:
+        raise f._fail("role", f"one of {', '.join(ROLES)}", role)
+    return role

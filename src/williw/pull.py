@@ -38,6 +38,7 @@ from williw.planner.plan import Plan
 from williw.remote import BACKOFF_S, HttpRangeSource, HubContext, merge_intervals, safe_file_name
 from williw.shards import COPIED_FILES, write_shards
 from williw.splitter import as_plan, plan_specs
+from williw.weightfiles import select_weight_files
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ def remote_tensors(source: HttpRangeSource, weights: list[str], model: str) -> t
     for file in weights:
         header, _ = source.read_header(file)
         header_bytes += header.data_start
+        if header.entries and all(e.name in tensors for e in header.entries):
+            continue  # a second copy in another dtype: left out, as `williw.checkpoint.checkpoint_files` does
         for e in header.entries:
             if e.name in tensors:
                 raise HubError(f"'{model}': tensor '{e.name}' is in both '{tensors[e.name].file}' and '{file}'")
@@ -162,8 +165,8 @@ def weight_files(source: HttpRangeSource, files: set[str] | None, model: str) ->
         return names
     if files is None:
         return ["model.safetensors"]
-    names = sorted(f for f in files if "/" not in f and f.endswith(".safetensors"))
-    if not names:
+    names, _ignored = select_weight_files(sorted(files))
+    if not names or not names[0].endswith(".safetensors"):
         raise HubError(f"'{model}' has no safetensors weights; williw pull reads only safetensors: run "
                        "williw download, then williw split")
     return names

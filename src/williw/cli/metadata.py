@@ -29,6 +29,7 @@ def metadata_cmd(model_dir: str, output: str | None, batch_size: int, sequence_l
         "model_name": meta.model_name, "architecture": meta.architecture, "format": meta.checkpoint_format,
         "tensors": meta.total_layers, "blocks": len(meta.blocks), "total_params": meta.total_params,
         "total_bytes": meta.total_bytes, "total_compute_gflops": meta.total_compute, "output": output,
+        "stacks": list(meta.stacks), "ignored_files": list(meta.ignored_files),
     }
     emit(as_json, meta.to_dict() if as_json and not output else summary, lambda: _human(meta, output))
 
@@ -51,6 +52,15 @@ def _human(meta, output: str | None) -> str:
         f"batch {meta.batch_size} x {meta.sequence_length} tokens",
         table(rows, ["layer type", "tensors", "params", "bytes", "compute"]),
     ]
+    if len(meta.stacks) > 1:
+        lines.append("stacks in execution order: " + " -> ".join(
+            f"{s['part']} '{s['prefix']}' blocks [{s['start']}, {s['start'] + s['layers']})" for s in meta.stacks))
+    mtp = sorted({x.stack_index for x in meta.layers if x.role == "mtp"})
+    if mtp:
+        lines.append(f"not in the forward pass: multi-token-prediction layer(s) {', '.join(map(str, mtp))}, "
+                     "held by the last stage")
+    if meta.ignored_files:
+        lines.append(f"ignored (not the checkpoint): {', '.join(meta.ignored_files)}")
     if meta.tied_lm_head:
         head = meta.tied_lm_head
         lines.append(f"tied LM head on '{head.tensor}': {format_gflops(head.compute_required)} on the last stage")
