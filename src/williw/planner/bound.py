@@ -117,7 +117,7 @@ class Windows:
         return True
 
 
-def certified_lower_bound(w: Windows, lo: float, hi: float, rel_tol: float = 1e-9) -> float:
+def certified_lower_bound(w: Windows, lo: float, hi: float, rel_tol: float = 1e-6) -> float:
     """The largest threshold in ``[lo, hi)`` found to fail `Windows.necessary` (``lo`` must fail or be 0).
 
     Bisection: ``necessary`` is monotone in ``T`` (every cap grows with ``T``). Returns ``lo`` if nothing above fails.

@@ -105,7 +105,11 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
     sums0 = [float(x) for x in whole]
     if not hopeful(0, 0, sums0) or n < 2:
         return None
-    ext_all = [[ext(v, p) for p in range(n)] for v in range(k)]
+    ext_all = []
+    for v in range(k):  # k·n runs: the slow part on large fleets, so it watches the clock too
+        if time.monotonic() > deadline:
+            raise _OutOfTime
+        ext_all.append([ext(v, p) for p in range(n)])
     fin = [_first_finish(c, v, t) for v in range(k)]
     vectors = prices(ext_all, fin, n, PRICE_ROUNDS, lambda: time.monotonic() > deadline)
     mus = [mu for mu, _ in vectors]
