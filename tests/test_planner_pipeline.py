@@ -248,13 +248,13 @@ def test_bad_arguments() -> None:
         make_plan(meta, [Node("a", 1.0, 1.0), Node("a", 2.0, 1.0)])
 
 
-def test_large_fleet_uses_the_heuristic_and_reports_its_gap() -> None:
+def test_large_fleet_is_proven_optimal_by_the_branch_and_bound() -> None:
     meta = build_meta([(10 + i % 7, 5 + i % 3) for i in range(40)])
     nodes = [Node(f"n{i}", float(1 + i % 5), (20 + 7 * (i % 4)) / 1e9) for i in range(30)]
-    plan = make_plan(meta, nodes)
-    assert plan.exact is False
-    assert plan.lower_bound_s <= plan.bottleneck_s
-    assert plan.extra["gap_to_lower_bound"] == plan.bottleneck_s / plan.lower_bound_s - 1
+    plan = make_plan(meta, nodes, time_limit_s=60)
+    assert plan.exact is True
+    assert plan.lower_bound_s == plan.bottleneck_s
+    assert plan.extra["gap_to_lower_bound"] == 0.0
     assert validate_split_plan([x.name for x in meta.layers], plan, metadata=meta, nodes=nodes) == []
 
 

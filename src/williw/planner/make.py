@@ -18,15 +18,19 @@ from collections.abc import Sequence
 from williw.errors import InfeasiblePlan, PlanError
 from williw.fleet import Node
 from williw.metadata import ModelMetadata
+from williw.planner.branch import certify
 from williw.planner.costs import OBJECTIVES, PipelineModel, decode_time, pipeline_model, prefill_time
 from williw.planner.greedy import _tokens_per_s, greedy_plan
-from williw.planner.pipeline import Stage, dominated, lower_bound, max_coverage, search
+from williw.planner.pipeline import EXACT_MAX_NODES, Stage, _Costs, dominated, lower_bound, max_coverage, search
 from williw.planner.plan import STRATEGIES, ExcludedNode, NodeAssignment, Plan
 from williw.units import format_bytes, format_seconds
 
+# Seconds the exact search may take beyond the subset DP's reach before it settles for a certified gap.
+DEFAULT_TIME_LIMIT_S = 5.0
+
 
 def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "pipeline",
-              objective: str = "prefill") -> Plan:
+              objective: str = "prefill", time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> Plan:
     """Plan which node holds which tensors.
 
     Args:
@@ -34,12 +38,15 @@ def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "p
         nodes: the fleet; node ids must be unique.
         strategy: ``pipeline`` (contiguous blocks, minimal bottleneck) or ``greedy`` (the seed's algorithm).
         objective: ``prefill`` (stage GFLOPs / TFLOPS) or ``decode`` (stage bytes / memory bandwidth).
+        time_limit_s: wall-clock seconds for the exact search over more than `EXACT_MAX_NODES` candidates; when it
+            runs out the plan is the best found (never worse than the heuristic's), ``exact`` is False and
+            ``lower_bound_s`` is a certified bound. The plan then depends on the machine's speed.
 
     Returns:
         The plan; for ``pipeline`` its assignments are in stage order.
 
     Raises:
-        PlanError: unknown strategy or objective, no nodes, or duplicate node ids.
+        PlanError: unknown strategy or objective, no nodes, duplicate node ids, or a time limit not > 0.
         InfeasiblePlan: no plan fits; the message names the constraint and the shortfall.
     """
     if strategy not in STRATEGIES:
@@ -48,16 +55,18 @@ def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "p
         raise PlanError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     if not nodes:
         raise PlanError("no nodes to plan over")
+    if not time_limit_s > 0:
+        raise PlanError(f"the time limit must be a number of seconds > 0, got {time_limit_s!r}")
     ids = [v.node_id for v in nodes]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise PlanError(f"node '{dup}' appears more than once in the fleet")
     if strategy == "greedy":
         return greedy_plan(metadata, nodes, objective)
-    return _pipeline(metadata, list(nodes), objective)
+    return _pipeline(metadata, list(nodes), objective, time_limit_s)
 
 
-def _pipeline(meta: ModelMetadata, nodes: list[Node], objective: str) -> Plan:
+def _pipeline(meta: ModelMetadata, nodes: list[Node], objective: str, time_limit_s: float) -> Plan:
     model = pipeline_model(meta)
     excluded: list[ExcludedNode] = []
     if objective == "decode":
@@ -81,16 +90,24 @@ def _pipeline(meta: ModelMetadata, nodes: list[Node], objective: str) -> Plan:
                  for i in sorted(drop)]
     candidates = [v for i, v in enumerate(usable) if i not in drop]
     found = search(model, candidates, objective)
-    if found is None:
+    lower = lower_bound(model, candidates, objective)
+    exact = found is not None and found.exact
+    stages = found.stages if found is not None else None
+    if len(candidates) > EXACT_MAX_NODES:
+        certified = certify(_Costs(model, candidates, objective), stages, lower, time_limit_s)
+        stages, exact = (certified.stages, certified.exact) if certified else (None, False)
+        lower = certified.lower_s if certified else lower
+    if stages is None:
         raise InfeasiblePlan(_why_infeasible(model, candidates))
-    stages = found.stages
     plan_nodes = [candidates[s.node] for s in stages]
-    plan = _assemble(meta, model, stages, plan_nodes, objective, found.exact,
-                     lower_bound(model, candidates, objective), excluded)
+    plan = _assemble(meta, model, stages, plan_nodes, objective, exact, lower, excluded)
+    if exact:  # the optimum is the tightest lower bound there is
+        plan = Plan(**{**plan.__dict__, "lower_bound_s": plan.bottleneck_s, "extra": {"gap_to_lower_bound": 0.0}})
     in_plan = set(plan.node_ids)
     unused = [ExcludedNode(v.node_id, f"not needed: adding it does not lower the bottleneck "
-                                      f"({format_seconds(plan.bottleneck_s or 0.0)})" if found.exact else
-                           "not chosen by the heuristic search (fleet too large for the exact search)")
+                                      f"({format_seconds(plan.bottleneck_s or 0.0)})" if exact else
+                           "not chosen by the search, which ran out of time (--time-limit) before proving the "
+                           "plan optimal")
               for v in candidates if v.node_id not in in_plan]
     return Plan(**{**plan.__dict__, "excluded": tuple(excluded + unused)})
 

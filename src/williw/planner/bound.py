@@ -1,0 +1,133 @@
+"""Necessary conditions for a bottleneck threshold, and the certified lower bound they give.
+
+For a threshold ``T`` a node ``v`` can hold a run of consecutive blocks whose amount (GFLOPs for prefill, bytes
+for decode) is at most ``a_v = T · rate_v`` and whose bytes are at most ``m_v`` (its memory). From the blocks
+alone, independent of ``T``, we keep four window tables: ``min_a[L]``, ``max_a[L]``, ``min_b[L]``, ``max_b[L]``,
+the least and greatest amount and bytes of any ``L`` consecutive blocks (non-decreasing in ``L``: every block is
+non-negative). Then any stage of ``v`` has
+
+* at most ``cnt_v = max{L : min_a[L] <= a_v and min_b[L] <= m_v}`` blocks,
+* amount at most ``min(a_v, max_a[cnt_v])`` and bytes at most ``min(m_v, max_b[cnt_v])``;
+
+the first stage also carries the first group (embeddings) and the last stage the last group (norm, head, and
+the tied head's replica), which shrink what is left for blocks (``cnt`` of that role) and add their own amount.
+
+A plan at ``T`` covers every block, all the amount and all the bytes with at most ``n`` stages, so
+``Σ cnt_v + (best first-role change) + (best last-role change) >= n`` over the ``n`` largest ``cnt``, and the same
+for amount and bytes. Each is the linear-programming dual of the covering relaxation with block prices 1, the
+blocks' amounts, or their bytes (Pinar and Aykanat 2004 use the same window reasoning for fixed orders). A
+threshold that fails one condition, and that no single node can hold the whole model under, is infeasible; so
+every plan's bottleneck is above it, a **certified** lower bound.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_right
+from dataclasses import dataclass
+from operator import sub
+
+from williw.planner.pipeline import _Costs
+
+SLACK = 1e-12  # relative: a stage that fits ``amount / rate <= T`` has ``amount <= T · rate · (1 + SLACK)``
+NONE = -(1 << 62)  # a role the node cannot take (the first or last group alone overflows it)
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Per node, at one threshold: (count, amount, bytes) as a middle stage, and how much a first or a last
+    stage changes each (``NONE`` when the node cannot take the role)."""
+
+    mid: tuple[tuple[float, ...], ...]  # [count, amount, bytes] -> per node
+    first: tuple[tuple[float, ...], ...]  # deltas to mid
+    last: tuple[tuple[float, ...], ...]
+
+
+class Windows:
+    """The window tables of one model and objective, extended on demand."""
+
+    def __init__(self, c: _Costs) -> None:
+        m = c.m
+        self.c = c
+        self.pa = list(m.prefix_bytes if c.decode else m.prefix_compute)
+        self.pb = list(m.prefix_bytes)
+        self.min_a, self.max_a, self.min_b, self.max_b = [0.0], [0.0], [0], [0]
+        self.first_a = m.first_bytes if c.decode else m.first_compute
+        self.first_b = m.first_bytes
+        # The last stage of a plan with two or more stages holds the tied head's replica.
+        self.last_b = m.last_bytes + m.replica_bytes
+        self.last_a = self.last_b if c.decode else m.last_compute
+        self.total = (self.pa[-1] + self.first_a + self.last_a, self.pb[-1] + self.first_b + self.last_b)
+
+    def _extend(self, a: float, b: float) -> None:
+        """Grow the tables until ``a`` or ``b`` is exceeded by a window, or they cover every length."""
+        n = len(self.pa) - 1
+        while len(self.min_a) <= n and self.min_a[-1] <= a and self.min_b[-1] <= b:
+            size = len(self.min_a)
+            wa = list(map(sub, self.pa[size:], self.pa[:-size]))
+            wb = list(map(sub, self.pb[size:], self.pb[:-size]))
+            self.min_a.append(min(wa))
+            self.max_a.append(max(wa))
+            self.min_b.append(min(wb))
+            self.max_b.append(max(wb))
+
+    def _run(self, a: float, b: float) -> tuple[int, float, int] | None:
+        """(blocks, amount, bytes) bounds of a run under amount ``a`` and bytes ``b``; None if not one block."""
+        if a < 0 or b < 0:
+            return None
+        self._extend(a, b)
+        cnt = min(bisect_right(self.min_a, a), bisect_right(self.min_b, b)) - 1
+        if cnt < 1:
+            return None
+        return cnt, min(a, self.max_a[cnt]), min(b, self.max_b[cnt])
+
+    def caps(self, t: float) -> Caps:
+        c = self.c
+        mid: list[list[float]] = [[], [], []]
+        first: list[list[float]] = [[], [], []]
+        last: list[list[float]] = [[], [], []]
+        for v in range(len(c.nodes)):
+            a = t * c.rate[v] * (1 + SLACK) if t != float("inf") else float("inf")
+            b = c.mem[v]
+            base = self._run(a, b) or (0, 0.0, 0)
+            for i in range(3):
+                mid[i].append(base[i])
+            for role, ra, rb in ((first, self.first_a, self.first_b), (last, self.last_a, self.last_b)):
+                r = self._run(a - ra, b - rb)
+                extra = (0, ra, rb)
+                for i in range(3):
+                    role[i].append(NONE if r is None else r[i] + extra[i] - base[i])
+        return Caps(tuple(map(tuple, mid)), tuple(map(tuple, first)), tuple(map(tuple, last)))
+
+    def necessary(self, t: float) -> bool:
+        """False only when no plan has bottleneck <= ``t`` (some node holding everything, or all three sums)."""
+        c = self.c
+        n = c.m.n
+        if any(c.finish(v, 0, t) for v in range(len(c.nodes))):
+            return True
+        if n < 2:
+            return False
+        caps = self.caps(t)
+        totals = (n, *self.total)
+        for i in range(3):
+            top = heapq.nlargest(n, caps.mid[i]) if len(caps.mid[i]) > n else caps.mid[i]
+            have = sum(top) + max(caps.first[i]) + max(caps.last[i])
+            if have < totals[i]:
+                return False
+        return True
+
+
+def certified_lower_bound(w: Windows, lo: float, hi: float, rel_tol: float = 1e-6) -> float:
+    """The largest threshold in ``[lo, hi)`` found to fail `Windows.necessary` (``lo`` must fail or be 0).
+
+    Bisection: ``necessary`` is monotone in ``T`` (every cap grows with ``T``). Returns ``lo`` if nothing above fails.
+    """
+    while hi > lo * (1 + rel_tol) and hi - lo > 0:
+        mid = (lo + hi) / 2 if lo > 0 else hi / 2 if hi / 2 > 1e-300 else 0.0
+        if mid <= lo or mid >= hi:
+            break
+        if w.necessary(mid):
+            hi = mid
+        else:
+            lo = mid
+    return lo

@@ -1,0 +1,233 @@
+"""Exact search beyond the subset DP: branch and bound on a threshold, with a certified gap when time runs out.
+
+For a threshold ``T`` the question "can some nodes, in some order, cover the blocks with every stage at most ``T``
+and within memory?" is answered by a depth-first search that builds the pipeline from block 0, one node per step,
+each taking its longest run (``ext``; runs nest, so longer is never worse). It is exact, and kept small by:
+
+* **bounds:** at block ``p`` with the nodes ``R`` still free, the conditions of `bound` on the blocks ``[p, n)``
+  must hold (count, amount and bytes of what ``R`` can still hold), else the branch is cut;
+* **dominance between nodes:** among free nodes whose runs from ``p`` end at the same block, only those that no
+  other such node is weaker than (no slower and no smaller) are tried: using the weaker one now leaves the stronger
+  one for later, which is never worse;
+* **dominance between states:** a failed state (``p``, used set ``U``) fails for every ``p' <= p`` with the same
+  ``U`` (``ext`` is non-decreasing in ``p``), so each used set keeps the largest failed ``p``.
+
+The outer loop bisects ``T`` between a certified lower bound (`bound.certified_lower_bound`, raised by every
+threshold the search proves infeasible) and the best plan found (at first the heuristic's), and ends, as the
+subset DP does, on the stage costs left in the interval: the plan is then the exact optimum. When the time limit
+runs out the best plan is returned with the certified bound, so the gap ``bottleneck / bound - 1`` is a proof.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from williw.planner.bound import NONE, Caps, Windows, certified_lower_bound
+from williw.planner.lagrange import prices
+from williw.planner.pipeline import Stage, _candidates, _Costs
+
+CHECK_EVERY = 256  # search steps between looks at the clock
+PRICE_ROUNDS = 40  # subgradient steps for the node prices of each threshold (`lagrange.prices`)
+BISECT_REL_TOL = 1e-6  # bisect to here, then over the stage costs left (as `pipeline._minimise`)
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Certified:
+    stages: tuple[Stage, ...]
+    exact: bool
+    lower_s: float  # every plan's bottleneck is above this (proven); the bottleneck itself when exact
+
+
+def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] | None:
+    """A plan with bottleneck <= ``t``, or None when there is none. Raises _OutOfTime past ``deadline``."""
+    n = c.m.n
+    k = len(c.nodes)
+    caps: Caps = w.caps(t)
+    ext_memo: dict[int, int] = {}
+    fail: dict[int, int] = {}  # used-set bitmask -> largest block index known to fail from
+
+    def ext(v: int, p: int) -> int:
+        key = v * (n + 1) + p
+        e = ext_memo.get(key)
+        if e is None:
+            e = ext_memo[key] = c.ext(v, p, t)
+        return e
+
+    def finisher(p: int, used: int) -> int:
+        for v in range(k):
+            if not used >> v & 1 and c.finish(v, p, t):
+                return v
+        return -1
+
+    by_last = [sorted(range(k), key=lambda v, i=i: -caps.last[i][v]) for i in range(3)]
+    by_first = [sorted(range(k), key=lambda v, i=i: -caps.first[i][v]) for i in range(3)]
+    whole = [sum(col) for col in caps.mid]
+
+    def best(role: tuple[tuple[float, ...], ...], order: list[list[int]], i: int, used: int) -> float:
+        return next((role[i][v] for v in order[i] if not used >> v & 1), NONE)
+
+    def hopeful(p: int, used: int, sums: list[float]) -> bool:
+        """The count, amount and bytes conditions on [p, n) with the free nodes (a last stage included)."""
+        head = p == 0
+        need = (n - p, w.pa[n] - w.pa[p] + w.last_a + (w.first_a if head else 0),
+                w.pb[n] - w.pb[p] + w.last_b + (w.first_b if head else 0))
+        for i in range(3):
+            have = best(caps.last, by_last, i, used) + (best(caps.first, by_first, i, used) if head else 0)
+            if have <= NONE // 2 or sums[i] + have < need[i]:
+                return False
+        return True
+
+    def weaker(u: int, v: int) -> bool:  # u no faster and no smaller than v; identical nodes by index
+        ru, rv, mu, mv = c.rate[u], c.rate[v], c.mem[u], c.mem[v]
+        return ru <= rv and mu <= mv and ((ru, mu) != (rv, mv) or u < v)
+
+    def children(p: int, used: int) -> list[tuple[int, int]]:
+        groups: dict[int, list[int]] = {}
+        for v in range(k):
+            if not used >> v & 1:
+                e = ext(v, p)
+                if e > p:
+                    groups.setdefault(e, []).append(v)
+        out = []
+        for e in sorted(groups, reverse=True):
+            g = groups[e]
+            out += [(v, e) for v in g if not any(u != v and weaker(u, v) for u in g)]
+        return out
+
+    v = finisher(0, 0)
+    if v >= 0:
+        return (Stage(v, 0, n),)
+    sums0 = [float(x) for x in whole]
+    if not hopeful(0, 0, sums0) or n < 2:
+        return None
+    ext_all = []
+    for v in range(k):  # k·n runs: the slow part on large fleets, so it watches the clock too
+        if time.monotonic() > deadline:
+            raise _OutOfTime
+        ext_all.append([ext(v, p) for p in range(n)])
+    fin = [_first_finish(c, v, t) for v in range(k)]
+    vectors = prices(ext_all, fin, n, PRICE_ROUNDS, lambda: time.monotonic() > deadline)
+    mus = [mu for mu, _ in vectors]
+    fs = [f for _, f in vectors]
+    # Sums below are updated by subtraction: allow their rounding (1e-9 of the whole price) before cutting.
+    tol = [sum(mu) * 1e-9 for mu in mus]
+    if any(f[0] > sum(mu) + eps for mu, f, eps in zip(mus, fs, tol, strict=True)):
+        return None
+    sums0 += [sum(mu) for mu in mus]
+    # Each frame: (p, used, sums, children, next child index); the path is the chosen (node, p, e).
+    stack = [(0, 0, sums0, children(0, 0), 0)]
+    path: list[Stage] = []
+    steps = 0
+    while stack:
+        p, used, sums, kids, i = stack[-1]
+        if i == len(kids):
+            stack.pop()
+            fail[used] = max(fail.get(used, -1), p)
+            if path:
+                path.pop()
+            continue
+        stack[-1] = (p, used, sums, kids, i + 1)
+        steps += 1
+        if steps % CHECK_EVERY == 0 and time.monotonic() > deadline:
+            raise _OutOfTime
+        v, e = kids[i]
+        used2 = used | 1 << v
+        if fail.get(used2, -1) >= e:
+            continue
+        last = finisher(e, used2)
+        if last >= 0:
+            return (*path, Stage(v, p, e), Stage(last, e, n))
+        sums2 = [sums[j] - caps.mid[j][v] for j in range(3)] + [x - mu[v] for x, mu in zip(sums[3:], mus, strict=True)]
+        if not hopeful(e, used2, sums2) or any(
+                f[e] > x + eps for f, x, eps in zip(fs, sums2[3:], tol, strict=True)):
+            fail[used2] = max(fail.get(used2, -1), e)
+            continue
+        path.append(Stage(v, p, e))
+        stack.append((e, used2, sums2, children(e, used2), 0))
+    return None
+
+
+def _first_finish(c: _Costs, v: int, t: float) -> int:
+    """The first ``p >= 1`` from which ``v`` can hold ``[p, n)`` and the last group (``n`` if none)."""
+    n = c.m.n
+    lo, hi = 1, n  # finish(v, p) is monotone for p >= 1: the runs nest
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if c.finish(v, mid, t):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit_s: float) -> Certified | None:
+    """The best plan the time allows, exact when the search closes the interval.
+
+    Args:
+        c: the model, candidate nodes and objective.
+        start: a plan to improve on (the heuristic's), or None.
+        lower: a valid lower bound on every plan's bottleneck (`pipeline.lower_bound`).
+        time_limit_s: wall-clock seconds for the whole search (the bound and the start plan are always computed).
+
+    Returns:
+        The plan, whether it is proven optimal, and the certified lower bound; None when no plan fits (proven)
+        or none was found in time.
+    """
+    deadline = time.monotonic() + time_limit_s
+    w = Windows(c)
+    plan = start
+    if plan is None:
+        try:
+            plan = _dfs(c, w, float("inf"), deadline)
+        except _OutOfTime:
+            return None
+        if plan is None:
+            return None
+    hi = c.bottleneck(plan)
+    lo = certified_lower_bound(w, lower * (1 - 1e-9), hi)  # proven: every plan's bottleneck is above lo
+    top = hi  # probes stay below this: above it a probe ran out of time (and hi is the best plan)
+    try:
+        while top > lo * (1 + BISECT_REL_TOL):
+            mid = (lo + top) / 2 if lo > 0 else top / 2
+            if not lo < mid < top:
+                break
+            found = _probe(c, w, mid, deadline)
+            if found is None:
+                lo = mid
+            elif found is False:  # undecided: look lower, to raise the certified bound
+                top = mid
+            else:
+                plan, hi = found, min(hi, c.bottleneck(found))
+                top = min(top, hi)
+        if top < hi:
+            return Certified(plan, False, lo)
+        values = _candidates(c, lo, hi)
+        values = [x for x in values if x < hi]
+        i, j = 0, len(values)
+        while i < j:  # the optimum is one of values[i:j], or hi itself
+            mid_i = (i + j) // 2
+            found = _dfs(c, w, values[mid_i], deadline)
+            if found is None:
+                i, lo = mid_i + 1, max(lo, values[mid_i])
+            else:
+                j, plan = mid_i, found
+                hi = min(hi, c.bottleneck(found))
+    except _OutOfTime:
+        return Certified(plan, False, lo)
+    return Certified(plan, True, c.bottleneck(plan))
+
+
+def _probe(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] | None | bool:
+    """_dfs at ``t`` with a share of the time left: a plan, None (proven infeasible), or False (out of time)."""
+    now = time.monotonic()
+    if now >= deadline:
+        raise _OutOfTime
+    try:
+        return _dfs(c, w, t, now + max((deadline - now) / 5, 0.01))
+    except _OutOfTime:
+        return False

@@ -1,0 +1,128 @@
+"""The branch and bound beyond the subset DP: exact against brute force, never worse than the heuristic, and a lower
+bound that no plan beats."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from test_planner_pipeline import brute_force, build_meta, instances, stage_cost
+from williw.errors import PlanError
+from williw.fleet import Node
+from williw.planner import make_plan, validate_split_plan
+from williw.planner.bound import Windows, certified_lower_bound
+from williw.planner.branch import certify
+from williw.planner.costs import pipeline_model
+from williw.planner.pipeline import _Costs, lower_bound, search
+
+OBJECTIVES = ("prefill", "decode")
+
+
+def _solve(meta, nodes, objective, limit=60.0):
+    model = pipeline_model(meta)
+    usable = [v for v in nodes if v.memory_bytes >= min(model.block_bytes, default=0)]
+    c = _Costs(model, usable, objective)
+    return c, certify(c, None, lower_bound(model, usable, objective), limit) if usable else None
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=instances(max_nodes=8, max_blocks=8))
+def test_branch_and_bound_is_the_exhaustive_optimum(objective: str, case) -> None:
+    meta, nodes = case
+    expected = brute_force(meta, nodes, objective)
+    c, found = _solve(meta, nodes, objective)
+    if expected is None:
+        assert found is None
+        return
+    assert found is not None and found.exact is True
+    assert c.bottleneck(found.stages) == expected
+    assert found.lower_s == expected
+    if expected > 0:  # the window bound alone is a proof: below the optimum
+        model = pipeline_model(meta)
+        assert certified_lower_bound(Windows(c), lower_bound(model, c.nodes, objective) * (1 - 1e-9),
+                                     2 * expected) < expected
+
+
+def exhaustive(meta, nodes: list[Node], objective: str) -> float | None:
+    """Every composition of the blocks, each with the best assignment of distinct nodes to its stages (bottleneck
+    matching: the least threshold at which a matching covers every stage, by augmenting paths)."""
+    n = len(meta.blocks)
+    best = None
+    for j in range(1, n + 1):
+        for cuts in itertools.combinations(range(1, n), j - 1):
+            bounds = (0, *cuts, n)
+            cost: list[list[float | None]] = []
+            for s in range(j):
+                row = [stage_cost(meta, v, bounds[s], bounds[s + 1], objective) for v in nodes]
+                cost.append([t if b <= v.memory_bytes else None for (t, b), v in zip(row, nodes, strict=True)])
+            for t in sorted({x for row in cost for x in row if x is not None}):
+                if best is not None and t >= best:
+                    break
+                if _matches(cost, t, len(nodes)):
+                    best = t
+                    break
+    return best
+
+
+def _matches(cost: list[list[float | None]], t: float, k: int) -> bool:
+    owner = [-1] * k
+
+    def augment(s: int, seen: set[int]) -> bool:
+        for v in range(k):
+            x = cost[s][v]
+            if x is not None and x <= t and v not in seen:
+                seen.add(v)
+                if owner[v] < 0 or augment(owner[v], seen):
+                    owner[v] = s
+                    return True
+        return False
+
+    return all(augment(s, set()) for s in range(len(cost)))
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_large_fleets_match_the_exhaustive_check_and_beat_the_heuristic(objective: str, data) -> None:
+    n = data.draw(st.integers(2, 6))
+    blocks = data.draw(st.lists(st.tuples(st.integers(1, 20), st.integers(1, 9)), min_size=n, max_size=n))
+    k = data.draw(st.integers(16, 40))
+    nodes = [Node(f"n{i}", float(data.draw(st.integers(1, 30))), data.draw(st.integers(3, 40)) / 1e9,
+                  float(data.draw(st.integers(1, 30)))) for i in range(k)]
+    meta = build_meta(blocks, (1, 2), (2, 2), (1, 3))
+    expected = exhaustive(meta, nodes, objective)
+    c, found = _solve(meta, nodes, objective)
+    if expected is None:
+        assert found is None
+        return
+    assert found.exact is True and c.bottleneck(found.stages) == expected
+    heuristic = search(pipeline_model(meta), c.nodes, objective)
+    assert heuristic is not None
+    assert c.bottleneck(found.stages) <= c.bottleneck(heuristic.stages)
+
+
+def test_out_of_time_gives_the_best_plan_with_a_certified_gap() -> None:
+    meta = build_meta([(40 + (37 * i) % 21, 80 + (53 * i) % 41) for i in range(300)])
+    nodes = [Node(f"n{i}", float(1 + (13 * i) % 97), (800 + (29 * i) % 1500) / 1e9) for i in range(60)]
+    start = time.monotonic()
+    plan = make_plan(meta, nodes, time_limit_s=0.05)
+    assert time.monotonic() - start < 5  # the bound and the heuristic's plan are always computed
+    model = pipeline_model(meta)
+    c = _Costs(model, nodes, "prefill")
+    heuristic = c.bottleneck(search(model, nodes, "prefill").stages)
+    assert plan.bottleneck_s <= heuristic * (1 + 1e-12)
+    assert lower_bound(model, nodes, "prefill") <= plan.lower_bound_s <= plan.bottleneck_s
+    if not plan.exact:
+        assert plan.extra["gap_to_lower_bound"] == plan.bottleneck_s / plan.lower_bound_s - 1
+        assert any(e.reason.startswith("not chosen by the search, which ran out of time") for e in plan.excluded)
+    assert validate_split_plan([x.name for x in meta.layers], plan, metadata=meta, nodes=nodes) == []
+
+
+def test_time_limit_must_be_positive() -> None:
+    with pytest.raises(PlanError, match=r"^the time limit must be a number of seconds > 0, got 0$"):
+        make_plan(build_meta([(1, 1)]), [Node("a", 1.0, 1.0)], time_limit_s=0)
