@@ -21,18 +21,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy import Connection, bindparam, create_engine, delete, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from williw.errors import WilliwError
 from williw.progress import get_logger
 from williw.worker import schema
+from williw.worker.engines import sqlite_engine
 from williw.worker.schema import nodes, plans, requests
 
 log = get_logger(__name__)
 
-SQLITE_BUSY_TIMEOUT_MS = 5000
 READ_POOL_SIZE = 8
 
 
@@ -112,6 +112,16 @@ def normalize_url(url: str) -> str:
 _HEARTBEAT = (update(nodes).where(nodes.c.node_id == bindparam("b_node_id"))
               .values(last_heartbeat=bindparam("b_now")))
 _HEARTBEAT_CHECKED = _HEARTBEAT.where(nodes.c.token_hash == bindparam("b_token_hash"))
+# A batch of heartbeats on PostgreSQL: the three arrays are one bound parameter each, so the statement text is the
+# same for every batch size and psycopg prepares it once (after 5 uses: its ``prepare_threshold``).
+_PG_LOCK_NODES = text("SELECT node_id FROM nodes WHERE node_id = ANY(CAST(:ids AS TEXT[])) ORDER BY node_id "
+                      "FOR UPDATE")
+_PG_HEARTBEATS = text(
+    "UPDATE nodes SET last_heartbeat = GREATEST(nodes.last_heartbeat, v.t) "
+    "FROM unnest(CAST(:ids AS TEXT[]), CAST(:hashes AS TEXT[]), CAST(:ts AS DOUBLE PRECISION[])) "
+    "AS v(node_id, token_hash, t) "
+    "WHERE nodes.node_id = v.node_id AND (v.token_hash IS NULL OR nodes.token_hash = v.token_hash) "
+    "RETURNING nodes.node_id")
 # NodeRecord's fields, in its order, and the statement `process` runs on every call.
 _NODE_COLUMNS = (nodes.c.node_id, nodes.c.compute_tflops, nodes.c.memory_gb, nodes.c.memory_bandwidth_gbps,
                  nodes.c.network_gbps, nodes.c.labels, nodes.c.registered_at, nodes.c.updated_at,
@@ -134,8 +144,8 @@ class Store:
         self.url = normalize_url(url)
         self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
         if self.is_sqlite:
-            self._writer = _sqlite_engine(self.url, pool_size=1, writer=True)
-            self._reader = _sqlite_engine(self.url, pool_size=pool_size, writer=False)
+            self._writer = sqlite_engine(self.url, pool_size=1, writer=True)
+            self._reader = sqlite_engine(self.url, pool_size=pool_size, writer=False)
         else:
             self._writer = self._reader = create_engine(self.url, pool_size=pool_size, max_overflow=pool_size,
                                                         pool_recycle=300)
@@ -249,6 +259,27 @@ class Store:
             done = conn.execute(_HEARTBEAT if token_hash is None else _HEARTBEAT_CHECKED, params)
         return done.rowcount > 0
 
+    def heartbeat_many(self, beats: list[tuple[str, str | None, float]]) -> set[str]:
+        """Record many heartbeats ``(node_id, token_hash or None, now)`` in one transaction (`heartbeats`' batches).
+
+        Each beat follows `heartbeat`'s rule. ``node_id`` must not repeat within one call. On PostgreSQL a beat
+        never moves ``last_heartbeat`` back (two workers' batches may commit out of order), and the rows are
+        locked in ``node_id`` order first, so that two workers' overlapping batches cannot deadlock.
+
+        Returns:
+            The node ids whose row was updated.
+        """
+        if not beats:
+            return set()
+        if self.is_sqlite:
+            return {n for n, h, t in beats if self.heartbeat(n, t, h)}
+        ids = [b[0] for b in beats]
+        with self._write() as conn:
+            conn.execute(_PG_LOCK_NODES, {"ids": ids})
+            done = conn.execute(_PG_HEARTBEATS, {"ids": ids, "hashes": [b[1] for b in beats],
+                                                 "ts": [b[2] for b in beats]})
+            return {row[0] for row in done}
+
     def get_node(self, node_id: str) -> NodeRecord:
         """Raises: NotFound: no such node."""
         with self._read() as conn:
@@ -345,32 +376,6 @@ def _node(row: Any) -> NodeRecord:
     labels = row[5]
     return NodeRecord(row[0], row[1], row[2], row[3], row[4], tuple(json.loads(labels)) if labels != "[]" else (),
                       row[6], row[7], row[8])
-
-
-def _sqlite_engine(url: str, *, pool_size: int, writer: bool) -> Engine:
-    engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60,
-                           connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Autocommit at the driver level, so that BEGIN below is the only transaction control (the SQLAlchemy
-        # pysqlite recipe for SERIALIZABLE/IMMEDIATE transactions).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        if writer:
-            cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA foreign_keys=ON")
-        if not writer:
-            cur.execute("PRAGMA query_only=ON")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
-
-    return engine
 
 
 # -- listing requests (the dashboard) ------------------------------------------------------------------------
