@@ -50,19 +50,13 @@ def create_app(settings: WorkerSettings, store: Store | None = None) -> FastAPI:
     app.include_router(migration_router)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    replanner = Replanner(store, settings)
+    replanner = app.state.replanner = Replanner(store, settings)
     app.router.add_event_handler("startup", replanner.start)
     app.router.add_event_handler("shutdown", replanner.stop)
-    app.router.add_event_handler("shutdown", lambda: _close_heartbeats(app))
     if own:
+        app.router.add_event_handler("shutdown", store.aclose)
         app.router.add_event_handler("shutdown", store.close)
     return app
-
-
-def _close_heartbeats(app: FastAPI) -> None:
-    batcher = getattr(app.state, "heartbeats", None)
-    if batcher is not None:
-        batcher.close()
 
 
 def _detail(status_code: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:

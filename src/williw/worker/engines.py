@@ -1,4 +1,5 @@
-"""How the store connects: SQLite's pragmas and transaction mode (why: see `williw.worker.store`)."""
+"""How the store connects: SQLite's pragmas and transaction mode, and PostgreSQL's two engines (why: see
+`williw.worker.store`)."""
 
 from __future__ import annotations
 
@@ -36,4 +37,16 @@ def sqlite_engine(url: str, *, pool_size: int, writer: bool) -> Engine:
     return engine
 
 
-__all__ = ["SQLITE_BUSY_TIMEOUT_MS", "sqlite_engine"]
+def postgres_engines(url: str, *, pool_size: int, loop_pool_size: int) -> tuple[Engine, Engine]:
+    """Two engines on the PostgreSQL database at ``url``: one for threads (psycopg's blocking connections) and one
+    for the event loop (psycopg's asyncio connections, used through SQLAlchemy's greenlet bridge: see
+    `Store.run`). Each pool holds up to twice its size; a worker opens at most ``2 * (pool_size +
+    loop_pool_size)`` connections, plus one for the re-planning lock."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    threads = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=300)
+    loop = create_async_engine(url, pool_size=loop_pool_size, max_overflow=loop_pool_size, pool_recycle=300)
+    return threads, loop.sync_engine
+
+
+__all__ = ["SQLITE_BUSY_TIMEOUT_MS", "postgres_engines", "sqlite_engine"]

@@ -1,18 +1,17 @@
 """Heartbeats on PostgreSQL, committed in batches (group commit), each acknowledged only after its batch commits.
 
-At 1,000 heartbeats/s, one transaction per heartbeat costs each a thread-pool hop (and a wait for the GIL), a
-round trip and a WAL flush: the worker reached ~500/s with p99 ~800 ms (bench/worker.py). Here every heartbeat
-joins the pending batch; one flusher writes the whole batch with one statement (`Store.heartbeat_many`) on its own
-thread while the next batch gathers, so the batch size follows the load (one heartbeat when idle, tens under load)
-and no timer delays a lone heartbeat. The answer (and so the node's ``last_heartbeat``) is sent only once its
-batch has committed: an acknowledged heartbeat is as durable as before, and its time is the time it arrived, so
-the TTL means what it did.
+At 1,000 heartbeats/s, one transaction per heartbeat costs each a round trip and a WAL flush (~4 ms here), and
+in the thread pool a wait for the GIL: the worker reached ~500/s with p99 ~800 ms (bench/worker.py). Here every
+heartbeat joins the pending batch; one flusher writes the whole batch with one statement (`Store.heartbeat_many`,
+on the loop's non-blocking connections: `Store.run`) while the next batch gathers, so the batch size follows the
+load (one heartbeat when idle, tens under load) and no timer delays a lone heartbeat. The answer (and so the
+node's ``last_heartbeat``) is sent only once its batch has committed: an acknowledged heartbeat is as durable as
+before, and its time is the time it arrived, so the TTL means what it did.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from williw.worker.store import Store
@@ -29,7 +28,6 @@ class HeartbeatBatcher:
         self.loop = asyncio.get_running_loop()
         self._pending: list[tuple[str, str | None, float, asyncio.Future[bool]]] = []
         self._flushing = False
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="williw-heartbeats")
 
     async def beat(self, node_id: str, token_hash: str | None, now: float) -> bool:
         """Record a heartbeat as `Store.heartbeat` would; returns once it is committed.
@@ -65,8 +63,7 @@ class HeartbeatBatcher:
 
     async def _write(self, batch: list[tuple[str, str | None, float, asyncio.Future[bool]]]) -> None:
         try:
-            updated = await self.loop.run_in_executor(self._executor, self.store.heartbeat_many,
-                                                      [(n, h, t) for n, h, t, _ in batch])
+            updated = await self.store.run(self.store.heartbeat_many, [(n, h, t) for n, h, t, _ in batch])
         except Exception as exc:  # the database's error goes to every heartbeat of the batch
             for *_, done in batch:
                 if not done.done():
@@ -75,10 +72,6 @@ class HeartbeatBatcher:
         for node_id, _, _, done in batch:
             if not done.done():
                 done.set_result(node_id in updated)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-
 
 def batcher_of(state: Any) -> HeartbeatBatcher:
     """The app's `HeartbeatBatcher` (in ``app.state``) for the running loop, made on first use."""

@@ -38,6 +38,11 @@ class LeaderLock:
         self._conn: Connection | None = None
         self._lock = threading.Lock()
 
+    @property
+    def holding(self) -> bool:
+        """Whether this process held the lock at its last `held` call (takes nothing)."""
+        return self.store.is_sqlite or self._conn is not None
+
     def held(self) -> bool:
         """Whether this process holds the lock now, taking it if no other session does.
 

@@ -162,6 +162,7 @@ class Replanner:
         self.leader = LeaderLock(store)
 
     def start(self) -> None:
+        self.leader.held()  # the first worker on the database leads from its start (shown by /healthz)
         self._thread = threading.Thread(target=self._run, name="williw-replanner", daemon=True)
         self._thread.start()
 

@@ -52,12 +52,16 @@ def _node_out(node: NodeRecord, settings: WorkerSettings, now: float) -> NodeOut
 
 
 @router.get("/healthz")
-async def healthz(store: StoreDep, auth: AuthDep, settings: SettingsDep) -> dict[str, Any]:
+async def healthz(request: Request, store: StoreDep, auth: AuthDep, settings: SettingsDep) -> dict[str, Any]:
+    replanner = getattr(request.app.state, "replanner", None)
+
     def work() -> Any:
         store.ping()
+        # "leader": this worker runs automatic re-planning; "standby": another worker on the database does.
+        leading = replanner is None or replanner.leader.holding
         return {"status": "ok", "database": "sqlite" if store.is_sqlite else "postgresql",
                 "schema_version": store.schema_version(), "auth": "token" if auth.enabled else "open",
-                "node_ttl_s": settings.node_ttl_s}
+                "node_ttl_s": settings.node_ttl_s, "replanning": "leader" if leading else "standby"}
 
     return await run_in_threadpool(work)
 
@@ -76,7 +80,7 @@ async def create_request(body: RequestIn, request: Request, store: StoreDep, aut
         return {"request_id": record.request_id, "status": record.status}
 
     # One INSERT: on the loop on SQLite (see `process`).
-    return await _on_loop(request, work) if store.is_sqlite else await run_in_threadpool(work)
+    return await _on_loop(request, work)
 
 
 # Plans are JSON already (built by Plan.to_dict or read from the store) and tens of KB for a large fleet, so these
@@ -111,15 +115,14 @@ async def process(body: ProcessIn, request: Request, store: StoreDep, auth: Auth
                                     strategy=body.strategy, objective=body.objective)
 
     # A Hub fetch is network I/O: never on the loop.
-    on_loop = store.is_sqlite and body.metadata is not None
-    job = await _on_loop(request, prepare) if on_loop else await run_in_threadpool(prepare)
+    job = await _on_loop(request, prepare) if body.metadata is not None else await run_in_threadpool(prepare)
     planned = asyncio.ensure_future(pool.plan_dict(*job.args))
     await asyncio.wait([planned])
 
     def save() -> JSONResponse:
         return answer(*service.save_outcome(store, job, planned.result))
 
-    return await _on_loop(request, save) if store.is_sqlite else await run_in_threadpool(save)
+    return await _on_loop(request, save)
 
 
 @router.post("/api/get-plan")
@@ -127,12 +130,15 @@ async def get_plan(body: GetPlanIn, request: Request, store: StoreDep) -> JSONRe
     def work() -> Any:
         return JSONResponse(service.plan_for(store, body.request_id, node_id=body.node_id, version=body.version))
 
-    return await _on_loop(request, work) if store.is_sqlite else await run_in_threadpool(work)
+    return await _on_loop(request, work)
 
 
 async def _on_loop(request: Request, work: Callable[[], T]) -> T:
-    # A user request's SQLite work, on the loop in its turn (see `turns`): heartbeats never queue behind more than
-    # one of these.
+    # A user request's store work on the loop. SQLite: in its turn (see `turns`), so heartbeats never queue behind
+    # more than one of these. PostgreSQL: through `Store.run`, which lets the loop serve others while a query waits.
+    store: Store = request.app.state.store
+    if not store.is_sqlite:
+        return await store.run(work)
     async with turns_of(request.app.state).turn():
         return work()
 
@@ -142,7 +148,7 @@ async def get_request(request_id: RequestIdPath, store: StoreDep) -> RequestOut:
     def work() -> Any:
         return RequestOut(**vars(store.get_request(request_id)))
 
-    return work() if store.is_sqlite else await run_in_threadpool(work)
+    return await store.run(work)
 
 
 # -- nodes ---------------------------------------------------------------------------------------------------
@@ -163,7 +169,7 @@ async def register_node(body: NodeIn, response: Response, store: StoreDep, auth:
             response.status_code = status.HTTP_201_CREATED
         return RegisterOut(node=_node_out(record, settings, now), created=created, node_token=node_token)
 
-    return await run_in_threadpool(work)
+    return await run_in_threadpool(work) if store.is_sqlite else await store.run(work)
 
 
 def _existing_hash(store: Store, node_id: str) -> str:
