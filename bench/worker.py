@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import httpx  # noqa: E402
 
-from workerproc import PG_URL, WorkerProcess, postgres_schema  # noqa: E402
+from workerproc import WorkerProcess, postgres_schema  # noqa: E402
 
 TOKEN = "bench-admin"
 BARE_APP = """
@@ -285,7 +285,7 @@ def main() -> None:
             if backend == "sqlite":
                 rows += bench_worker("worker, SQLite", f"sqlite:///{folder / 'bench.db'}", meta, args, folder)
             elif backend == "postgres":
-                with postgres_schema(PG_URL) as url:
+                with postgres_schema() as url:
                     rows += bench_worker("worker, PostgreSQL", url, meta, args, folder)
     if args.json:
         print(json.dumps({"duration_s": args.duration, "nodes": args.nodes, "users": args.users,
