@@ -28,6 +28,7 @@ class HeartbeatBatcher:
         self.loop = asyncio.get_running_loop()
         self._pending: list[tuple[str, str | None, float, asyncio.Future[bool]]] = []
         self._flushing = False
+        self.batches = 0  # statements written so far (the bench and tests read it)
 
     async def beat(self, node_id: str, token_hash: str | None, now: float) -> bool:
         """Record a heartbeat as `Store.heartbeat` would; returns once it is committed.
@@ -62,6 +63,7 @@ class HeartbeatBatcher:
             self._flushing = False
 
     async def _write(self, batch: list[tuple[str, str | None, float, asyncio.Future[bool]]]) -> None:
+        self.batches += 1
         try:
             updated = await self.store.run(self.store.heartbeat_many, [(n, h, t) for n, h, t, _ in batch])
         except Exception as exc:  # the database's error goes to every heartbeat of the batch
