@@ -28,6 +28,7 @@ class HeartbeatBatcher:
         self.loop = asyncio.get_running_loop()
         self._pending: list[tuple[str, str | None, float, asyncio.Future[bool]]] = []
         self._flushing = False
+        self._task: asyncio.Task[None] | None = None
         self.batches = 0  # statements written so far (the bench and tests read it)
 
     async def beat(self, node_id: str, token_hash: str | None, now: float) -> bool:
@@ -43,7 +44,7 @@ class HeartbeatBatcher:
         self._pending.append((node_id, token_hash, now, done))
         if not self._flushing:
             self._flushing = True
-            self.loop.create_task(self._flush())
+            self._task = self.loop.create_task(self._flush())  # kept: the loop holds only weak references
         return await done
 
     async def _flush(self) -> None:

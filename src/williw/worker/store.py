@@ -113,7 +113,10 @@ class Store:
             self._reader = sqlite_engine(self.url, pool_size=pool_size, writer=False)
             self._on_loop: Engine | None = None
         else:
-            self._writer, self._on_loop = postgres_engines(self.url, pool_size=pool_size, loop_pool_size=pool_size)
+            # The routes' store calls use the loop's pool; threads (the re-planning check, the other routes) need
+            # fewer. With 8: up to 2 * (4 + 8) + 1 connections per worker (see `engines.postgres_engines`).
+            self._writer, self._on_loop = postgres_engines(self.url, pool_size=max(1, pool_size // 2),
+                                                           loop_pool_size=pool_size)
             self._reader = self._writer
             # Reads and one-statement writes run in autocommit: one round trip instead of three (psycopg sends BEGIN
             # and COMMIT/ROLLBACK as commands of their own), which is what a query costs when the server's process
