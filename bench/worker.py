@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import httpx  # noqa: E402
 
-from workerproc import PG_URL, WorkerProcess, postgres_schema  # noqa: E402
+from workerproc import WorkerProcess, postgres_schema  # noqa: E402
 
 TOKEN = "bench-admin"
 BARE_APP = """
@@ -205,6 +205,16 @@ def check_lost(url: str, last_ack: dict[str, float], planned: list[str]) -> int:
     return lost
 
 
+def summary_for(label: str, stats: Stats, elapsed: float, planned: list[str], lost: int,
+                cpu_s: float | None) -> dict:
+    """The closing table's row: heartbeats, user cycles (request → process → get-plan, all answered), losses."""
+    lat = stats.lat.get("heartbeat", [])
+    return {"target": label, "heartbeats_per_s": len(lat) / elapsed, "p50_ms": pct(lat, 50) * 1000,
+            "p99_ms": pct(lat, 99) * 1000, "max_ms": max(lat) * 1000 if lat else float("nan"),
+            "cycles_per_s": len(planned) / elapsed, "failed": sum(stats.failed.values()), "lost": lost,
+            "worker_cpu_s": cpu_s}
+
+
 def rows_for(label: str, stats: Stats, elapsed: float, lost: int | None) -> list[dict]:
     out = []
     for op in ("heartbeat", "request", "process", "get-plan"):
@@ -214,6 +224,7 @@ def rows_for(label: str, stats: Stats, elapsed: float, lost: int | None) -> list
             continue
         out.append({"target": label, "op": op, "count": len(lat), "per_s": len(lat) / elapsed,
                     "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000,
+                    "max_ms": max(lat) * 1000 if lat else float("nan"),
                     "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan"), "failed": failed,
                     "lost": lost if op == "heartbeat" else None})
     return out
@@ -242,7 +253,18 @@ def bench_reference(args: argparse.Namespace) -> list[dict]:
         proc.wait(10)
 
 
-def bench_worker(label: str, db_url: str, meta: dict, args: argparse.Namespace, folder: Path) -> list[dict]:
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children (the planning process): comparable across runs on a busy machine,
+    where wall-clock figures also measure everyone else."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    times = [proc.cpu_times()] + [c.cpu_times() for c in proc.children(recursive=True)]
+    return sum(t.user + t.system for t in times)
+
+
+def bench_worker(label: str, db_url: str, meta: dict, args: argparse.Namespace,
+                 folder: Path) -> tuple[list[dict], dict]:
     with WorkerProcess(db_url, TOKEN, node_ttl=3600, cwd=folder, log_path=folder / f"{label}.log") as proc:
         nodes = {}
         with httpx.Client(base_url=proc.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
@@ -250,12 +272,14 @@ def bench_worker(label: str, db_url: str, meta: dict, args: argparse.Namespace, 
                 body = {"node_id": f"node-{i:03d}", "compute_tflops": random.choice([10.0, 20.0, 40.0, 80.0]),
                         "memory_gb": random.choice([8.0, 16.0, 24.0, 80.0]), "memory_bandwidth_gbps": 500.0}
                 nodes[body["node_id"]] = http.post("/api/nodes", json=body).raise_for_status().json()["node_token"]
+        cpu0 = cpu_seconds(proc.proc.pid)
         stats, last_ack, planned, elapsed = run_load(proc.url, nodes, args.users, meta, args)
+        cpu = cpu_seconds(proc.proc.pid) - cpu0
         lost = check_lost(proc.url, last_ack, planned)
         rows = rows_for(label, stats, elapsed, lost)
         if stats.errors:
             rows[0]["errors"] = stats.errors
-        return rows
+        return rows, summary_for(label, stats, elapsed, planned, lost, cpu)
 
 
 def tiny_metadata(folder: Path) -> dict:
@@ -278,31 +302,48 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = bench_reference(args)
+    summaries = []
     with tempfile.TemporaryDirectory(prefix="williw-bench-") as tmp:
         folder = Path(tmp)
         meta = tiny_metadata(folder)
         for backend in args.backends.split(","):
             if backend == "sqlite":
-                rows += bench_worker("worker, SQLite", f"sqlite:///{folder / 'bench.db'}", meta, args, folder)
+                more, summary = bench_worker("worker, SQLite", f"sqlite:///{folder / 'bench.db'}", meta, args,
+                                             folder)
             elif backend == "postgres":
-                with postgres_schema(PG_URL) as url:
-                    rows += bench_worker("worker, PostgreSQL", url, meta, args, folder)
+                with postgres_schema() as url:
+                    more, summary = bench_worker("worker, PostgreSQL", url, meta, args, folder)
+            else:
+                parser.error(f"--backends: unknown backend {backend!r} (expected sqlite, postgres)")
+            rows += more
+            summaries.append(summary)
     if args.json:
         print(json.dumps({"duration_s": args.duration, "nodes": args.nodes, "users": args.users,
-                          "interval_s": args.interval, "rows": rows}, indent=2))
+                          "interval_s": args.interval, "rows": rows, "summary": summaries}, indent=2))
         return
     print(f"{args.nodes} nodes heartbeating every {args.interval:g} s (offered {args.nodes / args.interval:,.0f}/s), "
           f"{args.users} users, {args.duration:g} s per target, loopback")
-    header = (f"{'target':<26} {'op':<10} {'count':>8} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7} "
-              f"{'lost':>5}")
+    header = (f"{'target':<26} {'op':<10} {'count':>8} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+              f"{'failed':>7} {'lost':>5}")
     print(header)
     print("-" * len(header))
     for r in rows:
         lost = "" if r["lost"] is None else str(r["lost"])
         print(f"{r['target']:<26} {r['op']:<10} {r['count']:>8} {r['per_s']:>8.0f} {r['p50_ms']:>8.1f} "
-              f"{r['p99_ms']:>8.1f} {r['failed']:>7} {lost:>5}")
+              f"{r['p99_ms']:>8.1f} {r['max_ms']:>8.1f} {r['failed']:>7} {lost:>5}")
         for e in r.get("errors", []):
             print(f"    error: {e}")
+    print()
+    print("summary: heartbeats, user cycles (request → process → get-plan), failed and lost requests, and the "
+          "worker's CPU seconds (planning process included)")
+    header = (f"{'target':<26} {'beats/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'cycles/s':>9} "
+              f"{'failed':>7} {'lost':>5} {'cpu s':>6}")
+    print(header)
+    print("-" * len(header))
+    for s in summaries:
+        print(f"{s['target']:<26} {s['heartbeats_per_s']:>8.0f} {s['p50_ms']:>8.1f} {s['p99_ms']:>8.1f} "
+              f"{s['max_ms']:>8.1f} {s['cycles_per_s']:>9.1f} {s['failed']:>7} {s['lost']:>5} "
+              f"{s['worker_cpu_s']:>6.1f}")
 
 
 if __name__ == "__main__":

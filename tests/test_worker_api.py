@@ -56,7 +56,7 @@ def test_healthz(worker):
     assert r.status_code == 200
     body = r.json()
     assert body == {"status": "ok", "database": body["database"], "schema_version": 3, "auth": "token",
-                    "node_ttl_s": 30.0}
+                    "node_ttl_s": 30.0, "replanning": "leader"}
     assert body["database"] == ("sqlite" if worker.db_url.startswith("sqlite") else "postgresql")
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import httpx
 
+from pgserver import pg_url
+
 VENV_BIN = Path(sys.executable).parent
-# A user that works on the test server (trust auth); override with WILLIW_TEST_PG_URL.
-PG_URL = os.environ.get("WILLIW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 class WorkerProcess:
@@ -135,14 +135,16 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 
 
 @contextmanager
-def postgres_schema(base_url: str = PG_URL) -> Iterator[str]:
-    """A fresh schema on the test PostgreSQL server; yields a URL whose connections use it, drops it after.
+def postgres_schema(base_url: str | None = None) -> Iterator[str]:
+    """A fresh schema on the test PostgreSQL server (`pgserver.pg_url`, started if need be); yields a URL whose
+    connections use it, drops it after.
 
     Raises:
-        RuntimeError: the server cannot be reached (run with ``-m "not postgres"`` to skip these tests).
+        RuntimeError: the server cannot be reached or started (run with ``-m "not postgres"`` to skip these tests).
     """
     from sqlalchemy import create_engine, text
 
+    base_url = base_url or pg_url()
     name = f"williw_test_{uuid.uuid4().hex[:12]}"
     engine = create_engine(base_url)
     try:

@@ -50,9 +50,12 @@ def create_app(settings: WorkerSettings, store: Store | None = None) -> FastAPI:
     app.include_router(migration_router)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    replanner = Replanner(store, settings)
+    replanner = app.state.replanner = Replanner(store, settings)
     app.router.add_event_handler("startup", replanner.start)
     app.router.add_event_handler("shutdown", replanner.stop)
+    # The loop's PostgreSQL connections belong to this app's event loop: closed with it even when the store is
+    # shared (its pool opens new ones on the next loop).
+    app.router.add_event_handler("shutdown", store.aclose)
     if own:
         app.router.add_event_handler("shutdown", store.close)
     return app

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import Connection, delete, func, insert, select, text, update
 
 from williw.worker.schema import assignments, migrations, model_metadata, nodes, plans, requests
 from williw.worker.store import NotFound, RequestRecord, Store
@@ -58,11 +58,16 @@ def remember_metadata(store: Store, request_id: str, metadata: dict[str, Any], n
     Returns:
         The digest.
     """
+    with store._write() as conn:
+        return remember_metadata_in(conn, request_id, metadata, now)
+
+
+def remember_metadata_in(conn: Connection, request_id: str, metadata: dict[str, Any], now: float) -> str:
+    """`remember_metadata` inside the caller's transaction (`Store.save_plan`'s ``also``)."""
     blob = json.dumps(metadata, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(blob.encode("utf-8")).hexdigest()
-    with store._write() as conn:
-        conn.execute(_REMEMBER, {"digest": digest, "json": blob, "now": now})
-        conn.execute(update(requests).where(requests.c.request_id == request_id).values(metadata_digest=digest))
+    conn.execute(_REMEMBER, {"digest": digest, "json": blob, "now": now})
+    conn.execute(update(requests).where(requests.c.request_id == request_id).values(metadata_digest=digest))
     return digest
 
 

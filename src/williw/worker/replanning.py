@@ -26,6 +26,7 @@ from williw.planner.plan import PLAN_KEY, ExcludedNode, Plan
 from williw.progress import get_logger
 from williw.worker import assignment_store
 from williw.worker import migration_store as db
+from williw.worker.leader import LeaderLock
 from williw.worker.service import OFFLINE, Conflict, WorkerSettings, is_online, split_fleet
 from williw.worker.store import RequestRecord, Store
 
@@ -146,8 +147,10 @@ def _infeasible(store: Store, request_id: str, reason: str, why: str) -> None:
 class Replanner:
     """The background check of `replan_request`'s triggers (see the module doc); one per worker process.
 
-    Several workers on one PostgreSQL database may each start the same re-plan: the first to store it wins, the
-    others find the request moved on (`migration_store.Stale`) and drop theirs.
+    Several workers on one PostgreSQL database each run one, but only the one holding the re-planning lock
+    (`leader.LeaderLock`) checks, so a fleet change is re-planned once, not once per worker; when that worker
+    dies, another takes the lock on its next tick. Should two ever race anyway (a manual re-plan and the leader),
+    the first to store its version wins and the other finds the request moved on (`migration_store.Stale`).
     """
 
     def __init__(self, store: Store, settings: WorkerSettings, interval_s: float | None = None) -> None:
@@ -156,8 +159,10 @@ class Replanner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._tried: dict[str, tuple[int, frozenset[str]]] = {}  # request → the last fleet it re-planned for
+        self.leader = LeaderLock(store)
 
     def start(self) -> None:
+        self.leader.held()  # the first worker on the database leads from its start (shown by /healthz)
         self._thread = threading.Thread(target=self._run, name="williw-replanner", daemon=True)
         self._thread.start()
 
@@ -165,11 +170,13 @@ class Replanner:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        self.leader.release()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                self.tick()
+                if self.leader.held():
+                    self.tick()
             except Exception:  # the database is restarting, ...: try again next tick
                 log.exception("re-planning check failed")
 

@@ -22,6 +22,7 @@ from williw.fleet import check_node_id
 from williw.worker import service
 from williw.worker.auth import AuthError, hash_token, new_node_token
 from williw.worker.deps import AuthDep, NodeIdPath, RequestIdPath, SettingsDep, StoreDep, TokenDep
+from williw.worker.heartbeats import batcher_of
 from williw.worker.schemas import (
     GetPlanIn,
     HeartbeatOut,
@@ -51,12 +52,16 @@ def _node_out(node: NodeRecord, settings: WorkerSettings, now: float) -> NodeOut
 
 
 @router.get("/healthz")
-async def healthz(store: StoreDep, auth: AuthDep, settings: SettingsDep) -> dict[str, Any]:
+async def healthz(request: Request, store: StoreDep, auth: AuthDep, settings: SettingsDep) -> dict[str, Any]:
+    replanner = getattr(request.app.state, "replanner", None)
+
     def work() -> Any:
         store.ping()
+        # "leader": this worker runs automatic re-planning; "standby": another worker on the database does.
+        leading = replanner is None or replanner.leader.holding
         return {"status": "ok", "database": "sqlite" if store.is_sqlite else "postgresql",
                 "schema_version": store.schema_version(), "auth": "token" if auth.enabled else "open",
-                "node_ttl_s": settings.node_ttl_s}
+                "node_ttl_s": settings.node_ttl_s, "replanning": "leader" if leading else "standby"}
 
     return await run_in_threadpool(work)
 
@@ -75,7 +80,7 @@ async def create_request(body: RequestIn, request: Request, store: StoreDep, aut
         return {"request_id": record.request_id, "status": record.status}
 
     # One INSERT: on the loop on SQLite (see `process`).
-    return await _on_loop(request, work) if store.is_sqlite else await run_in_threadpool(work)
+    return await _on_loop(request, work)
 
 
 # Plans are JSON already (built by Plan.to_dict or read from the store) and tens of KB for a large fleet, so these
@@ -110,15 +115,14 @@ async def process(body: ProcessIn, request: Request, store: StoreDep, auth: Auth
                                     strategy=body.strategy, objective=body.objective)
 
     # A Hub fetch is network I/O: never on the loop.
-    on_loop = store.is_sqlite and body.metadata is not None
-    job = await _on_loop(request, prepare) if on_loop else await run_in_threadpool(prepare)
+    job = await _on_loop(request, prepare) if body.metadata is not None else await run_in_threadpool(prepare)
     planned = asyncio.ensure_future(pool.plan_dict(*job.args))
     await asyncio.wait([planned])
 
     def save() -> JSONResponse:
         return answer(*service.save_outcome(store, job, planned.result))
 
-    return await _on_loop(request, save) if store.is_sqlite else await run_in_threadpool(save)
+    return await _on_loop(request, save)
 
 
 @router.post("/api/get-plan")
@@ -126,12 +130,15 @@ async def get_plan(body: GetPlanIn, request: Request, store: StoreDep) -> JSONRe
     def work() -> Any:
         return JSONResponse(service.plan_for(store, body.request_id, node_id=body.node_id, version=body.version))
 
-    return await _on_loop(request, work) if store.is_sqlite else await run_in_threadpool(work)
+    return await _on_loop(request, work)
 
 
 async def _on_loop(request: Request, work: Callable[[], T]) -> T:
-    # A user request's SQLite work, on the loop in its turn (see `turns`): heartbeats never queue behind more than
-    # one of these.
+    # A user request's store work on the loop. SQLite: in its turn (see `turns`), so heartbeats never queue behind
+    # more than one of these. PostgreSQL: through `Store.run`, which lets the loop serve others while a query waits.
+    store: Store = request.app.state.store
+    if not store.is_sqlite:
+        return await store.run(work)
     async with turns_of(request.app.state).turn():
         return work()
 
@@ -141,7 +148,7 @@ async def get_request(request_id: RequestIdPath, store: StoreDep) -> RequestOut:
     def work() -> Any:
         return RequestOut(**vars(store.get_request(request_id)))
 
-    return work() if store.is_sqlite else await run_in_threadpool(work)
+    return await store.run(work)
 
 
 # -- nodes ---------------------------------------------------------------------------------------------------
@@ -162,7 +169,7 @@ async def register_node(body: NodeIn, response: Response, store: StoreDep, auth:
             response.status_code = status.HTTP_201_CREATED
         return RegisterOut(node=_node_out(record, settings, now), created=created, node_token=node_token)
 
-    return await run_in_threadpool(work)
+    return await run_in_threadpool(work) if store.is_sqlite else await store.run(work)
 
 
 def _existing_hash(store: Store, node_id: str) -> str:
@@ -173,25 +180,24 @@ def _existing_hash(store: Store, node_id: str) -> str:
 
 
 @router.post("/api/nodes/{node_id}/heartbeat", response_model=HeartbeatOut)
-async def heartbeat(node_id: NodeIdPath, store: StoreDep, auth: AuthDep, settings: SettingsDep,
+async def heartbeat(node_id: NodeIdPath, request: Request, store: StoreDep, auth: AuthDep, settings: SettingsDep,
                     token: TokenDep) -> JSONResponse:
     # The hot path (~1,000/s): one prebuilt conditional UPDATE that checks the node's token hash in its WHERE
     # clause, and a JSONResponse built here, which skips FastAPI's response validation. On SQLite it runs on the
-    # event loop (~0.1 ms, less than a thread-pool hop); on PostgreSQL each commit waits for a WAL flush, so it
-    # runs in the pool, where concurrent commits share flushes. Only when the UPDATE matches nothing does the slow
-    # path work out why (401, 403 or 404) with the rules every other endpoint uses.
+    # event loop (~0.1 ms, less than a thread-pool hop); on PostgreSQL each commit waits for a round trip and a WAL
+    # flush, so heartbeats are committed in batches off the loop (`heartbeats`). Only when the UPDATE matches
+    # nothing does the slow path work out why (401, 403 or 404) with the rules every other endpoint uses.
     check_node_id(node_id, "path 'node_id'")
     admin = auth.is_admin(token)
-
-    def beat() -> JSONResponse | None:
+    if admin or token is not None:
         now = time.time()
-        if (admin or token is not None) and store.heartbeat(node_id, now, None if admin else hash_token(token)):
+        token_hash = None if admin else hash_token(token)
+        if store.is_sqlite:
+            done = store.heartbeat(node_id, now, token_hash)
+        else:
+            done = await batcher_of(request.app.state).beat(node_id, token_hash, now)
+        if done:
             return JSONResponse({"node_id": node_id, "last_heartbeat": now, "ttl_s": settings.node_ttl_s})
-        return None
-
-    answer = beat() if store.is_sqlite else await run_in_threadpool(beat)
-    if answer is not None:
-        return answer
 
     def why() -> None:
         auth.require_node(token, node_id, lambda: store.node_token_hash(node_id), "a heartbeat")

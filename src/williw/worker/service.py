@@ -175,11 +175,13 @@ def save_outcome(store: Store, job: PlanningJob, result: Callable[[], dict[str, 
         plan[PLAN_KEY]["version"] = version
         return plan
 
-    version, stored = store.save_plan(job.request_id, render, time.time())
-    # Kept so that the worker can re-plan the request when its fleet changes (williw.worker.replanning).
-    from williw.worker.migration_store import remember_metadata
+    # The metadata is kept, in the plan's transaction, so that the worker can re-plan the request when its fleet
+    # changes (williw.worker.replanning).
+    from williw.worker.migration_store import remember_metadata_in
 
-    remember_metadata(store, job.request_id, job.args[0], time.time())
+    now = time.time()
+    version, stored = store.save_plan(job.request_id, render, now,
+                                      also=lambda conn: remember_metadata_in(conn, job.request_id, job.args[0], now))
     log.info("request %s planned: version %d on %d node(s)", job.request_id, version,
              len(stored[PLAN_KEY]["stages"]))
     return version, stored

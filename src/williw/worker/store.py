@@ -7,7 +7,12 @@ starts with ``BEGIN IMMEDIATE`` (so another process on the same file waits in ``
 of failing when a read lock is upgraded); reads use a separate pool and, in WAL mode, never wait for the writer.
 ``synchronous=NORMAL`` in WAL mode keeps every committed transaction across a process crash (SIGKILL); only an
 OS crash or power loss can lose the last ones (https://www.sqlite.org/wal.html, "Performance Considerations").
-On PostgreSQL one pool serves both and several worker processes can share the database.
+On PostgreSQL several worker processes can share the database. There a commit waits ~4 ms for the WAL flush, too
+long to wait on the event loop, and SQL in the thread pool made the loop wait for the GIL behind those threads
+(heartbeats' p99 ~800 ms under bench/worker.py's load). So the routes run their store calls on the loop through
+`Store.run`: the same synchronous code, on psycopg's asyncio connections via SQLAlchemy's greenlet bridge (the
+machinery of ``AsyncConnection.run_sync``), so a query's wait lets the loop serve others. Threads (the re-planning
+check, other routes) get a second, ordinary pool; which one a call uses depends on where it runs.
 
 Every value a client sends is a bound parameter; the only literal SQL is the constant DDL in `schema`.
 """
@@ -18,22 +23,24 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 
 from williw.errors import WilliwError
 from williw.progress import get_logger
 from williw.worker import schema
+from williw.worker.engines import postgres_engines, sqlite_engine
+from williw.worker.records import NodeRecord, RequestRecord
 from williw.worker.schema import nodes, plans, requests
 
 log = get_logger(__name__)
 
-SQLITE_BUSY_TIMEOUT_MS = 5000
 READ_POOL_SIZE = 8
+T = TypeVar("T")
 
 
 class StoreError(WilliwError):
@@ -42,48 +49,6 @@ class StoreError(WilliwError):
 
 class NotFound(WilliwError, LookupError):
     """An id names no node, request or plan."""
-
-
-@dataclass(frozen=True)
-class NodeRecord:
-    """A registered node: the planner's node fields, plus registry times (Unix seconds)."""
-
-    node_id: str
-    compute_tflops: float
-    memory_gb: float
-    memory_bandwidth_gbps: float | None
-    network_gbps: float | None
-    labels: tuple[str, ...]
-    registered_at: float
-    updated_at: float
-    last_heartbeat: float
-
-    def fleet_dict(self) -> dict[str, Any]:
-        """The node as an entry of the planner's nodes file."""
-        d: dict[str, Any] = {"node_id": self.node_id, "compute_tflops": self.compute_tflops,
-                             "memory_gb": self.memory_gb, "labels": list(self.labels)}
-        for key in ("memory_bandwidth_gbps", "network_gbps"):
-            if getattr(self, key) is not None:
-                d[key] = getattr(self, key)
-        return d
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """A user's request; ``status`` is ``received``, ``planned`` or ``failed`` (with ``reason``)."""
-
-    request_id: str
-    model_name: str
-    node_id: str | None
-    batch_size: int
-    sequence_length: int
-    status: str
-    reason: str | None
-    plan_version: int | None
-    created_at: float
-    updated_at: float
-    metadata_digest: str | None = None  # see `williw.worker.migration_store`
-    auto_replan: str | None = None
 
 
 def normalize_url(url: str) -> str:
@@ -112,6 +77,16 @@ def normalize_url(url: str) -> str:
 _HEARTBEAT = (update(nodes).where(nodes.c.node_id == bindparam("b_node_id"))
               .values(last_heartbeat=bindparam("b_now")))
 _HEARTBEAT_CHECKED = _HEARTBEAT.where(nodes.c.token_hash == bindparam("b_token_hash"))
+# A batch of heartbeats on PostgreSQL: the three arrays are one bound parameter each, so the statement text is the
+# same for every batch size and psycopg prepares it once (after 5 uses: its ``prepare_threshold``).
+# The subquery locks the rows in node_id order (a sorted subquery is not merged into the UPDATE, and its row locks
+# are taken above its sort), so two workers' overlapping batches wait for each other instead of deadlocking.
+_PG_HEARTBEATS = text(
+    "UPDATE nodes SET last_heartbeat = GREATEST(nodes.last_heartbeat, b.t) FROM ("
+    "SELECT n.node_id, v.t FROM nodes n JOIN unnest(CAST(:ids AS TEXT[]), CAST(:hashes AS TEXT[]), "
+    "CAST(:ts AS DOUBLE PRECISION[])) AS v(node_id, token_hash, t) ON n.node_id = v.node_id "
+    "AND (v.token_hash IS NULL OR n.token_hash = v.token_hash) ORDER BY n.node_id FOR UPDATE OF n) AS b "
+    "WHERE nodes.node_id = b.node_id RETURNING nodes.node_id")
 # NodeRecord's fields, in its order, and the statement `process` runs on every call.
 _NODE_COLUMNS = (nodes.c.node_id, nodes.c.compute_tflops, nodes.c.memory_gb, nodes.c.memory_bandwidth_gbps,
                  nodes.c.network_gbps, nodes.c.labels, nodes.c.registered_at, nodes.c.updated_at,
@@ -134,12 +109,37 @@ class Store:
         self.url = normalize_url(url)
         self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
         if self.is_sqlite:
-            self._writer = _sqlite_engine(self.url, pool_size=1, writer=True)
-            self._reader = _sqlite_engine(self.url, pool_size=pool_size, writer=False)
+            self._writer = sqlite_engine(self.url, pool_size=1, writer=True)
+            self._reader = sqlite_engine(self.url, pool_size=pool_size, writer=False)
+            self._on_loop: Engine | None = None
         else:
-            self._writer = self._reader = create_engine(self.url, pool_size=pool_size, max_overflow=pool_size,
-                                                        pool_recycle=300)
+            # The routes' store calls use the loop's pool; threads (the re-planning check, the other routes) need
+            # fewer. With 8: up to 2 * (4 + 8) + 1 connections per worker (see `engines.postgres_engines`).
+            self._writer, self._on_loop = postgres_engines(self.url, pool_size=max(1, pool_size // 2),
+                                                           loop_pool_size=pool_size)
+            self._reader = self._writer
+            # Reads and one-statement writes run in autocommit: one round trip instead of three (psycopg sends BEGIN
+            # and COMMIT/ROLLBACK as commands of their own), which is what a query costs when the server's process
+            # waits for a CPU on a busy machine.
+            self._auto = {False: self._writer.execution_options(isolation_level="AUTOCOMMIT"),
+                          True: self._on_loop.execution_options(isolation_level="AUTOCOMMIT")}
         self._migrate()
+
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` (synchronous code that calls this store) on the running event loop.
+
+        On PostgreSQL its queries use the loop's connections and, while one waits for the server, the loop serves
+        other requests (`sqlalchemy.util.greenlet_spawn`, what ``AsyncConnection.run_sync`` runs on). On SQLite
+        it simply runs: its calls are short and never wait for a network.
+        """
+        if self._on_loop is None:
+            return work(*args)
+        return await greenlet_spawn(work, *args)
+
+    async def aclose(self) -> None:
+        """Close the event loop's connections (PostgreSQL), on the loop they were opened on."""
+        if self._on_loop is not None:
+            await greenlet_spawn(self._on_loop.dispose)
 
     def close(self) -> None:
         self._writer.dispose()
@@ -148,13 +148,30 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        with self._writer.begin() as conn:
+        """A transaction (committed at the end of the block, rolled back on an error)."""
+        engine = self._on_loop if self._on_loop is not None and in_greenlet() else self._writer
+        with engine.begin() as conn:
             yield conn
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self._reader.connect() as conn:
-            yield conn
+        """Reads; on PostgreSQL each statement is its own transaction (autocommit)."""
+        if self._on_loop is None:
+            with self._reader.connect() as conn:
+                yield conn
+        else:
+            with self._auto[in_greenlet()].connect() as conn:
+                yield conn
+
+    @contextmanager
+    def _single(self) -> Iterator[Connection]:
+        """For one writing statement, atomic on its own: autocommit on PostgreSQL, the writer on SQLite."""
+        if self._on_loop is None:
+            with self._writer.begin() as conn:
+                yield conn
+        else:
+            with self._auto[in_greenlet()].connect() as conn:
+                yield conn
 
     # -- schema --------------------------------------------------------------------------------------------
 
@@ -245,9 +262,29 @@ class Store:
             Whether a row was updated: False when the node is unknown or ``token_hash`` is not its hash.
         """
         params = {"b_node_id": node_id, "b_now": now, "b_token_hash": token_hash}
-        with self._write() as conn:
+        with self._single() as conn:
             done = conn.execute(_HEARTBEAT if token_hash is None else _HEARTBEAT_CHECKED, params)
         return done.rowcount > 0
+
+    def heartbeat_many(self, beats: list[tuple[str, str | None, float]]) -> set[str]:
+        """Record many heartbeats ``(node_id, token_hash or None, now)`` in one transaction (`heartbeats`' batches).
+
+        Each beat follows `heartbeat`'s rule. ``node_id`` must not repeat within one call. On PostgreSQL a beat
+        never moves ``last_heartbeat`` back (two workers' batches may commit out of order); it is one statement
+        (one round trip, its own transaction) that locks the rows in ``node_id`` order, so that two workers'
+        overlapping batches cannot deadlock.
+
+        Returns:
+            The node ids whose row was updated.
+        """
+        if not beats:
+            return set()
+        if self.is_sqlite:
+            return {n for n, h, t in beats if self.heartbeat(n, t, h)}
+        with self._single() as conn:
+            done = conn.execute(_PG_HEARTBEATS, {"ids": [b[0] for b in beats], "hashes": [b[1] for b in beats],
+                                                 "ts": [b[2] for b in beats]})
+            return {row[0] for row in done}
 
     def get_node(self, node_id: str) -> NodeRecord:
         """Raises: NotFound: no such node."""
@@ -264,7 +301,7 @@ class Store:
 
     def delete_node(self, node_id: str) -> None:
         """Raises: NotFound: no such node."""
-        with self._write() as conn:
+        with self._single() as conn:
             done = conn.execute(delete(nodes).where(nodes.c.node_id == node_id))
         if done.rowcount == 0:
             raise NotFound(f"node '{node_id}' is not registered")
@@ -274,7 +311,7 @@ class Store:
     def create_request(self, request_id: str, model_name: str, node_id: str | None, batch_size: int,
                        sequence_length: int, now: float) -> RequestRecord:
         """Record a new request with status ``received``."""
-        with self._write() as conn:
+        with self._single() as conn:
             conn.execute(insert(requests).values(request_id=request_id, model_name=model_name, node_id=node_id,
                                                  batch_size=batch_size, sequence_length=sequence_length,
                                                  status="received", reason=None, plan_version=None,
@@ -292,16 +329,17 @@ class Store:
 
     def mark_failed(self, request_id: str, reason: str, now: float) -> None:
         """Set the request's status to ``failed`` with ``reason``; a plan already in force stays readable."""
-        with self._write() as conn:
+        with self._single() as conn:
             conn.execute(update(requests).where(requests.c.request_id == request_id)
                          .values(status="failed", reason=reason, updated_at=now))
 
-    def save_plan(self, request_id: str, render: Callable[[int], dict[str, Any]],
-                  now: float) -> tuple[int, dict[str, Any]]:
+    def save_plan(self, request_id: str, render: Callable[[int], dict[str, Any]], now: float,
+                  also: Callable[[Connection], object] | None = None) -> tuple[int, dict[str, Any]]:
         """Store the next plan version of a request and make it the one in force.
 
         Args:
             render: the plan JSON for a given version (the version is written inside the plan too).
+            also: more writes that belong to the same transaction (one commit instead of two).
 
         Returns:
             The new version (1 for the first plan, then one more than the last) and the plan JSON stored.
@@ -323,6 +361,8 @@ class Store:
                                               created_at=now))
             conn.execute(update(requests).where(requests.c.request_id == request_id)
                          .values(status="planned", reason=None, plan_version=version, updated_at=now))
+            if also is not None:
+                also(conn)
         return version, plan
 
     def get_plan(self, request_id: str, version: int) -> dict[str, Any]:
@@ -347,32 +387,6 @@ def _node(row: Any) -> NodeRecord:
                       row[6], row[7], row[8])
 
 
-def _sqlite_engine(url: str, *, pool_size: int, writer: bool) -> Engine:
-    engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60,
-                           connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Autocommit at the driver level, so that BEGIN below is the only transaction control (the SQLAlchemy
-        # pysqlite recipe for SERIALIZABLE/IMMEDIATE transactions).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        if writer:
-            cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA foreign_keys=ON")
-        if not writer:
-            cur.execute("PRAGMA query_only=ON")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
-
-    return engine
-
-
 # -- listing requests (the dashboard) ------------------------------------------------------------------------
 
 def list_requests(store: Store, limit: int = 100) -> list[RequestRecord]:
@@ -380,3 +394,6 @@ def list_requests(store: Store, limit: int = 100) -> list[RequestRecord]:
     with store._read() as conn:
         rows = conn.execute(select(requests).order_by(requests.c.created_at.desc()).limit(limit))
         return [RequestRecord(**r._mapping) for r in rows]
+
+
+__all__ = ["NodeRecord", "NotFound", "RequestRecord", "Store", "StoreError", "list_requests", "normalize_url"]
