@@ -177,3 +177,17 @@ def test_cli_pull_json(fake_hub: FakeHub, tiny_llama_sharded: Path, tmp_path: Pa
     again = json.loads(run_williw("pull", "org/m", "--plan", str(tmp_path / "plan.json"), "--node", "node_001",
                                   "-o", str(tmp_path / "pulled"), "--json", env=env, check=True).stdout)
     assert again["status"] == "skipped"
+
+
+def test_pull_reads_the_same_files_as_the_split(fake_hub: FakeHub, tiny_llama: Path, tmp_path: Path) -> None:
+    # Mistral's own consolidated copy next to model.safetensors: neither its header nor its bytes are read.
+    plan = pipeline_plan(tiny_llama)
+    fake_hub.add_repo("org/m", tiny_llama,
+                      files={"consolidated.safetensors": (tiny_llama / "model.safetensors").read_bytes()})
+    split_all(tiny_llama, plan, tmp_path / "split", model_name="m")
+    a = plan.assignments[0]
+
+    pull_shard("org/m", plan, a.node_id, tmp_path / "pulled", model_name="m")
+
+    _same_shard(tmp_path / "pulled" / a.node_id, tmp_path / "split" / a.node_id)
+    assert fake_hub.bytes_sent["org/m", "consolidated.safetensors"] == 0

@@ -378,3 +378,18 @@ def test_quantized_linear_at_logical_shape(method: str, tmp_path: Path) -> None:
     meta = generate_metadata(model, batch_size=B, sequence_length=S)
 
     assert (meta.total_params, meta.total_bytes, meta.total_compute) == (512, stored, 2 * T * 512 / 1e9)
+
+
+def test_a_stack_the_config_does_not_declare_is_named(tmp_path: Path) -> None:
+    f32 = torch.float32
+    shapes = {f"{stack}.{i}.attn.q.weight": ((4, 4), f32) for stack in ("model.layers", "audio_tower.layers")
+              for i in range(2)}
+    shapes.update({f"model.merger.mlp.{i}.weight": ((4, 4), f32) for i in range(3)})  # a Sequential: a module
+    model = craft(tmp_path / "m", {"model_type": "llama", "hidden_size": 4, "num_hidden_layers": 2}, shapes)
+
+    with pytest.raises(CheckpointError) as err:
+        generate_metadata(model)
+
+    assert str(err.value) == (f"'{model / 'config.json'}': the checkpoint's 'audio_tower.layers' holds 2 numbered "
+                              "blocks but the config declares no stack for them (expected in vision_config, "
+                              "text_config or encoder/decoder layer counts); williw cannot place them")

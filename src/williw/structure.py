@@ -189,29 +189,31 @@ def find_structure(names: Iterable[str], cfg: dict[str, Any] | None, source: str
     numbered = _numbered(names)
     if not cfg:
         return _guessed(names)
+    deep = _deep(names, numbered)
     wants = wanted_stacks(cfg)
     claimed: set[str] = set()
     stacks: list[Stack] = []
     mtp_prefix, mtp_layers = None, 0
     start = 0
-    vision_words = _VISION_WORDS
     for want in wants:
         words = want.words or ()
         candidates = [p for p in numbered if p not in claimed
                       and (any(w in p.split(".") for w in words) if words
-                           else not any(w in p.split(".") for w in vision_words))]
+                           else not any(w in p.split(".") for w in _VISION_WORDS))]
         if not candidates:
             if want.layers:
                 raise CheckpointError(f"'{source}': {want.key} = {want.layers} but no numbered module path in the "
                                       f"checkpoint carries the {want.part} blocks")
             continue
-        best = max(candidates, key=lambda p: (len(numbered[p]), -len(p)))
-        found = numbered[best]
-        layers = want.layers if want.layers is not None else max(found) + 1
         extra = 0
         if want.part in ("language", "decoder"):
-            extra, _ = _count(cfg, "num_nextn_predict_layers")
-            extra = extra or 0
+            extra = _count(cfg, "num_nextn_predict_layers")[0] or 0
+        fits = {p: want.layers is not None and numbered[p] in (set(range(want.layers)),
+                                                             set(range(want.layers + extra))) for p in candidates}
+        # The path whose count the config confirms, then one whose entries are blocks (not a Sequential's layers).
+        best = max(candidates, key=lambda p: (fits[p], p in deep, len(numbered[p]), -len(p)))
+        found = numbered[best]
+        layers = want.layers if want.layers is not None else max(found) + 1
         if found not in (set(range(layers)), set(range(layers + extra))):
             have = f"{len(found)} blocks ({min(found)}..{max(found)})"
             mtp = f" (+ {extra} from num_nextn_predict_layers)" if extra else ""
@@ -223,7 +225,28 @@ def find_structure(names: Iterable[str], cfg: dict[str, Any] | None, source: str
         types = _layer_types(cfg, want, layers, source) if want.part in ("language", "decoder") else None
         stacks.append(Stack(want.part, best, layers, want.key, start, types))
         start += layers
+    _check_unclaimed(numbered, deep, claimed, source)
     return Structure(tuple(stacks), mtp_prefix, mtp_layers)
+
+
+def _deep(names: list[str], numbered: dict[str, set[int]]) -> set[str]:
+    """Numbered paths whose entries are modules with submodules (``layers.3.attn.q.weight``): blocks, unlike the
+    plain layers of a ``Sequential`` (``merger.mlp.0.weight``)."""
+    deep = set()
+    for name in names:
+        hit = leftmost_index(name)
+        if hit and hit[0] not in deep and name[len(hit[0]) + 1:].count(".") >= 2:
+            deep.add(hit[0])
+    return deep
+
+
+def _check_unclaimed(numbered: dict[str, set[int]], deep: set[str], claimed: set[str], source: str) -> None:
+    """A numbered path of blocks that the config declares no stack for would silently become one lump."""
+    for prefix in sorted(deep - claimed):
+        if len(numbered[prefix]) >= 2:
+            raise CheckpointError(f"'{source}': the checkpoint's '{prefix}' holds {len(numbered[prefix])} numbered "
+                                  "blocks but the config declares no stack for them (expected in vision_config, "
+                                  "text_config or encoder/decoder layer counts); williw cannot place them")
 
 
 def _layer_types(cfg: dict[str, Any], want: _Want, layers: int, source: str) -> tuple[str, ...] | None:
