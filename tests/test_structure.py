@@ -211,8 +211,7 @@ def test_second_copy_without_index_is_left_out(tmp_path: Path, tiny_llama: Path)
     assert checkpoint_files(model) == ([model / "weights.bf16.safetensors"], [model / "weights.safetensors"])
 
 
-@pytest.mark.parametrize("case", ["consolidated", pytest.param("stray", marks=pytest.mark.xfail(
-    strict=True, reason="lead wires checkpoint_files into verify"))])
+@pytest.mark.parametrize("case", ["consolidated", "stray"])
 def test_verify_passes_on_duplicate_copy_folders(case: str, tmp_path: Path, tiny_llama: Path,
                                                  tiny_llama_sharded: Path, williw) -> None:
     if case == "consolidated":

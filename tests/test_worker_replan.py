@@ -68,7 +68,7 @@ class Fleet:
     def plans(self) -> dict:
         return self.admin.request_plans(self.rid)
 
-    def wait_plans(self, what: str, check, timeout: float = 15.0) -> dict:
+    def wait_plans(self, what: str, check, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             p = self.plans()
@@ -184,7 +184,7 @@ def test_a_node_with_nothing_to_offer_changes_nothing(fleet: Fleet) -> None:
 
 def test_no_plan_for_the_survivors_fails_the_request_and_keeps_the_plan(fleet: Fleet) -> None:
     fleet.gone.update({"n2", "n3", "n4"})
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while fleet.admin.get_request(fleet.rid)["status"] != "failed":
         assert time.monotonic() < deadline, "the request never failed"
         time.sleep(0.05)
@@ -195,7 +195,7 @@ def test_no_plan_for_the_survivors_fails_the_request_and_keeps_the_plan(fleet: F
                                       "in total (short by 0.26 MB)")
     assert request["plan_version"] == 1 and fleet.admin.get_plan(fleet.rid)["@plan"]["version"] == 1
     fleet.gone.clear()  # the nodes come back: the plan in force runs again, and the request is planned again
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while (request := fleet.admin.get_request(fleet.rid))["status"] != "planned":
         assert time.monotonic() < deadline, request
         time.sleep(0.05)

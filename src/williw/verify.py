@@ -17,6 +17,8 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,8 +202,8 @@ def _reference(model_dir: Path, cls: Any, dtype: torch.dtype, ids: torch.Tensor,
     from williw.stages import align, block_stack, model_outputs
 
     hidden: dict[int, torch.Tensor] = {}
-    with Meter() as meter:
-        model = cls.from_pretrained(model_dir, dtype=dtype).eval()
+    with Meter() as meter, _checkpoint_view(model_dir) as view:
+        model = cls.from_pretrained(view, dtype=dtype).eval()
         align(model)
         loaded = time.perf_counter()
         _, stack = block_stack(model)
@@ -219,6 +221,30 @@ def _reference(model_dir: Path, cls: Any, dtype: torch.dtype, ids: torch.Tensor,
         del model, result, stack
         _free()
     return _with_memory(report, meter), outputs, hidden
+
+
+@contextmanager
+def _checkpoint_view(model_dir: Path) -> Iterator[Path]:
+    """A temporary folder of links to ``model_dir``'s files, holding only the weight files that
+    `checkpoint_files` chooses: from_pretrained then reads the same checkpoint as split and pull (not a stray
+    ``model.safetensors`` next to an index, nor Mistral's ``consolidated.safetensors``)."""
+    import tempfile
+
+    from williw.checkpoint import checkpoint_files
+
+    chosen, ignored = checkpoint_files(model_dir)
+    skip = {p.resolve() for p in ignored}
+    with tempfile.TemporaryDirectory(prefix="williw-reference-") as tmp:
+        view = Path(tmp)
+        for entry in model_dir.iterdir():
+            if entry.is_file() and entry.resolve() not in skip:
+                (view / entry.name).symlink_to(entry.resolve())
+        for path in chosen:  # chosen files may sit in a subfolder named by an index
+            link = view / path.relative_to(model_dir)
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(path.resolve())
+        yield view
 
 
 def _with_memory(report: StageReport, meter: Meter) -> StageReport:
@@ -239,6 +265,7 @@ def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_
               dtype: torch.dtype, ids: torch.Tensor, ref_hidden: dict[int, torch.Tensor], atol: float,
               rtol: float) -> tuple[list[StageReport], dict[str, torch.Tensor], str | None]:
     from williw import stages as st
+    from williw.shards.reader import ShardReader
 
     reports, failure, x, out = [], None, ids, {}
     for i, (node_id, blocks) in enumerate(specs):
@@ -246,7 +273,7 @@ def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_
         shard = shards_dir / node_id / SHARD_FILE
         with Meter() as meter:
             config = st.load_config(shards_dir / node_id)
-            with st.ShardReader(shard) as f:
+            with ShardReader(shard) as f:
                 state = f.read_all()
             stage = st.build_stage(config, cls, blocks, state, dtype, where=where, source=f"shard '{shard}'")
             del state
@@ -275,12 +302,13 @@ def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_
 def _reassembled(plan: Plan, shards_dir: Path, cls: Any, dtype: torch.dtype,
                  ids: torch.Tensor) -> tuple[list[StageReport], dict[str, torch.Tensor]]:
     from williw import stages as st
+    from williw.shards.reader import ShardReader
 
     state: dict[str, Any] = {}
     with Meter() as meter:
         for a in plan.assignments:
             shard = shards_dir / a.node_id / SHARD_FILE
-            with st.ShardReader(shard) as handle:
+            with ShardReader(shard) as handle:
                 keys = handle.keys()
                 for n in a.layer_names:
                     if n not in keys:
