@@ -1,4 +1,7 @@
-"""Heartbeat expiry and planning on online nodes only, on an open worker (no token) with a 1 s TTL."""
+"""Heartbeat expiry and planning on online nodes only, on an open worker (no token) with a 2 s TTL.
+
+A node must stay online across a few requests here while others expire, so the TTL is 2 s rather than 1 s: a
+loaded machine can stall a process for a second. Expiry is waited for as an event, never by a fixed sleep."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from williw.fleet import Node
 from williw.metadata import ModelMetadata, generate_metadata
 from workerproc import WorkerProcess, backends, database
 
-TTL = 1.0
+TTL = 2.0
 
 
 @pytest.fixture(scope="module", params=backends())
@@ -33,9 +36,12 @@ def online(client) -> set[str]:
     return {n["node_id"] for n in client.list_nodes(online=True)}
 
 
-def wait_until_offline(client) -> None:
-    time.sleep(TTL + 0.2)
-    assert online(client) == set()
+def wait_until_offline(client, timeout: float = 30.0) -> None:
+    """Until no node is online."""
+    deadline = time.monotonic() + timeout
+    while online(client):
+        assert time.monotonic() < deadline, f"still online after {timeout} s: {online(client)}"
+        time.sleep(0.05)
 
 
 def test_open_worker_needs_no_token(client):
@@ -63,7 +69,7 @@ def test_no_online_node_fails_the_request(client, meta):
     wait_until_offline(client)
     registered = len(client.list_nodes())
     rid = client.create_request("tiny/llama")["request_id"]
-    reason = f"no online nodes: {registered} registered, none heartbeated in the last 1 s"
+    reason = f"no online nodes: {registered} registered, none heartbeated in the last 2 s"
     with pytest.raises(WorkerHTTPError) as exc:
         client.process(rid, metadata=meta)
     assert (exc.value.status_code, exc.value.detail) == (409, f"request '{rid}' failed: {reason}")
@@ -76,15 +82,14 @@ def test_no_online_node_fails_the_request(client, meta):
 
 
 def test_offline_nodes_are_not_planned_on(client, meta):
-    client.register_node("stays", 10.0, 8.0)
     client.register_node("leaves", 10.0, 8.0)
-    time.sleep(TTL + 0.2)
-    client.heartbeat("stays")
+    wait_until_offline(client)
+    client.register_node("stays", 10.0, 8.0)
     rid = client.create_request("tiny/llama")["request_id"]
     plan = client.process(rid, metadata=meta)["plan"]
     assert [k for k in plan if k != "@plan"] == ["stays"]
     excluded = {e["node_id"]: e["reason"] for e in plan["@plan"]["excluded"]}
-    assert re.fullmatch(r"offline: last heartbeat \d+ s ago \(TTL 1 s\)", excluded["leaves"])
+    assert re.fullmatch(r"offline: last heartbeat \d+ s ago \(TTL 2 s\)", excluded["leaves"])
     client.delete_node("stays")
     client.delete_node("leaves")
 

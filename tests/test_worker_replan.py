@@ -18,7 +18,11 @@ from williw.metadata import generate_metadata
 from workerproc import WorkerProcess, backends, database
 
 TOKEN = "replan-admin"
-TTL = 1.0
+# Heartbeats every 0.15 s from a thread of this test: a live node would have to miss 13 in a row to look offline,
+# which a loaded machine does not do (with 1 s, a one-second stall made a live node leave). The worker checks
+# for re-planning every TTL/4.
+TTL = 2.0
+TICK = TTL / 4
 SHA = "0" * 64
 # Equal nodes of 0.4 MB: the tiny Llama (0.66 MB, 4 blocks) is cut over all four; any two can still hold it.
 NODES = {f"n{i}": (10.0, 0.0004) for i in range(1, 5)}
@@ -175,7 +179,7 @@ def test_a_departure_mid_migration_replans_from_the_version_in_force(fleet: Flee
 
 def test_a_node_with_nothing_to_offer_changes_nothing(fleet: Fleet) -> None:
     fleet.tokens["slow"] = fleet.admin.register_node("slow", 0.001, 0.0004)["node_token"]
-    time.sleep(4 * TTL)  # several re-planning checks
+    time.sleep(6 * TICK)  # several re-planning checks: a re-plan, had it been wrongly started, would show
     p = fleet.plans()
     assert (p["plan_version"], p["migration"], [v["version"] for v in p["plans"]]) == (1, None, [1])
     changed = fleet.admin.replan(fleet.rid)
@@ -207,7 +211,11 @@ def test_without_auto_replan_a_departure_changes_nothing(tmp_path: Path, meta: d
         f = Fleet(tmp_path, url, meta, auto_replan=False)
         try:
             f.gone.add("n4")
-            time.sleep(3 * TTL)
+            deadline = time.monotonic() + 30
+            while f.admin.get_node("n4")["online"]:
+                assert time.monotonic() < deadline, "n4 never went offline"
+                time.sleep(0.05)
+            time.sleep(4 * TICK)  # several re-planning checks after n4 left: a migration, had one started, would show
             p = f.plans()
             assert (p["auto_replan"], p["migration"], p["plan_version"]) == (None, None, 1)
             f.admin.distribute(f.rid, "http://127.0.0.1:9/model", auto_replan=True, max_slowdown=0.1)

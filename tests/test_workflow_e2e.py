@@ -191,7 +191,9 @@ def test_agent_killed_mid_pull_and_worker_restart_lose_nothing(tmp_path: Path, m
 def test_node_that_stops_heartbeating_fails_the_run(tmp_path: Path, model: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     _SlowServer(monkeypatch)
-    fleet = Fleet(tmp_path, node_ttl=1.5).start_all()
+    # 4 s, not 1.5: the agents heartbeat every 0.5 s while they pull, and on a loaded machine a live agent could
+    # miss three in a row and be named instead of node-b. The wait below is for the event, up to 60 s.
+    fleet = Fleet(tmp_path, node_ttl=4.0).start_all()
     try:
         client = NodeClient(fleet.worker.url, work_dir=tmp_path / "run", model_label="t/tiny", timeout_s=60)
         thread, out = _run_in_thread(client, model)
