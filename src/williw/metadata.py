@@ -29,6 +29,7 @@ from williw.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from williw.classify import LAYER_TYPES, block_of, find_block_prefix, is_embedding_side, layer_type
 from williw.errors import MetadataError
 from williw.fsutil import read_json, write_json
+from williw.jsonio import INT64_MAX
 from williw.units import DTYPE_BITS, FLOAT_DTYPES
 
 FORMAT_VERSION = 1
@@ -254,7 +255,9 @@ class _Fields:
 
     def _fail(self, key: str, expected: str, value: Any) -> MetadataError:
         path = f"{self.where}.{key}" if self.where else key
-        return MetadataError(f"'{self.source}': field '{path}' expected {expected}, got {value!r}"[:400])
+        text = repr(value)
+        text = text if len(text) <= 60 else f"{text[:40]}... ({len(text):,} characters)"
+        return MetadataError(f"'{self.source}': field '{path}' expected {expected}, got {text}")
 
     def get(self, key: str, kind: str, *, optional: bool = False, default: Any = None) -> Any:
         if key not in self.obj or self.obj[key] is None:
@@ -265,17 +268,24 @@ class _Fields:
         value = self.obj[key]
         ok = {
             "str": isinstance(value, str),
-            "int": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-            "posint": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-            "num": isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            and value >= 0,
+            "int": isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX,
+            "posint": isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= INT64_MAX,
+            "num": isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_GFLOPS,
             "list": isinstance(value, list),
         }[kind]
         if not ok:
+            too_big = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
             expected = {"str": "a string", "int": "an integer >= 0", "posint": "an integer >= 1",
                         "num": "a finite number >= 0", "list": "a list"}[kind]
+            if too_big and kind != "str" and kind != "list":
+                expected += f" and <= {MAX_GFLOPS:g}" if kind == "num" else f" and <= {INT64_MAX} (int64)"
             raise self._fail(key, expected, value)
         return value
+
+
+# A field of compute (GFLOPs) is at most 1e18 (1e27 FLOP: a 10^12-parameter model over 10^13 tokens); summed
+# over 10^6 tensors and divided by the smallest compute a node may claim (1e-6 TFLOPS) it stays finite.
+MAX_GFLOPS = 1e18
 
 
 def _parse(d: Any, source: str) -> ModelMetadata:
@@ -288,8 +298,8 @@ def _parse(d: Any, source: str) -> ModelMetadata:
     for i, raw in enumerate(top.get("layers", "list")):
         f = _Fields(raw, source, f"layers[{i}]")
         shape = f.get("shape", "list")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise f._fail("shape", "a list of integers >= 0", shape)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= INT64_MAX for s in shape):
+            raise f._fail("shape", "a list of integers in [0, 2^63-1]", shape)
         dtype = f.get("dtype", "str").removeprefix("torch.")
         if dtype not in DTYPE_BITS:
             raise f._fail("dtype", f"a safetensors dtype ({', '.join(DTYPE_BITS)})", dtype)

@@ -12,13 +12,13 @@ which sits above the Hub client in the import order.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from williw import jsonio
 from williw.checkpoint import TensorInfo
 from williw.errors import HubError
 from williw.header import FIRST_RANGE_BYTES
@@ -152,7 +152,7 @@ def weight_files(source: HttpRangeSource, files: set[str] | None, model: str) ->
         index = source.get_file(SAFETENSORS_INDEX, missing_ok=True)
     if index is not None:
         try:
-            weight_map = json.loads(index)["weight_map"]
+            weight_map = jsonio.parse(index)["weight_map"]
             names = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise HubError(f"'{model}': {SAFETENSORS_INDEX} is not a valid index (expected 'weight_map')") from None
