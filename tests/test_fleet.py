@@ -37,7 +37,7 @@ def test_json_yaml_and_wrapped_lists(tmp_path) -> None:
     ([{"node_id": "a", "compute_tflops": -1, "memory_gb": 1}],
      "'f': entry 0 (node 'a'): field 'compute_tflops' must be a finite number in [1e-6, 1e9], got -1"),
     ([{"node_id": "a", "compute_tflops": 1, "memory_gb": float("inf")}],
-     "'f': entry 0 (node 'a'): field 'memory_gb' must be a finite number in [1e-6, 1e9], got inf"),
+     "'f': entry 0 (node 'a'): field 'memory_gb' must be a finite number in [1e-9, 1e9], got inf"),
     ([{"node_id": "a", "compute_tflops": True, "memory_gb": 1}],
      "'f': entry 0 (node 'a'): field 'compute_tflops' must be a finite number in [1e-6, 1e9], got True"),
     ([{"node_id": "a", "compute_tflops": 1, "memory_gb": 1, "memory_bandwidth_gbps": 0}],
@@ -45,7 +45,7 @@ def test_json_yaml_and_wrapped_lists(tmp_path) -> None:
     ([{"node_id": "a", "compute_tflops": 5e-324, "memory_gb": 1}],
      "'f': entry 0 (node 'a'): field 'compute_tflops' must be a finite number in [1e-6, 1e9], got 5e-324"),
     ([{"node_id": "a", "compute_tflops": 1, "memory_gb": 1e308}],
-     "'f': entry 0 (node 'a'): field 'memory_gb' must be a finite number in [1e-6, 1e9], got 1e+308"),
+     "'f': entry 0 (node 'a'): field 'memory_gb' must be a finite number in [1e-9, 1e9], got 1e+308"),
     ([{"node_id": "a", "compute_tflops": 10**400, "memory_gb": 1}],
      "'f': entry 0 (node 'a'): field 'compute_tflops' must be a finite number in [1e-6, 1e9], got "
      "10000000000000000000...(401 characters)"),

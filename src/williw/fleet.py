@@ -32,9 +32,11 @@ NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # microcontroller, 1e9 GB an exabyte; beyond them the planner's products and quotients (bytes / GB/s,
 # GFLOPs / TFLOPS, sums over 10^5 tensors) would leave float64's range (5e-324 TFLOPS made stage times inf and
 # plan JSON NaN; 1e308 GB overflowed `memory_bytes`). Inside them every plan number is finite.
+# memory_gb may go down to 1e-9 (one byte): planner tests and examples use fleets of a few bytes.
 NUMBER_MIN = 1e-6
 NUMBER_MAX = 1e9
-NUMBER_RANGE_TEXT = "a finite number in [1e-6, 1e9]"
+RANGES = {"compute_tflops": (1e-6, "1e-6"), "memory_gb": (1e-9, "1e-9"), "memory_bandwidth_gbps": (1e-6, "1e-6"),
+          "network_gbps": (1e-6, "1e-6")}
 
 _REQUIRED = ("node_id", "compute_tflops", "memory_gb")
 _OPTIONAL_NUMBERS = ("memory_bandwidth_gbps", "network_gbps")
@@ -99,19 +101,23 @@ def _number(entry: dict[str, Any], key: str, where: str, *, optional: bool) -> f
         if optional:
             return None
         raise NodesError(f"{where}: missing field '{key}'")
-    return check_number(value, f"{where}: field '{key}'")
+    try:
+        return check_number(key, value)
+    except ValueError as exc:
+        raise NodesError(f"{where}: field '{key}' {exc}") from None
 
 
-def check_number(value: Any, where: str) -> float:
-    """``value`` as a float if it is a number in [`NUMBER_MIN`, `NUMBER_MAX`].
+def check_number(field: str, value: Any) -> float:
+    """``value`` as a float if it is a number in the field's range: [1e-6, 1e9] (`RANGES`; memory from 1e-9).
 
     Raises:
-        NodesError: ``"<where> must be a finite number in [1e-6, 1e9], got <value>"``.
+        ValueError: ``"must be a finite number in [1e-6, 1e9], got <value>"``.
     """
+    low, text = RANGES[field]
     if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            isinstance(value, int) and NUMBER_MIN <= value <= NUMBER_MAX
-            or isinstance(value, float) and math.isfinite(value) and NUMBER_MIN <= value <= NUMBER_MAX):
-        raise NodesError(f"{where} must be {NUMBER_RANGE_TEXT}, got {_short(value)}")
+            isinstance(value, int) and low <= value <= NUMBER_MAX
+            or isinstance(value, float) and math.isfinite(value) and low <= value <= NUMBER_MAX):
+        raise ValueError(f"must be a finite number in [{text}, 1e9], got {_short(value)}")
     return float(value)
 
 

@@ -35,6 +35,7 @@ from williw.hub import (
 )
 from williw.metadata import load_metadata
 from williw.planner.plan import Plan
+from williw.planner.validate import check_plan
 from williw.remote import BACKOFF_S, HttpRangeSource, HubContext, merge_intervals, safe_file_name
 from williw.shards import COPIED_FILES, write_shards
 from williw.splitter import as_plan, plan_specs
@@ -90,6 +91,7 @@ def pull_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_dir
         weights = weight_files(source, files, model)
         tensors, header_bytes = remote_tensors(source, weights, model)
         specs = plan_specs(plan, tensors, [node_id], Path(model))
+        check_plan(list(tensors), plan, shown=3)  # as `split` does: no shard of a plan that is not the model
         for file in weights:
             source.wanted[file] = merge_intervals([(t.start, t.end) for t in specs[0].tensors  # type: ignore[misc]
                                                    if t.file == file])

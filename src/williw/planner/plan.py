@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from williw.errors import PlanError
-from williw.fleet import NODE_ID_RE
 from williw.fsutil import read_json, write_json
 from williw.jsonio import INT64_MAX
 
@@ -142,9 +141,6 @@ class Plan:
 
 
 def _assignment(key: str, value: Any, source: str) -> NodeAssignment:
-    if not isinstance(key, str) or not NODE_ID_RE.fullmatch(key) or key in (".", ".."):
-        raise PlanError(f"'{source}': key {_short(key)} is not a node id (1-64 characters from A-Z a-z 0-9 . _ -) "
-                        f"nor '{PLAN_KEY}'")
     where = f"'{source}': node '{key}'"
     if not isinstance(value, dict):
         raise PlanError(f"{where} must be an object with node_id, layer_names, total_compute, "

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from williw.fleet import NUMBER_MAX, NUMBER_MIN, NUMBER_RANGE_TEXT
+from williw.fleet import check_number
 from williw.jsonio import INT64_MAX
 
 # Hugging Face repo ids ("owner/name" or "name"): letters, digits, '.', '_', '-'. Refusing everything else keeps
@@ -17,14 +17,13 @@ NODE_ID_MAX = 128
 ID_MAX = 128
 
 
-def _node_number(value: float) -> float:
-    if not NUMBER_MIN <= value <= NUMBER_MAX:
-        raise ValueError(f"must be {NUMBER_RANGE_TEXT}, got {value!r}")
-    return value
+def _range(field: str) -> AfterValidator:
+    # The fleet file's rule (`williw.fleet.check_number`), so a node registered over HTTP plans like one from a
+    # file; a ValueError becomes a 422 naming the field.
+    return AfterValidator(lambda value: check_number(field, value))
 
 
-# The fleet file's rule (`williw.fleet.check_number`), so a node registered over HTTP plans like one from a file.
-_NodeNumber = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_node_number)]
+_Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Body(BaseModel):
@@ -64,10 +63,10 @@ class NodeIn(_Body):
     """The fields of one entry of the planner's nodes file."""
 
     node_id: str = Field(min_length=1, max_length=NODE_ID_MAX)
-    compute_tflops: _NodeNumber
-    memory_gb: _NodeNumber
-    memory_bandwidth_gbps: _NodeNumber | None = None
-    network_gbps: _NodeNumber | None = None
+    compute_tflops: Annotated[_Number, _range("compute_tflops")]
+    memory_gb: Annotated[_Number, _range("memory_gb")]
+    memory_bandwidth_gbps: Annotated[_Number, _range("memory_bandwidth_gbps")] | None = None
+    network_gbps: Annotated[_Number, _range("network_gbps")] | None = None
     labels: list[str] = Field(default_factory=list, max_length=64)
 
 
