@@ -80,9 +80,9 @@ class ModelServer(ThreadingHTTPServer):
         """The file served at ``rel``, or None."""
         return self.files.get(rel)
 
-    def open_checked(self, rel: str) -> int | None:
-        """A read-only descriptor of the regular file at ``rel`` if its real path is ``<real root>/<rel>`` (no
-        symlink anywhere on the way, checked now, not at start), else None."""
+    def open_checked(self, rel: str) -> BinaryIO | None:
+        """The regular file at ``rel``, open for reading, if its real path is ``<real root>/<rel>`` (no symlink
+        anywhere on the way, checked now, not at start), else None."""
         path = self.lookup(rel)
         if path is None:
             return None
@@ -90,13 +90,13 @@ class ModelServer(ThreadingHTTPServer):
         try:
             if Path(os.path.realpath(path, strict=True)) != expected:
                 return None
-            fd = os.open(expected, os.O_RDONLY | os.O_NOFOLLOW)
+            f = open(expected, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW))  # noqa: SIM115
         except OSError:
             return None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            f.close()
             return None
-        return fd
+        return f
 
     @property
     def url(self) -> str:
@@ -162,11 +162,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, body: bool) -> None:
         rel = unquote(urlsplit(self.path).path).lstrip("/")
-        fd = self.server.open_checked(rel)
-        if fd is None:
+        f = self.server.open_checked(rel)
+        if f is None:
             self._reply(HTTPStatus.NOT_FOUND, f"no file '{rel}' in this model folder\n".encode())
             return
-        with open(fd, "rb") as f:
+        with f:
             self._serve_file(f, rel, body)
 
     def _serve_file(self, f: BinaryIO, rel: str, body: bool) -> None:
