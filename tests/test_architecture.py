@@ -15,7 +15,7 @@ MAX_LINES = 400
 
 # Rank of each module (first dotted component under williw); a module may import only equal or lower ranks.
 RANKS = {
-    "errors": 0, "units": 0, "progress": 0, "fsutil": 0,
+    "errors": 0, "jsonio": 0, "units": 0, "progress": 0, "fsutil": 0,
     "header": 1, "config": 1, "remote": 1, "hub": 1, "weightfiles": 1,
     "checkpoint": 2, "classify": 2,
     "structure": 3,

@@ -82,7 +82,7 @@ def test_bad_nodes_file_is_one_line(files, williw, tmp_path) -> None:
     bad = williw("plan", str(d / "meta.json"), "--nodes", str(tmp_path / "nodes.yaml"))
     assert (bad.returncode, bad.stdout) == (2, "")
     assert bad.stderr == (f"error: '{tmp_path / 'nodes.yaml'}': entry 0 (node 'a'): field 'compute_tflops' must be "
-                          "a finite number > 0, got 'fast'\n")
+                          "a finite number in [1e-6, 1e9], got 'fast'\n")
 
 
 def test_infeasible_plan_is_one_line(files, williw, tmp_path) -> None:

@@ -22,7 +22,6 @@ to ``serve_host``) answers peers in its own threads.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import shutil
 import threading
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from williw import jsonio
 from williw.client import WorkerClient, WorkerHTTPError
 from williw.errors import WilliwError, WorkerError
 from williw.fleet import check_node_id
@@ -265,7 +265,7 @@ class NodeAgent:
 
     def _saved_token(self) -> str | None:
         try:
-            data = json.loads(self._identity_path().read_text(encoding="utf-8"))
+            data = jsonio.parse(self._identity_path().read_bytes())
         except (FileNotFoundError, ValueError):
             return None
         if isinstance(data, dict) and data.get("node_id") == self.config.node_id and isinstance(

@@ -9,13 +9,13 @@ maps the file instead of reading it (needs torch).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+from williw import jsonio
 from williw.config import ModelConfig, read_config
 from williw.errors import CheckpointError, require_torch
 from williw.header import read_header
@@ -184,10 +184,7 @@ def _no_weights(model_dir: Path, names: list[str]) -> str:
 
 
 def _read_index(model_dir: Path, index: Path) -> dict[str, str]:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"'{index}': not valid JSON ({exc})") from None
+    data = jsonio.loads(index.read_bytes(), f"'{index}'", CheckpointError)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"'{index}': expected a non-empty 'weight_map' object of tensor name -> file")

@@ -6,11 +6,11 @@ Older checkpoints say ``torch_dtype``, ``n_layer``, ``n_embd``, ``n_head``; newe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from williw import jsonio
 from williw.errors import CheckpointError
 
 _ALIASES: dict[str, tuple[str, ...]] = {
@@ -91,9 +91,9 @@ def read_config(model_dir: Path) -> ModelConfig | None:
     if not path.is_file():
         return None
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"'{path}': config.json is not valid JSON ({exc})") from None
+        cfg = jsonio.parse(path.read_bytes())
+    except jsonio.JsonInputError as exc:
+        raise CheckpointError(f"'{path}': config.json is {exc}") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"'{path}': config.json must be a JSON object")
     return parse_config(cfg)

@@ -11,7 +11,6 @@ A nodes file is a list of objects, or ``{"nodes": [...]}``::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from williw import jsonio
 from williw.errors import NodesError
 
 GB = 1e9  # bytes per GB (decimal, see the module docstring)
@@ -27,6 +27,16 @@ TFLOPS_IN_GFLOPS = 1000.0
 # Node ids become folder names (one shard folder per node), so: no separators, no "." or "..", and no "@",
 # which the plan JSON reserves for its "@plan" key.
 NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+# Every number of a node lies in the closed interval [NUMBER_MIN, NUMBER_MAX]: 1e-6 TFLOPS is a 1 MFLOP/s
+# microcontroller, 1e9 GB an exabyte; beyond them the planner's products and quotients (bytes / GB/s,
+# GFLOPs / TFLOPS, sums over 10^5 tensors) would leave float64's range (5e-324 TFLOPS made stage times inf and
+# plan JSON NaN; 1e308 GB overflowed `memory_bytes`). Inside them every plan number is finite.
+# memory_gb may go down to 1e-9 (one byte): planner tests and examples use fleets of a few bytes.
+NUMBER_MIN = 1e-6
+NUMBER_MAX = 1e9
+RANGES = {"compute_tflops": (1e-6, "1e-6"), "memory_gb": (1e-9, "1e-9"), "memory_bandwidth_gbps": (1e-6, "1e-6"),
+          "network_gbps": (1e-6, "1e-6")}
 
 _REQUIRED = ("node_id", "compute_tflops", "memory_gb")
 _OPTIONAL_NUMBERS = ("memory_bandwidth_gbps", "network_gbps")
@@ -91,9 +101,29 @@ def _number(entry: dict[str, Any], key: str, where: str, *, optional: bool) -> f
         if optional:
             return None
         raise NodesError(f"{where}: missing field '{key}'")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise NodesError(f"{where}: field '{key}' must be a finite number > 0, got {value!r}")
+    try:
+        return check_number(key, value)
+    except ValueError as exc:
+        raise NodesError(f"{where}: field '{key}' {exc}") from None
+
+
+def check_number(field: str, value: Any) -> float:
+    """``value`` as a float if it is a number in the field's range: [1e-6, 1e9] (`RANGES`; memory from 1e-9).
+
+    Raises:
+        ValueError: ``"must be a finite number in [1e-6, 1e9], got <value>"``.
+    """
+    low, text = RANGES[field]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            isinstance(value, int) and low <= value <= NUMBER_MAX
+            or isinstance(value, float) and math.isfinite(value) and low <= value <= NUMBER_MAX):
+        raise ValueError(f"must be a finite number in [{text}, 1e9], got {_short(value)}")
     return float(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text):,} characters)"
 
 
 def parse_nodes(obj: Any, source: str = "nodes") -> list[Node]:
@@ -162,8 +192,5 @@ def load_nodes(path: str | os.PathLike[str]) -> list[Node]:
         except yaml.YAMLError as exc:
             raise NodesError(f"'{path}': not valid YAML ({' '.join(str(exc).split())})") from None
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise NodesError(f"'{path}': not valid JSON ({exc})") from None
+        data = jsonio.loads(text, f"'{path}'", NodesError)
     return parse_nodes(data, str(path))

@@ -6,7 +6,6 @@ A reader therefore sees either the old file or the complete new one, never a hal
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import uuid
@@ -14,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from williw.jsonio import dumps_strict, read_file
 
 INCOMPLETE_SUFFIX = ".incomplete"
 # Test hook (fault injection): with WILLIW_TEST_KILL_AT=<point>, the process SIGKILLs itself when it reaches the
@@ -57,24 +58,23 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, perms: int = 0o666) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented strict JSON, atomically.
+
+    Raises:
+        ValueError: ``obj`` holds NaN or Infinity (which no JSON reader, williw's included, accepts); nothing is
+            written.
+    """
+    text = dumps_strict(obj, indent=2)
     with atomic_writer(path, "w", perms) as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def read_json(path: str | os.PathLike[str], error: type[Exception], missing: str) -> Any:
-    """Load a JSON file, turning the two ways it fails into one-line ``error``s that name the file.
+    """Load a JSON file strictly (`williw.jsonio.read_file`): every way it fails is one ``error`` naming the file.
 
     Args:
         path: the file.
         error: the exception family of the caller (MetadataError, PlanError, ...).
         missing: what to say when the file does not exist, e.g. "no such plan file".
     """
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"'{path}': {missing}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"'{path}': not valid JSON ({exc})") from None
+    return read_file(path, error, missing)

@@ -14,7 +14,6 @@ would only cost disk and time.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from williw import jsonio
 from williw.checkpoint import TensorInfo
 from williw.errors import CheckpointError, HubError, SplitError
 from williw.fsutil import INCOMPLETE_SUFFIX
@@ -276,7 +276,7 @@ def _peer_manifest(source: HttpRangeSource) -> ShardManifest | None:
     """The peer's shard manifest (model positions, config files), or None when it cannot be read."""
     try:
         raw = source.get_file(MANIFEST_NAME, missing_ok=True, max_bytes=64 << 20)
-        return ShardManifest.from_dict(json.loads(raw or b""), f"{source.base_url}{MANIFEST_NAME}")
+        return ShardManifest.from_dict(jsonio.parse(raw or b""), f"{source.base_url}{MANIFEST_NAME}")
     except (HubError, SplitError, ValueError):
         return None
 

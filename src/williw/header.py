@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from williw import jsonio
 from williw.errors import CheckpointError
 from williw.units import DTYPE_BITS, numel, tensor_nbytes
 
@@ -79,9 +80,9 @@ def parse_header(raw: bytes, filename: str, file_size: int) -> SafetensorsHeader
     """
     where = f"Failed to parse safetensors header for '{filename}'"
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{where}: the header is not valid JSON ({exc})") from None
+        obj = jsonio.parse(raw)
+    except jsonio.JsonInputError as exc:
+        raise CheckpointError(f"{where}: the header is {exc}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{where}: the header is a JSON {type(obj).__name__}, expected an object")
     data_start = 8 + len(raw)

@@ -9,7 +9,6 @@ what to do (`williw.remote.hub_error_message`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from williw import jsonio
 from williw.errors import HubError
 from williw.remote import HubContext, hub_error_message, network_message
 from williw.weightfiles import SAFETENSORS_INDEX, TORCH_INDEX, select_weight_files
@@ -223,7 +223,7 @@ def _glob_escape(name: str) -> str:
 
 def _weight_map_files(index: Path) -> list[str]:
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = jsonio.parse(index.read_bytes())["weight_map"]
         return sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise HubError(f"'{index}': not a valid index (expected a 'weight_map' object)") from None
@@ -297,10 +297,7 @@ def fetch_metadata(repo_id: str, model_name: str, *, token: str | None = None, e
     with tempfile.TemporaryDirectory(prefix="williw-meta-") as tmp, hub_errors(ctx, file=path):
         local = hf_hub_download(repo_id, path, repo_type=repo_type, revision=revision, local_dir=tmp,
                                 token=token or False, endpoint=ctx.endpoint, library_name="williw")
-        try:
-            data = json.loads(Path(local).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HubError(f"'{repo_id}/{path}': not valid JSON ({exc})") from None
+        data = jsonio.loads(Path(local).read_bytes(), f"'{repo_id}/{path}'", HubError)
     if not isinstance(data, dict):
         raise HubError(f"'{repo_id}/{path}': expected a JSON object")
     return data

@@ -33,8 +33,9 @@ from williw.classify import LAYER_TYPES, layer_type
 from williw.compute import CROSS_ATTENTION, CostModel, keys_attended, ssm_core_flops, stack_hidden
 from williw.errors import MetadataError
 from williw.fsutil import read_json, write_json
+from williw.jsonio import INT64_MAX
 from williw.structure import ROLES, Structure, find_structure
-from williw.units import DTYPE_BITS
+from williw.units import DTYPE_BITS, FLOAT_DTYPES
 
 FORMAT_VERSION = 1
 GIGA = 1e9
@@ -272,7 +273,9 @@ class _Fields:
 
     def _fail(self, key: str, expected: str, value: Any) -> MetadataError:
         path = f"{self.where}.{key}" if self.where else key
-        return MetadataError(f"'{self.source}': field '{path}' expected {expected}, got {value!r}"[:400])
+        text = repr(value)
+        text = text if len(text) <= 60 else f"{text[:40]}... ({len(text):,} characters)"
+        return MetadataError(f"'{self.source}': field '{path}' expected {expected}, got {text}")
 
     def get(self, key: str, kind: str, *, optional: bool = False, default: Any = None) -> Any:
         if key not in self.obj or self.obj[key] is None:
@@ -283,17 +286,24 @@ class _Fields:
         value = self.obj[key]
         ok = {
             "str": isinstance(value, str),
-            "int": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-            "posint": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-            "num": isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            and value >= 0,
+            "int": isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX,
+            "posint": isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= INT64_MAX,
+            "num": isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_GFLOPS,
             "list": isinstance(value, list),
         }[kind]
         if not ok:
+            too_big = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
             expected = {"str": "a string", "int": "an integer >= 0", "posint": "an integer >= 1",
                         "num": "a finite number >= 0", "list": "a list"}[kind]
+            if too_big and kind != "str" and kind != "list":
+                expected += f" and <= {MAX_GFLOPS:g}" if kind == "num" else f" and <= {INT64_MAX} (int64)"
             raise self._fail(key, expected, value)
         return value
+
+
+# A field of compute (GFLOPs) is at most 1e18 (1e27 FLOP: a 10^12-parameter model over 10^13 tokens); summed
+# over 10^6 tensors and divided by the smallest compute a node may claim (1e-6 TFLOPS) it stays finite.
+MAX_GFLOPS = 1e18
 
 
 def _parse(d: Any, source: str) -> ModelMetadata:
@@ -306,8 +316,8 @@ def _parse(d: Any, source: str) -> ModelMetadata:
     for i, raw in enumerate(top.get("layers", "list")):
         f = _Fields(raw, source, f"layers[{i}]")
         shape = f.get("shape", "list")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise f._fail("shape", "a list of integers >= 0", shape)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= INT64_MAX for s in shape):
+            raise f._fail("shape", "a list of integers in [0, 2^63-1]", shape)
         dtype = f.get("dtype", "str").removeprefix("torch.")
         if dtype not in DTYPE_BITS:
             raise f._fail("dtype", f"a safetensors dtype ({', '.join(DTYPE_BITS)})", dtype)

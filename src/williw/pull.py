@@ -12,15 +12,15 @@ which sits above the Hub client in the import order.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from williw import jsonio
 from williw.checkpoint import TensorInfo
-from williw.errors import HubError
+from williw.errors import HubError, SplitError
 from williw.header import FIRST_RANGE_BYTES
 from williw.hub import (
     SAFETENSORS_INDEX,
@@ -35,11 +35,16 @@ from williw.hub import (
 )
 from williw.metadata import load_metadata
 from williw.planner.plan import Plan
+from williw.planner.validate import check_plan
+from williw.progress import get_logger
 from williw.remote import BACKOFF_S, HttpRangeSource, HubContext, merge_intervals, safe_file_name
-from williw.shards import COPIED_FILES, write_shards
+from williw.shards import COPIED_FILES, read_manifest, sha256_file, write_shards
+from williw.shards.manifest import check_node_id
+from williw.shards.resume import ResumeSource, claim_partial, local_segments, subtract
 from williw.splitter import as_plan, plan_specs
 from williw.weightfiles import select_weight_files
 
+log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class PullResult:
@@ -86,18 +91,24 @@ def pull_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_dir
     """
     plan = as_plan(plan)
     plan.node(node_id)  # an unknown node fails before any request
+    check_node_id(node_id, "plan")
+    done = _already_complete(Path(output_dir) / node_id, plan, node_id, model)
+    if done is not None:
+        return done
     source, files = open_remote(model, revision, token, endpoint, first_range_bytes, backoff_s)
     with source:
         weights = weight_files(source, files, model)
         tensors, header_bytes = remote_tensors(source, weights, model)
         specs = plan_specs(plan, tensors, [node_id], Path(model))
+        check_plan(list(tensors), plan, shown=3)  # as `split` does: no shard of a plan that is not the model
         for file in weights:
             source.wanted[file] = merge_intervals([(t.start, t.end) for t in specs[0].tensors  # type: ignore[misc]
                                                    if t.file == file])
         name = model_name or plan.model_name or model.rstrip("/").rsplit("/", 1)[-1]
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".williw-pull-", dir=out) as tmp:
+        resume, reader = _resume(out / node_id, list(specs[0].tensors), source, weights)
+        with tempfile.TemporaryDirectory(prefix=".williw-pull-", dir=out) as tmp, resume:
             extra = []
             for f in COPIED_FILES:
                 if files is None or f in files:
@@ -105,12 +116,63 @@ def pull_shard(model: str, plan: Plan | dict[str, Any], node_id: str, output_dir
                     if data is not None:
                         (Path(tmp) / f).write_bytes(data)
                         extra.append(Path(tmp) / f)
-            written = write_shards(specs, source, out, model_name=name, source_name=model,
+            written = write_shards(specs, reader, out, model_name=name, source_name=model,
                                    plan_sha256=plan.digest(), extra_files=extra, desc=f"pull {node_id}")[0]
     return PullResult(node_id=node_id, shard_path=str(written.path), shard_bytes=written.manifest.file_bytes,
                       tensor_bytes=sum(t.nbytes for t in specs[0].tensors), header_bytes=header_bytes,
                       bytes_downloaded=source.bytes_received, requests=source.requests,
                       file_sha256=written.manifest.file_sha256, source=model, skipped=written.skipped)
+
+
+def _already_complete(shard_dir: Path, plan: Plan, node_id: str, model: str) -> PullResult | None:
+    """The shard as a `PullResult` when its manifest says it was pulled from ``model`` for this very plan with
+    this node's tensors, and its file and copied files are there with the recorded size and sha256: confirmed
+    without a single request (a re-run of a finished pull used to fetch every header again)."""
+    try:
+        found = read_manifest(shard_dir)
+    except SplitError:
+        return None
+    path = shard_dir / found.file
+    if (found.node_id, found.source, found.plan_sha256) != (node_id, model, plan.digest()) or \
+            sorted(t.name for t in found.tensors) != sorted(plan.node(node_id).tensor_names) or \
+            path.is_symlink() or not path.is_file() or path.stat().st_size != found.file_bytes or \
+            not all((shard_dir / f).is_file() for f in found.copied_files) or sha256_file(path) != found.file_sha256:
+        return None
+    return PullResult(node_id=node_id, shard_path=str(shard_dir), shard_bytes=found.file_bytes,
+                      tensor_bytes=sum(t.bytes for t in found.tensors), header_bytes=0, bytes_downloaded=0,
+                      requests=0, file_sha256=found.file_sha256, source=model, skipped=True)
+
+
+class _Resume:
+    """Context for one pull's leftover: closes the reader, and removes the leftover once the shard is written."""
+
+    def __init__(self, partial: Path | None, reader: ResumeSource | None) -> None:
+        self.partial, self.reader = partial, reader
+
+    def __enter__(self) -> _Resume:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if self.reader is not None:
+            self.reader.close()
+        if exc_type is None and self.partial is not None:
+            self.partial.unlink(missing_ok=True)
+
+
+def _resume(shard_dir: Path, tensors: list[TensorInfo], source: HttpRangeSource,
+            weights: list[str]) -> tuple[_Resume, Any]:
+    """What a cut pull of this shard left (see `williw.shards.resume`), and the byte source to write from: the
+    leftover for the bytes it holds (no longer wanted from the network), the network for the rest."""
+    claimed = claim_partial(shard_dir, tensors) if shard_dir.is_dir() else None
+    if claimed is None:
+        return _Resume(None, None), source
+    partial, have = claimed
+    segments = local_segments(tensors, have)
+    for file in weights:
+        source.wanted[file] = subtract(source.wanted.get(file, []), segments.get(file, []))
+    reader = ResumeSource(source, partial, segments)
+    log.info("pull: resuming from %s (%s bytes already on disk)", partial, f"{have:,}")
+    return _Resume(partial, reader), reader
 
 
 def remote_tensors(source: HttpRangeSource, weights: list[str], model: str) -> tuple[dict[str, TensorInfo], int]:
@@ -155,7 +217,7 @@ def weight_files(source: HttpRangeSource, files: set[str] | None, model: str) ->
         index = source.get_file(SAFETENSORS_INDEX, missing_ok=True)
     if index is not None:
         try:
-            weight_map = json.loads(index)["weight_map"]
+            weight_map = jsonio.parse(index)["weight_map"]
             names = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise HubError(f"'{model}': {SAFETENSORS_INDEX} is not a valid index (expected 'weight_map')") from None

@@ -3,7 +3,14 @@ pull only their own tensors' bytes from the user node instead of from the Hub.
 
 Only regular files under the folder are served; a request path is matched against the folder's own listing,
 never joined onto the filesystem path, so ``..``, absolute paths and symlinks out of the folder cannot escape.
+The listing is made at start, so each request also resolves the file's real path and answers 404 unless it is
+exactly the listed path under the (resolved) root, with no symlink on the way, and a regular file, opened with
+``O_NOFOLLOW``: a file or folder swapped for a symlink after start is not followed.
 Byte counts per file are kept (``GET /_stats``) so that tests and benchmarks can prove what was sent.
+
+Connections: a listen backlog of 128 (http.server's 5 made every sixth of 200 simultaneous connects wait for a
+SYN retry, 1 s), and a connection idle or half-sent for `IDLE_TIMEOUT_S` is closed. Range numbers have at most
+19 digits (int64); anything longer is a 416 like any other unsatisfiable range.
 """
 
 from __future__ import annotations
@@ -11,17 +18,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import threading
 from collections import Counter
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from williw.progress import get_logger
 
 log = get_logger(__name__)
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
+IDLE_TIMEOUT_S = 30.0
+LISTEN_BACKLOG = 128
 
 
 def list_served_files(root: Path) -> dict[str, Path]:
@@ -41,13 +52,17 @@ class ModelServer(ThreadingHTTPServer):
     """A threaded HTTP server over one model folder; ``bytes_sent`` counts body bytes per file."""
 
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, root: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, root: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 0,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             from williw.errors import CheckpointError
 
             raise CheckpointError(f"'{self.root}': no such folder to serve")
+        self.real_root = self.root.resolve()
+        self.idle_timeout_s = idle_timeout_s
         self.files = list_served_files(self.root)
         self.bytes_sent: Counter[str] = Counter()
         self.lock = threading.Lock()
@@ -64,6 +79,24 @@ class ModelServer(ThreadingHTTPServer):
     def lookup(self, rel: str) -> Path | None:
         """The file served at ``rel``, or None."""
         return self.files.get(rel)
+
+    def open_checked(self, rel: str) -> BinaryIO | None:
+        """The regular file at ``rel``, open for reading, if its real path is ``<real root>/<rel>`` (no symlink
+        anywhere on the way, checked now, not at start), else None."""
+        path = self.lookup(rel)
+        if path is None:
+            return None
+        expected = self.real_root.joinpath(*rel.split("/"))
+        try:
+            if Path(os.path.realpath(path, strict=True)) != expected:
+                return None
+            f = open(expected, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW))  # noqa: SIM115
+        except OSError:
+            return None
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            f.close()
+            return None
+        return f
 
     @property
     def url(self) -> str:
@@ -93,13 +126,18 @@ class ShardServer(ModelServer):
     def lookup(self, rel: str) -> Path | None:
         if not self._pattern.match(rel):
             return None
-        path = self.root / rel
-        return path if path.is_file() and not path.is_symlink() else None
+        return self.root / rel  # `open_checked` refuses it unless it is a regular file with no symlink on the way
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: ModelServer
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        # StreamRequestHandler applies `timeout` to the socket: a read (an idle keep-alive connection, a half-sent
+        # header) or a write that waits longer ends the connection.
+        self.timeout = self.server.idle_timeout_s
+        super().setup()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         log.debug("%s %s", self.address_string(), format % args)
@@ -124,11 +162,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, body: bool) -> None:
         rel = unquote(urlsplit(self.path).path).lstrip("/")
-        path = self.server.lookup(rel)
-        if path is None:
+        f = self.server.open_checked(rel)
+        if f is None:
             self._reply(HTTPStatus.NOT_FOUND, f"no file '{rel}' in this model folder\n".encode())
             return
-        size = path.stat().st_size
+        with f:
+            self._serve_file(f, rel, body)
+
+    def _serve_file(self, f: BinaryIO, rel: str, body: bool) -> None:
+        size = os.fstat(f.fileno()).st_size
         start, end = 0, size  # half-open [start, end)
         status = HTTPStatus.OK
         header = self.headers.get("Range")
@@ -159,22 +201,20 @@ class _Handler(BaseHTTPRequestHandler):
         if not body:
             return
         sent = 0
-        with open(path, "rb") as f:
-            try:
-                sent = self._send_file(f, start, end)
-            finally:
-                with self.server.lock:
-                    self.server.bytes_sent[rel] += sent
-
-    def _send_file(self, f, start: int, end: int) -> int:
-        """Zero-copy from the page cache to the socket; returns the bytes sent (fewer if the client left)."""
-        sent = 0
         try:
-            while start + sent < end:
-                n = os.sendfile(self.connection.fileno(), f.fileno(), start + sent, min(end - start - sent, 1 << 30))
-                if n == 0:
-                    break
-                sent += n
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        return sent
+            sent = self._send_file(f, start, end)
+        finally:
+            with self.server.lock:
+                self.server.bytes_sent[rel] += sent
+
+    def _send_file(self, f: BinaryIO, start: int, end: int) -> int:
+        """Zero-copy from the page cache to the socket; returns the bytes sent (fewer if the client left).
+
+        ``socket.sendfile`` rather than ``os.sendfile``: the socket has a timeout, so it is non-blocking
+        underneath, and socket.sendfile waits for it to be writable (up to the timeout) between calls."""
+        f.seek(start)
+        try:
+            self.connection.sendfile(f, start, end - start)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+        return f.tell() - start

@@ -19,6 +19,7 @@ from williw.checkpoint import TensorInfo
 from williw.errors import PlanError, SplitError, require_torch
 from williw.fsutil import atomic_writer
 from williw.planner.plan import Plan
+from williw.planner.validate import check_plan
 from williw.shards import (
     COPIED_FILES,
     PTH_FILE,
@@ -153,6 +154,9 @@ def split_all(model_path: str | os.PathLike[str], plan: Plan | dict[str, Any], o
     out = Path(output_dir)
     check_output_dir(out, checkpoint.path)
     specs = plan_specs(plan, tensors, node_ids, checkpoint.path)
+    # The whole plan, not only the nodes written: shards of a plan that owns a tensor twice or never would not
+    # add up to the model (`williw validate` refuses such a plan; so does split, before writing anything).
+    check_plan(list(tensors), plan, shown=3)
     name = model_name or plan.model_name or checkpoint.path.resolve().name
     source_name = str(checkpoint.path.resolve())
     extra = [checkpoint.path / f for f in COPIED_FILES if (checkpoint.path / f).is_file()]

@@ -29,10 +29,13 @@ def replan_cmd(metadata: str, plan_file: str, nodes_file: str, output: str | Non
     from williw.fleet import load_nodes
     from williw.fsutil import write_json
     from williw.metadata import load_metadata
-    from williw.planner import load_plan, replan, save_plan
+    from williw.planner import check_plan, load_plan, replan, save_plan
 
     meta = load_metadata(metadata)
-    result = replan(meta, load_plan(plan_file), load_nodes(nodes_file), max_slowdown=max_slowdown,
+    current = load_plan(plan_file)
+    # Against the model only: the plan's nodes may have left the fleet, which is why one re-plans.
+    check_plan([x.name for x in meta.layers], current, metadata=meta)
+    result = replan(meta, current, load_nodes(nodes_file), max_slowdown=max_slowdown,
                     objective=objective, max_step_bytes=max_step_bytes)
     if output:
         save_plan(result.plan, output)

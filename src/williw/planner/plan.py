@@ -22,9 +22,16 @@ from typing import Any
 
 from williw.errors import PlanError
 from williw.fsutil import read_json, write_json
+from williw.jsonio import INT64_MAX
 
 PLAN_KEY = "@plan"
 STRATEGIES = ("pipeline", "greedy")
+# Seconds, GFLOPs and bytes in a plan stay below 1e30: far above any real plan (a year is 3e7 s), and low enough
+# that sums over every node stay finite, so a plan always serialises as strict JSON.
+MAX_NUMBER = 1e30
+_HEAD_NUMBERS = ("bottleneck_s", "prefill_bottleneck_s", "decode_bottleneck_s", "latency_s", "tokens_per_s",
+                 "lower_bound_s")
+_HEAD_KNOWN = {"strategy", "model_name", "objective", *_HEAD_NUMBERS, "exact", "version", "stages", "excluded"}
 
 
 @dataclass(frozen=True)
@@ -122,34 +129,15 @@ class Plan:
         """
         if not isinstance(d, dict) or not d:
             raise PlanError(f"'{source}': a plan must be a non-empty JSON object of node_id -> assignment")
-        head = d.get(PLAN_KEY) or {}
-        if not isinstance(head, dict):
-            raise PlanError(f"'{source}': '{PLAN_KEY}' must be an object")
-        strategy = head.get("strategy", "greedy")
-        if strategy not in STRATEGIES:
-            raise PlanError(f"'{source}': '{PLAN_KEY}.strategy' must be one of {', '.join(STRATEGIES)}, "
-                            f"got {strategy!r}")
+        head = d.get(PLAN_KEY, {})
         assignments = [_assignment(key, value, source) for key, value in d.items() if key != PLAN_KEY]
-        order = head.get("stages")
-        if isinstance(order, list) and sorted(order) == sorted(a.node_id for a in assignments):
+        h = check_head(head, [a.node_id for a in assignments], source)
+        if h["stages"] is not None:
+            order = h["stages"]
             assignments.sort(key=lambda a: order.index(a.node_id))
-        elif strategy == "pipeline":
+        elif h["strategy"] == "pipeline":
             assignments.sort(key=lambda a: (a.stage is None, a.stage or 0))
-        known = {"strategy", "model_name", "objective", "bottleneck_s", "prefill_bottleneck_s",
-                 "decode_bottleneck_s", "latency_s", "tokens_per_s", "lower_bound_s", "exact", "version",
-                 "stages", "excluded"}
-        excluded = tuple(ExcludedNode(str(e.get("node_id")), str(e.get("reason")))
-                         for e in head.get("excluded", []) if isinstance(e, dict))
-        version = head.get("version", 1)
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise PlanError(f"'{source}': '{PLAN_KEY}.version' must be an integer >= 1, got {version!r}")
-        return Plan(strategy=strategy, assignments=tuple(assignments), model_name=str(head.get("model_name", "")),
-                    objective=str(head.get("objective", "prefill")), bottleneck_s=head.get("bottleneck_s"),
-                    prefill_bottleneck_s=head.get("prefill_bottleneck_s"),
-                    decode_bottleneck_s=head.get("decode_bottleneck_s"), latency_s=head.get("latency_s"),
-                    tokens_per_s=head.get("tokens_per_s"), lower_bound_s=head.get("lower_bound_s"),
-                    exact=head.get("exact"), excluded=excluded, version=version,
-                    extra={k: v for k, v in head.items() if k not in known})
+        return Plan(assignments=tuple(assignments), **{k: v for k, v in h.items() if k != "stages"})
 
 
 def _assignment(key: str, value: Any, source: str) -> NodeAssignment:
@@ -172,21 +160,83 @@ def _assignment(key: str, value: Any, source: str) -> NodeAssignment:
         if v is None:
             nums[f] = None
             continue
-        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-            raise PlanError(f"{where}: field '{f}' must be a finite number >= 0, got {v!r}")
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0 or v > MAX_NUMBER:
+            raise PlanError(f"{where}: field '{f}' must be a finite number >= 0, got {_short(v)}")
         nums[f] = float(v)
     blocks = value.get("blocks")
     if blocks is not None and not (isinstance(blocks, list) and len(blocks) == 2
-                                   and all(isinstance(b, int) and b >= 0 for b in blocks) and blocks[0] <= blocks[1]):
-        raise PlanError(f"{where}: field 'blocks' must be [start, end) with 0 <= start <= end, got {blocks!r}")
+                                   and all(_int_in(b, 0) for b in blocks) and blocks[0] <= blocks[1]):
+        raise PlanError(f"{where}: field 'blocks' must be [start, end) with 0 <= start <= end, got {_short(blocks)}")
     stage = value.get("stage")
-    if stage is not None and (not isinstance(stage, int) or isinstance(stage, bool) or stage < 0):
-        raise PlanError(f"{where}: field 'stage' must be an integer >= 0, got {stage!r}")
+    if stage is not None and not _int_in(stage, 0):
+        raise PlanError(f"{where}: field 'stage' must be an integer >= 0, got {_short(stage)}")
     return NodeAssignment(node_id=key, layer_names=tuple(names), total_compute=nums["total_compute"] or 0.0,
                           compute_utilization=nums["compute_utilization"] or 0.0, bytes=int(nums["bytes"] or 0),
                           stage=stage, blocks=tuple(blocks) if blocks is not None else None,  # type: ignore[arg-type]
                           stage_time_s=nums["stage_time_s"], decode_time_s=nums["decode_time_s"],
                           shared_tensors=tuple(shared))
+
+
+def check_head(head: Any, node_ids: list[str], source: str) -> dict[str, Any]:
+    """Validate a plan's ``@plan`` object (the schema is `_HEAD_NUMBERS` plus the fields below).
+
+    Args:
+        head: the ``@plan`` value (absent in a seed plan: ``{}``).
+        node_ids: the plan's node keys, in file order.
+        source: the file name for messages.
+
+    Returns:
+        `Plan`'s keyword arguments (strategy, model_name, objective, the seconds fields, exact, excluded, version,
+        extra) plus ``stages`` (the stage order, or None when not given).
+
+    Raises:
+        PlanError: ``"'<source>': '@plan.<field>' must be <what>, got <value>"``.
+    """
+    if not isinstance(head, dict):
+        raise PlanError(f"'{source}': '{PLAN_KEY}' must be an object, got {_short(head)}")
+
+    def bad(key: str, what: str) -> PlanError:
+        return PlanError(f"'{source}': '{PLAN_KEY}.{key}' must be {what}, got {_short(head[key])}")
+
+    out: dict[str, Any] = {"strategy": head.get("strategy", "greedy")}
+    if out["strategy"] not in STRATEGIES:
+        raise bad("strategy", f"one of {', '.join(STRATEGIES)}")
+    for key, default in (("model_name", ""), ("objective", "prefill")):
+        out[key] = head.get(key, default)
+        if not isinstance(out[key], str):
+            raise bad(key, "a string")
+    for key in _HEAD_NUMBERS:
+        v = out[key] = head.get(key)
+        if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)
+                              or not 0 <= v <= MAX_NUMBER):
+            raise bad(key, "null or a finite number >= 0")
+    out["exact"] = head.get("exact")
+    if out["exact"] is not None and not isinstance(out["exact"], bool):
+        raise bad("exact", "null, true or false")
+    out["version"] = head.get("version", 1)
+    if not _int_in(out["version"], 1):
+        raise bad("version", f"an integer in [1, {INT64_MAX}]")
+    stages = out["stages"] = head.get("stages")
+    if stages is not None and (not isinstance(stages, list) or len(stages) != len(set(map(repr, stages)))
+                               or sorted(map(repr, stages)) != sorted(map(repr, node_ids))):
+        raise bad("stages", "a list naming each node of the plan once")
+    excluded = head.get("excluded", [])
+    if not isinstance(excluded, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("node_id"), str) and isinstance(e.get("reason"), str)
+            for e in excluded):
+        raise bad("excluded", 'a list of {"node_id": <string>, "reason": <string>}')
+    out["excluded"] = tuple(ExcludedNode(e["node_id"], e["reason"]) for e in excluded)
+    out["extra"] = {k: v for k, v in head.items() if k not in _HEAD_KNOWN}
+    return out
+
+
+def _int_in(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= INT64_MAX
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text):,} characters)"
 
 
 def plan_digest(plan_dict: dict[str, Any]) -> str:
@@ -207,5 +257,12 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
-    """Write the plan JSON atomically."""
-    write_json(path, plan.to_dict())
+    """Write the plan JSON atomically.
+
+    Raises:
+        PlanError: the plan holds NaN or Infinity (it would not read back); nothing is written.
+    """
+    try:
+        write_json(path, plan.to_dict())
+    except ValueError:
+        raise PlanError(f"'{path}': the plan holds a number that is not finite; nothing written") from None

@@ -62,16 +62,21 @@ def validate_split_plan(all_layers: Sequence[str], plan: Plan | dict[str, Any], 
 
 
 def check_plan(all_layers: Sequence[str], plan: Plan | dict[str, Any], *, metadata: ModelMetadata | None = None,
-               nodes: Sequence[Node] | None = None) -> None:
+               nodes: Sequence[Node] | None = None, shown: int | None = None) -> None:
     """`validate_split_plan`, raising when there is any problem.
+
+    Args:
+        shown: name at most this many problems (default: all), then ``"(and N more: williw validate lists them)"``.
 
     Raises:
         PlanError: ``"the plan has N problem(s): <p1>; <p2>; ..."``.
     """
     problems = validate_split_plan(all_layers, plan, metadata=metadata, nodes=nodes)
     if problems:
+        more = len(problems) - shown if shown is not None and len(problems) > shown else 0
+        tail = f" (and {more} more: williw validate lists them)" if more else ""
         raise PlanError(f"the plan has {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
-                        + "; ".join(problems))
+                        + "; ".join(problems[:len(problems) - more]) + tail)
 
 
 def _memory(plan: Plan, metadata: ModelMetadata | None, nodes: Sequence[Node]) -> list[str]:

@@ -4,7 +4,6 @@ validator's list), so a client can show ``detail`` as it is."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -15,6 +14,7 @@ from williw.errors import MetadataError, NodesError, PlanError
 from williw.progress import get_logger
 from williw.worker.assignments import router as assignments_router
 from williw.worker.auth import Auth, AuthError
+from williw.worker.bodies import StrictJsonBody, reply
 from williw.worker.dashboard import router as dashboard_router
 from williw.worker.migration_routes import router as migration_router
 from williw.worker.replanning import Replanner
@@ -49,6 +49,7 @@ def create_app(settings: WorkerSettings, store: Store | None = None) -> FastAPI:
     app.include_router(assignments_router)
     app.include_router(migration_router)
     _add_error_handlers(app)
+    app.add_middleware(StrictJsonBody)  # inside BodyLimit: it reads only bodies already known to be small
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     replanner = app.state.replanner = Replanner(store, settings)
     app.router.add_event_handler("startup", replanner.start)
@@ -99,8 +100,9 @@ def _one_error(error: dict[str, Any]) -> str:
     msg = error.get("msg", "invalid")
     if error.get("type") == "json_invalid":
         return f"body is not valid JSON ({error.get('ctx', {}).get('error', msg)})"
+    msg = msg.removeprefix("Value error, ")
     if kind == "body" and len(loc) == 1 and error.get("type") == "value_error":
-        return f"body: {msg.removeprefix('Value error, ')}"
+        return f"body: {msg}"
     if kind == "body" and len(loc) == 1:
         # FastAPI parses a body as JSON only with a JSON content type (so a browser's text/plain form cannot post
         # here); anything else arrives as bytes and fails as "not an object".
@@ -156,8 +158,4 @@ class BodyLimit:
 
     @staticmethod
     async def _reply(send: Any, status_code: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": status_code,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await reply(send, status_code, detail)

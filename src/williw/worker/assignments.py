@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from williw.fleet import check_node_id
+from williw.jsonio import INT64_MAX
 from williw.planner.plan import PLAN_KEY
 from williw.worker import assignment_store as db
 from williw.worker import migration_store
@@ -44,13 +45,13 @@ class DistributeIn(BaseModel):
     revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._/-]{1,128}$")
     auto_replan: bool | None = Field(default=None, description="re-plan when nodes leave or join")
     max_slowdown: float = Field(default=0.05, ge=0, le=10, allow_inf_nan=False)
-    max_step_bytes: int | None = Field(default=None, ge=1)
+    max_step_bytes: int | None = Field(default=None, ge=1, le=INT64_MAX)
 
 
 class AssignmentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     state: Literal["pulling", "ready", "failed"]
-    plan_version: int | None = Field(default=None, ge=1)
+    plan_version: int | None = Field(default=None, ge=1, le=INT64_MAX)
     shard_path: str | None = Field(default=None, min_length=1, max_length=4096)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     error: str | None = Field(default=None, min_length=1, max_length=2000)

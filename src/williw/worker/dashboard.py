@@ -17,6 +17,7 @@ from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
+from williw.jsonio import INT64_MAX
 from williw.worker import service
 from williw.worker.dashboard_page import PAGE
 from williw.worker.deps import AuthDep, StoreDep, TokenDep
@@ -54,7 +55,7 @@ async def requests_list(store: StoreDep, auth: AuthDep, token: TokenDep,
 
 @router.get("/api/plans/{request_id}.svg", response_class=Response)
 async def plan_picture(request_id: Annotated[str, Path(min_length=1, max_length=ID_MAX)], store: StoreDep,
-                       version: Annotated[int | None, Query(ge=1)] = None) -> Response:
+                       version: Annotated[int | None, Query(ge=1, le=INT64_MAX)] = None) -> Response:
     """The request's plan in force (or ``version``) as SVG, memory drawn against the registered nodes."""
 
     def work() -> Any:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from williw.fleet import check_node_id
+from williw.jsonio import INT64_MAX
 from williw.planner.plan import PLAN_KEY
 from williw.worker import assignment_store, migration_store
 from williw.worker.deps import AuthDep, NodeIdPath, RequestIdPath, SettingsDep, StoreDep, TokenDep
@@ -33,7 +34,7 @@ _PULL_STATE = {"assigned": "pending", "pulling": "pulling", "ready": "done", "fa
 class ReplanIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_slowdown: float | None = Field(default=None, ge=0, le=10, allow_inf_nan=False)
-    max_step_bytes: int | None = Field(default=None, ge=1)
+    max_step_bytes: int | None = Field(default=None, ge=1, le=INT64_MAX)
 
 
 class ServeUrlIn(BaseModel):

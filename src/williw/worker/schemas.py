@@ -3,15 +3,27 @@ field name is a 422 naming it rather than a silently ignored value."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from williw.fleet import check_number
+from williw.jsonio import INT64_MAX
 
 # Hugging Face repo ids ("owner/name" or "name"): letters, digits, '.', '_', '-'. Refusing everything else keeps
 # '..', '/' tricks and control characters away from the Hub client and any path built from the name.
 REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
 NODE_ID_MAX = 128
 ID_MAX = 128
+
+
+def _range(field: str) -> AfterValidator:
+    # The fleet file's rule (`williw.fleet.check_number`), so a node registered over HTTP plans like one from a
+    # file; a ValueError becomes a 422 naming the field.
+    return AfterValidator(lambda value: check_number(field, value))
+
+
+_Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Body(BaseModel):
@@ -44,17 +56,17 @@ class ProcessIn(_Body):
 class GetPlanIn(_Body):
     request_id: str = Field(min_length=1, max_length=ID_MAX)
     node_id: str | None = Field(default=None, min_length=1, max_length=NODE_ID_MAX)
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=INT64_MAX)
 
 
 class NodeIn(_Body):
     """The fields of one entry of the planner's nodes file."""
 
     node_id: str = Field(min_length=1, max_length=NODE_ID_MAX)
-    compute_tflops: float = Field(gt=0, allow_inf_nan=False)
-    memory_gb: float = Field(gt=0, allow_inf_nan=False)
-    memory_bandwidth_gbps: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    network_gbps: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    compute_tflops: Annotated[_Number, _range("compute_tflops")]
+    memory_gb: Annotated[_Number, _range("memory_gb")]
+    memory_bandwidth_gbps: Annotated[_Number, _range("memory_bandwidth_gbps")] | None = None
+    network_gbps: Annotated[_Number, _range("network_gbps")] | None = None
     labels: list[str] = Field(default_factory=list, max_length=64)
 
 

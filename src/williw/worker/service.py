@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from williw.errors import HubError, InfeasiblePlan, MetadataError, WilliwError
+from williw.jsonio import dumps_strict
 from williw.planner.plan import PLAN_KEY
 from williw.progress import get_logger
 from williw.worker.planning import PlanningUnavailable, plan_dict
@@ -175,6 +176,10 @@ def save_outcome(store: Store, job: PlanningJob, result: Callable[[], dict[str, 
         plan[PLAN_KEY]["version"] = version
         return plan
 
+    try:  # a plan is stored only as strict JSON: one NaN would make every later get-plan of it a 500
+        dumps_strict(plan)
+    except ValueError:
+        _fail(store, job.request_id, "the planner produced a number that is not finite; no plan stored")
     # The metadata is kept, in the plan's transaction, so that the worker can re-plan the request when its fleet
     # changes (williw.worker.replanning).
     from williw.worker.migration_store import remember_metadata_in

@@ -17,7 +17,6 @@ parses, the plan version is still in force), and distribution keeps the shards t
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from williw import jsonio
 from williw.client import WorkerClient, WorkerHTTPError
 from williw.errors import WilliwError, WorkerError
 from williw.fsutil import write_json
@@ -168,7 +168,7 @@ class NodeClient:
                "sequence_length": sequence_length, "metadata_repo": self.metadata_repo, "pull_from": self.pull_from}
         path = self.work_dir / STATE_FILE
         try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
+            saved = jsonio.parse(path.read_bytes())
         except (FileNotFoundError, ValueError):
             saved = {}
         # A state written for another model or option set describes another run: start over.

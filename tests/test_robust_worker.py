@@ -1,0 +1,98 @@
+"""Input at the edges reaches the worker over real HTTP and gets a documented answer: 422 with one-line
+``{"detail": ...}``, never a 500, and the worker keeps serving what it served before (issue 16)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from williw.client import WorkerClient
+from williw.metadata import generate_metadata
+from workerproc import WorkerProcess, database
+
+TOKEN = "robust-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+JSON = {**ADMIN, "Content-Type": "application/json"}
+INT64_MAX = 2**63 - 1
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    with database("sqlite", tmp_path_factory.mktemp("robust")) as url, WorkerProcess(url, TOKEN) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def planned(worker, tiny_llama):
+    """A request planned before any bad input, which must stay readable afterwards."""
+    meta = json.loads(json.dumps(generate_metadata(tiny_llama, model_name="tiny/llama").to_dict()))
+    with WorkerClient(worker.url, TOKEN) as c:
+        c.register_node("a", 40.0, 8.0)
+        c.register_node("b", 20.0, 8.0)
+        rid = c.create_request("tiny/llama")["request_id"]
+        plan = c.process(rid, metadata=meta)["plan"]
+    return rid, plan, meta
+
+
+def _raw(worker, path, content: bytes):
+    return httpx.post(f"{worker.url}{path}", content=content, headers=JSON)
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"request_id": "x", "metadata": ' + b'{"a": ' * depth + b"1" + b"}" * depth + b"}"
+
+
+@pytest.mark.parametrize(("content", "detail"), [
+    (_nested(100_000), "body is not valid JSON (nested deeper than 64 levels)"),
+    (_nested(600), "body is not valid JSON (nested deeper than 64 levels)"),
+    (b'{"request_id": "\xff"}', "body is not UTF-8 (byte 16 is 0xff)"),
+    (b'{"request_id": "x", "metadata": {"n": ' + b"9" * 5000 + b"}}",
+     "body is not valid JSON (Exceeds the limit (4300 digits) for integer string conversion: value has 5000 "
+     "digits; use sys.set_int_max_str_digits() to increase the limit)"),
+    (b'{"request_id": "x", "metadata": {"n": NaN}}',
+     "body is not valid JSON (NaN is not a number; only finite numbers are allowed)"),
+    (b'{"request_id": "x", "metadata": {"n": -Infinity}}',
+     "body is not valid JSON (-Infinity is not a number; only finite numbers are allowed)"),
+    (b'{"request_id": "x", "metadata": {"n": 1e999}}',
+     "body is not valid JSON (a number overflows a 64-bit float; only finite numbers are allowed)"),
+])
+def test_unparsable_bodies_are_422_naming_the_problem(worker, planned, content, detail):
+    r = _raw(worker, "/api/process", content)
+    assert (r.status_code, r.json()) == (422, {"detail": detail})
+
+
+@pytest.mark.parametrize(("tflops", "got"), [(5e-324, "5e-324"), (1e308, "1e+308"), (0, "0.0")])
+def test_node_numbers_outside_the_range_are_422(worker, tflops, got):
+    r = httpx.post(f"{worker.url}/api/nodes", json={"node_id": "edge", "compute_tflops": tflops, "memory_gb": 1},
+                   headers=ADMIN)
+    assert (r.status_code, r.json()["detail"]) == (
+        422, f"body field 'compute_tflops': must be a finite number in [1e-6, 1e9], got {got}")
+
+
+def test_versions_above_int64_are_422_and_keep_the_connection(worker, planned):
+    rid, _, _ = planned
+    with httpx.Client(base_url=worker.url) as http:
+        r = http.post("/api/get-plan", json={"request_id": rid, "version": INT64_MAX + 1})
+        assert (r.status_code, r.json()["detail"]) == (
+            422, f"body field 'version': Input should be less than or equal to {INT64_MAX}")
+        r = http.get(f"/api/plans/{rid}.svg", params={"version": str(10**30)})
+        assert (r.status_code, r.json()["detail"]) == (
+            422, f"query field 'version': Input should be less than or equal to {INT64_MAX}")
+        r = http.post("/api/get-plan", json={"request_id": rid, "version": INT64_MAX})
+        assert r.status_code == 404
+
+
+def test_metadata_numbers_outside_float64_sums_are_422(worker, planned):
+    rid, _, meta = planned
+    bad = dict(meta, total_compute=1e300)
+    r = httpx.post(f"{worker.url}/api/process", json={"request_id": rid, "metadata": bad}, headers=ADMIN)
+    assert (r.status_code, r.json()["detail"]) == (
+        422, "'metadata': field 'total_compute' expected a finite number >= 0 and <= 1e+18, got 1e+300")
+
+
+def test_the_worker_still_serves_the_earlier_request(worker, planned):
+    rid, plan, _ = planned
+    r = httpx.post(f"{worker.url}/api/get-plan", json={"request_id": rid})
+    assert (r.status_code, r.json()) == (200, plan)
