@@ -22,7 +22,6 @@ reused) costs ``2·B·S·vocab·hidden`` on the last stage.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from williw.errors import MetadataError
 from williw.fsutil import read_json, write_json
 from williw.jsonio import INT64_MAX
 from williw.structure import ROLES, Structure, find_structure
-from williw.units import DTYPE_BITS, FLOAT_DTYPES
+from williw.units import DTYPE_BITS
 
 FORMAT_VERSION = 1
 GIGA = 1e9
