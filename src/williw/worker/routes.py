@@ -91,7 +91,8 @@ async def create_request(body: RequestIn, request: Request, store: StoreDep, aut
 # heartbeat's) and `williw worker` plans in its child process: with no thread holding the GIL, the loop gets it back
 # at once after each SQLite call, instead of waiting up to a switch interval (5 ms) behind a thread; with 50
 # users planning back to back those waits made heartbeats' p99 ~300-900 ms. PostgreSQL calls wait on the network
-# and on WAL flushes, so there they stay in the thread pool.
+# and on WAL flushes; they run on the loop too, but on non-blocking connections (`Store.run`), so the loop serves
+# others while they wait.
 @router.post("/api/process", response_model=ProcessOut)
 async def process(body: ProcessIn, request: Request, store: StoreDep, auth: AuthDep, settings: SettingsDep,
                   token: TokenDep) -> JSONResponse:
@@ -185,8 +186,9 @@ async def heartbeat(node_id: NodeIdPath, request: Request, store: StoreDep, auth
     # The hot path (~1,000/s): one prebuilt conditional UPDATE that checks the node's token hash in its WHERE
     # clause, and a JSONResponse built here, which skips FastAPI's response validation. On SQLite it runs on the
     # event loop (~0.1 ms, less than a thread-pool hop); on PostgreSQL each commit waits for a round trip and a WAL
-    # flush, so heartbeats are committed in batches off the loop (`heartbeats`). Only when the UPDATE matches
-    # nothing does the slow path work out why (401, 403 or 404) with the rules every other endpoint uses.
+    # flush, so heartbeats are committed in batches, without blocking the loop (`heartbeats`). Only when the
+    # UPDATE matches nothing does the slow path work out why (401, 403 or 404) with the rules every other endpoint
+    # uses.
     check_node_id(node_id, "path 'node_id'")
     admin = auth.is_admin(token)
     if admin or token is not None:
