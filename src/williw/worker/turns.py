@@ -7,6 +7,9 @@ then runs every callback that was ready when it started. When 50 users plan back
 next heartbeat, and heartbeats waited ~100 ms behind them (p99 ~300 ms). Holding a lock across one ``sleep(0)``
 lets only one heavy part run per iteration: a heartbeat waits for at most one (~1 ms), and the heavy parts still
 use all the time heartbeats leave, in arrival order (asyncio's lock is FIFO).
+
+On PostgreSQL a turn also spans the waits for the server (`Store.run`): the loop serves heartbeats meanwhile, and
+user work stays one at a time.
 """
 
 from __future__ import annotations
