@@ -17,7 +17,7 @@ MAX_LINES = 400
 RANKS = {
     "errors": 0, "jsonio": 0, "units": 0, "progress": 0, "fsutil": 0,
     "header": 1, "config": 1, "remote": 1, "hub": 1,
-    "checkpoint": 2, "classify": 2,
+    "checkpoint": 2, "classify": 2, "seedformat": 2,
     "metadata": 3,
     "fleet": 4, "planner": 4,
     "shards": 5, "splitter": 5, "pull": 5, "gather": 5, "planviz": 5,

@@ -19,6 +19,7 @@ Compute model: GFLOPs of one forward pass over ``B·S`` tokens (B = batch size, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ from williw.classify import LAYER_TYPES, block_of, find_block_prefix, is_embeddi
 from williw.errors import MetadataError
 from williw.fsutil import read_json, write_json
 from williw.jsonio import INT64_MAX
+from williw.seedformat import derive_seed_fields, dtype_code
 from williw.units import DTYPE_BITS, FLOAT_DTYPES
 
 FORMAT_VERSION = 1
@@ -92,9 +94,12 @@ class ModelMetadata:
     total_params: int
     total_bytes: int
     total_layers: int
+    # What reading derived rather than found (seed-format metadata, see `williw.seedformat`); not written out.
+    notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("notes")
         for layer in d["layers"]:
             layer["shape"] = list(layer["shape"])
         d["compute_unit"] = "GFLOPs"
@@ -289,6 +294,7 @@ MAX_GFLOPS = 1e18
 
 
 def _parse(d: Any, source: str) -> ModelMetadata:
+    d, note = derive_seed_fields(d, source)
     top = _Fields(d, source, "")
     version = top.get("format_version", "posint", optional=True, default=FORMAT_VERSION)
     if version > FORMAT_VERSION:
@@ -300,9 +306,10 @@ def _parse(d: Any, source: str) -> ModelMetadata:
         shape = f.get("shape", "list")
         if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= INT64_MAX for s in shape):
             raise f._fail("shape", "a list of integers in [0, 2^63-1]", shape)
-        dtype = f.get("dtype", "str").removeprefix("torch.")
+        dtype = dtype_code(f.get("dtype", "str"))
         if dtype not in DTYPE_BITS:
-            raise f._fail("dtype", f"a safetensors dtype ({', '.join(DTYPE_BITS)})", dtype)
+            raise f._fail("dtype", f"a safetensors dtype ({', '.join(DTYPE_BITS)}) or a torch one ('torch.float32')",
+                          dtype)
         kind = f.get("layer_type", "str", optional=True, default="other")
         if kind not in LAYER_TYPES:
             raise f._fail("layer_type", f"one of {', '.join(LAYER_TYPES)}", kind)
@@ -352,4 +359,5 @@ def _parse(d: Any, source: str) -> ModelMetadata:
         total_params=top.get("total_params", "int", optional=True, default=sum(x.num_params for x in layers)),
         total_bytes=top.get("total_bytes", "int", optional=True, default=sum(x.bytes for x in layers)),
         total_layers=top.get("total_layers", "int", optional=True, default=len(layers)),
+        notes=(note,) if note else (),
     )
