@@ -96,3 +96,13 @@ def test_the_worker_still_serves_the_earlier_request(worker, planned):
     rid, plan, _ = planned
     r = httpx.post(f"{worker.url}/api/get-plan", json={"request_id": rid})
     assert (r.status_code, r.json()) == (200, plan)
+
+
+@pytest.mark.parametrize("revision", ["../../x", "main/..", "a//b", "/main"])
+def test_a_revision_with_dot_dot_or_empty_parts_is_422(worker, planned, revision):
+    rid, _, _ = planned
+    r = httpx.post(f"{worker.url}/api/process", json={"request_id": rid, "metadata_repo": "a/b", "revision": revision},
+                   headers=ADMIN)
+    assert (r.status_code, r.json()["detail"]) == (
+        422, f"body field 'revision': must be a branch, tag or commit without empty, '.' or '..' parts, got "
+             f"{revision!r}")
