@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -106,3 +107,19 @@ def test_a_revision_with_dot_dot_or_empty_parts_is_422(worker, planned, revision
     assert (r.status_code, r.json()["detail"]) == (
         422, f"body field 'revision': must be a branch, tag or commit without empty, '.' or '..' parts, got "
              f"{revision!r}")
+
+
+def test_sigterm_leaves_no_leaked_semaphore_warning(tmp_path, tiny_llama):
+    log = tmp_path / "worker.log"
+    meta = json.loads(json.dumps(generate_metadata(tiny_llama, model_name="tiny/llama").to_dict()))
+    with database("sqlite", tmp_path) as url:
+        proc = WorkerProcess(url, TOKEN, log_path=log).start()
+        try:
+            with WorkerClient(proc.url, TOKEN) as c:  # the planning process has run
+                c.register_node("a", 40.0, 8.0)
+                c.process(c.create_request("tiny/llama")["request_id"], metadata=meta)
+        finally:
+            proc.stop()
+    assert proc.proc.returncode in (0, -15)
+    time.sleep(2)  # the resource tracker (its own process) warns after the worker is gone
+    assert "leaked semaphore" not in log.read_text()
