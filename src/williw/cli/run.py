@@ -149,10 +149,17 @@ def run_cmd(model: str, worker_url: str | None, metadata_repo: str | None, node_
 
 
 def _print_step(step: str, result) -> None:
+    """One line per step: on a terminal "[step] ..." while it runs, then overwritten by its result; elsewhere (a
+    log file, a pipe) only the result line."""
+    import sys
+
+    terminal = sys.stdout.isatty()
     if result is None:
-        click.echo(f"[{step}] ...", err=True)
-    else:
-        click.echo(f"[{step}] {result.status} in {result.seconds:.2f} s: {result.detail}")
+        if terminal:
+            click.echo(f"[{step}] ...", nl=False)
+        return
+    line = f"[{step}] {result.status} in {result.seconds:.2f} s: {result.detail}"
+    click.echo(("\r\033[K" if terminal else "") + line)
 
 
 def summary(result) -> str:
