@@ -123,3 +123,21 @@ def test_sigterm_leaves_no_leaked_semaphore_warning(tmp_path, tiny_llama):
     assert proc.proc.returncode in (0, -15)
     time.sleep(2)  # the resource tracker (its own process) warns after the worker is gone
     assert "leaked semaphore" not in log.read_text()
+
+
+@pytest.mark.parametrize("length", [b"abc", b"99999999999999999999999", b"-5"])
+def test_a_bad_content_length_is_a_json_400(worker, length):
+    import socket
+
+    from williw.worker.protocol import BAD_REQUEST
+
+    host, port = worker.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"POST /api/request HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                  + length + b"\r\n\r\n{}")
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head
+    assert json.loads(body) == {"detail": BAD_REQUEST}

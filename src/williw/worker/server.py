@@ -56,6 +56,7 @@ def serve(settings: WorkerSettings, host: str = "127.0.0.1", port: int = 8000, *
 
     from williw.worker.app import create_app
     from williw.worker.planning import PlanningPool
+    from williw.worker.protocol import http_protocol
 
     app = create_app(settings)
     # The planner runs in a child process so that process calls do not hold the event loop's GIL (see planning).
@@ -68,7 +69,7 @@ def serve(settings: WorkerSettings, host: str = "127.0.0.1", port: int = 8000, *
                     "set WILLIW_TOKEN or --token", host)
     # loop="auto" and uvicorn's default http="auto" use uvloop and httptools when installed (uvicorn[standard]).
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, workers=1, loop="auto",
-                            timeout_keep_alive=30, backlog=2048)
+                            timeout_keep_alive=30, backlog=2048, http=http_protocol())
     server = uvicorn.Server(config)
     # In the app's shutdown, not only in `finally`: uvicorn re-raises SIGTERM once it has shut down, and the
     # default handler ends the process before `finally` runs.
