@@ -17,6 +17,10 @@ def test_demo_ends_verified_and_leaves_nothing_running(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pipeline (prefill): 3 of 3 nodes" in out.stdout
     assert "every node holds its shard" in out.stdout
+    # each workflow step is one line (no placeholder line before its result)
+    assert "] ..." not in out.stdout + out.stderr
+    for step in ("request", "metadata", "process", "plan", "distribute"):
+        assert sum(line.startswith(f"[{step}] ") for line in out.stdout.splitlines()) >= 1, step
     assert out.stdout.count("OK: the shards compute the model") == 2  # version 1, and the re-plan's version 2
     assert "node-d (16 TFLOPS, 1.6 MB) joins; the worker re-plans on its own" in out.stdout
     assert "version 2 in force " in out.stdout and " from peers and 0 bytes from the model " in out.stdout

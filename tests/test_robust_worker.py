@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -96,3 +97,47 @@ def test_the_worker_still_serves_the_earlier_request(worker, planned):
     rid, plan, _ = planned
     r = httpx.post(f"{worker.url}/api/get-plan", json={"request_id": rid})
     assert (r.status_code, r.json()) == (200, plan)
+
+
+@pytest.mark.parametrize("revision", ["../../x", "main/..", "a//b", "/main"])
+def test_a_revision_with_dot_dot_or_empty_parts_is_422(worker, planned, revision):
+    rid, _, _ = planned
+    r = httpx.post(f"{worker.url}/api/process", json={"request_id": rid, "metadata_repo": "a/b", "revision": revision},
+                   headers=ADMIN)
+    assert (r.status_code, r.json()["detail"]) == (
+        422, f"body field 'revision': must be a branch, tag or commit without empty, '.' or '..' parts, got "
+             f"{revision!r}")
+
+
+def test_sigterm_leaves_no_leaked_semaphore_warning(tmp_path, tiny_llama):
+    log = tmp_path / "worker.log"
+    meta = json.loads(json.dumps(generate_metadata(tiny_llama, model_name="tiny/llama").to_dict()))
+    with database("sqlite", tmp_path) as url:
+        proc = WorkerProcess(url, TOKEN, log_path=log).start()
+        try:
+            with WorkerClient(proc.url, TOKEN) as c:  # the planning process has run
+                c.register_node("a", 40.0, 8.0)
+                c.process(c.create_request("tiny/llama")["request_id"], metadata=meta)
+        finally:
+            proc.stop()
+    assert proc.proc.returncode in (0, -15)
+    time.sleep(2)  # the resource tracker (its own process) warns after the worker is gone
+    assert "leaked semaphore" not in log.read_text()
+
+
+@pytest.mark.parametrize("length", [b"abc", b"99999999999999999999999", b"-5"])
+def test_a_bad_content_length_is_a_json_400(worker, length):
+    import socket
+
+    from williw.worker.protocol import BAD_REQUEST
+
+    host, port = worker.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"POST /api/request HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                  + length + b"\r\n\r\n{}")
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head
+    assert json.loads(body) == {"detail": BAD_REQUEST}

@@ -35,3 +35,24 @@ def test_process_reads_metadata_from_the_hub(tmp_path, tiny_llama):
             request = client.get_request(missing)
             assert request["status"] == "failed"
             assert exc.value.detail == f"request '{missing}' failed: {request['reason']}"
+
+
+def test_an_unreachable_hub_is_a_502_at_once(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with WorkerProcess(f"sqlite:///{tmp_path / 'w.db'}", extra_args=("--hub-endpoint", dead)) as proc, \
+            WorkerClient(proc.url) as client:
+        client.register_node("hub-node", 10.0, 8.0)
+        rid = client.create_request("org/tiny")["request_id"]
+        started = time.monotonic()
+        with pytest.raises(WorkerHTTPError) as exc:
+            client.process(rid, metadata_repo="me/williw-metadata")
+        assert time.monotonic() - started < 5  # huggingface_hub alone retried for ~23 s
+        assert (exc.value.status_code, exc.value.detail) == (
+            502, f"request '{rid}' failed: cannot read the metadata of 'org/tiny' from Hub repo 'me/williw-metadata': "
+                 f"cannot reach {dead} ([Errno 111] Connection refused): check the network connection and "
+                 "HF_ENDPOINT, then retry")

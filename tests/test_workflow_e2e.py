@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import threading
@@ -117,6 +118,20 @@ def test_run_distributes_every_shard_and_resumes(fleet: Fleet, model: Path, tmp_
     # the plan is read again (cheap, and it must be the one in force); ready shards are not pulled again
     assert [s.status for s in again.steps] == ["skipped"] * 5 + ["done", "done"]
     assert again.shards == result.shards
+
+    # Each agent said one line per state change: registered, pulling, ready (path and seconds), stopped.
+    for p in fleet.nodes.values():
+        p.terminate()
+        p.wait(10)
+    rid = result.request_id
+    for node_id, shard in result.shards.items():
+        lines = (tmp_path / f"{node_id}.log").read_text().splitlines()
+        assert lines[0] == (f"node {node_id} registered with {fleet.worker.url}; shards go to {tmp_path / node_id} "
+                            "(Ctrl-C to stop)")
+        assert lines[1] == f"node {node_id} pulling request {rid} plan version 1"
+        assert re.fullmatch(rf"node {node_id} ready: request {rid} plan version 1 at "
+                            rf"{re.escape(shard['shard_path'])} in [0-9.]+ s", lines[2]), lines[2]
+        assert lines[3:] == [f"node {node_id} stopped (1 shard(s) ready, 0 failed)"]
 
 
 class _SlowServer:

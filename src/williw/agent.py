@@ -25,6 +25,8 @@ import contextlib
 import re
 import shutil
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,9 @@ class NodeAgent:
         self.failed: set[str] = set()  # requests whose pull failed in this process: not retried until restart
         self.dropped: list[str] = []  # shard folders this process dropped (superseded versions)
         self.server: Any = None  # the ShardServer, while running
+        # Called with (event, fields) on each change of an assignment's state: "pulling", "ready" (shard_path,
+        # seconds) and "failed" (error). The library never prints; `williw node` prints one line per event.
+        self.on_event: Callable[[str, dict[str, Any]], None] = lambda event, fields: None
 
     def stop(self) -> None:
         self._stop.set()
@@ -170,6 +175,9 @@ class NodeAgent:
             log.warning("node %s: ignoring assignment with malformed request id %r", node_id, request_id)
             return 0
         client.report_assignment(request_id, node_id, "pulling", plan_version=version)
+        what = {"request_id": request_id, "plan_version": version}
+        self.on_event("pulling", what)
+        started = time.monotonic()
         try:
             shard_dir, sha = self._pull_and_check(client, a)
         except (WilliwError, OSError) as exc:  # a pull's failure is reported; the worker's goes to `run`
@@ -179,10 +187,13 @@ class NodeAgent:
             log.warning("node %s: pulling request %s failed: %s", node_id, request_id, message)
             client.report_assignment(request_id, node_id, "failed", plan_version=version, error=message)
             self.failed.add(request_id)
+            self.on_event("failed", {**what, "error": message})
             return 0
         client.report_assignment(request_id, node_id, "ready", plan_version=version, shard_path=str(shard_dir),
                                  sha256=sha)
         self.ready[request_id] = str(shard_dir)
+        self.on_event("ready", {**what, "shard_path": str(shard_dir),
+                                "seconds": round(time.monotonic() - started, 2)})
         return 1
 
     def _pull_and_check(self, client: WorkerClient, a: dict[str, Any]) -> tuple[Path, str]:

@@ -277,6 +277,27 @@ def upload_file(local_file: str | os.PathLike[str], repo_id: str, path_in_repo: 
     return url, info.oid
 
 
+def _check_reachable(endpoint: str, timeout_s: float = 5.0) -> None:
+    """Fail at once when nothing accepts a TCP connection at the Hub's address: huggingface_hub retries a refused
+    connection five times with backoff (1 + 2 + 4 + 8 + 8 s), so the worker's ``process`` answered 502 only after
+    ~23 s. A slow or flaky Hub that does accept connections still gets huggingface_hub's retries.
+
+    Raises:
+        HubError: the one-line "cannot reach" message.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    if not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise HubError(network_message(endpoint, exc)) from None
+
+
 def fetch_metadata(repo_id: str, model_name: str, *, token: str | None = None, endpoint: str | None = None,
                    revision: str | None = None, repo_type: str = "model") -> dict[str, Any]:
     """Download the metadata of ``model_name`` from a metadata repo (see `metadata_path_in_repo`).
@@ -290,6 +311,7 @@ def fetch_metadata(repo_id: str, model_name: str, *, token: str | None = None, e
     path = metadata_path_in_repo(model_name)
     token, source = resolve_token(token)
     ctx = HubContext(hub_endpoint(endpoint), repo_id, revision or "main", source if token else None)
+    _check_reachable(ctx.endpoint)
     import tempfile
 
     from huggingface_hub import hf_hub_download

@@ -22,6 +22,7 @@ reused) costs ``2·B·S·vocab·hidden`` on the last stage.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from williw.compute import CROSS_ATTENTION, CostModel, keys_attended, ssm_core_f
 from williw.errors import MetadataError
 from williw.fsutil import read_json, write_json
 from williw.jsonio import INT64_MAX
+from williw.seedformat import derive_seed_fields, dtype_code
 from williw.structure import ROLES, Structure, find_structure
 from williw.units import DTYPE_BITS
 
@@ -104,9 +106,12 @@ class ModelMetadata:
     total_layers: int
     stacks: tuple[dict[str, Any], ...] = ()  # williw.structure.Stack.to_dict(), in execution order
     ignored_files: tuple[str, ...] = ()  # weight-like files of the folder that are not the checkpoint
+    # What reading derived rather than found (seed-format metadata, see `williw.seedformat`); not written out.
+    notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("notes")
         for layer in d["layers"]:
             layer["shape"] = list(layer["shape"])
         d["compute_unit"] = "GFLOPs"
@@ -306,6 +311,7 @@ MAX_GFLOPS = 1e18
 
 
 def _parse(d: Any, source: str) -> ModelMetadata:
+    d, note = derive_seed_fields(d, source)
     top = _Fields(d, source, "")
     version = top.get("format_version", "posint", optional=True, default=FORMAT_VERSION)
     if version > FORMAT_VERSION:
@@ -317,9 +323,10 @@ def _parse(d: Any, source: str) -> ModelMetadata:
         shape = f.get("shape", "list")
         if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= INT64_MAX for s in shape):
             raise f._fail("shape", "a list of integers in [0, 2^63-1]", shape)
-        dtype = f.get("dtype", "str").removeprefix("torch.")
+        dtype = dtype_code(f.get("dtype", "str"))
         if dtype not in DTYPE_BITS:
-            raise f._fail("dtype", f"a safetensors dtype ({', '.join(DTYPE_BITS)})", dtype)
+            raise f._fail("dtype", f"a safetensors dtype ({', '.join(DTYPE_BITS)}) or a torch one ('torch.float32')",
+                          dtype)
         kind = f.get("layer_type", "str", optional=True, default="other")
         if kind not in LAYER_TYPES:
             raise f._fail("layer_type", f"one of {', '.join(LAYER_TYPES)}", kind)
@@ -378,6 +385,7 @@ def _parse(d: Any, source: str) -> ModelMetadata:
         total_layers=top.get("total_layers", "int", optional=True, default=len(layers)),
         stacks=tuple(top.get("stacks", "list", optional=True, default=[])),
         ignored_files=tuple(str(x) for x in top.get("ignored_files", "list", optional=True, default=[])),
+        notes=(note,) if note else (),
     )
 
 

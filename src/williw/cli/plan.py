@@ -33,6 +33,8 @@ def plan_cmd(metadata: str, nodes_file: str, strategy: str, objective: str, time
     from williw.planner import make_plan, save_plan
 
     meta = load_metadata(metadata)
+    for note in meta.notes:
+        click.echo(f"note: {note}", err=True)
     nodes = load_nodes(nodes_file)
     plan = make_plan(meta, nodes, strategy=strategy, objective=objective, time_limit_s=time_limit)
     if output:
@@ -94,6 +96,8 @@ def validate_cmd(metadata: str, plan_file: str, nodes_file: str | None, as_json:
     from williw.planner import check_plan, load_plan, validate_split_plan
 
     meta = load_metadata(metadata)
+    for note in meta.notes:
+        click.echo(f"note: {note}", err=True)
     plan = load_plan(plan_file)
     nodes = load_nodes(nodes_file) if nodes_file else None
     names = [x.name for x in meta.layers]

@@ -50,6 +50,7 @@ def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: fl
     """Run a node agent: register, heartbeat, pull each assigned shard, check it and report it ready."""
     import os
     import signal
+    import sys
 
     set_json_mode(as_json)
     from williw.agent import AgentConfig, NodeAgent
@@ -69,14 +70,27 @@ def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: fl
         threading.Timer(3.0, os._exit, args=(0,)).start()
         raise SystemExit(0)
 
+    def _event(event: str, fields: dict) -> None:
+        where = f"request {fields['request_id']} plan version {fields['plan_version']}"
+        human = {"pulling": f"pulling {where}",
+                 "ready": f"ready: {where} at {fields.get('shard_path')} in {fields.get('seconds')} s",
+                 "failed": f"failed: {where}: {fields.get('error')}"}[event]
+        emit(as_json, {"node_id": node_id, "event": event, **fields}, f"node {node_id} {human}")
+        sys.stdout.flush()
+
+    agent.on_event = _event
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
     agent.register()
     emit(as_json, {"node_id": node_id, "worker": worker_url, "data_dir": data_dir, "status": "running"},
          f"node {node_id} registered with {worker_url}; shards go to {data_dir} (Ctrl-C to stop)")
-    agent.run()
-    emit(as_json, {"node_id": node_id, "status": "stopped", "ready": agent.ready, "failed": sorted(agent.failed)},
-         f"node {node_id} stopped")
+    sys.stdout.flush()
+    try:
+        agent.run()
+    finally:  # also when SIGTERM/SIGINT end run() with SystemExit
+        emit(as_json, {"node_id": node_id, "status": "stopped", "ready": agent.ready, "failed": sorted(agent.failed)},
+             f"node {node_id} stopped ({len(agent.ready)} shard(s) ready, {len(agent.failed)} failed)")
+        sys.stdout.flush()
 
 
 @cli.command("run")
@@ -135,10 +149,17 @@ def run_cmd(model: str, worker_url: str | None, metadata_repo: str | None, node_
 
 
 def _print_step(step: str, result) -> None:
+    """One line per step: on a terminal "[step] ..." while it runs, then overwritten by its result; elsewhere (a
+    log file, a pipe) only the result line."""
+    import sys
+
+    terminal = sys.stdout.isatty()
     if result is None:
-        click.echo(f"[{step}] ...", err=True)
-    else:
-        click.echo(f"[{step}] {result.status} in {result.seconds:.2f} s: {result.detail}")
+        if terminal:
+            click.echo(f"[{step}] ...", nl=False)
+        return
+    line = f"[{step}] {result.status} in {result.seconds:.2f} s: {result.detail}"
+    click.echo(("\r\033[K" if terminal else "") + line)
 
 
 def summary(result) -> str:

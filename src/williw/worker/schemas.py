@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from williw.fleet import check_number
 from williw.jsonio import INT64_MAX
@@ -45,6 +45,15 @@ class ProcessIn(_Body):
     revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._/-]{1,128}$")
     strategy: Literal["pipeline", "greedy"] = "pipeline"
     objective: str = Field(default="prefill", pattern=r"^[a-z_]{1,32}$")
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        # A branch, tag or commit: "refs/pr/1" has slashes, but no segment may be empty, "." or ".." (the
+        # revision goes into Hub URLs, where "../../x" would address another path).
+        if value is not None and any(part in ("", ".", "..") for part in value.split("/")):
+            raise ValueError(f"must be a branch, tag or commit without empty, '.' or '..' parts, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ProcessIn:
