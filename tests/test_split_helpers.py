@@ -51,3 +51,26 @@ def source_raw(model_dir: Path) -> dict[str, bytes]:
         for k, v in torch.load(f, weights_only=True).items():
             out[k] = v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return out
+
+
+def write_sharded_model(path: Path, files: int, tensors_per_file: int, rows: int, cols: int) -> Path:
+    """A Llama-named model of ``files`` safetensors files with an index, each holding ``tensors_per_file`` random
+    F16 ``[rows, cols]`` tensors (numpy's fixed seed 0, so every run writes the same bytes)."""
+    import numpy as np
+
+    from williw.header import serialize_header
+
+    rng = np.random.default_rng(0)
+    weight_map = {}
+    for f in range(files):
+        file = f"model-{f + 1:05d}-of-{files:05d}.safetensors"
+        names = [f"model.layers.{f * tensors_per_file + i}.mlp.up_proj.weight" for i in range(tensors_per_file)]
+        prefix, _ = serialize_header([(n, "F16", (rows, cols)) for n in names], {"format": "pt"})
+        with open(path / file, "wb") as out:
+            out.write(prefix)
+            for n in names:
+                out.write(rng.bytes(rows * cols * 2))
+                weight_map[n] = file
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    return path

@@ -12,12 +12,10 @@ import signal
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import VENV_BIN
-from test_split_helpers import greedy_plan, raw_tensors
-from williw.header import serialize_header
+from test_split_helpers import greedy_plan, raw_tensors, write_sharded_model
 from williw.planner.plan import save_plan
 from williw.splitter import check_shards
 
@@ -27,21 +25,7 @@ FILES, TENSORS_PER_FILE, ROWS, COLS = 3, 8, 256, 512
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("kill-model")
-    rng = np.random.default_rng(0)
-    weight_map = {}
-    for f in range(FILES):
-        file = f"model-{f + 1:05d}-of-{FILES:05d}.safetensors"
-        names = [f"model.layers.{f * TENSORS_PER_FILE + i}.mlp.up_proj.weight" for i in range(TENSORS_PER_FILE)]
-        prefix, _ = serialize_header([(n, "F16", (ROWS, COLS)) for n in names], {"format": "pt"})
-        with open(path / file, "wb") as out:
-            out.write(prefix)
-            for n in names:
-                out.write(rng.bytes(ROWS * COLS * 2))
-                weight_map[n] = file
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    return path
+    return write_sharded_model(tmp_path_factory.mktemp("kill-model"), FILES, TENSORS_PER_FILE, ROWS, COLS)
 
 
 @pytest.fixture(scope="module")
