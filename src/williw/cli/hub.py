@@ -31,12 +31,14 @@ def download_cmd(model: str, revision: str | None, local_dir: str | None, cache_
 
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     from williw.hub import DownloadConfig, ModelDownloader
+    from williw.units import format_bytes
 
     result = ModelDownloader(token).download_model(
         DownloadConfig(model_name=model, cache_dir=cache_dir, revision=revision, local_dir=local_dir))
     out = {"local_path": result.local_path, "files": list(result.files),
            "total_size_mb": round(result.total_size_mb, 3), "commit": result.commit}
-    emit(as_json, out, lambda: f"{result.local_path}\n{len(result.files)} files, {result.total_size_mb:.2f} MiB"
+    emit(as_json, out, lambda: f"{result.local_path}\n{len(result.files)} files, "
+                               f"{format_bytes(result.total_size_mb * 2**20)}"
                                + (f" at commit {result.commit[:12]}" if result.commit else ""))
 
 

@@ -37,7 +37,11 @@ def split_cmd(model_dir: str, plan_path: str, node_ids: tuple[str, ...], all_nod
              "status": "skipped" if r.skipped else "written"} for r in results]
 
     def human() -> str:
-        return table([[r["node_id"], str(r["tensors"]), f"{r['total_params']:,}", f"{r['shard_size_mb']:.2f} MiB",
+        from williw.units import format_bytes
+
+        # shard_size_mb keeps the seed's MiB in the JSON; people read the decimal units of every other table.
+        return table([[r["node_id"], str(r["tensors"]), f"{r['total_params']:,}",
+                       format_bytes(r["shard_size_mb"] * 2**20),
                        r["status"], r["shard_path"]] for r in rows],
                      ["node", "tensors", "params", "size", "status", "path"])
 
@@ -61,9 +65,11 @@ def check_shards_cmd(shards_dir: str, plan_path: str, model_dir: str, as_json: b
                          "problems": list(n.problems)} for n in report.nodes]}
 
     def human() -> str:
-        rows = [[n.node_id, str(n.tensors), str(n.bytes), "ok" if n.ok else f"{len(n.problems)} problem(s)"]
+        from williw.units import format_bytes
+
+        rows = [[n.node_id, str(n.tensors), format_bytes(n.bytes), "ok" if n.ok else f"{len(n.problems)} problem(s)"]
                 for n in report.nodes]
-        lines = [table(rows, ["node", "tensors", "bytes", "status"]), *report.problems]
+        lines = [table(rows, ["node", "tensors", "size", "status"]), *report.problems]
         lines.append("all shards match the model" if report.ok else f"{len(report.problems)} problem(s)")
         return "\n".join(lines)
 

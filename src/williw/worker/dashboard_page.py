@@ -55,7 +55,8 @@ tr.request { cursor: pointer; } tr.request:hover { background: #f1f3f4; } tr.sel
 <table id="requests"><thead><tr><th>request</th><th>model</th><th>status</th><th>plan</th><th>updated</th></tr>
 </thead><tbody></tbody></table><p id="requests-msg" class="muted"></p></section>
 <!--MIGRATION_HTML--><section class="wide"><h2>Plan <span id="plan-title" class="muted"></span></h2>
-<p id="request-reason" class="error"></p><div id="plan"><p class="muted">Select a request.</p></div>
+<p id="request-reason" class="error"></p><p id="plan-broken" class="error"></p>
+<div id="plan"><p class="muted">Select a request.</p></div>
 <!--HISTORY_HTML--></section>
 </main>
 <script>
@@ -124,7 +125,10 @@ async function loadNodes() {
 }
 
 async function loadRequests() {
-  if (state.authNeeded) return;
+  if (state.authNeeded) {
+    $("requests-msg").textContent = "Listing requests needs the admin token: enter it above.";
+    return;
+  }
   const r = await api("/api/requests");
   if (r.status === 401 || r.status === 403) {
     const d = await r.json().catch(() => ({}));
@@ -216,6 +220,12 @@ function renderNodes() {
   });
   $("nodes").tBodies[0].replaceChildren(...rows);
   $("nodes-count").textContent = `${online} of ${state.nodes.length} online`;
+  // A plan whose node is offline cannot run until the node returns or the worker re-plans: say so over its bars.
+  const stages = state.plan ? Object.keys(state.plan).filter((k) => !k.startsWith("@")) : [];
+  const down = stages.filter((id) => !rows.some((r) => r.dataset.node === id && r.dataset.online === "true"));
+  const one = down.length === 1;
+  $("plan-broken").textContent = down.length
+    ? `This plan cannot run: ${one ? "node" : "nodes"} ${down.join(", ")} ${one ? "is" : "are"} offline.` : "";
 }
 
 // Rebuilt only after a poll, not on the 500 ms tick, so that a click never lands on a row being replaced.

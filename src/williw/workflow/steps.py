@@ -59,7 +59,10 @@ class Steps:
                            endpoint=self.node.hub_endpoint))
         self.state["model_dir"] = result.local_path
         self.state["model_commit"] = result.commit
-        return "done", f"{len(result.files)} files, {result.total_size_mb:,.1f} MiB in {result.local_path}"
+        from williw.units import format_bytes
+
+        size = format_bytes(result.total_size_mb * 2**20)
+        return "done", f"{len(result.files)} files, {size} in {result.local_path}"
 
     def metadata(self) -> tuple[str, str]:
         from williw.errors import MetadataError
