@@ -89,10 +89,14 @@ def test_llava_projector_runs_between_the_stacks(tmp_path: Path) -> None:
                  tmp_path / "llava")
 
     meta = generate_metadata(model)
+    # transformers < 5.x saves CLIP's tower as vision_tower.vision_model.*, later releases as vision_tower.*
+    tower = next(p for p in ("vision_tower.vision_model", "vision_tower")
+                 if any(x.name.startswith(p + ".") for x in meta.layers))
 
     assert [(s["part"], s["prefix"], s["layers"], s["start"]) for s in meta.stacks] == [
-        ("vision", "vision_tower.encoder.layers", 5, 0), ("language", "language_model.model.layers", 3, 5)]
-    roles = {x.name: (x.role, x.block) for x in meta.layers if x.role != "block"}
+        ("vision", f"{tower}.encoder.layers", 5, 0), ("language", "language_model.model.layers", 3, 5)]
+    roles = {x.name.replace(tower + ".", "vision_tower."): (x.role, x.block) for x in meta.layers
+             if x.role != "block"}
     assert roles == {
         "vision_tower.embeddings.class_embedding": ("first", None),
         "vision_tower.embeddings.patch_embedding.weight": ("first", None),

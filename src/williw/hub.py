@@ -61,7 +61,6 @@ def is_repo_id(name: str) -> bool:
 @contextmanager
 def hub_errors(ctx: HubContext, *, file: str | None = None, write: bool = False) -> Iterator[None]:
     """Turn the client's exceptions into one-line `HubError` s naming the repo and the fix."""
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
@@ -79,8 +78,21 @@ def hub_errors(ctx: HubContext, *, file: str | None = None, write: bool = False)
             raise HubError(hub_error_message(ctx, resp.status_code, resp.headers.get("X-Error-Code"),
                                              resp.headers.get("X-Error-Message"), file=file)) from None
         raise HubError(network_message(ctx.endpoint, cause or exc)) from None
-    except (httpx2.TransportError, ConnectionError, TimeoutError) as exc:
+    except (*_transport_errors(), ConnectionError, TimeoutError) as exc:
         raise HubError(network_message(ctx.endpoint, exc)) from None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's network errors: huggingface_hub 2 sends through httpx2, 1.x through httpx."""
+    import importlib
+
+    found = []
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except ImportError:
+            continue
+    return tuple(found)
 
 
 def _api(ctx: HubContext, token: str | None) -> Any:

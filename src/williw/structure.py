@@ -118,9 +118,12 @@ def _root(stack: Stack) -> str:
 
 def _is_input_side(rest: str) -> bool:
     # Modules of a stack's own input that are not embeddings: Whisper's conv stem, BART's embedding norm, CLIP's
-    # norm before its first layer (spelled "pre_layrnorm" in transformers).
-    return rest.split(".", 1)[0] in ("conv1", "conv2", "rotary_pos_emb", "layernorm_embedding", "pre_layrnorm",
-                                     "pre_layernorm", "ln_pre")
+    # norm before its first layer (spelled "pre_layrnorm" in transformers), at any depth under the stack's owner
+    # (``vision_tower.pre_layrnorm`` or, as transformers 5.0 saves Llava, ``vision_tower.vision_model.pre_layrnorm``).
+    return any(p in _INPUT_SIDE for p in rest.split(".")[:-1])
+
+
+_INPUT_SIDE = ("conv1", "conv2", "rotary_pos_emb", "layernorm_embedding", "pre_layrnorm", "pre_layernorm", "ln_pre")
 
 
 @dataclass(frozen=True)
