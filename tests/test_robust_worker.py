@@ -141,3 +141,18 @@ def test_a_bad_content_length_is_a_json_400(worker, length):
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head
     assert json.loads(body) == {"detail": BAD_REQUEST}
+
+
+def test_a_huggingface_hub_log_line_reaches_the_worker_log_once() -> None:
+    """The worker's log once held every huggingface_hub retry twice (its own handler, and the root's)."""
+    code = """
+import logging, io
+from williw.cli.worker import configure_logging
+configure_logging("info")
+logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+"""
+    import subprocess
+    import sys
+
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert [line.split(": ", 1)[1] for line in err.splitlines()] == ["Retrying in 1s [Retry 1/5]."]

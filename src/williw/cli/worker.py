@@ -30,13 +30,12 @@ def worker_cmd(host: str, port: int, db_url: str, token: str | None, node_ttl: f
     """Serve the worker API: POST /api/request, /api/process, /api/get-plan, the node registry, /healthz."""
     set_json_mode(as_json)
     import json
-    import logging
 
     from williw.worker.server import serve
     from williw.worker.service import WorkerSettings
     from williw.worker.store import normalize_url
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     settings = WorkerSettings(db_url=db_url, token=token or None, node_ttl_s=node_ttl, max_body_bytes=max_body_bytes,
                               hub_endpoint=hub_endpoint)
     shown_db = _hide_password(normalize_url(db_url))
@@ -57,3 +56,17 @@ def _hide_password(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+def configure_logging(level: str) -> None:
+    """One handler, on the root logger, for the worker's log. huggingface_hub gives its loggers a handler of their
+    own and lets records propagate as well, so without this each of its lines (its retries, say) appears twice."""
+    import logging
+
+    from huggingface_hub.utils import logging as hf_logging
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    library = hf_logging.get_logger()  # creates the library's logger and its handler if not done yet
+    for handler in list(library.handlers):
+        library.removeHandler(handler)
+    library.propagate = True
