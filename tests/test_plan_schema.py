@@ -84,3 +84,25 @@ def test_replan_refuses_a_plan_validate_refuses(williw, tiny_llama, tmp_path):
     missing = good.assignments[0].layer_names[0]
     assert (r.returncode, r.stderr) == (2, f"error: the plan has 1 problem: tensor '{missing}' is not assigned to "
                                            "any node\n")
+
+
+def test_show_plan_checks_the_plan_against_the_model_and_the_fleet(williw, tiny_llama, tmp_path):
+    meta, plan_file, nodes = tmp_path / "meta.json", tmp_path / "plan.json", tmp_path / "nodes.json"
+    williw("metadata", str(tiny_llama), "-o", str(meta), check=True)
+    plan = greedy_plan(tiny_llama)
+    first = plan.assignments[0].layer_names
+    from williw.planner.plan import save_plan
+
+    save_plan(_with(plan, 0, first[1:]), plan_file)
+    r = williw("show-plan", str(plan_file), "--svg", str(tmp_path / "p.svg"), "--metadata", str(meta))
+    assert (r.returncode, r.stderr) == (
+        2, f"error: the plan has 1 problem: tensor '{first[0]}' is not assigned to any node\n")
+    assert not (tmp_path / "p.svg").exists()
+
+    save_plan(plan, plan_file)
+    nodes.write_text(json.dumps([{"node_id": "node_000", "compute_tflops": 1, "memory_gb": 1}]))
+    r = williw("show-plan", str(plan_file), "--svg", str(tmp_path / "p.svg"), "--nodes", str(nodes))
+    assert r.returncode == 2 and r.stderr.startswith("error: the plan has ") and "node_001" in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "p.svg").exists()
+    r = williw("show-plan", str(plan_file), "--svg", str(tmp_path / "p.svg"), "--metadata", str(meta))
+    assert r.returncode == 0 and (tmp_path / "p.svg").exists()
