@@ -15,6 +15,7 @@ Failure policy (documented in the README):
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -219,8 +220,9 @@ def _metadata_of_model(store: Store, settings: WorkerSettings, request: RequestR
 
         fetched = open_remote_checkpoint(repo, revision=revision, endpoint=settings.hub_endpoint,
                                          token=settings.hub_token or os.environ.get("HF_TOKEN"))
-        return generate_metadata(fetched.checkpoint, model_name=request.model_name, batch_size=request.batch_size,
-                                 sequence_length=request.sequence_length).to_dict()
+        meta = generate_metadata(fetched.checkpoint, model_name=request.model_name, batch_size=request.batch_size,
+                                 sequence_length=request.sequence_length)
+        return json.loads(dumps_strict(meta.to_dict()))  # as inline metadata arrives: lists, not tuples
     except HubError as exc:
         _fail(store, request.request_id, f"cannot read the headers of Hub model '{repo}': {exc}", status_code=502)
     except (CheckpointError, MetadataError) as exc:
