@@ -174,3 +174,20 @@ def test_a_repo_of_pickles_says_how_to_read_it(fake_hub: FakeHub, tiny_llama_bin
     local = json.loads(json.dumps(_local(tiny_llama_bin, "org/bin")))
     local.pop("commit")
     assert written == local
+
+
+def test_remote_metadata_imports_neither_torch_nor_transformers(fake_hub: FakeHub, tiny_llama: Path,
+                                                                tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    fake_hub.add_repo("org/m", tiny_llama)
+    code = ("import sys\nfrom williw.cli import cli\n"
+            "try:\n    cli(['metadata', 'org/m', '--json', '-o', sys.argv[1]])\n"
+            "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.json")], capture_output=True, text=True,
+                         env={**os.environ, "HF_ENDPOINT": fake_hub.url}, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert json.loads((tmp_path / "m.json").read_text())["commit"] == fake_hub.repos["org/m"].sha
