@@ -23,6 +23,9 @@ CACHE = Path(os.environ.get("WILLIW_BENCH_CACHE", ROOT / ".cache"))
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000)
 SHARD_BYTES = 1_000_000_000
+# Llama-3-70B's shape (meta-llama/Meta-Llama-3-70B config.json): 70,553,706,496 parameters, 141.1 GB in bfloat16.
+LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8, vocab_size=128256)
 
 
 def llama_tensors(hidden_size: int, intermediate_size: int, num_hidden_layers: int, num_attention_heads: int,
@@ -54,14 +57,7 @@ def _bf16_chunks(shape: tuple[int, ...], rng: np.random.Generator, chunk: int = 
         yield (x.view("<u4") >> 16).astype("<u2").tobytes()  # truncate float32 to bfloat16
 
 
-def generate_llama(path: Path, dims: dict[str, int] = LLAMA_1B, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write the model once; later calls return the cached folder."""
-    if (path / "config.json").exists():
-        return path
-    tmp = path.with_name(path.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    tensors = llama_tensors(**dims)
+def _groups(tensors: list[tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in tensors:
@@ -71,6 +67,20 @@ def generate_llama(path: Path, dims: dict[str, int] = LLAMA_1B, shard_bytes: int
             size = 0
         shards[-1].append((name, shape))
         size += nbytes
+    return shards
+
+
+def generate_llama(path: Path, dims: dict[str, int] = LLAMA_1B, shard_bytes: int = SHARD_BYTES,
+                   sparse: bool = False) -> Path:
+    """Write the model once; later calls return the cached folder. ``sparse``: real headers over holes (the files
+    have their full size but take no disk; every weight reads as 0)."""
+    if (path / "config.json").exists():
+        return path
+    tmp = path.with_name(path.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tensors = llama_tensors(**dims)
+    shards = _groups(tensors, shard_bytes)
     weight_map = {}
     for i, group in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -78,9 +88,11 @@ def generate_llama(path: Path, dims: dict[str, int] = LLAMA_1B, shard_bytes: int
         with open(tmp / file, "wb") as f:
             f.write(prefix)
             for name, shape in group:
-                for block in _bf16_chunks(shape, rng):
+                for block in () if sparse else _bf16_chunks(shape, rng):
                     f.write(block)
                 weight_map[name] = file
+            if sparse:
+                f.truncate(len(prefix) + sum(int(np.prod(s)) * 2 for _, s in group))
     total = sum(int(np.prod(s)) * 2 for _, s in tensors)
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}, indent=2))
@@ -96,6 +108,15 @@ def generate_llama(path: Path, dims: dict[str, int] = LLAMA_1B, shard_bytes: int
 def llama_1b() -> Path:
     """The 1.1B bf16 Llama used by every benchmark (about 2.2 GB under bench/.cache)."""
     return generate_llama(CACHE / "llama-1.1b-bf16")
+
+
+def llama_70b_sparse(files: int = 30) -> Path:
+    """Llama-3-70B's shape in ``files`` shard files of sparse holes (141 GB apparent, a few MB on disk)."""
+    tensors = llama_tensors(**LLAMA_70B)
+    shard_bytes = sum(int(np.prod(s)) * 2 for _, s in tensors) // files
+    while len(_groups(tensors, shard_bytes)) > files:  # the largest shard size that makes exactly ``files``
+        shard_bytes += 10_000_000
+    return generate_llama(CACHE / f"llama-70b-sparse-{files}", LLAMA_70B, shard_bytes=shard_bytes, sparse=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ Use it as a fixture (``from hubserver import fake_hub``) or as a context manager
 
 ``bytes_sent`` counts body bytes written per (repo, path); ``requests`` logs (method, path, Range header);
 ``fail(...)`` makes the next matching requests answer a status or cut the body after some bytes.
+
+``add_repo(folder, on_disk=True)`` serves the folder's files from disk, read in 1 MiB pieces, instead of holding
+them in memory (a 140 GB model of sparse files, in bench/metadata.py); their ETag is then made from the path, size
+and mtime rather than the git hash of their content.
 """
 
 from __future__ import annotations
@@ -52,10 +56,40 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest()
 
 
+PIECE = 1 << 20
+
+
+def file_size(data: bytes | Path) -> int:
+    return data.stat().st_size if isinstance(data, Path) else len(data)
+
+
+def file_oid(data: bytes | Path) -> str:
+    """The git blob id of bytes held in memory; for a file on disk, a stand-in from its path, size and mtime."""
+    if isinstance(data, Path):
+        st = data.stat()
+        return hashlib.sha1(f"{data}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    return git_blob_sha1(data)
+
+
+def file_pieces(data: bytes | Path, start: int, end: int) -> Iterator[bytes]:
+    """``[start, end)`` of the file, in pieces of at most 1 MiB."""
+    if not isinstance(data, Path):
+        yield data[start:end]
+        return
+    with open(data, "rb") as f:
+        f.seek(start)
+        while start < end:
+            piece = f.read(min(PIECE, end - start))
+            if not piece:
+                return
+            start += len(piece)
+            yield piece
+
+
 @dataclass
 class Repo:
     repo_id: str
-    files: dict[str, bytes]
+    files: dict[str, bytes | Path]
     private: bool = False
     gated: bool = False
     commits: list[str] = field(default_factory=list)  # newest last; "main" is the last one
@@ -118,14 +152,15 @@ class FakeHub(ThreadingHTTPServer):
 
     # --- set-up helpers -------------------------------------------------------------------------------------
     def add_repo(self, repo_id: str, folder: str | Path | None = None, *, files: dict[str, bytes] | None = None,
-                 private: bool = False, gated: bool = False) -> Repo:
-        """Serve ``folder``'s files (recursively) and/or ``files`` as the repo's first commit."""
-        content: dict[str, bytes] = {}
+                 private: bool = False, gated: bool = False, on_disk: bool = False) -> Repo:
+        """Serve ``folder``'s files (recursively) and/or ``files`` as the repo's first commit; ``on_disk``: read
+        the folder's files from disk when asked instead of holding them in memory."""
+        content: dict[str, bytes | Path] = {}
         if folder is not None:
             root = Path(folder)
             for p in sorted(root.rglob("*")):
                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
-                    content[p.relative_to(root).as_posix()] = p.read_bytes()
+                    content[p.relative_to(root).as_posix()] = p if on_disk else p.read_bytes()
         content.update(files or {})
         repo = Repo(repo_id, content, private=private, gated=gated)
         repo.commits.append(hashlib.sha1(f"{repo_id}:0".encode()).hexdigest())
@@ -310,7 +345,7 @@ class _Handler(BaseHTTPRequestHandler):
             if "/" in p and not recursive:
                 folders.add(p.split("/")[0])
                 continue
-            entries.append({"type": "file", "path": p, "size": len(data), "oid": git_blob_sha1(data)})
+            entries.append({"type": "file", "path": p, "size": file_size(data), "oid": file_oid(data)})
         entries += [{"type": "directory", "path": f, "oid": "0" * 40, "size": 0} for f in sorted(folders)]
         self._json(entries)
 
@@ -325,7 +360,7 @@ class _Handler(BaseHTTPRequestHandler):
         if data is None:
             self._error(404, "EntryNotFound", f"{file} does not exist on \"{rev}\"", {"X-Repo-Commit": sha})
             return
-        size = len(data)
+        size = file_size(data)
         start, end, status = 0, size, 200  # [start, end)
         header = self.headers.get("Range")
         if header and self.command == "GET":
@@ -340,23 +375,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(end - start))
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", f'"{git_blob_sha1(data)}"')
+        self.send_header("ETag", f'"{file_oid(data)}"')
         self.send_header("X-Repo-Commit", sha)
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
         if self.command == "HEAD":
             return
-        body = data[start:end]
         if fault is not None and fault.cut_after is not None:
-            body = body[:fault.cut_after]
+            end = min(end, start + fault.cut_after)
+        for body in file_pieces(data, start, end):
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                return
+            with self.server.lock:
+                self.server.bytes_sent[repo_id, file] += len(body)
         try:
-            self.wfile.write(body)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             return
-        with self.server.lock:
-            self.server.bytes_sent[repo_id, file] += len(body)
         if fault is not None and fault.cut_after is not None:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -397,7 +435,7 @@ class _Handler(BaseHTTPRequestHandler):
         if op == "preupload":
             files = json.loads(body)["files"]
             self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                                   "oid": git_blob_sha1(repo.files[f["path"]]) if f["path"] in repo.files else None}
+                                   "oid": file_oid(repo.files[f["path"]]) if f["path"] in repo.files else None}
                                   for f in files]})
             return
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]

@@ -17,7 +17,7 @@ MAX_LINES = 400
 RANKS = {
     "errors": 0, "jsonio": 0, "units": 0, "progress": 0, "fsutil": 0,
     "header": 1, "config": 1, "remote": 1, "hub": 1, "weightfiles": 1,
-    "checkpoint": 2, "classify": 2,
+    "checkpoint": 2, "classify": 2, "remote_checkpoint": 2,
     "structure": 3, "seedformat": 3,
     "metadata": 4, "compute": 4,
     "fleet": 5, "planner": 5,

@@ -110,8 +110,10 @@ def test_process_with_bad_inline_metadata_is_422_and_leaves_the_request(worker, 
 
 def test_process_needs_exactly_one_source(worker, client, meta):
     rid = client.create_request("tiny/llama")["request_id"]
-    message = "body: give exactly one of 'metadata_repo' (a Hub repo id) or 'metadata' (the JSON inline)"
-    for body in ({"request_id": rid}, {"request_id": rid, "metadata": meta, "metadata_repo": "a/b"}):
+    message = ("body: give exactly one of 'metadata' (the JSON inline), 'metadata_repo' (a Hub repo holding it) or "
+               "'model_repo' (the model's Hub repo: the worker reads its headers)")
+    for body in ({"request_id": rid}, {"request_id": rid, "metadata": meta, "metadata_repo": "a/b"},
+                 {"request_id": rid, "model_repo": "a/m", "metadata_repo": "a/b"}):
         r = _post(worker, "/api/process", body)
         assert (r.status_code, r.json()["detail"]) == (422, message)
 

@@ -13,12 +13,12 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from williw import jsonio
-from williw.config import ModelConfig, read_config
+from williw.config import ModelConfig, config_from_bytes, read_config
 from williw.errors import CheckpointError, require_torch
-from williw.header import read_header
+from williw.header import SafetensorsHeader, read_header
 from williw.units import TORCH_TO_SAFETENSORS, numel, tensor_nbytes
 from williw.weightfiles import (
     MISTRAL_NATIVE,
@@ -66,6 +66,12 @@ class Checkpoint:
     tensors: tuple[TensorInfo, ...]
     config: ModelConfig | None
     ignored: tuple[str, ...] = ()  # weight-like files that are not the checkpoint (see `checkpoint_files`)
+    location: str | None = None  # a remote model's repo id or URL (``path`` is then only its name)
+    commit: str | None = None  # the Hub commit a remote model was read at
+
+    def label(self, name: str) -> str:
+        """How a file of the model is named in messages: its path, or ``<repo>/<name>`` for a remote model."""
+        return f"{self.location.rstrip('/')}/{name}" if self.location else str(self.path / name)
 
     @cached_property
     def by_name(self) -> dict[str, TensorInfo]:
@@ -86,21 +92,91 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"'{path}': no such file or folder")
-    if path.is_file():
-        model_dir, files = path.parent, [path.name]
-        fmt = "safetensors" if path.suffix == ".safetensors" else "torch" if path.suffix in TORCH_SUFFIXES else None
-        if fmt is None:
-            raise CheckpointError(f"'{path}': not a weights file (expected .safetensors, .bin, .pth or .pt)")
-        weight_map, ignored = None, []
-    else:
-        model_dir = path
-        fmt, files, weight_map, ignored = _discover(path)
-    config = read_config(model_dir)
-    tensors = _safetensors_tensors(model_dir, files) if fmt == "safetensors" else _torch_tensors(model_dir, files)
+    if not path.is_file():
+        return open_model_files(LocalFiles(path), path)
+    model_dir, files = path.parent, [path.name]
+    fmt = "safetensors" if path.suffix == ".safetensors" else "torch" if path.suffix in TORCH_SUFFIXES else None
+    if fmt is None:
+        raise CheckpointError(f"'{path}': not a weights file (expected .safetensors, .bin, .pth or .pt)")
+    source = LocalFiles(model_dir)
+    tensors = _safetensors_tensors(source, files) if fmt == "safetensors" else source.torch_tensors(files)
+    return Checkpoint(path=model_dir, format=fmt, files=tuple(files), tensors=tuple(tensors),
+                      config=read_config(model_dir))
+
+
+class ModelFiles(Protocol):
+    """Where a model's files are read from: a local folder (`LocalFiles`) or a remote repo or server
+    (`williw.remote_checkpoint`). Every rule of this module runs on this interface, so a folder and the same
+    files on the Hub give the same checkpoint."""
+
+    where: str  # the folder, repo id or URL, as messages name it
+
+    def label(self, name: str) -> str:
+        """How file ``name`` is named in messages."""
+
+    def names(self) -> list[str]:
+        """The top-level files and those one folder down (``sub/name``), not in hidden folders."""
+
+    def read_small(self, name: str) -> bytes | None:
+        """The whole of a small file (config, index), or None when it is missing."""
+
+    def headers(self, files: list[str]) -> dict[str, SafetensorsHeader]:
+        """The validated safetensors headers of ``files``."""
+
+    def torch_tensors(self, files: list[str]) -> list[TensorInfo]:
+        """The tensors of torch pickles (local only: a remote pickle cannot be read without downloading it)."""
+
+
+class LocalFiles:
+    """A model folder on this machine, as `ModelFiles`."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.dir = model_dir
+        self.where = str(model_dir)
+        self._headers: dict[str, SafetensorsHeader] = {}
+
+    def label(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def names(self) -> list[str]:
+        return _listing(self.dir)
+
+    def read_small(self, name: str) -> bytes | None:
+        path = self.dir / name
+        return path.read_bytes() if path.is_file() else None
+
+    def headers(self, files: list[str]) -> dict[str, SafetensorsHeader]:
+        for file in files:
+            if file not in self._headers:
+                path = self.dir / file
+                with open(path, "rb") as f:
+                    self._headers[file] = read_header(f, str(path), os.fstat(f.fileno()).st_size)
+        return {f: self._headers[f] for f in files}
+
+    def torch_tensors(self, files: list[str]) -> list[TensorInfo]:
+        return _torch_tensors(self.dir, files)
+
+
+def open_model_files(source: ModelFiles, path: Path, *, location: str | None = None,
+                     commit: str | None = None) -> Checkpoint:
+    """The checkpoint of a model's files, wherever they are: the rules of `open_checkpoint` on ``source``.
+
+    Args:
+        source: the files (`LocalFiles`, or a remote source from `williw.remote_checkpoint`).
+        path: the folder (or, for a remote model, its name as a path).
+        location, commit: recorded in the `Checkpoint` for a remote model.
+
+    Raises:
+        CheckpointError: no weights, a corrupt header or config, an index naming a missing shard, ...
+    """
+    fmt, files, weight_map, ignored = _discover(source)
+    raw_config = source.read_small("config.json")
+    config = None if raw_config is None else config_from_bytes(raw_config, source.label("config.json"))
+    tensors = _safetensors_tensors(source, files) if fmt == "safetensors" else source.torch_tensors(files)
     if weight_map is not None:
-        _check_index(model_dir, tensors, weight_map)
-    return Checkpoint(path=model_dir, format=fmt, files=tuple(files), tensors=tuple(tensors), config=config,
-                      ignored=tuple(ignored))
+        _check_index(source.where, tensors, weight_map)
+    return Checkpoint(path=path, format=fmt, files=tuple(files), tensors=tuple(tensors), config=config,
+                      ignored=tuple(ignored), location=location, commit=commit)
 
 
 def checkpoint_files(folder: str | os.PathLike[str]) -> tuple[list[Path], list[Path]]:
@@ -117,7 +193,7 @@ def checkpoint_files(folder: str | os.PathLike[str]) -> tuple[list[Path], list[P
         CheckpointError: no weights (naming a subfolder that holds a model, when there is one), or a bad index.
     """
     folder = Path(folder)
-    _fmt, files, _weight_map, ignored = _discover(folder)
+    _fmt, files, _weight_map, ignored = _discover(LocalFiles(folder))
     return [folder / f for f in files], [folder / f for f in ignored]
 
 
@@ -131,36 +207,35 @@ def _listing(model_dir: Path) -> list[str]:
     return names
 
 
-def _discover(model_dir: Path) -> tuple[Literal["safetensors", "torch"], list[str], dict[str, str] | None,
-                                        list[str]]:
-    names = _listing(model_dir)
+def _discover(source: ModelFiles) -> tuple[Literal["safetensors", "torch"], list[str], dict[str, str] | None,
+                                           list[str]]:
+    names = source.names()
     weight_map = None
     index_files = None
     for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
         if index_name in names:
-            weight_map = _read_index(model_dir, model_dir / index_name)
+            weight_map = _read_index(source, index_name, names)
             index_files = list(dict.fromkeys(weight_map.values()))
             break
     chosen, ignored = select_weight_files(names, index_files)
     if not chosen:
-        raise CheckpointError(_no_weights(model_dir, names))
+        raise CheckpointError(_no_weights(source, names))
     fmt: Literal["safetensors", "torch"] = "safetensors" if chosen[0].endswith(".safetensors") else "torch"
     if index_files is not None and (fmt == "safetensors") == (index_files[0].endswith(".safetensors")):
         return fmt, index_files, weight_map, ignored
     if fmt == "safetensors" and len(chosen) > 1:
-        chosen, copies = _drop_copies(model_dir, chosen)
+        chosen, copies = _drop_copies(source, chosen)
         ignored = sorted(ignored + copies)
     return fmt, chosen, None, ignored
 
 
-def _drop_copies(model_dir: Path, files: list[str]) -> tuple[list[str], list[str]]:
+def _drop_copies(source: ModelFiles, files: list[str]) -> tuple[list[str], list[str]]:
     """Leave out a file whose tensors all appear in a file kept before it (the same weights in another dtype)."""
+    headers = source.headers(files)
     seen: set[str] = set()
     kept, copies = [], []
     for file in files:
-        path = model_dir / file
-        with open(path, "rb") as f:
-            names = {e.name for e in read_header(f, str(path), os.fstat(f.fileno()).st_size).entries}
+        names = {e.name for e in headers[file].entries}
         if names and names <= seen:
             copies.append(file)
         else:
@@ -169,13 +244,14 @@ def _drop_copies(model_dir: Path, files: list[str]) -> tuple[list[str], list[str
     return kept, copies
 
 
-def _no_weights(model_dir: Path, names: list[str]) -> str:
+def _no_weights(source: ModelFiles, names: list[str]) -> str:
+    model_dir = source.where
     nested = sorted({n.split("/", 1)[0] for n in names if "/" in n and is_weights_name(n.rsplit("/", 1)[1])})
     holders = [d for d in nested if f"{d}/config.json" in names] or nested
     if holders:
         kind = " (a sentence-transformers folder)" if "modules.json" in names else ""
         return (f"'{model_dir}': no weights at the top level{kind}; the model is in the subfolder "
-                f"'{holders[0]}': use '{model_dir / holders[0]}' as the model folder")
+                f"'{holders[0]}': use '{source.label(holders[0])}' as the model folder")
     if any(n.startswith(MISTRAL_NATIVE) and n.endswith(".safetensors") for n in names):
         return (f"'{model_dir}': only Mistral's own consolidated*.safetensors, which williw does not read; use the "
                 "transformers layout (config.json + model.safetensors) of the same model")
@@ -183,15 +259,16 @@ def _no_weights(model_dir: Path, names: list[str]) -> str:
             "or a .pth/.pt state dict)")
 
 
-def _read_index(model_dir: Path, index: Path) -> dict[str, str]:
-    data = jsonio.loads(index.read_bytes(), f"'{index}'", CheckpointError)
+def _read_index(source: ModelFiles, index_name: str, names: list[str]) -> dict[str, str]:
+    index = source.label(index_name)
+    data = jsonio.loads(source.read_small(index_name) or b"", f"'{index}'", CheckpointError)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"'{index}': expected a non-empty 'weight_map' object of tensor name -> file")
     for name, file in weight_map.items():
         if not isinstance(file, str) or not is_plain_filename(file):
             raise CheckpointError(f"'{index}': tensor '{name}' maps to {file!r}, expected a file name in the folder")
-        if not (model_dir / file).is_file():
+        if file not in names:
             raise CheckpointError(f"'{index}': tensor '{name}' is in shard '{file}', which is missing")
     return weight_map
 
@@ -202,16 +279,14 @@ def is_plain_filename(name: str) -> bool:
         and not name.startswith(".") and "\x00" not in name
 
 
-def _safetensors_tensors(model_dir: Path, files: list[str]) -> list[TensorInfo]:
+def _safetensors_tensors(source: ModelFiles, files: list[str]) -> list[TensorInfo]:
     tensors: list[TensorInfo] = []
     seen: dict[str, str] = {}
+    headers = source.headers(files)
     for file in files:
-        path = model_dir / file
-        with open(path, "rb") as f:
-            header = read_header(f, str(path), os.fstat(f.fileno()).st_size)
-        for e in header.entries:
+        for e in headers[file].entries:
             if e.name in seen:
-                raise CheckpointError(f"'{path}': tensor '{e.name}' is also in '{seen[e.name]}'")
+                raise CheckpointError(f"'{source.label(file)}': tensor '{e.name}' is also in '{seen[e.name]}'")
             seen[e.name] = file
             tensors.append(TensorInfo(e.name, e.dtype, e.shape, file, e.start, e.end))
     return tensors
@@ -261,7 +336,7 @@ def load_torch_state_dict(path: Path) -> dict:
     return obj
 
 
-def _check_index(model_dir: Path, tensors: list[TensorInfo], weight_map: dict[str, str]) -> None:
+def _check_index(model_dir: str, tensors: list[TensorInfo], weight_map: dict[str, str]) -> None:
     for t in tensors:
         if t.name not in weight_map:
             raise CheckpointError(f"'{model_dir}': tensor '{t.name}' in '{t.file}' is not in the index")

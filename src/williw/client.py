@@ -80,8 +80,10 @@ class WorkerClient:
         return self._call("POST", "/api/request", json=body, idempotent=False)
 
     def process(self, request_id: str, *, metadata: dict[str, Any] | None = None, metadata_repo: str | None = None,
-                revision: str | None = None, strategy: str = "pipeline", objective: str = "prefill") -> dict[str, Any]:
-        """``POST /api/process``: plan the request from inline ``metadata`` or a Hub ``metadata_repo``.
+                revision: str | None = None, strategy: str = "pipeline", objective: str = "prefill",
+                model_repo: str | None = None) -> dict[str, Any]:
+        """``POST /api/process``: plan the request from inline ``metadata``, a Hub ``metadata_repo``, or the
+        headers of the model's own Hub repo ``model_repo`` (read by the worker; nothing is downloaded).
 
         Returns:
             ``{request_id, status: "planned", plan_version, plan}``.
@@ -94,6 +96,8 @@ class WorkerClient:
             body["metadata"] = metadata
         if metadata_repo is not None:
             body["metadata_repo"] = metadata_repo
+        if model_repo is not None:
+            body["model_repo"] = model_repo
         if revision is not None:
             body["revision"] = revision
         return self._call("POST", "/api/process", json=body, idempotent=False)

@@ -90,10 +90,19 @@ def read_config(model_dir: Path) -> ModelConfig | None:
     path = model_dir / "config.json"
     if not path.is_file():
         return None
+    return config_from_bytes(path.read_bytes(), str(path))
+
+
+def config_from_bytes(data: bytes, label: str) -> ModelConfig:
+    """Parse the bytes of a ``config.json`` (a local file's or a remote one's); ``label`` names it in errors.
+
+    Raises:
+        CheckpointError: not a JSON object.
+    """
     try:
-        cfg = jsonio.parse(path.read_bytes())
+        cfg = jsonio.parse(data)
     except jsonio.JsonInputError as exc:
-        raise CheckpointError(f"'{path}': config.json is {exc}") from None
+        raise CheckpointError(f"'{label}': config.json is {exc}") from None
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"'{path}': config.json must be a JSON object")
+        raise CheckpointError(f"'{label}': config.json must be a JSON object")
     return parse_config(cfg)

@@ -106,6 +106,7 @@ class ModelMetadata:
     total_layers: int
     stacks: tuple[dict[str, Any], ...] = ()  # williw.structure.Stack.to_dict(), in execution order
     ignored_files: tuple[str, ...] = ()  # weight-like files of the folder that are not the checkpoint
+    commit: str | None = None  # the Hub commit the headers were read at (remote metadata); None for a folder
     # What reading derived rather than found (seed-format metadata, see `williw.seedformat`); not written out.
     notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
@@ -129,11 +130,12 @@ class ModelMetadata:
 
 def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name: str | None = None,
                       batch_size: int = 1, sequence_length: int = 512) -> ModelMetadata:
-    """Build the metadata of a local model folder from its headers and ``config.json``.
+    """Build the metadata of a model from its headers and ``config.json``.
 
     Args:
-        model: a model folder, a weights file, or an already opened `Checkpoint`.
-        model_name: the name recorded in the JSON (default: the folder name).
+        model: a model folder, a weights file, or an already opened `Checkpoint` (a remote one from
+            `williw.remote_checkpoint.open_remote_checkpoint`: then ``commit`` is recorded too).
+        model_name: the name recorded in the JSON (default: the folder name, or the repo id).
         batch_size, sequence_length: the forward pass the compute estimates are for.
 
     Raises:
@@ -148,7 +150,7 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
     raw = cfg.raw if cfg else {}
     tokens = batch_size * sequence_length
     names = [t.name for t in ckpt.tensors]
-    structure = find_structure(names, raw or None, str(ckpt.path / "config.json"))
+    structure = find_structure(names, raw or None, ckpt.label("config.json"))
     costs = CostModel(raw, set(names), tokens)
     ssm_mixers = {n.rsplit(".", 1)[0] + "." for n in names if n.endswith(".A_log")}
     layers, flops = [], {}
@@ -165,7 +167,7 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
     total_compute = (sum(flops.values()) + block_flops + tied_flops) / GIGA
     return ModelMetadata(
         format_version=FORMAT_VERSION,
-        model_name=model_name or ckpt.path.resolve().name,
+        model_name=model_name or ckpt.location or ckpt.path.resolve().name,
         model_type=(cfg.model_type if cfg and cfg.model_type else "transformer"),
         architecture=cfg.architecture if cfg else None,
         checkpoint_format=ckpt.format,
@@ -181,6 +183,7 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
         total_layers=len(layers),
         stacks=tuple(s.to_dict() for s in structure.stacks),
         ignored_files=ckpt.ignored,
+        commit=ckpt.commit,
     )
 
 
@@ -385,6 +388,7 @@ def _parse(d: Any, source: str) -> ModelMetadata:
         total_layers=top.get("total_layers", "int", optional=True, default=len(layers)),
         stacks=tuple(top.get("stacks", "list", optional=True, default=[])),
         ignored_files=tuple(str(x) for x in top.get("ignored_files", "list", optional=True, default=[])),
+        commit=top.get("commit", "str", optional=True),
         notes=(note,) if note else (),
     )
 

@@ -41,7 +41,7 @@ def progress_bar(total: float | None, desc: str, unit: str = "B") -> Iterator[An
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+    with tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
               leave=False, dynamic_ncols=True) as bar:
         yield bar
 

@@ -13,6 +13,7 @@ This module knows the Hub's error headers (``X-Error-Code``) but not its client:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -116,6 +117,7 @@ class HttpRangeSource:
         self.backoff_s = backoff_s
         self.bytes_received = 0
         self.requests = 0
+        self._count_lock = threading.Lock()  # headers are read from several threads at once (remote metadata)
         # Per file: the [start, end) intervals the caller needs; anything else read_range is asked for is padding
         # between tensors of other nodes, which is never fetched (see read_range).
         self.wanted: dict[str, list[tuple[int, int]]] = {}
@@ -210,7 +212,8 @@ class HttpRangeSource:
             headers = {"Range": f"bytes={pos}-{'' if end is None else end - 1}"} if pos or end is not None else {}
             try:
                 with self._client.stream("GET", url, headers=headers) as resp:
-                    self.requests += 1
+                    with self._count_lock:
+                        self.requests += 1
                     if resp.status_code in RETRY_STATUS:
                         raise _Transient(f"{resp.status_code} {resp.reason_phrase}")
                     if resp.status_code >= 400:
@@ -233,7 +236,8 @@ class HttpRangeSource:
                             piece = piece[:end - pos]
                         if piece:
                             pos += len(piece)
-                            self.bytes_received += len(piece)
+                            with self._count_lock:
+                                self.bytes_received += len(piece)
                             failures = 0
                             yield piece
                         if end is not None and pos >= end:

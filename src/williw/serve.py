@@ -6,7 +6,8 @@ never joined onto the filesystem path, so ``..``, absolute paths and symlinks ou
 The listing is made at start, so each request also resolves the file's real path and answers 404 unless it is
 exactly the listed path under the (resolved) root, with no symlink on the way, and a regular file, opened with
 ``O_NOFOLLOW``: a file or folder swapped for a symlink after start is not followed.
-Byte counts per file are kept (``GET /_stats``) so that tests and benchmarks can prove what was sent.
+Byte counts per file are kept (``GET /_stats``) so that tests and benchmarks can prove what was sent;
+``GET /_files`` lists the files with their sizes (as the Hub's tree API does), for ``williw metadata URL``.
 
 Connections: a listen backlog of 128 (http.server's 5 made every sixth of 200 simultaneous connects wait for a
 SYN retry, 1 s), and a connection idle or half-sent for `IDLE_TIMEOUT_S` is closed. Range numbers have at most
@@ -80,6 +81,14 @@ class ModelServer(ThreadingHTTPServer):
         """The file served at ``rel``, or None."""
         return self.files.get(rel)
 
+    def file_size(self, rel: str) -> int | None:
+        """The size of the file served at ``rel`` now, or None when it is no longer served."""
+        f = self.open_checked(rel)
+        if f is None:
+            return None
+        with f:
+            return os.fstat(f.fileno()).st_size
+
     def open_checked(self, rel: str) -> BinaryIO | None:
         """The regular file at ``rel``, open for reading, if its real path is ``<real root>/<rel>`` (no symlink
         anywhere on the way, checked now, not at start), else None."""
@@ -149,6 +158,11 @@ class _Handler(BaseHTTPRequestHandler):
         if urlsplit(self.path).path == "/_stats":
             with self.server.lock:
                 payload = json.dumps({"bytes_sent": dict(self.server.bytes_sent)}).encode()
+            self._reply(HTTPStatus.OK, payload, "application/json")
+            return
+        if urlsplit(self.path).path == "/_files":  # what `williw metadata URL` reads instead of the Hub's tree API
+            listing = {rel: self.server.file_size(rel) for rel in sorted(self.server.files)}
+            payload = json.dumps({"files": {k: v for k, v in listing.items() if v is not None}}).encode()
             self._reply(HTTPStatus.OK, payload, "application/json")
             return
         self._serve(body=True)

@@ -104,8 +104,11 @@ def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: fl
 @click.option("--model-name", help="The name the worker records for a local folder (default local/<folder>).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--sequence-length", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--pull-from", type=click.Choice(["serve", "hub"]), default="serve", show_default=True,
-              help="serve: nodes pull from this node's model folder served over HTTP; hub: from the Hub repo.")
+@click.option("--pull-from", type=click.Choice(["serve", "hub"]),
+              help="hub (default for a repo id): metadata from the repo's headers, nodes pull their ranges from the "
+                   "Hub, nothing downloaded here; serve (default for a folder): nodes pull from this node's model "
+                   "folder served over HTTP (a repo is downloaded first).")
+@click.option("--revision", help="Hub branch, tag or commit (default: main), pinned to its commit for every read.")
 @click.option("--local-nodes", type=click.Path(dir_okay=False),
               help="Nodes file; with no --worker, runs these nodes' agents in this process.")
 @click.option("--work-dir", type=click.Path(file_okay=False), default="williw-run", show_default=True)
@@ -116,8 +119,9 @@ def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: fl
                    "model server stops when the run ends).")
 @json_option
 def run_cmd(model: str, worker_url: str | None, metadata_repo: str | None, node_id: str | None, token: str | None,
-            hf_token: str | None, model_name: str | None, batch_size: int, sequence_length: int, pull_from: str,
-            local_nodes: str | None, work_dir: str, timeout_s: float, auto_replan: bool, as_json: bool) -> None:
+            hf_token: str | None, model_name: str | None, batch_size: int, sequence_length: int,
+            pull_from: str | None, revision: str | None, local_nodes: str | None, work_dir: str, timeout_s: float,
+            auto_replan: bool, as_json: bool) -> None:
     """Run the complete workflow for MODEL (a Hub repo id or a local folder) and wait for every node's shard."""
     from pathlib import Path
 
@@ -140,7 +144,7 @@ def run_cmd(model: str, worker_url: str | None, metadata_repo: str | None, node_
     try:
         client = NodeClient(worker_url, hf_token, metadata_repo, node_id, token=token, work_dir=work_dir,
                             pull_from=pull_from, timeout_s=timeout_s, model_label=model_name, auto_replan=auto_replan,
-                            reporter=None if as_json else _print_step)
+                            reporter=None if as_json else _print_step, revision=revision)
         result = client.execute_complete_workflow(model, batch_size, sequence_length)
     finally:
         if embedded is not None:

@@ -42,6 +42,7 @@ class ProcessIn(_Body):
     request_id: str = Field(min_length=1, max_length=ID_MAX)
     metadata_repo: str | None = Field(default=None, pattern=REPO_ID_PATTERN)
     metadata: dict[str, Any] | None = None
+    model_repo: str | None = Field(default=None, pattern=REPO_ID_PATTERN)  # the worker reads the model's headers
     revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._/-]{1,128}$")
     strategy: Literal["pipeline", "greedy"] = "pipeline"
     objective: str = Field(default="prefill", pattern=r"^[a-z_]{1,32}$")
@@ -57,8 +58,9 @@ class ProcessIn(_Body):
 
     @model_validator(mode="after")
     def _one_source(self) -> ProcessIn:
-        if (self.metadata_repo is None) == (self.metadata is None):
-            raise ValueError("give exactly one of 'metadata_repo' (a Hub repo id) or 'metadata' (the JSON inline)")
+        if [self.metadata_repo, self.metadata, self.model_repo].count(None) != 2:
+            raise ValueError("give exactly one of 'metadata' (the JSON inline), 'metadata_repo' (a Hub repo holding "
+                             "it) or 'model_repo' (the model's Hub repo: the worker reads its headers)")
         return self
 
 

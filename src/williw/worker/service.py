@@ -15,6 +15,7 @@ Failure policy (documented in the README):
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -97,7 +98,7 @@ class PlanningJob:
 
 def process_request(store: Store, settings: WorkerSettings, request_id: str, *, metadata: dict[str, Any] | None,
                     metadata_repo: str | None, revision: str | None = None, strategy: str = "pipeline",
-                    objective: str = "prefill") -> tuple[int, dict[str, Any]]:
+                    objective: str = "prefill", model_repo: str | None = None) -> tuple[int, dict[str, Any]]:
     """Plan a request on the online nodes, in this thread, and store the plan as its next version.
 
     `planning_job`, `williw.worker.planning.plan_dict` and `save_outcome` in a row; `williw worker` runs the middle
@@ -106,7 +107,9 @@ def process_request(store: Store, settings: WorkerSettings, request_id: str, *, 
     Args:
         metadata: the metadata JSON inline, or None to read ``metadata_repo``.
         metadata_repo: a Hub repo id holding the metadata of the request's model.
-        revision: the Hub revision of ``metadata_repo``.
+        model_repo: the model's own Hub repo: the worker makes the metadata from its config and headers, read by
+            HTTP range (`williw.remote_checkpoint`), for the request's batch size and sequence length.
+        revision: the Hub revision of ``metadata_repo`` or ``model_repo``.
         strategy, objective: passed to `williw.planner.make_plan`.
 
     Returns:
@@ -118,13 +121,13 @@ def process_request(store: Store, settings: WorkerSettings, request_id: str, *, 
         Conflict: planning failed; the request is now ``failed`` with the same message as its reason.
     """
     job = planning_job(store, settings, request_id, metadata=metadata, metadata_repo=metadata_repo,
-                       revision=revision, strategy=strategy, objective=objective)
+                       revision=revision, strategy=strategy, objective=objective, model_repo=model_repo)
     return save_outcome(store, job, lambda: plan_dict(*job.args))
 
 
 def planning_job(store: Store, settings: WorkerSettings, request_id: str, *, metadata: dict[str, Any] | None,
                  metadata_repo: str | None, revision: str | None = None, strategy: str = "pipeline",
-                 objective: str = "prefill") -> PlanningJob:
+                 objective: str = "prefill", model_repo: str | None = None) -> PlanningJob:
     """Read what planning ``request_id`` needs: its metadata (inline, or fetched from the Hub) and the nodes.
 
     Raises:
@@ -134,6 +137,9 @@ def planning_job(store: Store, settings: WorkerSettings, request_id: str, *, met
     request = store.get_request(request_id)
     if metadata is not None:
         source = "metadata"
+    elif model_repo is not None:
+        source = f"Hub model '{model_repo}'"
+        metadata = _metadata_of_model(store, settings, request, model_repo, revision)
     else:
         repo = metadata_repo or ""
         metadata, source = _fetch_metadata(store, settings, request, repo, revision), f"Hub repo '{repo}'"
@@ -202,6 +208,25 @@ def _fetch_metadata(store: Store, settings: WorkerSettings, request: RequestReco
     except (HubError, ImportError) as exc:
         _fail(store, request.request_id, f"cannot read the metadata of '{request.model_name}' from Hub repo "
                                          f"'{repo}': {exc}", status_code=502)
+
+
+def _metadata_of_model(store: Store, settings: WorkerSettings, request: RequestRecord, repo: str,
+                       revision: str | None) -> Any:
+    from williw.errors import CheckpointError
+
+    try:
+        from williw.metadata import generate_metadata
+        from williw.remote_checkpoint import open_remote_checkpoint
+
+        fetched = open_remote_checkpoint(repo, revision=revision, endpoint=settings.hub_endpoint,
+                                         token=settings.hub_token or os.environ.get("HF_TOKEN"))
+        meta = generate_metadata(fetched.checkpoint, model_name=request.model_name, batch_size=request.batch_size,
+                                 sequence_length=request.sequence_length)
+        return json.loads(dumps_strict(meta.to_dict()))  # as inline metadata arrives: lists, not tuples
+    except HubError as exc:
+        _fail(store, request.request_id, f"cannot read the headers of Hub model '{repo}': {exc}", status_code=502)
+    except (CheckpointError, MetadataError) as exc:
+        _fail(store, request.request_id, f"Hub model '{repo}': {exc}")
 
 
 def _fail(store: Store, request_id: str, reason: str, status_code: int = 409) -> Any:

@@ -1,8 +1,9 @@
 """The user node's complete workflow (the seed's ``node_client/complete_workflow.py``), in seven steps:
 
 1. request   ``POST /api/request`` with the model name;
-2. download  the model (a local folder is used as is);
-3. metadata  generated from the checkpoint headers;
+2. download  the model, only when nodes pull from this node (``pull_from="serve"``; a local folder is used as is);
+3. metadata  generated from the checkpoint headers: a folder's, or the Hub repo's read by HTTP range (config and
+             headers only, pinned to the commit the revision resolves to);
 4. upload    to the metadata repo (skipped without one: the metadata then goes inline in step 5);
 5. process   ``POST /api/process``: the worker plans on its online nodes;
 6. plan      ``POST /api/get-plan``, validated against the metadata;
@@ -87,7 +88,10 @@ class NodeClient:
         node_id: this user node's id (``NODE_ID``), recorded with the request.
         token: the worker's admin token (``WILLIW_TOKEN``).
         work_dir: where the run state, the metadata and (for a Hub model) the download go.
-        pull_from: ``"serve"`` (nodes pull from this node's folder, served here) or ``"hub"`` (from the Hub repo).
+        pull_from: ``"hub"``: the metadata is made from the repo's headers (nothing downloaded here) and the nodes
+            pull their ranges from the Hub, pinned to that commit; ``"serve"``: nodes pull from this node's folder
+            (a Hub model is downloaded first), served here. None: ``hub`` for a repo id, ``serve`` for a folder.
+        revision: the Hub branch, tag or commit (default main), resolved once to a commit.
         hub_endpoint: the Hub address (default ``HF_ENDPOINT``).
         timeout_s: how long distribution may take before the run fails.
         auto_replan: let the worker re-plan the request when nodes leave or join (issue 9). Blocks nobody alive
@@ -98,17 +102,19 @@ class NodeClient:
 
     def __init__(self, worker_url: str, hf_token: str | None = None, metadata_repo: str | None = None,
                  node_id: str | None = None, *, token: str | None = None, work_dir: str | os.PathLike[str] = ".",
-                 pull_from: str = "serve", hub_endpoint: str | None = None, serve_host: str = "127.0.0.1",
+                 pull_from: str | None = None, hub_endpoint: str | None = None, serve_host: str = "127.0.0.1",
                  timeout_s: float = 600.0, poll_s: float = 0.25, model_label: str | None = None,
-                 reporter: Reporter | None = None, auto_replan: bool = False) -> None:
-        if pull_from not in ("serve", "hub"):
+                 reporter: Reporter | None = None, auto_replan: bool = False, revision: str | None = None) -> None:
+        if pull_from not in ("serve", "hub", None):
             raise WorkflowError("distribute", f"pull_from must be 'serve' or 'hub', not {pull_from!r}")
         self.worker_url = worker_url
         self.hf_token = hf_token
         self.metadata_repo = metadata_repo
         self.node_id = node_id
         self.work_dir = Path(work_dir)
-        self.pull_from = pull_from
+        self.pull_from_option = pull_from
+        self.pull_from = pull_from or "serve"  # set for each run's model by `execute_complete_workflow`
+        self.revision = revision
         self.hub_endpoint = hub_endpoint
         self.serve_host = serve_host
         self.timeout_s = timeout_s
@@ -135,6 +141,7 @@ class NodeClient:
         from williw.workflow.steps import Steps
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.pull_from = self.pull_from_option or ("serve" if Path(model_name).expanduser().is_dir() else "hub")
         self.state = self._load_state(model_name, batch_size, sequence_length)
         steps = Steps(self, model_name, batch_size, sequence_length)
         for name in STEPS:
@@ -165,7 +172,8 @@ class NodeClient:
         # Not the worker's URL: an embedded worker gets a new port each run; `Steps.request` asks the worker
         # whether it still knows the request instead.
         key = {"model_name": model_name, "model_label": self.model_label, "batch_size": batch_size,
-               "sequence_length": sequence_length, "metadata_repo": self.metadata_repo, "pull_from": self.pull_from}
+               "sequence_length": sequence_length, "metadata_repo": self.metadata_repo, "pull_from": self.pull_from,
+               "revision": self.revision}
         path = self.work_dir / STATE_FILE
         try:
             saved = jsonio.parse(path.read_bytes())

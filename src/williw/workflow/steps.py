@@ -53,10 +53,14 @@ class Steps:
         if local.is_dir():
             self.state["model_dir"] = str(local.resolve())
             return "skipped", f"local folder {local}"
+        if self.node.pull_from == "hub":
+            self.state.pop("model_dir", None)
+            return "skipped", "nothing to download: the metadata comes from the repo's headers, the nodes pull " \
+                              "their own ranges from the Hub"
         out = self.node.work_dir / "model"
         result = ModelDownloader(self.node.hf_token).download_model(
             DownloadConfig(self.model_name, hf_token=self.node.hf_token, local_dir=str(out),
-                           endpoint=self.node.hub_endpoint))
+                           endpoint=self.node.hub_endpoint, revision=self.node.revision))
         self.state["model_dir"] = result.local_path
         self.state["model_commit"] = result.commit
         from williw.units import format_bytes
@@ -75,13 +79,24 @@ class Steps:
                 return "skipped", f"{path} (from the last run)"
             except MetadataError:
                 pass
-        self.meta = generate_metadata(self.state["model_dir"], model_name=self._repo_name(),
+        source: Any = self.state.get("model_dir")
+        read = ""
+        if source is None:  # from the Hub's headers, pinned to the commit the distribution will pull from
+            from williw.remote_checkpoint import open_remote_checkpoint
+            from williw.units import format_bytes
+
+            fetched = open_remote_checkpoint(self.model_name, revision=self.node.revision, token=self.node.hf_token,
+                                             endpoint=self.node.hub_endpoint)
+            source = fetched.checkpoint
+            self.state["model_commit"] = source.commit
+            read = f" (headers at {source.commit[:12]}, {format_bytes(fetched.bytes_received)} read)"
+        self.meta = generate_metadata(source, model_name=self._repo_name(),
                                       batch_size=self.batch_size, sequence_length=self.sequence_length)
         save_metadata(self.meta, path)
         self.state["metadata_file"] = str(path)
         self.state.pop("uploaded", None)
         return "done", (f"{self.meta.total_layers} tensors, {self.meta.total_params:,} parameters, "
-                        f"{self.meta.total_compute:,.1f} GFLOPs -> {path}")
+                        f"{self.meta.total_compute:,.1f} GFLOPs -> {path}{read}")
 
     def upload(self) -> tuple[str, str]:
         repo = self.node.metadata_repo
@@ -149,7 +164,7 @@ class Steps:
         from williw.workflow import WorkflowResult
 
         return WorkflowResult(request_id=self.state["request_id"], model_name=self._repo_name(),
-                              model_dir=self.state["model_dir"], plan_version=self.state["plan_version"],
+                              model_dir=self.state.get("model_dir") or "", plan_version=self.state["plan_version"],
                               plan=self.plan_dict, source=self.source, shards=self.shards, steps=list(steps))
 
     def _repo_name(self) -> str:
