@@ -187,3 +187,15 @@ def _same_nodes(one: WorkerClient, two: WorkerClient) -> bool:
                 for n in c.list_nodes()]
 
     return fixed(one) == fixed(two)
+
+
+def test_workers_in_two_schemas_each_lead(tmp_path: Path) -> None:
+    """Advisory locks belong to the database, not the schema: two deployments in two schemas of one database must
+    not take each other's re-planning lock (each run of this suite, and CI beside it, has a schema of its own)."""
+    with postgres_schema() as one, postgres_schema() as two, \
+            WorkerProcess(one, TOKEN, log_path=tmp_path / "a.log") as a, \
+            WorkerProcess(two, TOKEN, log_path=tmp_path / "b.log") as b:
+        deadline = time.monotonic() + 60
+        while (roles := [httpx.get(f"{w.url}/healthz").json()["replanning"] for w in (a, b)]) != ["leader"] * 2:
+            assert time.monotonic() < deadline, roles
+            time.sleep(0.1)

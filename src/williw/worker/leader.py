@@ -20,9 +20,11 @@ from williw.worker.store import Store
 
 log = get_logger(__name__)
 
-# The advisory lock's key: "replan" in ASCII. Migrations use another (schema.PG_MIGRATION_LOCK_KEY).
-REPLANNER_LOCK_KEY = 0x7265706C616E
-_TRY_LOCK = text("SELECT pg_try_advisory_lock(:key)")
+# The advisory lock's key: "rpln" in ASCII, paired with a hash of the schema, since advisory locks are per database
+# and two worker deployments in two schemas of one database must each have a leader. Migrations use another lock
+# (schema.PG_MIGRATION_LOCK_KEY).
+REPLANNER_LOCK_KEY = 0x72706C6E
+_TRY_LOCK = text("SELECT pg_try_advisory_lock(:key, hashtext(current_schema()))")
 
 
 class LeaderLock:
