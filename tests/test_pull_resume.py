@@ -70,7 +70,13 @@ def test_a_killed_pull_resumes_from_the_bytes_on_disk(big_model: Path, tmp_path:
             expected[f.name] = FIRST_RANGE_BYTES + _overlap(missing, FIRST_RANGE_BYTES, size)
         assert sum(expected.values()) < total - have + 3 * FIRST_RANGE_BYTES + 1
 
-        before = dict(server.bytes_sent)
+        # The server may still be writing a response to the killed process: count from when its counters settle.
+        before, settle_by = dict(server.bytes_sent), time.monotonic() + 30
+        while time.monotonic() < settle_by:
+            time.sleep(0.5)
+            if (now := dict(server.bytes_sent)) == before:
+                break
+            before = now
         r = pull_shard(server.url, plan, node, out)
         fetched = {f: server.bytes_sent[f] - before.get(f, 0) for f in expected}
         assert fetched == expected
