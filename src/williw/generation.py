@@ -82,7 +82,7 @@ class Generator:
     def stream(self, prompt_ids: list[int], stats: Stats, *, max_new_tokens: int, temperature: float = 0.0,
                seed: int | None = None) -> Iterator[str]:
         """Yield the text of each new token as it comes (decoded with everything before it, so multi-byte
-        characters split over tokens come out whole); ``stats`` is filled as it goes.
+        characters split over up to 4 tokens come out whole); ``stats`` is filled as it goes.
 
         Raises:
             GenerateError: a node failed (one line naming it), or the pipeline is not ready.
@@ -95,7 +95,7 @@ class Generator:
             tuple(h.node_id for h in pipeline.hops)
         began = time.perf_counter()
         first = None
-        shown = ""
+        shown, held = "", 0
         try:
             for token in generate_tokens(pipeline, prompt_ids, max_new_tokens=max_new_tokens,
                                          temperature=temperature, seed=seed, eos_ids=eos_ids, renew=self.pipeline):
@@ -110,10 +110,14 @@ class Generator:
                     stats.finish_reason = "stop"
                     break
                 text = tok.decode(stats.token_ids, skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # half a character: wait for the rest
+                held += 1
+                if text.endswith("\ufffd") and held < 4:  # maybe half a UTF-8 character (4 bytes at most): wait
                     continue
-                delta, shown = text[len(shown):], text
+                delta, shown, held = text[len(shown):], text, 0
                 if delta:
                     yield delta
+            text = tok.decode(stats.token_ids, skip_special_tokens=True)
+            if text[len(shown):]:
+                yield text[len(shown):]
         finally:
             pipeline.close()
