@@ -120,6 +120,14 @@ def test_pipeline_generates_like_the_whole_model_and_survives_a_dead_node(tmp_pa
         api = subprocess.Popen([str(VENV_BIN / "williw"), "serve-api", "--worker", worker.url, "--request", rid,
                                 "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert "serving t/tiny-generate at" in api.stdout.readline()
+
+        def listening() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == "t/tiny-generate"
+            except httpx.TransportError:
+                return False
+
+        _wait("serve-api listening", listening, 30)
         body = {"model": "t/tiny-generate", "prompt": PROMPT, "max_tokens": 32, "temperature": 0}
         plain = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
         assert plain["choices"][0]["text"] == text and plain["usage"]["completion_tokens"] == len(want)
