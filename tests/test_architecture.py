@@ -24,7 +24,9 @@ RANKS = {
     "shards": 6, "splitter": 6, "pull": 6, "gather": 6, "planviz": 6,
     "stages": 7, "hfmodel": 7, "verify": 7, "verify_report": 7,
     # shells
-    "serve": 8, "client": 8, "worker": 8, "agent": 9, "workflow": 9, "tinymodels": 9, "realmodels": 9,
+    "runtime": 8, "node_stages": 8, "pipeline": 8,
+    "serve": 8, "client": 8, "worker": 8, "generation": 9, "openai_api": 10,
+    "agent": 9, "workflow": 9, "tinymodels": 9, "realmodels": 9,
     "demo": 10, "cli": 10,
 }
 

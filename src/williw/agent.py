@@ -16,7 +16,8 @@ a failure involving peers is first retried from the model alone.
 Make-before-break: the shards of older versions are dropped only once the worker has put this node's new version
 in force (or, for a node no longer in the plan, once its assignment is gone). Heartbeats run in their own
 thread, so a long pull does not make the node look dead; the shard server (`williw.serve.ShardServer`, bound
-to ``serve_host``) answers peers in its own threads.
+to ``serve_host``) answers peers in its own threads, and runs this node's stage for ``williw generate``
+(`williw.node_stages`).
 """
 
 from __future__ import annotations
@@ -153,7 +154,12 @@ class NodeAgent:
         c = self.config
         if c.serve_host is None:
             return
-        self.server = ShardServer(self.data_dir, c.node_id, c.serve_host, c.serve_port).start()
+        from williw.node_stages import StageService
+
+        self.server = ShardServer(self.data_dir, c.node_id, c.serve_host, c.serve_port)
+        self.server.stages = StageService(self.data_dir, c.node_id,
+                                          lambda r, v: client.get_plan(r, version=v), client.get_request)
+        self.server.start()
         client.set_serve_url(c.node_id, c.serve_url or self.server.url)
 
     def work_once(self, client: WorkerClient) -> int:
@@ -255,6 +261,8 @@ class NodeAgent:
                 doomed = [d for d, v in self._versions(request_id) if v != row["plan_version"]]
             else:
                 continue
+            if doomed and self.server is not None and self.server.stages is not None:
+                self.server.stages.drop_except(request_id, row["plan_version"] if row else 0)
             for folder in doomed:
                 shutil.rmtree(folder, ignore_errors=True)
                 self.dropped.append(str(folder))

@@ -6,7 +6,8 @@ worker (``williw worker``, SQLite) and three node agents (``williw node``) with 
 memory each on loopback (the model is 538 MB, so it needs all three), then runs the user node's complete
 workflow in this process: it serves the model folder over HTTP with ranges, the worker plans a pipeline on the
 three nodes, each node pulls only its own tensors' bytes and reports its shard ready. It ends with the plan
-table, where each shard lives, and ``williw verify`` on the three nodes' shards (bit-exact logits). Then a
+table, where each shard lives, and ``williw verify`` on the three nodes' shards (bit-exact logits), and the model
+answers a question with ``williw generate`` through the three node processes, with its tokens/s. Then a
 faster fourth node joins: the worker re-plans by itself (the request was distributed with automatic re-planning
 on), the nodes gather the new plan's shards from each other (nothing from the model), and ``williw verify``
 checks the new version too. Every process it started is stopped on the way out, also on Ctrl-C or an error.
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from williw.cli import cli
+
+QUESTION = "What is the capital of France?"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,13 @@ def _verify(model: Path, shards: Path, plan: Path, paths: dict[str, str]) -> int
     for node_id, path in paths.items():
         (shards / node_id).symlink_to(Path(path).resolve(), target_is_directory=True)
     return cli.main(["verify", str(model), "--plan", str(plan), "--shards", str(shards)], standalone_mode=False) or 0
+
+
+def _answer(url: str, request_id: str) -> int:
+    """``williw generate``: the placed model answers a question through the three node processes."""
+    print(f"\nwilliw generate --chat {QUESTION!r} (greedy, through the nodes' stages in plan order):")
+    return cli.main(["generate", "--worker", url, "--request", request_id, "--chat", QUESTION,
+                     "--max-new-tokens", "48"], standalone_mode=False) or 0
 
 
 def _join(url: str, model: Path, out: Path, procs: list[subprocess.Popen], request_id: str, setup: Setup) -> int:
@@ -175,10 +185,12 @@ def main(out: Path = Path("demo-out"), tiny: bool = False) -> int:
                                                        for n, t, m in setup.nodes))
         result = NodeClient(url, node_id="user-node", work_dir=out / "run", model_label=setup.label,
                             timeout_s=setup.timeout_s, reporter=_print_step, auto_replan=True
-                            ).execute_complete_workflow(str(model), 1, 64)
+                            ).execute_complete_workflow(str(model), 1, 64 if tiny else 256)
         print(summary(result))
         code = _verify(model, out / "shards", out / "run" / "plan.json",
                        {n: s["shard_path"] for n, s in result.shards.items()})
+        if not code and not tiny:  # the tiny Llama has no tokenizer
+            code = _answer(url, result.request_id)
         if not code:
             code = _join(url, model, out, procs, result.request_id, setup)
         print(f"demo finished in {time.monotonic() - started:.1f} s")

@@ -48,6 +48,10 @@ class VerifyError(WilliwError):
     """The shards do not compute the same model, or cannot be checked."""
 
 
+class GenerateError(WilliwError):
+    """Running the placed model failed: a node did not answer, refused a session, or the pipeline is not ready."""
+
+
 class MissingDependency(WilliwError, ImportError):
     """An optional extra (torch, transformers) is needed for this operation but not installed."""
 

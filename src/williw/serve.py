@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import stat
 import threading
 from collections import Counter
@@ -34,6 +35,8 @@ log = get_logger(__name__)
 _RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 IDLE_TIMEOUT_S = 30.0
 LISTEN_BACKLOG = 128
+# A hop's hidden state: 8,192 tokens of a 8,192-wide float32 model is 256 MiB.
+MAX_STAGE_BODY = 256 << 20
 
 
 def list_served_files(root: Path) -> dict[str, Path]:
@@ -121,7 +124,10 @@ class ModelServer(ThreadingHTTPServer):
 class ShardServer(ModelServer):
     """A node agent's shards, served to its peers during a migration: only
     ``<request_id>/v<version>/<node_id>/{model.safetensors,shard.json,config.json,...}`` of this node, looked up
-    when asked (shards come and go) by a pattern that admits no other path (not the agent's token file)."""
+    when asked (shards come and go) by a pattern that admits no other path (not the agent's token file).
+    ``stages`` (set by the agent: `williw.node_stages.StageService`) answers the stage routes (POST, DELETE)."""
+
+    stages = None
 
     def __init__(self, data_dir: str | os.PathLike[str], node_id: str, host: str = "127.0.0.1", port: int = 0) -> None:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
@@ -147,6 +153,9 @@ class _Handler(BaseHTTPRequestHandler):
         # header) or a write that waits longer ends the connection.
         self.timeout = self.server.idle_timeout_s
         super().setup()
+        # The headers and the body go out in two writes; with Nagle's algorithm the body would wait for the
+        # client's delayed ACK of the headers (40 ms on Linux), on every stage hop of a generation.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         log.debug("%s %s", self.address_string(), format % args)
@@ -167,9 +176,31 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._serve(body=True)
 
-    def _reply(self, status: HTTPStatus, payload: bytes, content_type: str = "text/plain") -> None:
+    def do_POST(self) -> None:  # noqa: N802
+        self._stage("POST")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._stage("DELETE")
+
+    def _stage(self, method: str) -> None:
+        """A node's stage routes (`williw.node_stages`), when the agent serves its stage on this server."""
+        service = getattr(self.server, "stages", None)
+        length = self.headers.get("Content-Length") or "0"
+        if service is None or not length.isdigit() or int(length) > MAX_STAGE_BODY:
+            self.close_connection = True
+            self._reply(HTTPStatus.NOT_FOUND if service is None else HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        b"no stage here, or a body over the limit\n")
+            return
+        body = self.rfile.read(int(length))
+        status, content_type, payload, headers = service(method, self.path, body)
+        self._reply(HTTPStatus(status), payload, content_type, headers)
+
+    def _reply(self, status: HTTPStatus, payload: bytes, content_type: str = "text/plain",
+               headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)

@@ -313,9 +313,14 @@ def _hooks(stage: Stage, hidden_in: torch.Tensor | None, box: dict[str, Any]) ->
             h.remove()
 
 
-def run_stage(stage: Stage, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def run_stage(stage: Stage, x: torch.Tensor,
+              forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Run a stage through the model's own forward on token ids (first stage, ``[batch, tokens]``) or the previous
     stage's hidden state (``[batch, tokens, hidden]``).
+
+    Args:
+        forward_kwargs: more arguments for the model's forward (a KV cache, ``position_ids``; `williw.runtime`);
+            without them the forward runs with ``use_cache=False``.
 
     Returns:
         ``{"hidden": ...}`` for an inner stage; the model's outputs (``logits``, or ``last_hidden_state`` and
@@ -328,7 +333,7 @@ def run_stage(stage: Stage, x: torch.Tensor) -> dict[str, torch.Tensor]:
     kwargs = {"input_ids": x} if stage.is_first else {"inputs_embeds": torch.zeros((), dtype=x.dtype).expand(x.shape)}
     with torch.no_grad(), _hooks(stage, None if stage.is_first else x, box):
         try:
-            result = stage.model(**kwargs, use_cache=False)
+            result = stage.model(**kwargs, **{"use_cache": False, **(forward_kwargs or {})})
         except _StopStage:
             return {"hidden": box["hidden"]}
     return model_outputs(result)

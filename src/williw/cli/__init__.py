@@ -13,7 +13,7 @@ import click
 from williw.cli._output import run_main
 
 # One module per command family; each defines click commands decorated with @cli.command.
-COMMAND_MODULES = ("metadata", "plan", "replan", "show", "split", "hub", "worker", "verify", "run")
+COMMAND_MODULES = ("metadata", "plan", "replan", "show", "split", "hub", "worker", "verify", "run", "generate")
 
 
 class _Group(click.Group):

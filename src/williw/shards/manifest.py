@@ -26,7 +26,9 @@ SAFETENSORS_FILE = "model.safetensors"
 PTH_FILE = "model.pth"
 # What a node needs besides its weights to build its part; copied when the model has them.
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "tokenizer.model", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt")
+                "tokenizer.model", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt",
+                # transformers 5 saves the chat template beside tokenizer_config.json; generate's chat needs it
+                "chat_template.jinja", "chat_template.json")
 # 8 MiB pieces: large enough that syscalls cost nothing next to the copy, small enough that the few pieces
 # in flight (read, being written, queued for hashing) keep the peak RSS far below 200 MB.
 CHUNK_BYTES = 8 << 20

@@ -5,7 +5,8 @@
   from (a ``williw serve-model`` URL or a Hub repo id). ``auto_replan: true`` lets the worker re-plan the request
   when its nodes leave or new ones join (`williw.worker.replanning`); false turns it off; absent leaves it.
 * ``GET /api/requests/{request_id}/assignments``: every node's state, with its liveness (``online``,
-  ``heartbeat_age_s``), so the user node can tell a slow node from a dead one.
+  ``heartbeat_age_s``), so the user node can tell a slow node from a dead one, and where it serves its shards
+  and its stage (``serve_url``), so ``williw generate`` can run the pipeline.
 * ``GET /api/nodes/{node_id}/assignments``: what a node has to do (reads need no token, as every read), with
   the version in force (``in_force_version``) and, on a version being migrated to, the node's ``pulls``.
 * ``POST /api/assignments/{request_id}/{node_id}`` ``{state, plan_version?, shard_path?, sha256?, error?}``: only
@@ -68,10 +69,12 @@ class AssignmentIn(BaseModel):
 def _with_liveness(store: Store, settings: WorkerSettings, records: list[db.AssignmentRecord]) -> list[dict]:
     now = time.time()
     nodes = {n.node_id: n for n in store.list_nodes()}
+    urls = migration_store.serve_urls(store)
     out = []
     for r in records:
         node = nodes.get(r.node_id)
-        out.append({**r.to_dict(), "online": node is not None and is_online(node, now, settings.node_ttl_s),
+        out.append({**r.to_dict(), "serve_url": urls.get(r.node_id),
+                    "online": node is not None and is_online(node, now, settings.node_ttl_s),
                     "heartbeat_age_s": None if node is None else round(max(0.0, now - node.last_heartbeat), 3)})
     return out
 

@@ -1,0 +1,221 @@
+"""Generation over the placed model: the caller sends each step through the node stages in plan order.
+
+The caller (``williw generate``, ``williw serve-api``) asks the worker for the plan in force and where each node
+serves (`Pipeline.from_worker`), then for each step posts the token ids to the first stage, each stage's hidden
+state to the next, and reads the last stage's logits (`williw.node_stages` for the routes). A session id names
+the generation on every stage, which keeps its KV cache: a prefill sends the prompt once, each decode step one
+token. The caller picks the next token (greedy, or sampled at a temperature with a seeded generator), so the
+nodes never hold a sampler and one caller talks to every node (like Petals' client-driven sequence).
+
+Transport: HTTP/1.1 keep-alive (httpx here, the agent's threaded server there), the body safetensors bytes. Every
+hop costs one request and one response on an open connection; ``bench/generate.py`` measures it.
+
+A node that does not answer (dead: connection refused or reset; a timeout) fails the request with one line naming
+it; a stage whose version was replaced under a running generation (404) makes `generate_tokens` start the
+prefill again on the version now in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from williw.errors import GenerateError
+
+if TYPE_CHECKING:
+    import httpx
+    import torch
+
+__all__ = ["Hop", "Pipeline", "generate_tokens", "load_tokenizer"]
+
+CONNECT_TIMEOUT_S = 3.0
+# A stage loads its shard on its first request (SmolLM2-135M: about 1 s; a 7B stage: tens of seconds).
+READ_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One stage: the node, the URL it serves at, its blocks ``[start, end)``."""
+
+    node_id: str
+    url: str
+    blocks: tuple[int, int]
+
+
+class StageGone(GenerateError):
+    """A stage answered 404: it holds no shard of that version (a re-plan dropped it) or lost the session."""
+
+
+@dataclass
+class Pipeline:
+    """The stages of a request's plan version, in plan order, and the per-hop timings of the last steps
+    (``hop_ms``: round trip per hop, ``compute_ms``: the stage's own time, lists of ``len(hops)``)."""
+
+    request_id: str
+    version: int
+    hops: tuple[Hop, ...]
+    http: httpx.Client
+    hop_ms: list[float] = field(default_factory=list)
+    compute_ms: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_worker(cls, worker_url: str, request_id: str, token: str | None = None) -> Pipeline:
+        """The plan in force of ``request_id`` and where its nodes serve.
+
+        Raises:
+            GenerateError: the request has no plan in force, a node's shard of that version is not ready, or a
+                node serves nowhere.
+            WorkerError: the worker refuses or does not answer.
+        """
+        import httpx
+
+        from williw.client import WorkerClient
+        from williw.planner.plan import Plan
+
+        with WorkerClient(worker_url, token) as c:
+            plan = Plan.from_dict(c.get_plan(request_id), f"request {request_id}'s plan")
+            rows = {r["node_id"]: r for r in c.request_assignments(request_id)["assignments"]}
+        version = plan.version
+        hops = []
+        for a in plan.assignments:
+            row = rows.get(a.node_id)
+            state = row["state"] if row and row["plan_version"] == version else "not assigned"
+            if state != "ready":
+                raise GenerateError(f"node '{a.node_id}' is not ready for plan version {version} of request "
+                                    f"{request_id} (state: {state}); wait for distribution to finish")
+            if not row.get("serve_url"):
+                raise GenerateError(f"node '{a.node_id}' serves no stage (its agent runs with --serve-host none)")
+            if a.blocks is None:
+                raise GenerateError(f"plan version {version} gives node '{a.node_id}' no block range: only a "
+                                    f"pipeline plan can generate")
+            hops.append(Hop(a.node_id, row["serve_url"].rstrip("/"), a.blocks))
+        timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+        return cls(request_id, version, tuple(hops), httpx.Client(timeout=timeout, trust_env=False))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def step(self, session: str, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Run ``x`` (token ids ``[1, tokens]`` at positions ``[start, start + tokens)``) through every stage;
+        returns the last position's logits ``[1, vocab]`` (float32).
+
+        Raises:
+            GenerateError: a node did not answer or refused the step (one line naming it); `StageGone` on a 404.
+        """
+        from williw.runtime import decode_tensor, encode_tensor
+
+        self.hop_ms, self.compute_ms = [], []
+        for hop in self.hops:
+            url = f"{hop.url}/stage/{self.request_id}/v{self.version}/forward"
+            began = time.perf_counter()
+            r = self._call(hop, "POST", url, content=encode_tensor("x", x), params={"session": session,
+                                                                                    "start": str(start)})
+            self.hop_ms.append((time.perf_counter() - began) * 1000)
+            self.compute_ms.append(float(r.headers.get("X-Williw-Compute-Ms", "nan")))
+            x = decode_tensor(r.content, "logits" if hop is self.hops[-1] else "hidden", f"node '{hop.node_id}'")
+        return x
+
+    def end(self, session: str) -> None:
+        """Close the session on every stage that still answers (its KV cache is freed)."""
+        for hop in self.hops:
+            with contextlib.suppress(Exception):  # a dead node holds no session; expiry frees the rest
+                self.http.delete(f"{hop.url}/stage/{self.request_id}/v{self.version}/sessions/{session}")
+
+    def fetch(self, name: str) -> bytes | None:
+        """A file copied beside the first node's shard (``tokenizer.json``, ``config.json``), or None."""
+        hop = self.hops[0]
+        r = self.http.get(f"{hop.url}/{self.request_id}/v{self.version}/{hop.node_id}/{name}")
+        return r.content if r.status_code == 200 else None
+
+    def _call(self, hop: Hop, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        import httpx
+
+        try:
+            r = self.http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise GenerateError(f"node '{hop.node_id}' ({hop.url}) did not answer: {reason}") from None
+        if r.status_code == 404:
+            raise StageGone(f"node '{hop.node_id}' ({hop.url}): {r.text.strip()}")
+        if r.status_code != 200:
+            raise GenerateError(r.text.strip() or f"node '{hop.node_id}' ({hop.url}) answered {r.status_code}")
+        return r
+
+
+def load_tokenizer(pipeline: Pipeline) -> Any:
+    """The model's tokenizer, from the files the first node keeps beside its shard (no shared filesystem).
+
+    Raises:
+        GenerateError: the node keeps no tokenizer file.
+    """
+    from transformers import AutoTokenizer
+
+    from williw.progress import quiet_transformers
+    from williw.shards import COPIED_FILES
+
+    with tempfile.TemporaryDirectory(prefix="williw-tokenizer-") as tmp:
+        got = 0
+        for name in COPIED_FILES:
+            data = pipeline.fetch(name)
+            if data is not None:
+                (Path(tmp) / name).write_bytes(data)
+                got += name != "config.json" and name != "generation_config.json"
+        if not got:
+            raise GenerateError(f"node '{pipeline.hops[0].node_id}' keeps no tokenizer beside its shard")
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(tmp)
+
+
+def generate_tokens(pipeline: Pipeline, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
+                    seed: int | None = None, eos_ids: tuple[int, ...] = (), renew: Any = None) -> Iterator[int]:
+    """Yield new token ids as they come: a prefill of ``prompt_ids``, then one decode step per token, stopping
+    after ``max_new_tokens`` or after an end-of-sequence id (yielded, as ``model.generate`` keeps it).
+
+    Greedy at ``temperature == 0`` (the argmax, like ``model.generate(do_sample=False)``); otherwise sampled from
+    ``softmax(logits / temperature)`` with a ``torch.Generator`` seeded by ``seed``.
+
+    Args:
+        renew: ``() -> Pipeline``; when a stage's version is gone (a re-plan switched versions), the prefill starts
+            again on the pipeline it returns, with the prompt and the tokens so far. None: the request fails.
+
+    Raises:
+        GenerateError: a node failed (one line naming it), or the prompt is empty.
+    """
+    import torch
+
+    if not prompt_ids:
+        raise GenerateError("the prompt gives no tokens")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    tokens, produced, session = list(prompt_ids), 0, uuid.uuid4().hex
+    x, start = torch.tensor([tokens], dtype=torch.long), 0
+    try:
+        while produced < max_new_tokens:
+            try:
+                logits = pipeline.step(session, x, start)
+            except StageGone:
+                if renew is None or start == 0:
+                    raise
+                pipeline.end(session)
+                pipeline, session = renew(), uuid.uuid4().hex
+                x, start = torch.tensor([tokens], dtype=torch.long), 0
+                continue
+            if temperature > 0:
+                probs = torch.softmax(logits[0] / temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=gen))
+            else:
+                token = int(logits[0].argmax())
+            start += int(x.shape[1])
+            tokens.append(token)
+            produced += 1
+            yield token
+            if token in eos_ids:
+                break
+            x = torch.tensor([[token]], dtype=torch.long)
+    finally:
+        pipeline.end(session)

@@ -1,0 +1,209 @@
+"""A node's stage, served for generation: the stage built from the node's own shard (`williw.stages.build_stage`,
+the construction `verify` uses) runs its blocks for sessions whose KV cache it keeps.
+
+One session is one generation: a prefill (the prompt's tokens, positions ``[0, n)``) and then one decode step per
+token (position ``n``, ``n + 1``, ...). Each session owns one transformers ``DynamicCache`` of the whole model: the
+stage's blocks keep their absolute layer indices, so they fill their own layers of it, and the stand-in blocks of
+other stages never touch it. The model's forward reads the cache's length (for ``position_ids`` and the attention
+mask) from layer 0, or from the first layer of a kind (sliding window); on a later stage those layers stay empty,
+so `_StageCache` answers those questions from the stage's first layer of the same kind instead. That is the only
+change to transformers' cache, and no modeling code is copied.
+
+Memory is bounded by the plan's KV budget: the request's ``batch_size`` sessions of at most ``sequence_length``
+tokens each (the budget the planner reserved on every node). A session idle for ``ttl_s`` is expired; a closed
+or expired one frees its cache.
+
+The wire format of a hop is safetensors bytes (one tensor, ``x`` in, ``hidden`` or ``logits`` out): the hidden
+state arrives bit for bit, with its dtype and shape, and parsing it copies nothing but the body.
+
+torch and transformers are imported inside the functions (they are an extra).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from williw.errors import GenerateError
+
+if TYPE_CHECKING:
+    import torch
+
+    from williw.stages import Stage
+
+__all__ = ["Session", "StageHost", "decode_tensor", "encode_tensor", "load_host"]
+
+SESSION_TTL_S = 300.0
+
+
+def encode_tensor(name: str, t: torch.Tensor) -> bytes:
+    """One tensor as safetensors bytes (the body of a hop)."""
+    from safetensors.torch import save
+
+    return save({name: t.contiguous()})
+
+
+def decode_tensor(body: bytes, name: str, where: str) -> torch.Tensor:
+    """The tensor ``name`` of a safetensors body, copied into 64-byte aligned memory (`williw.stages.ALIGNMENT`:
+    the same numerics as a tensor computed here).
+
+    Raises:
+        GenerateError: the body is not safetensors or lacks ``name``.
+    """
+    from safetensors.torch import load
+
+    from williw.stages import ALIGNMENT
+
+    try:
+        t = load(body)[name]
+    except Exception as exc:  # safetensors raises its own SafetensorError and KeyError
+        raise GenerateError(f"{where}: the body is not safetensors holding '{name}' ({exc})") from None
+    return t.clone() if t.data_ptr() % ALIGNMENT else t
+
+
+def _stage_cache(config: Any, blocks: tuple[int, int]) -> Any:
+    """A ``DynamicCache`` of the whole model whose lengths are read from the stage's own layers."""
+    from transformers import DynamicCache
+
+    start, end = blocks
+    types = list(getattr(config.get_text_config(), "layer_types", None) or [])
+
+    class _StageCache(DynamicCache):
+        """Asked about a layer of another stage (always empty here), answer for this stage's first layer of the
+        same attention kind."""
+
+        def _own(self, layer_idx: int) -> int:
+            if start <= layer_idx < end:
+                return layer_idx
+            if types and layer_idx < len(types):
+                return next((j for j in range(start, end) if types[j] == types[layer_idx]), start)
+            return start
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return super().get_seq_length(self._own(layer_idx))
+
+        def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> Any:
+            return super().get_mask_sizes(query_length, self._own(layer_idx))
+
+    return _StageCache(config=config)
+
+
+@dataclass
+class Session:
+    """One generation's state on this stage: its cache, the tokens it holds, when it was last used (monotonic s)."""
+
+    cache: Any
+    tokens: int
+    used: float
+
+
+class StageHost:
+    """A stage serving sessions. Thread-safe: the forward runs under one lock (torch uses every core for one
+    forward; two at once would only share them).
+
+    Args:
+        stage: from `williw.stages.build_stage`.
+        config: the model's config.
+        where: the node and stage, for messages (``node 'b' (blocks [10, 20))``).
+        max_sessions, max_tokens: the KV budget (the request's batch size and sequence length).
+        ttl_s: seconds after which an idle session is expired.
+    """
+
+    def __init__(self, stage: Stage, config: Any, where: str, *, max_sessions: int, max_tokens: int,
+                 ttl_s: float = SESSION_TTL_S) -> None:
+        self.stage, self.config, self.where = stage, config, where
+        self.max_sessions, self.max_tokens, self.ttl_s = max_sessions, max_tokens, ttl_s
+        self.sessions: dict[str, Session] = {}
+        self.lock = threading.Lock()
+        params = inspect.signature(stage.model.forward).parameters
+        # transformers renamed ``past_key_values`` to ``cache`` (5.x); the model's own signature says which.
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keep_last = "logits_to_keep" in params
+
+    def forward(self, session_id: str, x: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
+        """Run the stage on ``x`` at positions ``[start, start + tokens)`` of session ``session_id``.
+
+        ``x`` is token ids ``[1, tokens]`` (first stage) or the previous stage's hidden state
+        ``[1, tokens, hidden]``. ``start == 0`` opens the session (or restarts it); any other start must equal the
+        tokens the session holds.
+
+        Returns:
+            ``{"hidden": [1, tokens, hidden]}`` on an inner stage; ``{"logits": [1, vocab]}`` (the last position's,
+            float32) on the last.
+
+        Raises:
+            GenerateError: an unknown or expired session, a start that skips or repeats positions, the KV budget
+                (sessions or tokens) exceeded.
+        """
+        import torch
+
+        from williw.stages import run_stage
+
+        n = int(x.shape[1])
+        with self.lock:
+            session = self._session(session_id, start, n)
+            positions = torch.arange(start, start + n, dtype=torch.long).unsqueeze(0)
+            kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: session.cache, "position_ids": positions}
+            if self._keep_last:
+                kwargs["logits_to_keep"] = 1
+            out = run_stage(self.stage, x, kwargs)
+            session.tokens, session.used = start + n, time.monotonic()
+        if "hidden" in out:
+            return {"hidden": out["hidden"]}
+        return {"logits": out["logits"][:, -1, :].float()}
+
+    def _session(self, session_id: str, start: int, n: int) -> Session:
+        now = time.monotonic()
+        for sid in [s for s, v in self.sessions.items() if now - v.used > self.ttl_s]:
+            del self.sessions[sid]
+        if start + n > self.max_tokens:
+            raise GenerateError(f"{self.where}: session {session_id[:8]} would hold {start + n} tokens, over the "
+                                f"plan's KV budget of {self.max_tokens} tokens (the request's sequence_length)")
+        session = self.sessions.get(session_id)
+        if start == 0:
+            if session is None and len(self.sessions) >= self.max_sessions:
+                raise GenerateError(f"{self.where}: {len(self.sessions)} sessions are open, the plan's KV budget is "
+                                    f"{self.max_sessions} (the request's batch_size); close one or wait "
+                                    f"{self.ttl_s:.0f} s for an idle one to expire")
+            session = Session(_stage_cache(self.config, self.stage.blocks), 0, now)
+            self.sessions[session_id] = session
+        elif session is None:
+            raise GenerateError(f"{self.where}: no session {session_id[:8]} (closed, expired after "
+                                f"{self.ttl_s:.0f} s idle, or opened on another process)")
+        elif start != session.tokens:
+            raise GenerateError(f"{self.where}: session {session_id[:8]} holds {session.tokens} tokens, the step "
+                                f"starts at position {start}")
+        return session
+
+    def close(self, session_id: str) -> bool:
+        """Free a session's cache; False if it was not open."""
+        with self.lock:
+            return self.sessions.pop(session_id, None) is not None
+
+
+def load_host(shard_dir: Path, blocks: tuple[int, int], where: str, *, max_sessions: int, max_tokens: int,
+              dtype: str = "float32") -> StageHost:
+    """Build the stage of ``blocks`` from ``shard_dir`` (its ``model.safetensors`` and ``config.json``) alone.
+
+    Raises:
+        VerifyError: the shard does not hold the stage (`williw.stages.build_stage`).
+    """
+    import torch
+
+    from williw import stages as st
+    from williw.progress import quiet_transformers
+    from williw.shards.reader import ShardReader
+
+    shard = shard_dir / "model.safetensors"
+    with quiet_transformers():
+        config = st.load_config(shard_dir)
+        _, cls = st.model_class(config)
+        with ShardReader(shard) as f:
+            state = f.read_all()
+        stage = st.build_stage(config, cls, blocks, state, getattr(torch, dtype), where=where,
+                               source=f"shard '{shard}'")
+    return StageHost(stage, config, where, max_sessions=max_sessions, max_tokens=max_tokens)
