@@ -24,20 +24,15 @@ from williw.errors import HubError, SplitError
 from williw.header import FIRST_RANGE_BYTES
 from williw.hub import (
     SAFETENSORS_INDEX,
-    auth_headers,
-    hub_endpoint,
-    is_repo_id,
     metadata_path_in_repo,
-    repo_files,
-    resolve_base_url,
-    resolve_token,
     upload_file,
 )
 from williw.metadata import load_metadata
 from williw.planner.plan import Plan
 from williw.planner.validate import check_plan
 from williw.progress import get_logger
-from williw.remote import BACKOFF_S, HttpRangeSource, HubContext, merge_intervals, safe_file_name
+from williw.remote import BACKOFF_S, HttpRangeSource, merge_intervals, safe_file_name
+from williw.remote_checkpoint import pinned_hub_source
 from williw.shards import COPIED_FILES, read_manifest, sha256_file, write_shards
 from williw.shards.manifest import check_node_id
 from williw.shards.resume import ResumeSource, claim_partial, local_segments, subtract
@@ -200,14 +195,8 @@ def open_remote(model: str, revision: str | None, token: str | None, endpoint: s
     """A range source over the model and, on the Hub, its file list (a plain server has none to give)."""
     if model.startswith(("http://", "https://")):
         return HttpRangeSource(model, first_range_bytes=first_range_bytes, backoff_s=backoff_s), None
-    if not is_repo_id(model):
-        raise HubError(f"'{model}' is neither a Hugging Face repo id (like 'org/model') nor an http(s) URL")
-    token, token_source = resolve_token(token)
-    sha, listing = repo_files(model, revision=revision, token=token, endpoint=endpoint, token_source=token_source)
-    ctx = HubContext(hub_endpoint(endpoint), model, revision or "main", token_source if token else None)
-    # Pinned to the commit: every range of every file comes from the same version of the model.
-    source = HttpRangeSource(resolve_base_url(model, sha, endpoint), headers=auth_headers(token), hub=ctx,
-                             first_range_bytes=first_range_bytes, backoff_s=backoff_s)
+    source, listing, _sha = pinned_hub_source(model, revision=revision, token=token, endpoint=endpoint,
+                                              first_range_bytes=first_range_bytes, backoff_s=backoff_s)
     return source, set(listing)
 
 

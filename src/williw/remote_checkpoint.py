@@ -69,6 +69,19 @@ def open_source(model: str, *, revision: str | None = None, token: str | None = 
     if model.startswith(("http://", "https://")):
         source = HttpRangeSource(model, first_range_bytes=first_range_bytes, backoff_s=backoff_s)
         return source, _served_listing(source), None
+    return pinned_hub_source(model, revision=revision, token=token, endpoint=endpoint,
+                             first_range_bytes=first_range_bytes, backoff_s=backoff_s)
+
+
+def pinned_hub_source(model: str, *, revision: str | None, token: str | None, endpoint: str | None,
+                      first_range_bytes: int = FIRST_RANGE_BYTES,
+                      backoff_s: float = BACKOFF_S) -> tuple[HttpRangeSource, dict[str, int], str]:
+    """A range source over Hub repo ``model`` pinned to the commit ``revision`` resolves to (every range of every
+    file then comes from one version of the model), its files with their sizes, and that commit.
+
+    Raises:
+        HubError: not a repo id; missing repo or revision; no access; bad token; network failure.
+    """
     if not is_repo_id(model):
         raise HubError(f"'{model}' is neither a Hugging Face repo id (like 'org/model') nor an http(s) URL")
     token, token_source = resolve_token(token)
