@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 
@@ -12,12 +11,7 @@ import pytest
 from williw.client import WorkerClient, WorkerHTTPError
 from williw.errors import WorkerError
 from workerproc import WorkerProcess
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from workerproc import free_port as _free_port
 
 
 def test_retries_until_the_worker_is_up_then_maps_errors(tmp_path):

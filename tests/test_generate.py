@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from williw.metadata import generate_metadata  # noqa: E402
 from williw.planner.plan import Plan  # noqa: E402
 from williw.serve import ModelServer  # noqa: E402
 from workerproc import VENV_BIN, WorkerProcess  # noqa: E402
+from workerproc import free_port as _free_port  # noqa: E402
+from workerproc import wait_for as _wait  # noqa: E402
 
 NODES = {"node-a": 8.0, "node-b": 4.0, "node-c": 2.0}  # 12 MB each: the model needs all three, two can hold it
 MEMORY_GB = 0.012
@@ -61,20 +62,6 @@ def _reference(model: Path, prompt: str, n: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(what: str, check, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _generate(worker: str, rid: str, prompt: str, n: int) -> dict:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +20,8 @@ from williw.metadata import generate_metadata
 from williw.planner import MODEL_SOURCE
 from williw.serve import ModelServer
 from workerproc import VENV_BIN, WorkerProcess
+from workerproc import free_port as _free_port
+from workerproc import wait_for as _wait
 
 # Compute 8 : 4 : 2 and 12 MB each: the 19 MB model needs all three, and two can still hold it.
 NODES = {"node-a": 8.0, "node-b": 4.0, "node-c": 2.0}
@@ -36,20 +36,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(what: str, check, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _stats(url: str) -> dict[str, int]:

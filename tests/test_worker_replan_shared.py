@@ -16,6 +16,7 @@ import pytest
 from williw.client import WorkerClient
 from williw.metadata import generate_metadata
 from workerproc import WorkerProcess, postgres_schema
+from workerproc import wait_for as _wait
 
 pytestmark = pytest.mark.postgres
 
@@ -49,13 +50,6 @@ class Beats:
         self.stop.set()
         self.thread.join(10)
 
-
-def _wait(what: str, check, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
-        time.sleep(0.05)
-    return found
 
 
 def _consistent(plans: dict, in_force: int) -> None:

@@ -178,3 +178,22 @@ def backends():
     import pytest
 
     return ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (now)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float = 60.0, interval: float = 0.1):
+    """``check()``'s first truthy answer, polled until ``timeout`` seconds (generous: it returns as soon as the
+    event happens, so a loaded machine only makes it slower, never red)."""
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what} ({timeout} s)"
+        time.sleep(interval)
+    return found
