@@ -4,7 +4,6 @@ The JSON keeps the seed's fields (``model_name``, ``model_type``, ``batch_size``
 ``layers[]`` with ``name, shape, num_params, compute_required, layer_type, dtype``, ``total_compute``,
 ``total_layers``) and adds what planning needs: per tensor ``bytes``, ``block`` and ``placement``, a ``blocks[]``
 summary, totals, ``architecture``, the tied LM head, and ``format_version``.
-
 Structure: `williw.structure.find_structure` reads the stacks from ``config.json`` in execution order (vision
 tower → language model, encoder → decoder) and checks them against the tensor names. ``block`` is a block's
 index in the chain of all stacks (the pipeline); ``stack`` and ``stack_index`` say which stack and which block
@@ -17,7 +16,8 @@ adds its cores, which belong to no tensor: the attention core of a block with at
 ``2·B·S²·hidden`` each, so ``4·B·S²·hidden`` per attention (self, and cross in a decoder; the PaLM paper,
 appendix B, counts the same ``6·L·H·Q·T`` term for training = 3× forward), and the selective scan of a
 state-space block (`williw.compute.ssm_core_flops`). A tied LM head (no ``lm_head`` tensor stored, the embedding
-reused) costs ``2·B·S·vocab·hidden`` on the last stage.
+reused) costs ``2·B·S·vocab·hidden`` on the last stage. Run-time memory per block (KV cache, state,
+activations): `williw.memory`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from williw.compute import CROSS_ATTENTION, CostModel, keys_attended, ssm_core_f
 from williw.errors import MetadataError
 from williw.fsutil import read_json, write_json
 from williw.jsonio import INT64_MAX
+from williw.memory import block_memory, element_bytes
 from williw.structure import ROLES, Structure, find_structure
 from williw.units import DTYPE_BITS
 
@@ -74,6 +75,10 @@ class BlockMeta:
     stack: str | None = None
     stack_index: int | None = None
     state_space_compute: float = 0.0  # GFLOPs of the selective scan (Mamba blocks)
+    kv_bytes_per_token: int = 0  # run-time memory: `williw.memory.BlockMemory` (0 in files written before it)
+    kv_window: int = 0
+    state_bytes: int = 0
+    activation_bytes_per_token: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class ModelMetadata:
     total_layers: int
     stacks: tuple[dict[str, Any], ...] = ()  # williw.structure.Stack.to_dict(), in execution order
     ignored_files: tuple[str, ...] = ()  # weight-like files of the folder that are not the checkpoint
+    element_bytes: int = 2  # bytes of one activation or cache element (`williw.memory.element_bytes`)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -176,6 +182,7 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
         total_layers=len(layers),
         stacks=tuple(s.to_dict() for s in structure.stacks),
         ignored_files=ckpt.ignored,
+        element_bytes=element_bytes(raw),
     )
 
 
@@ -188,9 +195,8 @@ def _layer(t: Any, kind: str, params: int, flops: int, note: str | None, structu
 
 
 def _model_order(layer: LayerMeta) -> tuple[int, int, int, str]:
-    rank = PLACEMENTS.index(layer.placement)
     between = 0 if layer.role != "between" or layer.stack_index is not None else 1
-    return rank, layer.block if layer.block is not None else -1, between, layer.name
+    return PLACEMENTS.index(layer.placement), layer.block if layer.block is not None else -1, between, layer.name
 
 
 def _guess_hidden(layers: list[LayerMeta]) -> int | None:
@@ -206,8 +212,7 @@ def _blocks(layers: list[LayerMeta], flops: dict[str, int], hidden: int | None, 
         if x.block is not None:
             grouped.setdefault(x.block, []).append(x)
     hidden_of = {s.part: stack_hidden(cfg, s.part) or hidden for s in structure.stacks}
-    blocks = []
-    cores = 0
+    blocks, cores = [], 0
     for index in sorted(grouped):
         members = grouped[index]
         stack = next((x.stack for x in members if x.role == "block"), None)
@@ -219,14 +224,18 @@ def _blocks(layers: list[LayerMeta], flops: dict[str, int], hidden: int | None, 
         in_stack = next((x.stack_index for x in members if x.role == "block"), None)
         keys = keys_attended(spec.layer_types if spec else None, in_stack, cfg, seq)
         core = (1 + cross) * 4 * batch * seq * keys * h if attention else 0
-        scan = sum(ssm_core_flops(x.shape, cfg, batch * seq) for x in members if x.name.endswith(".A_log"))
+        a_log = next((x.shape for x in members if x.name.endswith(".A_log")), None)
+        scan = ssm_core_flops(a_log, cfg, batch * seq) if a_log is not None else 0
+        kind = spec.layer_types[in_stack] if spec and spec.layer_types and in_stack is not None else None
+        mem = block_memory(cfg, kind, attention=bool(attention) and stack not in ("vision", "encoder"), a_log=a_log,
+                           hidden=h)
         cores += core + scan
         blocks.append(BlockMeta(index=index, tensors=len(members), params=sum(x.num_params for x in members),
                                 bytes=sum(x.bytes for x in members),
                                 compute=(sum(flops[x.name] for x in members) + core + scan) / GIGA,
                                 attention_compute=core / GIGA, stack=stack,
                                 stack_index=in_stack,
-                                state_space_compute=scan / GIGA))
+                                state_space_compute=scan / GIGA, **asdict(mem)))
     return blocks, cores
 
 
@@ -303,6 +312,7 @@ class _Fields:
 # A field of compute (GFLOPs) is at most 1e18 (1e27 FLOP: a 10^12-parameter model over 10^13 tokens); summed
 # over 10^6 tensors and divided by the smallest compute a node may claim (1e-6 TFLOPS) it stays finite.
 MAX_GFLOPS = 1e18
+_MEMORY_FIELDS = ("kv_bytes_per_token", "kv_window", "state_bytes", "activation_bytes_per_token")
 
 
 def _parse(d: Any, source: str) -> ModelMetadata:
@@ -350,7 +360,8 @@ def _parse(d: Any, source: str) -> ModelMetadata:
                                 stack=f.get("stack", "str", optional=True),
                                 stack_index=f.get("stack_index", "int", optional=True),
                                 state_space_compute=float(f.get("state_space_compute", "num", optional=True,
-                                                                default=0.0))))
+                                                                default=0.0)),
+                                **{k: f.get(k, "int", optional=True, default=0) for k in _MEMORY_FIELDS}))
     if {b.index for b in blocks} != {x.block for x in layers if x.block is not None}:
         raise MetadataError(f"'{source}': 'blocks' does not list exactly the blocks named in 'layers'")
     tied = None
@@ -378,6 +389,7 @@ def _parse(d: Any, source: str) -> ModelMetadata:
         total_layers=top.get("total_layers", "int", optional=True, default=len(layers)),
         stacks=tuple(top.get("stacks", "list", optional=True, default=[])),
         ignored_files=tuple(str(x) for x in top.get("ignored_files", "list", optional=True, default=[])),
+        element_bytes=top.get("element_bytes", "posint", optional=True, default=2),
     )
 
 
