@@ -56,7 +56,9 @@ def stage_cost(meta: ModelMetadata, node: Node, p: int, e: int, objective: str, 
             if p > 0:
                 nbytes += meta.tied_lm_head.bytes
     if e == n and any(b.activation_bytes_per_token for b in meta.blocks):
-        vocab = max(x.shape[0] for x in meta.layers if x.layer_type in ("lm_head", "embedding"))
+        heads = [x for x in meta.layers if x.layer_type == "lm_head" or meta.tied_lm_head
+                 and x.name == meta.tied_lm_head.tensor]
+        vocab = max((x.shape[0] for x in heads), default=0)
         act = max(act, b_ * s_ * vocab * meta.element_bytes)
 
     def link(nb: int) -> float:
@@ -71,10 +73,14 @@ def stage_cost(meta: ModelMetadata, node: Node, p: int, e: int, objective: str, 
     return (nbytes + kv) / (node.memory_bandwidth_gbps * 1e9) + link(sent[0]) + link(sent[1]), memory
 
 
-def brute_force(meta: ModelMetadata, nodes: list[Node], objective: str) -> float | None:
-    """min over ordered node subsets and cuts of the max stage time; memoised on (next block, nodes used)."""
+def brute_force(meta: ModelMetadata, nodes: list[Node], objective: str, batch: int | None = None,
+                context: int | None = None) -> float | None:
+    """min over ordered node subsets and cuts of the max stage time (the sum of decode times for ``latency``);
+    memoised on (next block, nodes used)."""
     n = len(meta.blocks)
     usable = [v for v in nodes if objective == "prefill" or v.memory_bandwidth_gbps is not None]
+    combine = (lambda a, b: a + b) if objective == "latency" else max
+    priced = "decode" if objective == "latency" else objective
 
     @lru_cache(maxsize=None)
     def best(p: int, used: frozenset[str]) -> float | None:
@@ -83,13 +89,13 @@ def brute_force(meta: ModelMetadata, nodes: list[Node], objective: str) -> float
             if v.node_id in used:
                 continue
             for e in range(p + 1, n + 1):
-                t, b = stage_cost(meta, v, p, e, objective)
+                t, b = stage_cost(meta, v, p, e, priced, batch, context)
                 if b > v.memory_bytes - v.reserve_bytes:
                     continue
                 rest = 0.0 if e == n else best(e, used | {v.node_id})
                 if rest is None:
                     continue
-                cand = max(t, rest)
+                cand = combine(t, rest)
                 out = cand if out is None else min(out, cand)
         return out
 

@@ -165,7 +165,7 @@ def pipeline_model(meta: ModelMetadata, batch_size: int | None = None,
             last.append(x.name)
             last_compute.append(x.compute_required)
             last_bytes += x.bytes
-            vocab = max(vocab, x.shape[0] if x.layer_type == "lm_head" and len(x.shape) == 2 else 0)
+            vocab = max(vocab, x.shape[0] if x.layer_type == "lm_head" and x.shape else 0)
     tied = meta.tied_lm_head
     if tied:
         last_compute.append(tied.compute_required)

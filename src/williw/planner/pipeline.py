@@ -100,7 +100,8 @@ class _Costs:
         return b + (m.last_bytes + (m.replica_bytes if p > 0 else 0) if last else 0)
 
     def cost(self, v: int, p: int, e: int, last: bool) -> float:
-        return self.amount(p, e, last) / self.rate[v] + self.hop(v, p, last)
+        # Summed in the order of `costs.stage_times`, so the plan reports exactly the value searched for.
+        return self.amount(p, e, last) / self.rate[v] + self.t_in[v][p > 0] + self.t_out[v][last]
 
     def fits(self, v: int, p: int, e: int, last: bool, t: float) -> bool:
         return self.nbytes(p, e, last) <= self.mem[v] and self.cost(v, p, e, last) <= t
