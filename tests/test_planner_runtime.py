@@ -157,3 +157,13 @@ def test_the_reserve_and_the_batch_count() -> None:
     assert (a.bytes, a.kv_bytes, a.activation_bytes, a.headroom_bytes) == (200, 400, 16, 900 - 616)
     # batch b needs 200 + b · (200 + 8) <= 900: b = 3; context c at batch 2: 200 + 4c + 16 <= 900: c = 171
     assert (plan.extra["max_batch_size"], plan.extra["max_context_length"]) == (3, 171)
+
+
+def test_the_picture_shows_what_the_plan_leaves() -> None:
+    from williw.planviz import plan_svg
+
+    meta = runtime_meta([(10, 100, 1, 0, 0, 0)] * 4, first=(0, 0), last=(0, 0))
+    nodes = [Node("fast", 4.0, (400 + 4 * 512) / 1e9), Node("slow", 1.0, 1.0)]
+    svg = plan_svg(make_plan(meta, nodes, context_length=512), nodes)
+    assert "batch 1 × context 512 (at most 512 tokens)" in svg
+    assert "KV cache 2,048 bytes, activations 0 bytes, headroom 0 bytes" in svg

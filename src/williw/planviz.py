@@ -96,6 +96,10 @@ def _summary(plan: Plan) -> str:
         parts.append(f"{plan.tokens_per_s:,.1f} tokens/s")
     total = sum(a.bytes for a in plan.assignments)
     parts.append(f"{format_bytes(total)} on {len(plan.assignments)} node{'s' if len(plan.assignments) != 1 else ''}")
+    x = plan.extra
+    if "context_length" in x:  # what the plan leaves (`williw.planner.capacity`)
+        most = "any" if x.get("max_context_length") is None else f"{x['max_context_length']:,}"
+        parts.append(f"batch {x['batch_size']} × context {x['context_length']:,} (at most {most} tokens)")
     return " · ".join(parts)
 
 
@@ -189,6 +193,10 @@ def _stage_tooltip(plan: Plan, a: NodeAssignment, i: int, t: float, bottleneck: 
              f"{plan.objective} time {format_seconds(t)} of bottleneck {format_seconds(bottleneck)}"]
     if a.stage_time_s is not None and a.decode_time_s is not None:
         parts.append(f"prefill {format_seconds(a.stage_time_s)}, decode {format_seconds(a.decode_time_s)}/token")
+    if a.kv_bytes is not None and a.activation_bytes is not None and a.headroom_bytes is not None:
+        room = format_bytes(a.headroom_bytes) if a.headroom_bytes >= 0 else f"-{format_bytes(-a.headroom_bytes)}"
+        parts.append(f"KV cache {format_bytes(a.kv_bytes)}, activations {format_bytes(a.activation_bytes)}, "
+                     f"headroom {room}")
     if node is not None:
         parts.append(f"node: {node.compute_tflops:g} TFLOPS, {format_bytes(round(node.memory_gb * 1e9))}")
     return "; ".join(parts)
