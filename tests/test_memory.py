@@ -13,8 +13,9 @@ def test_llama_grouped_query_attention() -> None:
     m = block_memory(cfg, None, attention=True, a_log=None, hidden=4096)
     assert (m.kv_bytes_per_token, m.kv_window, m.state_bytes) == (4096, 0, 0)
     assert m.kv_bytes(2, 8192) == 2 * 8192 * 4096
-    # Activations: 2 · hidden + max(q + o = 2 · 4096, k + v = 2 · 1024; 3 · 14,336) elements of 2 bytes.
-    assert m.activation_bytes_per_token == 2 * (2 * 4096 + 3 * 14336)
+    # Activations: 3 · hidden + 2 · head_dim + max(4 · 4096 + 3 · 1024 + 2 · 4096 (attention), 3 · 14,336 (MLP))
+    # elements of 2 bytes.
+    assert m.activation_bytes_per_token == 2 * (3 * 4096 + 2 * 128 + 3 * 14336)
 
 
 def test_mistral_sliding_window_caps_every_layer() -> None:
@@ -75,5 +76,5 @@ def test_metadata_records_run_time_memory_per_block(tiny_llama) -> None:
     meta = generate_metadata(tiny_llama)
     assert meta.element_bytes == 4
     assert {(b.kv_bytes_per_token, b.kv_window, b.state_bytes) for b in meta.blocks} == {(256, 0, 0)}
-    # 4 · (2 · 64 + max(2 · 4 · 16 + 2 · 2 · 16, 3 · 128))
-    assert {b.activation_bytes_per_token for b in meta.blocks} == {4 * (2 * 64 + 3 * 128)}
+    # 4 · (3 · 64 + 2 · 16 + max(4 · 64 + 3 · 32 + 2 · 64, 3 · 128)): here the attention is the wider
+    assert {b.activation_bytes_per_token for b in meta.blocks} == {4 * (3 * 64 + 2 * 16 + 4 * 64 + 3 * 32 + 2 * 64)}

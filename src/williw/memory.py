@@ -17,14 +17,18 @@ per KV head and token):
   * state-space (Mamba) blocks: no per-token cache but a per-sequence state of
     ``d_inner · (d_conv + d_state) · e`` (the convolution window and the SSM state of ``MambaCache``).
 
-Activations per token: the largest transient of a block over ``T = B·S`` tokens, counted from the tensors alive at
-the block's widest point: the residual input and its normed copy (``2·hidden``) plus the wider of the attention's
-projections (``q + k + v`` and the attention output: ``2·q_dim + 2·kv_dim``) and the MLP's (``gate``, ``up`` and
-their product: ``3·ffn``; ``ffn`` is ``moe_intermediate_size · num_experts_per_tok`` for mixture-of-experts
-blocks), times ``e``. This is the inference subset of Korthikanti et al. 2022 ("Reducing Activation
-Recomputation in Large Transformer Models", section 4.1, ``sbh(34 + 5as/h)`` for training). A Mamba block adds
-the unfused scan's ``exp(Δ·A)`` and ``Δ·B·x`` tensors, ``2 · d_inner · d_state`` float32 values per token
-(transformers' ``MambaMixer.slow_forward``), to ``2·hidden + 4·d_inner`` elements.
+Activations per token: the largest transient of a block over ``T = B·S`` tokens, counted from the tensors that
+transformers' own blocks keep alive at their widest point (``LlamaDecoderLayer``/``LlamaAttention``/``LlamaMLP``
+and their relatives): the stage's input, the residual and its normed copy (``3·hidden``), the rotary tables
+(``2·head_dim``), plus the wider of the attention — ``q``, its rotated copy, the attention output and its
+contiguous reshape (``4·q_dim``), ``k``, ``v`` and the rotated ``k`` (``3·kv_dim``), and for grouped-query
+attention the keys and values repeated to every head (``2·q_dim``) — and the MLP: ``gate``, ``up`` and their
+product (``3·ffn``; ``ffn`` is ``moe_intermediate_size · num_experts_per_tok`` for mixture-of-experts blocks) —
+times ``e``. This is the inference subset of the tensors Korthikanti et al. 2022 count ("Reducing Activation
+Recomputation in Large Transformer Models", section 4.1, ``sbh(34 + 5as/h)`` for training); measured against
+`williw verify --batch-size --context-length` (README). A Mamba block adds the unfused scan's ``exp(Δ·A)`` and
+``Δ·B·x`` tensors, ``2 · d_inner · d_state`` float32 values per token (transformers'
+``MambaMixer.slow_forward``), to ``2·hidden + 4·d_inner`` elements.
 """
 
 from __future__ import annotations
@@ -120,10 +124,12 @@ def block_memory(cfg: dict[str, Any], kind: str | None, *, attention: bool, a_lo
         if lora:
             kv = (lora + (_get(cfg, "qk_rope_head_dim") or 0)) * e
             q_dim = heads * ((_get(cfg, "qk_nope_head_dim") or 0) + (_get(cfg, "qk_rope_head_dim") or 0))
-            widest = 2 * q_dim + 2 * heads * (_get(cfg, "v_head_dim") or head_dim)
+            # q, its rotated copy, the keys expanded from the latent (q_dim) and the values, output, reshape
+            widest = 3 * q_dim + 3 * heads * (_get(cfg, "v_head_dim") or head_dim)
         else:
             kv = 2 * kv_heads * head_dim * e
-            widest = 2 * heads * head_dim + 2 * kv_heads * head_dim
+            q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+            widest = 4 * q_dim + 3 * kv_dim + (2 * q_dim if kv_heads < heads else 0)
         window = _window(cfg, kind)
-    act = e * (2 * hidden + max(widest, 3 * ffn))
+    act = e * (3 * hidden + 2 * head_dim + max(widest, 3 * ffn))
     return BlockMemory(kv, window, state, act)

@@ -313,9 +313,10 @@ def _hooks(stage: Stage, hidden_in: torch.Tensor | None, box: dict[str, Any]) ->
             h.remove()
 
 
-def run_stage(stage: Stage, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def run_stage(stage: Stage, x: torch.Tensor, cache: Any = None) -> dict[str, torch.Tensor]:
     """Run a stage through the model's own forward on token ids (first stage, ``[batch, tokens]``) or the previous
-    stage's hidden state (``[batch, tokens, hidden]``).
+    stage's hidden state (``[batch, tokens, hidden]``); with ``cache`` (the model's own ``DynamicCache``) the
+    stage's blocks append their keys and values to it.
 
     Returns:
         ``{"hidden": ...}`` for an inner stage; the model's outputs (``logits``, or ``last_hidden_state`` and
@@ -328,7 +329,7 @@ def run_stage(stage: Stage, x: torch.Tensor) -> dict[str, torch.Tensor]:
     kwargs = {"input_ids": x} if stage.is_first else {"inputs_embeds": torch.zeros((), dtype=x.dtype).expand(x.shape)}
     with torch.no_grad(), _hooks(stage, None if stage.is_first else x, box):
         try:
-            result = stage.model(**kwargs, use_cache=False)
+            result = stage.model(**kwargs, use_cache=cache is not None, past_key_values=cache)
         except _StopStage:
             return {"hidden": box["hidden"]}
     return model_outputs(result)
