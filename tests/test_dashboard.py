@@ -34,11 +34,12 @@ TTL = 2.0
 BEAT_EVERY = 0.3
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("WILLIW_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
-# 0.3 MB each: the tiny Llama (0.66 MB, blocks of ~0.15 MB) needs all three nodes, so the plan has 3 stages.
-NODES = [("gpu-a", 40.0, 0.0003), ("gpu-b", 20.0, 0.0003), ("cpu-c", 2.0, 0.0003)]
+# 2.01 MB each: the tiny Llama (blocks of ~0.28 MB with their KV cache at 512 tokens, and a 1.44 MB transient a
+# stage) needs all three nodes, so the plan has 3 stages.
+NODES = [("gpu-a", 40.0, 0.00201), ("gpu-b", 20.0, 0.00201), ("cpu-c", 2.0, 0.00201)]
 STOPPED = "cpu-c"
-# 0.5 MB each: the plan needs two of the three nodes and still fits on the other two when one of them leaves.
-REPLAN_NODES = [("gpu-a", 40.0, 0.0005), ("gpu-b", 20.0, 0.0005), ("cpu-c", 2.0, 0.0005)]
+# 2.39 MB each: the plan needs two of the three nodes and still fits on the other two when one of them leaves.
+REPLAN_NODES = [("gpu-a", 40.0, 0.00239), ("gpu-b", 20.0, 0.00239), ("cpu-c", 2.0, 0.00239)]
 LEAVES = "gpu-b"
 SHARD = {"shard_path": "/x", "sha256": "0" * 64}
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

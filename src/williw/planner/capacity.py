@@ -128,7 +128,8 @@ def why_infeasible(model: PipelineModel, nodes: list[Node]) -> str:
                      model.stage_memory(n - 1, n), nodes, at) + tail
     if n == 1:
         return short("the only block with the embeddings and head", model.stage_memory(0, 1), nodes, at) + tail
-    total_need = model.stage_memory(0, 1) + model.stage_memory(1, n)  # no node holds it all: 2+ stages
+    # One node would hold it all as one stage; more nodes need 2+ stages (the replica, a transient each).
+    total_need = model.stage_memory(0, n) if len(nodes) == 1 else model.stage_memory(0, 1) + model.stage_memory(1, n)
     total_have = sum(usable_bytes(v) for v in nodes)
     if total_need > total_have:
         replica = " (with the tied head's replica)" if model.replica_bytes else ""
