@@ -126,7 +126,7 @@ def test_plan_picture_endpoint(worker, fleet):
     got = [(g.get("data-node"), g.get("data-blocks")) for g in stages if g.get("class").split()[0] == "stage"]
     assert got == [(a["node_id"], "[{},{})".format(*a["blocks"])) for a in _stages(plan)]
     # The registry knows the nodes, so each stage's memory is drawn against its node's capacity.
-    assert "capacity unknown" not in r.text and "of 0.30 MB" in r.text
+    assert "capacity unknown" not in r.text and "of 2.01 MB" in r.text
     assert httpx.get(f"{worker.url}/api/plans/{'0' * 32}.svg").status_code == 404
     assert httpx.get(f"{worker.url}/api/plans/{rid}.svg?version=7").status_code == 404
 

@@ -23,10 +23,10 @@ from williw.planner import MODEL_SOURCE
 from williw.serve import ModelServer
 from workerproc import VENV_BIN, WorkerProcess
 
-# Compute 8 : 4 : 2 and 19 MB each (5 blocks of 2.9 MB, weights and KV cache at 512 tokens, and a 4.2 MB
+# Compute 8 : 4 : 2 and 20.5 MB each (5 blocks of 2.9 MB, weights and KV cache at 512 tokens, and a 5.8 MB
 # transient): the model (8 blocks) needs all three, and two can still hold it.
 NODES = {"node-a": 8.0, "node-b": 4.0, "node-c": 2.0}
-MEMORY_GB = 0.019
+MEMORY_GB = 0.0205
 
 
 @pytest.fixture(scope="module")

@@ -170,13 +170,14 @@ def _stage(plan: Plan, a: NodeAssignment, i: int, x: float, w: float, is_worst: 
     lines.append(_text(tx, BAR_Y + 78, _fit(f"time {format_seconds(t)} ({share:.0%})", fits),
                        fill=SLOW if is_worst else "#202124", weight="600" if is_worst else "400"))
     lines.append(_meter(tx, BAR_Y + 84, w - 16, share, SLOW if is_worst else TIME_FILL, "time"))
+    held = a.bytes + (a.kv_bytes or 0) + (a.activation_bytes or 0)  # at run time: weights, KV cache, transient
     if node is not None:
         cap = round(node.memory_gb * 1e9)
-        use = a.bytes / cap if cap else 0.0
-        label = f"memory {format_bytes(a.bytes)} ({use:.0%})"
+        use = held / cap if cap else 0.0
+        label = f"memory {format_bytes(held)} ({use:.0%})"
         color = MEM_OVER if use > 1 else MEM_HIGH if use > 0.8 else MEM_OK
     else:
-        use, label, color = 0.0, f"memory {format_bytes(a.bytes)} (capacity unknown)", "#bbb"
+        use, label, color = 0.0, f"memory {format_bytes(held)} (capacity unknown)", "#bbb"
     lines.append(_text(tx, BAR_Y + 118, _fit(label, fits)))
     lines.append(_meter(tx, BAR_Y + 124, w - 16, use, color, "memory"))
     if node is not None:
