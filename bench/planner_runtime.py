@@ -141,10 +141,11 @@ def exact_with_network() -> None:
     rng = random.Random(0)
     meta = llama_70b(4)
     rows = []
-    for network in (True, False):
-        nodes = [Node(f"n{i}", round(10 ** rng.uniform(0, 2.5), 2), round(rng.uniform(4, 24), 1),
-                      round(rng.uniform(50, 1000)), network_gbps=round(rng.uniform(0.01, 2), 3) if network else None,
-                      latency_ms=round(rng.uniform(0.2, 20), 1) if network else None) for i in range(12)]
+    base = [(f"n{i}", round(10 ** rng.uniform(0, 2.5), 2), round(rng.uniform(4, 24), 1), round(rng.uniform(50, 1000)),
+             round(rng.uniform(0.01, 2), 3), round(rng.uniform(0.2, 20), 1)) for i in range(12)]
+    for network in (True, False):  # the same 12 nodes, with and without their links
+        nodes = [Node(i, t, m, bw, network_gbps=net if network else None, latency_ms=lat if network else None)
+                 for i, t, m, bw, net, lat in base]
         for objective in ("prefill", "decode"):
             plan, secs = timed(lambda o=objective, v=nodes: make_plan(meta, v, objective=o, context_length=2048))
             rows.append(("with network" if network else "without (reference)", objective,
