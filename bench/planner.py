@@ -10,6 +10,9 @@
    heterogeneous nodes: the bottleneck of ``pipeline`` against the seed's ``greedy`` and against the lower bound
    ``total GFLOPs / sum of TFLOPS``.
 
+3-5. Run-time memory and the network: a prima.cpp-shaped home cluster, a Helix-shaped 24-node cluster, and exact
+   planning with network costs at 12 nodes (`bench/planner_runtime.py`, which also runs alone).
+
 Run: ``.venv/bin/python bench/planner.py``
 """
 
@@ -150,3 +153,8 @@ if __name__ == "__main__":
     certified()
     scale()
     llama()
+    import planner_runtime  # run-time memory and the network (issue 17): its three tables
+
+    planner_runtime.home()
+    planner_runtime.helix()
+    planner_runtime.exact_with_network()

@@ -19,7 +19,7 @@ RANKS = {
     "header": 1, "config": 1, "remote": 1, "hub": 1, "weightfiles": 1,
     "checkpoint": 2, "classify": 2, "remote_checkpoint": 2,
     "structure": 3, "seedformat": 3,
-    "metadata": 4, "compute": 4,
+    "metadata": 4, "metadata_read": 4, "compute": 4, "memory": 4,
     "fleet": 5, "planner": 5,
     "shards": 6, "splitter": 6, "pull": 6, "gather": 6, "planviz": 6,
     "stages": 7, "hfmodel": 7, "verify": 7, "verify_report": 7,

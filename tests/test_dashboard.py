@@ -34,11 +34,12 @@ TTL = 2.0
 BEAT_EVERY = 0.3
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("WILLIW_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
-# 0.3 MB each: the tiny Llama (0.66 MB, blocks of ~0.15 MB) needs all three nodes, so the plan has 3 stages.
-NODES = [("gpu-a", 40.0, 0.0003), ("gpu-b", 20.0, 0.0003), ("cpu-c", 2.0, 0.0003)]
+# 2.01 MB each: the tiny Llama (blocks of ~0.28 MB with their KV cache at 512 tokens, and a 1.44 MB transient a
+# stage) needs all three nodes, so the plan has 3 stages.
+NODES = [("gpu-a", 40.0, 0.00201), ("gpu-b", 20.0, 0.00201), ("cpu-c", 2.0, 0.00201)]
 STOPPED = "cpu-c"
-# 0.5 MB each: the plan needs two of the three nodes and still fits on the other two when one of them leaves.
-REPLAN_NODES = [("gpu-a", 40.0, 0.0005), ("gpu-b", 20.0, 0.0005), ("cpu-c", 2.0, 0.0005)]
+# 2.39 MB each: the plan needs two of the three nodes and still fits on the other two when one of them leaves.
+REPLAN_NODES = [("gpu-a", 40.0, 0.00239), ("gpu-b", 20.0, 0.00239), ("cpu-c", 2.0, 0.00239)]
 LEAVES = "gpu-b"
 SHARD = {"shard_path": "/x", "sha256": "0" * 64}
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -125,7 +126,7 @@ def test_plan_picture_endpoint(worker, fleet):
     got = [(g.get("data-node"), g.get("data-blocks")) for g in stages if g.get("class").split()[0] == "stage"]
     assert got == [(a["node_id"], "[{},{})".format(*a["blocks"])) for a in _stages(plan)]
     # The registry knows the nodes, so each stage's memory is drawn against its node's capacity.
-    assert "capacity unknown" not in r.text and "of 0.30 MB" in r.text
+    assert "capacity unknown" not in r.text and "of 2.01 MB" in r.text
     assert httpx.get(f"{worker.url}/api/plans/{'0' * 32}.svg").status_code == 404
     assert httpx.get(f"{worker.url}/api/plans/{rid}.svg?version=7").status_code == 404
 

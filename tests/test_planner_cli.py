@@ -18,8 +18,11 @@ def files(tiny_llama, tmp_path_factory):
     d = tmp_path_factory.mktemp("plan-cli")
     meta = generate_metadata(tiny_llama, model_name="tiny")
     save_metadata(meta, d / "meta.json")
-    block = max(b.bytes for b in meta.blocks)
-    nodes = [{"node_id": "a", "compute_tflops": 2, "memory_gb": 2.5 * block / 1e9, "memory_bandwidth_gbps": 100},
+    # Room for 2.5 blocks of weights and their KV caches for the 512-token context, and one block's transient.
+    block = max(b.bytes + b.kv_bytes_per_token * 512 for b in meta.blocks)
+    act = max(b.activation_bytes_per_token * 512 for b in meta.blocks)
+    nodes = [{"node_id": "a", "compute_tflops": 2, "memory_gb": (2.5 * block + act) / 1e9,
+              "memory_bandwidth_gbps": 100},
              {"node_id": "b", "compute_tflops": 1, "memory_gb": 10.0, "memory_bandwidth_gbps": 50},
              {"node_id": "tiny", "compute_tflops": 9, "memory_gb": 1e-6}]
     (d / "nodes.json").write_text(json.dumps(nodes))
@@ -30,13 +33,16 @@ def test_plan_prints_a_table_and_summary_and_validates(files, williw) -> None:
     d, meta = files
     out = williw("plan", str(d / "meta.json"), "--nodes", str(d / "nodes.json"), "-o", str(d / "plan.json"),
                  check=True).stdout.splitlines()
-    assert out[0].split() == ["node", "stage", "blocks", "tensors", "compute", "memory", "prefill", "decode", "util"]
+    assert out[0].split() == ["node", "stage", "blocks", "tensors", "compute", "weights", "kv", "activations",
+                              "headroom", "prefill", "decode", "util"]
     assert [line.split()[:3] for line in out[2:4]] == [["b", "0", "[0,"], ["a", "1", "[2,"]]
     assert out[4].startswith("pipeline (prefill): 2 of 3 nodes, bottleneck ")
     assert ", exact), prefill " in out[4] and out[4].endswith(" tokens/s")
-    assert out[5] == "excluded tiny: cannot hold a single block: the smallest needs " + \
-        f"{min(b.bytes for b in meta.blocks) / 1e6:.2f} MB, it has 1,000 bytes"
-    assert out[6] == f"wrote {d / 'plan.json'}"
+    assert out[5].startswith("holds batch 1 x context 512; at most context ")
+    smallest = min(b.bytes + (b.kv_bytes_per_token + b.activation_bytes_per_token) * 512 for b in meta.blocks)
+    assert out[6] == f"excluded tiny: cannot hold a single block: the smallest needs {smallest / 1e6:.2f} MB, it " \
+        "has 1,000 bytes"
+    assert out[7] == f"wrote {d / 'plan.json'}"
     plan = json.loads((d / "plan.json").read_text())
     assert plan["@plan"]["stages"] == ["b", "a"] and plan["a"]["blocks"] == [2, 4]
 

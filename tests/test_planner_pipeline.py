@@ -32,11 +32,19 @@ def build_meta(blocks: list[tuple[int, int]], first: tuple[int, int] = (0, 1), l
                          total, len(layers), sum(x.bytes for x in layers), len(layers))
 
 
-def stage_cost(meta: ModelMetadata, node: Node, p: int, e: int, objective: str) -> tuple[float, int]:
-    """(objective time, bytes) of blocks [p, e) on node, written from the issue's definitions."""
+def stage_cost(meta: ModelMetadata, node: Node, p: int, e: int, objective: str, batch: int | None = None,
+               context: int | None = None) -> tuple[float, int]:
+    """(objective time, memory bytes) of blocks [p, e) on node, written from the issues' definitions: weights +
+    KV cache for B sequences of C tokens (capped at windows, plus states) + the largest block transient at B·S
+    (and the logits B·S·vocab·e on the last stage, when the metadata knows run-time memory); time = amount / rate
+    plus receiving and sending on the node's own link (latency + bytes / bandwidth)."""
     n = len(meta.blocks)
+    b_, c_, s_ = batch or meta.batch_size, context or meta.sequence_length, meta.sequence_length
     compute = sum(b.compute for b in meta.blocks[p:e])
     nbytes = sum(b.bytes for b in meta.blocks[p:e])
+    kv = sum(b_ * (b.kv_bytes_per_token * (min(c_, b.kv_window) if b.kv_window else c_) + b.state_bytes)
+             for b in meta.blocks[p:e])
+    act = max((b_ * s_ * b.activation_bytes_per_token for b in meta.blocks[p:e]), default=0)
     if p == 0:
         compute += sum(x.compute_required for x in meta.layers if x.placement == "first")
         nbytes += sum(x.bytes for x in meta.layers if x.placement == "first")
@@ -47,15 +55,32 @@ def stage_cost(meta: ModelMetadata, node: Node, p: int, e: int, objective: str) 
             compute += meta.tied_lm_head.compute_required
             if p > 0:
                 nbytes += meta.tied_lm_head.bytes
+    if e == n and any(b.activation_bytes_per_token for b in meta.blocks):
+        heads = [x for x in meta.layers if x.layer_type == "lm_head" or meta.tied_lm_head
+                 and x.name == meta.tied_lm_head.tensor]
+        vocab = max((x.shape[0] for x in heads), default=0)
+        act = max(act, b_ * s_ * vocab * meta.element_bytes)
+
+    def link(nb: int) -> float:
+        return (node.latency_ms or 0) / 1000 + (nb / (node.network_gbps * 1e9) if node.network_gbps else 0.0)
+
+    hidden = (meta.hidden_size or 0) * meta.element_bytes
+    tokens = s_ if objective == "prefill" else 1
+    sent = [b_ * tokens * (8 if edge else hidden) for edge in (p == 0, e == n)]
+    memory = nbytes + kv + act
     if objective == "prefill":
-        return compute / (node.compute_tflops * 1000), nbytes
-    return nbytes / (node.memory_bandwidth_gbps * 1e9), nbytes
+        return compute / (node.compute_tflops * 1000) + link(sent[0]) + link(sent[1]), memory
+    return (nbytes + kv) / (node.memory_bandwidth_gbps * 1e9) + link(sent[0]) + link(sent[1]), memory
 
 
-def brute_force(meta: ModelMetadata, nodes: list[Node], objective: str) -> float | None:
-    """min over ordered node subsets and cuts of the max stage time; memoised on (next block, nodes used)."""
+def brute_force(meta: ModelMetadata, nodes: list[Node], objective: str, batch: int | None = None,
+                context: int | None = None) -> float | None:
+    """min over ordered node subsets and cuts of the max stage time (the sum of decode times for ``latency``);
+    memoised on (next block, nodes used)."""
     n = len(meta.blocks)
     usable = [v for v in nodes if objective == "prefill" or v.memory_bandwidth_gbps is not None]
+    combine = (lambda a, b: a + b) if objective == "latency" else max
+    priced = "decode" if objective == "latency" else objective
 
     @lru_cache(maxsize=None)
     def best(p: int, used: frozenset[str]) -> float | None:
@@ -64,13 +89,13 @@ def brute_force(meta: ModelMetadata, nodes: list[Node], objective: str) -> float
             if v.node_id in used:
                 continue
             for e in range(p + 1, n + 1):
-                t, b = stage_cost(meta, v, p, e, objective)
-                if b > v.memory_bytes:
+                t, b = stage_cost(meta, v, p, e, priced, batch, context)
+                if b > v.memory_bytes - v.reserve_bytes:
                     continue
                 rest = 0.0 if e == n else best(e, used | {v.node_id})
                 if rest is None:
                     continue
-                cand = max(t, rest)
+                cand = combine(t, rest)
                 out = cand if out is None else min(out, cand)
         return out
 
@@ -86,7 +111,7 @@ def literal_brute_force(meta: ModelMetadata, nodes: list[Node], objective: str) 
             for cuts in itertools.combinations(range(1, n), k - 1):
                 bounds = (0, *cuts, n)
                 costs = [stage_cost(meta, v, bounds[j], bounds[j + 1], objective) for j, v in enumerate(order)]
-                if all(b <= v.memory_bytes for (_, b), v in zip(costs, order, strict=True)):
+                if all(b <= v.memory_bytes - v.reserve_bytes for (_, b), v in zip(costs, order, strict=True)):
                     worst = max(t for t, _ in costs)
                     out = worst if out is None else min(out, worst)
     return out

@@ -119,7 +119,7 @@ def test_excluded_nodes_are_listed_with_their_reason_and_text_is_escaped():
 
 def test_a_real_plan_of_the_tiny_llama(tiny_llama):
     meta = generate_metadata(tiny_llama, model_name="tiny/llama")
-    nodes = [Node("gpu-a", 40.0, 0.0003), Node("gpu-b", 20.0, 0.0003), Node("cpu-c", 2.0, 0.0003),
+    nodes = [Node("gpu-a", 40.0, 0.00201), Node("gpu-b", 20.0, 0.00201), Node("cpu-c", 2.0, 0.00201),
              Node("far", 1.0, 0.00001)]
     plan = make_plan(meta, nodes)
     svg = plan_svg(plan, nodes)
@@ -132,8 +132,8 @@ def test_plan_svg_and_show_plan_commands(williw, tmp_path, tiny_llama):
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps(generate_metadata(tiny_llama, model_name="tiny/llama").to_dict()))
     nodes = tmp_path / "nodes.json"
-    nodes.write_text(json.dumps([{"node_id": "gpu-a", "compute_tflops": 40, "memory_gb": 0.0004},
-                                 {"node_id": "gpu-b", "compute_tflops": 20, "memory_gb": 0.0004}]))
+    nodes.write_text(json.dumps([{"node_id": "gpu-a", "compute_tflops": 40, "memory_gb": 0.0022},
+                                 {"node_id": "gpu-b", "compute_tflops": 20, "memory_gb": 0.0022}]))
     done = williw("plan", str(meta), "--nodes", str(nodes), "-o", str(tmp_path / "plan.json"), "--svg",
                   str(tmp_path / "a.svg"), "--json", check=True)
     assert json.loads(done.stdout)["svg"] == str(tmp_path / "a.svg")

@@ -24,8 +24,9 @@ TOKEN = "replan-admin"
 TTL = 2.0
 TICK = TTL / 4
 SHA = "0" * 64
-# Equal nodes of 0.4 MB: the tiny Llama (0.66 MB, 4 blocks) is cut over all four; any two can still hold it.
-NODES = {f"n{i}": (10.0, 0.0004) for i in range(1, 5)}
+# Equal nodes of 2.2 MB: the tiny Llama (0.66 MB of weights in 4 blocks; at 512 tokens 0.13 MB of KV cache a block
+# and a 1.44 MB transient a stage) is cut over all four; any two can still hold it.
+NODES = {f"n{i}": (10.0, 0.0022) for i in range(1, 5)}
 
 
 class Fleet:
@@ -178,7 +179,7 @@ def test_a_departure_mid_migration_replans_from_the_version_in_force(fleet: Flee
 
 
 def test_a_node_with_nothing_to_offer_changes_nothing(fleet: Fleet) -> None:
-    fleet.tokens["slow"] = fleet.admin.register_node("slow", 0.001, 0.0004)["node_token"]
+    fleet.tokens["slow"] = fleet.admin.register_node("slow", 0.001, 0.0022)["node_token"]
     time.sleep(6 * TICK)  # several re-planning checks: a re-plan, had it been wrongly started, would show
     p = fleet.plans()
     assert (p["plan_version"], p["migration"], [v["version"] for v in p["plans"]]) == (1, None, [1])
@@ -195,8 +196,11 @@ def test_no_plan_for_the_survivors_fails_the_request_and_keeps_the_plan(fleet: F
     request = fleet.admin.get_request(fleet.rid)
     # The three heartbeats stop together, but a check may see one of them go first (and re-plan on the other two).
     assert request["reason"].startswith("re-planning after ")
-    assert request["reason"].endswith(" left failed: the model needs 0.66 MB but the only usable node has 0.40 MB "
-                                      "in total (short by 0.26 MB)")
+    # One node holds 0.66 MB of weights, 0.52 MB of KV cache (4 blocks · 256 bytes · 512 tokens) and a 1.44 MB
+    # transient; with 2.20 MB it holds a context of (2,200,000 - 657,664 - 1,441,792) // 1,024 = 98 tokens.
+    assert request["reason"].endswith(" left failed: the model needs 2.62 MB at batch 1 and context 512 but the "
+                                      "only usable node has 2.20 MB in total (short by 0.42 MB); at batch 1 the "
+                                      "fleet holds a context of at most 98 tokens")
     assert request["plan_version"] == 1 and fleet.admin.get_plan(fleet.rid)["@plan"]["version"] == 1
     fleet.gone.clear()  # the nodes come back: the plan in force runs again, and the request is planned again
     deadline = time.monotonic() + 60

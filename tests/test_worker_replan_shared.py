@@ -22,7 +22,7 @@ pytestmark = pytest.mark.postgres
 
 TOKEN = "shared-admin"
 TTL = 2.0  # heartbeats every 0.2 s: a live node misses 10 in a row before it looks offline
-NODES = {f"n{i}": (10.0, 0.0004) for i in range(1, 5)}  # any two of these hold the tiny Llama (0.66 MB)
+NODES = {f"n{i}": (10.0, 0.0022) for i in range(1, 5)}  # any two of these hold the tiny Llama at run time
 
 
 @pytest.fixture(scope="module")

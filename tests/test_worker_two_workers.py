@@ -26,8 +26,8 @@ pytestmark = pytest.mark.postgres
 TOKEN = "two-workers"
 TTL = 1.0
 SHA = "0" * 64
-# As in test_worker_replan: four equal nodes of 0.4 MB; the tiny Llama (0.66 MB) is cut over all four.
-NODES = {f"n{i}": (10.0, 0.0004) for i in range(1, 5)}
+# As in test_worker_replan: four equal nodes of 2.2 MB; the tiny Llama is cut over all four.
+NODES = {f"n{i}": (10.0, 0.0022) for i in range(1, 5)}
 BURST = 48  # registrations, each followed by three heartbeats, over 8 threads alternating between the workers
 
 

@@ -36,10 +36,10 @@ NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 NUMBER_MIN = 1e-6
 NUMBER_MAX = 1e9
 RANGES = {"compute_tflops": (1e-6, "1e-6"), "memory_gb": (1e-9, "1e-9"), "memory_bandwidth_gbps": (1e-6, "1e-6"),
-          "network_gbps": (1e-6, "1e-6")}
+          "network_gbps": (1e-6, "1e-6"), "latency_ms": (0, "0"), "memory_reserve_gb": (0, "0")}
 
 _REQUIRED = ("node_id", "compute_tflops", "memory_gb")
-_OPTIONAL_NUMBERS = ("memory_bandwidth_gbps", "network_gbps")
+_OPTIONAL_NUMBERS = ("memory_bandwidth_gbps", "network_gbps", "latency_ms", "memory_reserve_gb")
 _FIELDS = (*_REQUIRED, *_OPTIONAL_NUMBERS, "labels")
 
 
@@ -52,8 +52,13 @@ class Node:
         compute_tflops: sustained dense compute, 1e12 FLOP/s.
         memory_gb: memory for weights, 1 GB = 1e9 bytes.
         memory_bandwidth_gbps: memory bandwidth in GB/s (1e9 bytes/s); prices token-by-token decoding.
-        network_gbps: link speed in GB/s; recorded, not yet used by the planner.
+        network_gbps: link speed in GB/s (1e9 bytes/s); prices the hidden state a stage receives and sends
+            (`williw.planner.costs`); None: transfers are free.
         labels: free-form tags.
+        latency_ms: one-way latency between the node and the network, milliseconds; every transfer the node
+            takes part in pays it once.
+        memory_reserve_gb: memory kept free for the runtime (CUDA context, allocator slack), GB; the planner fits
+            weights, KV cache and activations into ``memory_gb - memory_reserve_gb``.
     """
 
     node_id: str
@@ -62,11 +67,18 @@ class Node:
     memory_bandwidth_gbps: float | None = None
     network_gbps: float | None = None
     labels: tuple[str, ...] = ()
+    latency_ms: float | None = None
+    memory_reserve_gb: float | None = None
 
     @property
     def memory_bytes(self) -> int:
         """Memory in bytes: ``memory_gb · 1e9`` rounded to the nearest byte (0.29 · 1e9 is 289999999.99999994)."""
         return round(self.memory_gb * GB)
+
+    @property
+    def reserve_bytes(self) -> int:
+        """``memory_reserve_gb · 1e9`` rounded to the byte (0 when not given)."""
+        return round((self.memory_reserve_gb or 0.0) * GB)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"node_id": self.node_id, "compute_tflops": self.compute_tflops,
@@ -108,7 +120,8 @@ def _number(entry: dict[str, Any], key: str, where: str, *, optional: bool) -> f
 
 
 def check_number(field: str, value: Any) -> float:
-    """``value`` as a float if it is a number in the field's range: [1e-6, 1e9] (`RANGES`; memory from 1e-9).
+    """``value`` as a float if it is a number in the field's range: [1e-6, 1e9] (`RANGES`; memory from 1e-9, latency
+    and reserve from 0).
 
     Raises:
         ValueError: ``"must be a finite number in [1e-6, 1e9], got <value>"``.
@@ -167,7 +180,8 @@ def parse_nodes(obj: Any, source: str = "nodes") -> list[Node]:
                           memory_gb=_number(entry, "memory_gb", where, optional=False),  # type: ignore[arg-type]
                           memory_bandwidth_gbps=_number(entry, "memory_bandwidth_gbps", where, optional=True),
                           network_gbps=_number(entry, "network_gbps", where, optional=True),
-                          labels=tuple(labels)))
+                          labels=tuple(labels), latency_ms=_number(entry, "latency_ms", where, optional=True),
+                          memory_reserve_gb=_number(entry, "memory_reserve_gb", where, optional=True)))
     return nodes
 
 

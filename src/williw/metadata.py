@@ -4,7 +4,6 @@ The JSON keeps the seed's fields (``model_name``, ``model_type``, ``batch_size``
 ``layers[]`` with ``name, shape, num_params, compute_required, layer_type, dtype``, ``total_compute``,
 ``total_layers``) and adds what planning needs: per tensor ``bytes``, ``block`` and ``placement``, a ``blocks[]``
 summary, totals, ``architecture``, the tied LM head, and ``format_version``.
-
 Structure: `williw.structure.find_structure` reads the stacks from ``config.json`` in execution order (vision
 tower → language model, encoder → decoder) and checks them against the tensor names. ``block`` is a block's
 index in the chain of all stacks (the pipeline); ``stack`` and ``stack_index`` say which stack and which block
@@ -17,7 +16,8 @@ adds its cores, which belong to no tensor: the attention core of a block with at
 ``2·B·S²·hidden`` each, so ``4·B·S²·hidden`` per attention (self, and cross in a decoder; the PaLM paper,
 appendix B, counts the same ``6·L·H·Q·T`` term for training = 3× forward), and the selective scan of a
 state-space block (`williw.compute.ssm_core_flops`). A tied LM head (no ``lm_head`` tensor stored, the embedding
-reused) costs ``2·B·S·vocab·hidden`` on the last stage.
+reused) costs ``2·B·S·vocab·hidden`` on the last stage. Run-time memory per block (KV cache, state,
+activations): `williw.memory`.
 """
 
 from __future__ import annotations
@@ -29,14 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from williw.checkpoint import Checkpoint, open_checkpoint
-from williw.classify import LAYER_TYPES, layer_type
+from williw.classify import layer_type
 from williw.compute import CROSS_ATTENTION, CostModel, keys_attended, ssm_core_flops, stack_hidden
 from williw.errors import MetadataError
 from williw.fsutil import read_json, write_json
-from williw.jsonio import INT64_MAX
-from williw.seedformat import derive_seed_fields, dtype_code
-from williw.structure import ROLES, Structure, find_structure
-from williw.units import DTYPE_BITS
+from williw.memory import block_memory, element_bytes
+from williw.structure import Structure, find_structure
 
 FORMAT_VERSION = 1
 GIGA = 1e9
@@ -76,6 +74,10 @@ class BlockMeta:
     stack: str | None = None
     stack_index: int | None = None
     state_space_compute: float = 0.0  # GFLOPs of the selective scan (Mamba blocks)
+    kv_bytes_per_token: int = 0  # run-time memory: `williw.memory.BlockMemory` (0 in files written before it)
+    kv_window: int = 0
+    state_bytes: int = 0
+    activation_bytes_per_token: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class ModelMetadata:
     commit: str | None = None  # the Hub commit the headers were read at (remote metadata); None for a folder
     # What reading derived rather than found (seed-format metadata, see `williw.seedformat`); not written out.
     notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+    element_bytes: int = 2  # bytes of one activation or cache element (`williw.memory.element_bytes`)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -125,7 +128,9 @@ class ModelMetadata:
         Raises:
             MetadataError: one line naming ``source``, the field and what was expected.
         """
-        return _parse(d, source)
+        from williw.metadata_read import parse_metadata
+
+        return parse_metadata(d, source)
 
 
 def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name: str | None = None,
@@ -184,6 +189,7 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
         stacks=tuple(s.to_dict() for s in structure.stacks),
         ignored_files=ckpt.ignored,
         commit=ckpt.commit,
+        element_bytes=element_bytes(raw),
     )
 
 
@@ -196,9 +202,8 @@ def _layer(t: Any, kind: str, params: int, flops: int, note: str | None, structu
 
 
 def _model_order(layer: LayerMeta) -> tuple[int, int, int, str]:
-    rank = PLACEMENTS.index(layer.placement)
     between = 0 if layer.role != "between" or layer.stack_index is not None else 1
-    return rank, layer.block if layer.block is not None else -1, between, layer.name
+    return PLACEMENTS.index(layer.placement), layer.block if layer.block is not None else -1, between, layer.name
 
 
 def _guess_hidden(layers: list[LayerMeta]) -> int | None:
@@ -214,8 +219,7 @@ def _blocks(layers: list[LayerMeta], flops: dict[str, int], hidden: int | None, 
         if x.block is not None:
             grouped.setdefault(x.block, []).append(x)
     hidden_of = {s.part: stack_hidden(cfg, s.part) or hidden for s in structure.stacks}
-    blocks = []
-    cores = 0
+    blocks, cores = [], 0
     for index in sorted(grouped):
         members = grouped[index]
         stack = next((x.stack for x in members if x.role == "block"), None)
@@ -227,14 +231,18 @@ def _blocks(layers: list[LayerMeta], flops: dict[str, int], hidden: int | None, 
         in_stack = next((x.stack_index for x in members if x.role == "block"), None)
         keys = keys_attended(spec.layer_types if spec else None, in_stack, cfg, seq)
         core = (1 + cross) * 4 * batch * seq * keys * h if attention else 0
-        scan = sum(ssm_core_flops(x.shape, cfg, batch * seq) for x in members if x.name.endswith(".A_log"))
+        a_log = next((x.shape for x in members if x.name.endswith(".A_log")), None)
+        scan = ssm_core_flops(a_log, cfg, batch * seq) if a_log is not None else 0
+        kind = spec.layer_types[in_stack] if spec and spec.layer_types and in_stack is not None else None
+        mem = block_memory(cfg, kind, attention=bool(attention) and stack not in ("vision", "encoder"), a_log=a_log,
+                           hidden=h)
         cores += core + scan
         blocks.append(BlockMeta(index=index, tensors=len(members), params=sum(x.num_params for x in members),
                                 bytes=sum(x.bytes for x in members),
                                 compute=(sum(flops[x.name] for x in members) + core + scan) / GIGA,
                                 attention_compute=core / GIGA, stack=stack,
                                 stack_index=in_stack,
-                                state_space_compute=scan / GIGA))
+                                state_space_compute=scan / GIGA, **asdict(mem)))
     return blocks, cores
 
 
@@ -267,134 +275,4 @@ def load_metadata(path: str | os.PathLike[str]) -> ModelMetadata:
     """
     path = Path(path)
     data = read_json(path, MetadataError, "no such metadata file")
-    return _parse(data, str(path))
-
-
-class _Fields:
-    """Typed access to a JSON object, raising one-line errors with the field's path."""
-
-    def __init__(self, obj: Any, source: str, where: str) -> None:
-        if not isinstance(obj, dict):
-            raise MetadataError(f"'{source}': {where or 'the top level'} must be an object")
-        self.obj, self.source, self.where = obj, source, where
-
-    def _fail(self, key: str, expected: str, value: Any) -> MetadataError:
-        path = f"{self.where}.{key}" if self.where else key
-        text = repr(value)
-        text = text if len(text) <= 60 else f"{text[:40]}... ({len(text):,} characters)"
-        return MetadataError(f"'{self.source}': field '{path}' expected {expected}, got {text}")
-
-    def get(self, key: str, kind: str, *, optional: bool = False, default: Any = None) -> Any:
-        if key not in self.obj or self.obj[key] is None:
-            if optional:
-                return default
-            path = f"{self.where}.{key}" if self.where else key
-            raise MetadataError(f"'{self.source}': missing field '{path}'")
-        value = self.obj[key]
-        ok = {
-            "str": isinstance(value, str),
-            "int": isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX,
-            "posint": isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= INT64_MAX,
-            "num": isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_GFLOPS,
-            "list": isinstance(value, list),
-        }[kind]
-        if not ok:
-            too_big = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-            expected = {"str": "a string", "int": "an integer >= 0", "posint": "an integer >= 1",
-                        "num": "a finite number >= 0", "list": "a list"}[kind]
-            if too_big and kind != "str" and kind != "list":
-                expected += f" and <= {MAX_GFLOPS:g}" if kind == "num" else f" and <= {INT64_MAX} (int64)"
-            raise self._fail(key, expected, value)
-        return value
-
-
-# A field of compute (GFLOPs) is at most 1e18 (1e27 FLOP: a 10^12-parameter model over 10^13 tokens); summed
-# over 10^6 tensors and divided by the smallest compute a node may claim (1e-6 TFLOPS) it stays finite.
-MAX_GFLOPS = 1e18
-
-
-def _parse(d: Any, source: str) -> ModelMetadata:
-    d, note = derive_seed_fields(d, source)
-    top = _Fields(d, source, "")
-    version = top.get("format_version", "posint", optional=True, default=FORMAT_VERSION)
-    if version > FORMAT_VERSION:
-        raise MetadataError(f"'{source}': format_version {version} is newer than this williw reads "
-                            f"({FORMAT_VERSION}); upgrade williw")
-    layers = []
-    for i, raw in enumerate(top.get("layers", "list")):
-        f = _Fields(raw, source, f"layers[{i}]")
-        shape = f.get("shape", "list")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= INT64_MAX for s in shape):
-            raise f._fail("shape", "a list of integers in [0, 2^63-1]", shape)
-        dtype = dtype_code(f.get("dtype", "str"))
-        if dtype not in DTYPE_BITS:
-            raise f._fail("dtype", f"a safetensors dtype ({', '.join(DTYPE_BITS)}) or a torch one ('torch.float32')",
-                          dtype)
-        kind = f.get("layer_type", "str", optional=True, default="other")
-        if kind not in LAYER_TYPES:
-            raise f._fail("layer_type", f"one of {', '.join(LAYER_TYPES)}", kind)
-        block = f.get("block", "int", optional=True)
-        placement = f.get("placement", "str", optional=True, default="block" if block is not None else "last")
-        if placement not in PLACEMENTS or (placement == "block") != (block is not None):
-            raise f._fail("placement", "'block' exactly when 'block' is set, else 'first' or 'last'", placement)
-        layers.append(LayerMeta(name=f.get("name", "str"), shape=tuple(shape), dtype=dtype,
-                                num_params=f.get("num_params", "int"), bytes=f.get("bytes", "int"),
-                                compute_required=float(f.get("compute_required", "num")), layer_type=kind,
-                                block=block, placement=placement,
-                                file=f.get("file", "str", optional=True, default=""),
-                                stack=f.get("stack", "str", optional=True),
-                                stack_index=f.get("stack_index", "int", optional=True),
-                                role=_role(f, placement), note=f.get("note", "str", optional=True)))
-    names = [x.name for x in layers]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise MetadataError(f"'{source}': tensor '{dup}' appears more than once in 'layers'")
-    blocks = []
-    for i, raw in enumerate(top.get("blocks", "list", optional=True, default=[])):
-        f = _Fields(raw, source, f"blocks[{i}]")
-        blocks.append(BlockMeta(index=f.get("index", "int"), tensors=f.get("tensors", "int"),
-                                params=f.get("params", "int"), bytes=f.get("bytes", "int"),
-                                compute=float(f.get("compute", "num")),
-                                attention_compute=float(f.get("attention_compute", "num", optional=True,
-                                                              default=0.0)),
-                                stack=f.get("stack", "str", optional=True),
-                                stack_index=f.get("stack_index", "int", optional=True),
-                                state_space_compute=float(f.get("state_space_compute", "num", optional=True,
-                                                                default=0.0))))
-    if {b.index for b in blocks} != {x.block for x in layers if x.block is not None}:
-        raise MetadataError(f"'{source}': 'blocks' does not list exactly the blocks named in 'layers'")
-    tied = None
-    if d.get("tied_lm_head") is not None:
-        f = _Fields(d["tied_lm_head"], source, "tied_lm_head")
-        tied = TiedHead(tensor=f.get("tensor", "str"), compute_required=float(f.get("compute_required", "num")),
-                        bytes=f.get("bytes", "int"))
-        if tied.tensor not in names:
-            raise f._fail("tensor", "the name of a tensor in 'layers'", tied.tensor)
-    return ModelMetadata(
-        format_version=version,
-        model_name=top.get("model_name", "str"),
-        model_type=top.get("model_type", "str", optional=True, default="transformer"),
-        architecture=top.get("architecture", "str", optional=True),
-        checkpoint_format=top.get("checkpoint_format", "str", optional=True, default="safetensors"),
-        batch_size=top.get("batch_size", "posint"),
-        sequence_length=top.get("sequence_length", "posint"),
-        hidden_size=top.get("hidden_size", "posint", optional=True),
-        layers=tuple(layers),
-        blocks=tuple(sorted(blocks, key=lambda b: b.index)),
-        tied_lm_head=tied,
-        total_compute=float(top.get("total_compute", "num")),
-        total_params=top.get("total_params", "int", optional=True, default=sum(x.num_params for x in layers)),
-        total_bytes=top.get("total_bytes", "int", optional=True, default=sum(x.bytes for x in layers)),
-        total_layers=top.get("total_layers", "int", optional=True, default=len(layers)),
-        stacks=tuple(top.get("stacks", "list", optional=True, default=[])),
-        ignored_files=tuple(str(x) for x in top.get("ignored_files", "list", optional=True, default=[])),
-        commit=top.get("commit", "str", optional=True),
-        notes=(note,) if note else (),
-    )
-
-
-def _role(f: _Fields, placement: str) -> str | None:
-    role = f.get("role", "str", optional=True)
-    if role is not None and role not in ROLES:
-        raise f._fail("role", f"one of {', '.join(ROLES)}", role)
-    return role
+    return ModelMetadata.from_dict(data, str(path))

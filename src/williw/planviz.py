@@ -96,6 +96,10 @@ def _summary(plan: Plan) -> str:
         parts.append(f"{plan.tokens_per_s:,.1f} tokens/s")
     total = sum(a.bytes for a in plan.assignments)
     parts.append(f"{format_bytes(total)} on {len(plan.assignments)} node{'s' if len(plan.assignments) != 1 else ''}")
+    x = plan.extra
+    if "context_length" in x:  # what the plan leaves (`williw.planner.capacity`)
+        most = "any" if x.get("max_context_length") is None else f"{x['max_context_length']:,}"
+        parts.append(f"batch {x['batch_size']} × context {x['context_length']:,} (at most {most} tokens)")
     return " · ".join(parts)
 
 
@@ -166,13 +170,14 @@ def _stage(plan: Plan, a: NodeAssignment, i: int, x: float, w: float, is_worst: 
     lines.append(_text(tx, BAR_Y + 78, _fit(f"time {format_seconds(t)} ({share:.0%})", fits),
                        fill=SLOW if is_worst else "#202124", weight="600" if is_worst else "400"))
     lines.append(_meter(tx, BAR_Y + 84, w - 16, share, SLOW if is_worst else TIME_FILL, "time"))
+    held = a.bytes + (a.kv_bytes or 0) + (a.activation_bytes or 0)  # at run time: weights, KV cache, transient
     if node is not None:
         cap = round(node.memory_gb * 1e9)
-        use = a.bytes / cap if cap else 0.0
-        label = f"memory {format_bytes(a.bytes)} ({use:.0%})"
+        use = held / cap if cap else 0.0
+        label = f"memory {format_bytes(held)} ({use:.0%})"
         color = MEM_OVER if use > 1 else MEM_HIGH if use > 0.8 else MEM_OK
     else:
-        use, label, color = 0.0, f"memory {format_bytes(a.bytes)} (capacity unknown)", "#bbb"
+        use, label, color = 0.0, f"memory {format_bytes(held)} (capacity unknown)", "#bbb"
     lines.append(_text(tx, BAR_Y + 118, _fit(label, fits)))
     lines.append(_meter(tx, BAR_Y + 124, w - 16, use, color, "memory"))
     if node is not None:
@@ -189,6 +194,10 @@ def _stage_tooltip(plan: Plan, a: NodeAssignment, i: int, t: float, bottleneck: 
              f"{plan.objective} time {format_seconds(t)} of bottleneck {format_seconds(bottleneck)}"]
     if a.stage_time_s is not None and a.decode_time_s is not None:
         parts.append(f"prefill {format_seconds(a.stage_time_s)}, decode {format_seconds(a.decode_time_s)}/token")
+    if a.kv_bytes is not None and a.activation_bytes is not None and a.headroom_bytes is not None:
+        room = format_bytes(a.headroom_bytes) if a.headroom_bytes >= 0 else f"-{format_bytes(-a.headroom_bytes)}"
+        parts.append(f"KV cache {format_bytes(a.kv_bytes)}, activations {format_bytes(a.activation_bytes)}, "
+                     f"headroom {room}")
     if node is not None:
         parts.append(f"node: {node.compute_tflops:g} TFLOPS, {format_bytes(round(node.memory_gb * 1e9))}")
     return "; ".join(parts)

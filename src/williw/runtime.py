@@ -119,9 +119,10 @@ class StageHost:
         self.max_sessions, self.max_tokens, self.ttl_s = max_sessions, max_tokens, ttl_s
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
+        from williw.stages import cache_argument
+
         params = inspect.signature(stage.model.forward).parameters
-        # transformers renamed ``past_key_values`` to ``cache`` (5.x); the model's own signature says which.
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_argument(stage.model)
         self._keep_last = "logits_to_keep" in params
 
     def forward(self, session_id: str, x: torch.Tensor, start: int) -> dict[str, torch.Tensor]:

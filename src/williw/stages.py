@@ -313,10 +313,11 @@ def _hooks(stage: Stage, hidden_in: torch.Tensor | None, box: dict[str, Any]) ->
             h.remove()
 
 
-def run_stage(stage: Stage, x: torch.Tensor,
-              forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+def run_stage(stage: Stage, x: torch.Tensor, forward_kwargs: Mapping[str, Any] | None = None, *,
+              cache: Any = None) -> dict[str, torch.Tensor]:
     """Run a stage through the model's own forward on token ids (first stage, ``[batch, tokens]``) or the previous
-    stage's hidden state (``[batch, tokens, hidden]``).
+    stage's hidden state (``[batch, tokens, hidden]``); with ``cache`` (the model's own ``DynamicCache``) the
+    stage's blocks append their keys and values to it.
 
     Args:
         forward_kwargs: more arguments for the model's forward (a KV cache, ``position_ids``; `williw.runtime`);
@@ -333,10 +334,21 @@ def run_stage(stage: Stage, x: torch.Tensor,
     kwargs = {"input_ids": x} if stage.is_first else {"inputs_embeds": torch.zeros((), dtype=x.dtype).expand(x.shape)}
     with torch.no_grad(), _hooks(stage, None if stage.is_first else x, box):
         try:
-            result = stage.model(**kwargs, **{"use_cache": False, **(forward_kwargs or {})})
+            extra: dict[str, Any] = {"use_cache": False}
+            if cache is not None:
+                extra = {"use_cache": True, cache_argument(stage.model): cache}
+            result = stage.model(**kwargs, **extra, **(forward_kwargs or {}))
         except _StopStage:
             return {"hidden": box["hidden"]}
     return model_outputs(result)
+
+
+def cache_argument(model: Any) -> str:
+    """The name of the model forward's KV-cache argument: transformers 5.x renamed ``past_key_values`` to
+    ``cache``; the model's own signature says which this release takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def model_outputs(result: Any) -> dict[str, torch.Tensor]:

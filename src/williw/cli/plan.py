@@ -16,16 +16,22 @@ from williw.cli._output import EXIT_USER_ERROR, emit, json_option, set_json_mode
               help="Nodes file (JSON or YAML list of node_id, compute_tflops, memory_gb, ...).")
 @click.option("--strategy", type=click.Choice(["pipeline", "greedy"]), default="pipeline", show_default=True,
               help="pipeline: contiguous blocks, minimal bottleneck; greedy: the seed's algorithm.")
-@click.option("--objective", type=click.Choice(["prefill", "decode"]), default="prefill", show_default=True,
-              help="What the bottleneck minimises: stage GFLOPs / TFLOPS, or stage bytes / memory bandwidth.")
+@click.option("--objective", type=click.Choice(["prefill", "decode", "latency"]), default="prefill",
+              show_default=True, help="What the plan minimises: the slowest stage's GFLOPs / TFLOPS (prefill) or "
+                                      "bytes / memory bandwidth (decode), or the sum of the stages' decode times "
+                                      "(latency of one request); transfers included.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences served at once (default: the metadata's).")
+@click.option("--context-length", type=click.IntRange(min=1),
+              help="Tokens of KV cache per sequence each stage must hold (default: the metadata's sequence length).")
 @click.option("--time-limit", "time_limit", type=click.FloatRange(min=0.0, min_open=True), default=5.0,
               show_default=True, help="Seconds for the exact search over more than 12 candidate nodes; when they run "
                                       "out, the best plan found with a certified gap to the lower bound.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON here.")
 @click.option("--svg", "svg_path", type=click.Path(dir_okay=False), help="Also draw the plan as an SVG picture here.")
 @json_option
-def plan_cmd(metadata: str, nodes_file: str, strategy: str, objective: str, time_limit: float, output: str | None,
-             svg_path: str | None, as_json: bool) -> None:
+def plan_cmd(metadata: str, nodes_file: str, strategy: str, objective: str, batch_size: int | None,
+             context_length: int | None, time_limit: float, output: str | None, svg_path: str | None,
+             as_json: bool) -> None:
     """Plan which node holds which tensors of the model described by METADATA."""
     set_json_mode(as_json)
     from williw.fleet import load_nodes
@@ -36,7 +42,8 @@ def plan_cmd(metadata: str, nodes_file: str, strategy: str, objective: str, time
     for note in meta.notes:
         click.echo(f"note: {note}", err=True)
     nodes = load_nodes(nodes_file)
-    plan = make_plan(meta, nodes, strategy=strategy, objective=objective, time_limit_s=time_limit)
+    plan = make_plan(meta, nodes, strategy=strategy, objective=objective, time_limit_s=time_limit,
+                     batch_size=batch_size, context_length=context_length)
     if output:
         save_plan(plan, output)
     if svg_path:
@@ -58,13 +65,18 @@ def plan_table(plan, given: int, output: str | None) -> str:
     def secs(x: float | None) -> str:
         return format_seconds(x) if x is not None else "-"
 
+    def size(x: int | None) -> str:
+        return "-" if x is None else format_bytes(x) if x >= 0 else f"-{format_bytes(-x)}"
+
     rows = []
     for a in plan.assignments:
         rows.append([a.node_id, "-" if a.stage is None else str(a.stage),
                      "-" if a.blocks is None else f"[{a.blocks[0]}, {a.blocks[1]})", str(len(a.layer_names)),
-                     format_gflops(a.total_compute), format_bytes(a.bytes), secs(a.stage_time_s),
+                     format_gflops(a.total_compute), format_bytes(a.bytes), size(a.kv_bytes),
+                     size(a.activation_bytes), size(a.headroom_bytes), secs(a.stage_time_s),
                      secs(a.decode_time_s), f"{a.compute_utilization * 100:.1f}%"])
-    lines = [table(rows, ["node", "stage", "blocks", "tensors", "compute", "memory", "prefill", "decode", "util"])]
+    lines = [table(rows, ["node", "stage", "blocks", "tensors", "compute", "weights", "kv", "activations", "headroom",
+                          "prefill", "decode", "util"])]
     parts = [f"{plan.strategy} ({plan.objective}): {len(plan.assignments)} of {given} nodes",
              f"bottleneck {secs(plan.bottleneck_s)}"]
     if plan.lower_bound_s:
@@ -77,10 +89,20 @@ def plan_table(plan, given: int, output: str | None) -> str:
     if plan.tokens_per_s:
         parts.append(f"{plan.tokens_per_s:,.1f} tokens/s")
     lines.append(", ".join(parts))
+    if "context_length" in plan.extra:
+        lines.append(capacity_line(plan.extra))
     lines += [f"excluded {e.node_id}: {e.reason}" for e in plan.excluded]
     if output:
         lines.append(f"wrote {output}")
     return "\n".join(lines)
+
+
+def capacity_line(extra: dict) -> str:
+    """``holds batch B x context C; at most context X at batch B, batch Y at context C``."""
+    b, c = extra["batch_size"], extra["context_length"]
+    most_c = "any context" if extra.get("max_context_length") is None else f"context {extra['max_context_length']:,}"
+    most_b = "any batch" if extra.get("max_batch_size") is None else f"batch {extra['max_batch_size']:,}"
+    return f"holds batch {b} x context {c:,}; at most {most_c} at batch {b}, {most_b} at context {c:,}"
 
 
 @cli.command("validate")

@@ -18,9 +18,15 @@ from williw.cli._output import emit, json_option, set_json_mode, table
               default="float32", show_default=True, help="Compute dtype; auto = the checkpoint's.")
 @click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance (default: 0 in float32).")
 @click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance (default: 0 in float32).")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Also run each stage on this many sequences with its KV cache filled to --context-length, and "
+                   "report its measured peak memory next to the planner's prediction (default 1 with a context).")
+@click.option("--context-length", type=click.IntRange(min=1),
+              help="Tokens of KV cache per sequence for the memory check (default 512 with a batch size).")
 @json_option
 def verify_cmd(model_dir: str, plan_path: str, shards_dir: str, prompt: str | None, dtype: str,
-               atol: float | None, rtol: float | None, as_json: bool) -> None:
+               atol: float | None, rtol: float | None, batch_size: int | None, context_length: int | None,
+               as_json: bool) -> None:
     """Build each stage from its shard alone, run the stages in plan order and compare the output with MODEL_DIR's.
 
     Exits 0 only when the outputs match (bit-exact in float32), 2 otherwise with the stage that differs.
@@ -31,7 +37,21 @@ def verify_cmd(model_dir: str, plan_path: str, shards_dir: str, prompt: str | No
 
     report = verify_shards(model_dir, plan_path, shards_dir, prompt=DEFAULT_PROMPT if prompt is None else prompt,
                            dtype=dtype, atol=atol, rtol=rtol)
-    emit(as_json, report.to_dict(), lambda: _human(report))
+    memory = None
+    if batch_size is not None or context_length is not None:
+        from williw.verify_memory import measure_stages
+
+        memory = measure_stages(model_dir, plan_path, shards_dir, batch_size=batch_size or 1,
+                                context_length=context_length or 512,
+                                dtype="float32" if dtype == "auto" else dtype)
+    data = report.to_dict()
+    if memory is not None:
+        data["memory"] = [{"stage": m.stage, "node_id": m.node_id, "blocks": list(m.blocks),
+                           "predicted_bytes": m.predicted_bytes, "kv_bytes": m.kv_bytes,
+                           "measured_bytes": m.measured_bytes, "measured_over_predicted": m.ratio} for m in memory]
+        data["memory_workload"] = {"batch_size": batch_size or 1, "context_length": context_length or 512}
+    emit(as_json, data, lambda: _human(report) + (_memory(memory, batch_size or 1, context_length or 512)
+                                                   if memory is not None else ""))
     if not report.ok:
         raise VerifyError(report.failure)
 
@@ -57,3 +77,13 @@ def _human(report) -> str:
                      f"{o.max_rel_diff:.3g}{top1} (tolerance {tol}): {'match' if o.match else 'MISMATCH'}")
     lines.append("OK: the shards compute the model" if report.ok else f"FAILED: {report.failure}")
     return "\n".join(lines)
+
+
+def _memory(rows, batch: int, context: int) -> str:
+    from williw.units import format_bytes
+
+    body = [[str(m.stage), m.node_id, f"[{m.blocks[0]}, {m.blocks[1]})", format_bytes(m.predicted_bytes),
+             format_bytes(m.kv_bytes), format_bytes(m.measured_bytes), f"{m.ratio:.2f}"] for m in rows]
+    return (f"\nmemory at batch {batch} x context {context:,} (KV cache filled; measured = weights + peak RSS "
+            f"growth while the stage runs):\n"
+            + table(body, ["stage", "node", "blocks", "predicted", "of it KV", "measured", "measured/predicted"]))

@@ -49,8 +49,10 @@ class Windows:
     def __init__(self, c: _Costs) -> None:
         m = c.m
         self.c = c
-        self.pa = list(m.prefix_bytes if c.decode else m.prefix_compute)
-        self.pb = list(m.prefix_bytes)
+        # Bytes are weights + KV cache: activations and transfers only add to a stage, so leaving them out keeps
+        # every condition necessary (and the bound below every plan).
+        self.pa = list(m.prefix_mem if c.decode else m.prefix_compute)
+        self.pb = list(m.prefix_mem)
         self.min_a, self.max_a, self.min_b, self.max_b = [0.0], [0.0], [0], [0]
         self.first_a = m.first_bytes if c.decode else m.first_compute
         self.first_b = m.first_bytes

@@ -82,9 +82,10 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
                 return False
         return True
 
-    def weaker(u: int, v: int) -> bool:  # u no faster and no smaller than v; identical nodes by index
-        ru, rv, mu, mv = c.rate[u], c.rate[v], c.mem[u], c.mem[v]
-        return ru <= rv and mu <= mv and ((ru, mu) != (rv, mv) or u < v)
+    def weaker(u: int, v: int) -> bool:  # u no faster, no smaller, no quicker link than v; equals by index
+        a = (c.rate[u], c.mem[u], -c.t_in[u][1], -c.t_out[u][0], -c.t_out[u][1])
+        b = (c.rate[v], c.mem[v], -c.t_in[v][1], -c.t_out[v][0], -c.t_out[v][1])
+        return all(x <= y for x, y in zip(a, b, strict=True)) and (a != b or u < v)
 
     def children(p: int, used: int) -> list[tuple[int, int]]:
         groups: dict[int, list[int]] = {}

@@ -1,14 +1,30 @@
-"""The model as the planner sees it, and the two cost functions.
+"""The model as the planner sees it, and the cost functions every search shares.
 
 A pipeline stage holds the blocks ``[p, e)`` (positions in ``ModelMetadata.blocks``), plus the first group
 (embeddings) when ``p == 0`` and the last group (final norm, LM head, the tied head's compute) when ``e == n``.
 With a tied LM head and more than one stage, the last stage also holds a replica of the embedding matrix.
 
-Costs (seconds), one function of the stage's totals each:
+Workload: ``B`` sequences (``batch_size``) of up to ``C`` tokens of context (``context_length``), prefilled ``S``
+tokens per forward pass (the metadata's ``sequence_length``; its compute is priced for ``B·S`` tokens).
+
+Memory of a stage (bytes) = weights + KV cache + activations, which must fit ``memory - reserve`` of its node:
+  * KV cache: ``Σ_blocks B · (kv_bytes_per_token · min(C, window) + state_bytes)`` (`williw.memory`);
+  * activations: the largest transient of one of its blocks at ``B·S`` tokens (blocks run one after the other, so
+    transients do not add up), and on the last stage the logits, ``B·S·vocab·e`` bytes.
+
+Costs (seconds) of a stage on a node:
   * prefill: ``GFLOPs / (TFLOPS · 1000)`` — compute-bound, one forward pass over ``B·S`` tokens;
-  * decode: ``bytes / (GB/s · 1e9)`` — one token reads every weight of the stage once, so it is
-    memory-bandwidth-bound (the roofline argument: a matrix-vector product does 2 FLOPs per 2-byte weight,
-    far below the ~150 FLOPs/byte an A100 needs to be compute-bound).
+  * decode: ``bytes / (GB/s · 1e9)`` with bytes = weights + KV cache — one token reads every weight of the
+    stage and its whole cache once, so it is memory-bandwidth-bound (the roofline argument: a matrix-vector
+    product does 2 FLOPs per 2-byte weight, far below the ~150 FLOPs/byte an A100 needs to be compute-bound);
+  * plus the stage's transfers, each ``latency_ms / 1000 + bytes / (network_gbps · 1e9)`` on the node's own link:
+    receiving its input and sending its output. Between stages the hidden state travels, ``B·S·hidden·e`` bytes
+    for prefill and ``B·hidden·e`` per decoded token; the first stage receives token ids from the client and the
+    last sends token ids back (8 bytes each: ``B·S·8``, ``B·8``). A node without ``network_gbps`` and
+    ``latency_ms`` transfers for free. Both ends of a hop pay for it, as both links are busy while it runs.
+
+Objectives: ``prefill`` and ``decode`` minimise the slowest stage (the pipeline's throughput); ``latency`` the
+sum of the stages' decode costs (one request's time per token: the cost model of exo#957).
 """
 
 from __future__ import annotations
@@ -18,9 +34,11 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from williw.fleet import GB, TFLOPS_IN_GFLOPS, Node
+from williw.memory import BlockMemory
 from williw.metadata import ModelMetadata
 
-OBJECTIVES = ("prefill", "decode")
+OBJECTIVES = ("prefill", "decode", "latency")
+TOKEN_ID_BYTES = 8  # int64 token ids between the client and the first and last stage
 
 
 @dataclass(frozen=True)
@@ -29,7 +47,7 @@ class PipelineModel:
 
     block_index: tuple[int, ...]  # the metadata block index at each position
     block_compute: tuple[float, ...]  # GFLOPs
-    block_bytes: tuple[int, ...]
+    block_bytes: tuple[int, ...]  # weights
     prefix_compute: tuple[float, ...]  # len n + 1
     prefix_bytes: tuple[int, ...]
     block_names: tuple[tuple[str, ...], ...]
@@ -42,6 +60,17 @@ class PipelineModel:
     replica: str | None  # the tied head's tensor, held again by the last stage when it is not stage 0
     replica_bytes: int
     tokens: int  # B · S of the metadata's forward pass
+    batch_size: int = 1
+    context_length: int = 0
+    block_kv: tuple[int, ...] = ()  # KV cache and state bytes at (B, C)
+    prefix_mem: tuple[int, ...] = ()  # prefix sums of weights + KV cache
+    block_act: tuple[int, ...] = ()  # largest transient at B·S tokens
+    last_act: int = 0  # the logits
+    hop_bytes: tuple[int, int] = (0, 0)  # hidden state between stages: (prefill, one decoded token)
+    token_bytes: tuple[int, int] = (0, 0)  # token ids from and to the client: (prefill, one decoded token)
+    act_table: tuple[tuple[int, ...], ...] = ()  # sparse table of range maxima over block_act
+    block_runtime: tuple[BlockMemory, ...] = ()  # per block: KV per token, window, state, activation per token
+    prefill_tokens: int = 0  # S: tokens per sequence of one forward pass
 
     @property
     def n(self) -> int:
@@ -57,12 +86,40 @@ class PipelineModel:
         return math.fsum(parts)
 
     def stage_bytes(self, p: int, e: int) -> int:
+        """Weight bytes of the stage ``[p, e)`` (its shard)."""
         b = self.prefix_bytes[e] - self.prefix_bytes[p]
         if p == 0:
             b += self.first_bytes
         if e == self.n:
             b += self.last_bytes + (self.replica_bytes if p > 0 else 0)
         return b
+
+    def stage_kv(self, p: int, e: int) -> int:
+        """KV cache and state bytes of the stage ``[p, e)`` at the model's batch and context."""
+        return self.prefix_mem[e] - self.prefix_mem[p] - (self.prefix_bytes[e] - self.prefix_bytes[p])
+
+    def stage_activation(self, p: int, e: int, last: bool | None = None) -> int:
+        """The stage's largest transient: its blocks' (a range maximum, O(1)) and the logits on the last stage."""
+        a = 0
+        if e > p:
+            j = (e - p).bit_length() - 1
+            row = self.act_table[j]
+            a = max(row[p], row[e - (1 << j)])
+        return max(a, self.last_act) if (e == self.n if last is None else last) else a
+
+    def stage_memory(self, p: int, e: int) -> int:
+        """Weights + KV cache + activations of the stage ``[p, e)``: what must fit ``memory - reserve``."""
+        return self.stage_bytes(p, e) + self.stage_kv(p, e) + self.stage_activation(p, e)
+
+    def stage_read_bytes(self, p: int, e: int) -> int:
+        """Bytes one decoded token reads: the stage's weights and its whole KV cache."""
+        return self.stage_bytes(p, e) + self.stage_kv(p, e)
+
+    def transfer_bytes(self, p: int, e: int, decode: bool) -> tuple[int, int]:
+        """(received, sent) bytes of the stage ``[p, e)`` for one prefill (``decode`` False) or one token."""
+        i = 1 if decode else 0
+        return (self.token_bytes[i] if p == 0 else self.hop_bytes[i],
+                self.token_bytes[i] if e == self.n else self.hop_bytes[i])
 
     def stage_names(self, p: int, e: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(owned tensors in model order, replicas) of the stage ``[p, e)``."""
@@ -77,16 +134,26 @@ class PipelineModel:
         return tuple(names), shared
 
 
-def pipeline_model(meta: ModelMetadata) -> PipelineModel:
-    """Group the metadata's tensors into first group, blocks and last group."""
-    blocks = sorted(meta.blocks, key=lambda b: b.index)
-    position = {b.index: i for i, b in enumerate(blocks)}
+def pipeline_model(meta: ModelMetadata, batch_size: int | None = None,
+                   context_length: int | None = None) -> PipelineModel:
+    """Group the metadata's tensors into first group, blocks and last group, for a workload.
+
+    Args:
+        meta: the model.
+        batch_size: ``B`` (default: the metadata's).
+        context_length: ``C`` tokens the KV cache holds per sequence (default: the metadata's sequence length).
+    """
+    b = batch_size or meta.batch_size
+    ctx = context_length or meta.sequence_length
+    blocks = sorted(meta.blocks, key=lambda x: x.index)
+    position = {x.index: i for i, x in enumerate(blocks)}
     block_names: list[list[str]] = [[] for _ in blocks]
     first: list[str] = []
     last: list[str] = []
     first_compute: list[float] = []
     last_compute: list[float] = []
     first_bytes = last_bytes = 0
+    vocab = 0
     for x in meta.layers:
         if x.placement == "block" and x.block in position:
             block_names[position[x.block]].append(x.name)
@@ -98,18 +165,46 @@ def pipeline_model(meta: ModelMetadata) -> PipelineModel:
             last.append(x.name)
             last_compute.append(x.compute_required)
             last_bytes += x.bytes
+            vocab = max(vocab, x.shape[0] if x.layer_type == "lm_head" and x.shape else 0)
     tied = meta.tied_lm_head
     if tied:
         last_compute.append(tied.compute_required)
-    compute = tuple(b.compute for b in blocks)
-    nbytes = tuple(b.bytes for b in blocks)
+        vocab = max(vocab, next(x.shape[0] for x in meta.layers if x.name == tied.tensor))
+    compute = tuple(x.compute for x in blocks)
+    nbytes = tuple(x.bytes for x in blocks)
+    runtime = tuple(BlockMemory(x.kv_bytes_per_token, x.kv_window, x.state_bytes, x.activation_bytes_per_token)
+                    for x in blocks)
+    kv = tuple(r.kv_bytes(b, ctx) for r in runtime)
+    s, e, hidden = meta.sequence_length, meta.element_bytes, meta.hidden_size or 0
+    act = [b * s * x.activation_bytes_per_token for x in blocks]
+    table = [act]
+    while 2 << (len(table) - 1) <= len(act):
+        half = 1 << (len(table) - 1)
+        prev = table[-1]
+        table.append([max(prev[i], prev[i + half]) for i in range(len(prev) - half)])
     return PipelineModel(
-        block_index=tuple(b.index for b in blocks), block_compute=compute, block_bytes=nbytes,
+        block_index=tuple(x.index for x in blocks), block_compute=compute, block_bytes=nbytes,
         prefix_compute=tuple(accumulate(compute, initial=0.0)), prefix_bytes=tuple(accumulate(nbytes, initial=0)),
         block_names=tuple(tuple(x) for x in block_names), first_names=tuple(first),
         first_compute=math.fsum(first_compute), first_bytes=first_bytes, last_names=tuple(last),
         last_compute=math.fsum(last_compute), last_bytes=last_bytes, replica=tied.tensor if tied else None,
-        replica_bytes=tied.bytes if tied else 0, tokens=meta.batch_size * meta.sequence_length)
+        replica_bytes=tied.bytes if tied else 0, tokens=meta.batch_size * meta.sequence_length,
+        batch_size=b, context_length=ctx, block_kv=kv,
+        prefix_mem=tuple(accumulate((w + k for w, k in zip(nbytes, kv, strict=True)), initial=0)),
+        block_act=tuple(act), last_act=b * s * vocab * e if any(act) else 0,
+        hop_bytes=(b * s * hidden * e, b * hidden * e), token_bytes=(b * s * TOKEN_ID_BYTES, b * TOKEN_ID_BYTES),
+        act_table=tuple(tuple(r) for r in table), block_runtime=runtime, prefill_tokens=s)
+
+
+def usable_bytes(node: Node) -> int:
+    """Memory the planner may fill: ``memory - reserve`` (never below 0)."""
+    return max(0, node.memory_bytes - node.reserve_bytes)
+
+
+def transfer_time(nbytes: float, node: Node) -> float:
+    """Seconds to move ``nbytes`` over the node's link: ``latency_ms / 1000 + bytes / (network_gbps · 1e9)``."""
+    t = (node.latency_ms or 0.0) / 1000.0
+    return t + nbytes / (node.network_gbps * GB) if node.network_gbps else t
 
 
 def prefill_time(gflops: float, node: Node) -> float:
@@ -122,3 +217,13 @@ def decode_time(nbytes: float, node: Node) -> float | None:
     if node.memory_bandwidth_gbps is None:
         return None
     return nbytes / (node.memory_bandwidth_gbps * GB)
+
+
+def stage_times(model: PipelineModel, p: int, e: int, node: Node) -> tuple[float, float | None]:
+    """(prefill, decode) seconds of the stage ``[p, e)`` on ``node``, transfers included (decode None without a
+    memory bandwidth)."""
+    rin, rout = model.transfer_bytes(p, e, False)
+    din, dout = model.transfer_bytes(p, e, True)
+    pre = prefill_time(model.stage_compute(p, e), node) + transfer_time(rin, node) + transfer_time(rout, node)
+    dec = decode_time(model.stage_read_bytes(p, e), node)
+    return pre, None if dec is None else dec + transfer_time(din, node) + transfer_time(dout, node)

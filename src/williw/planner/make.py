@@ -19,9 +19,11 @@ from williw.errors import InfeasiblePlan, PlanError
 from williw.fleet import Node
 from williw.metadata import ModelMetadata
 from williw.planner.branch import certify
-from williw.planner.costs import OBJECTIVES, PipelineModel, decode_time, pipeline_model, prefill_time
+from williw.planner.capacity import capacity, short, why_infeasible
+from williw.planner.costs import OBJECTIVES, PipelineModel, pipeline_model, stage_times, usable_bytes
 from williw.planner.greedy import _tokens_per_s, greedy_plan
-from williw.planner.pipeline import EXACT_MAX_NODES, Stage, _Costs, dominated, lower_bound, max_coverage, search
+from williw.planner.latency import search_latency
+from williw.planner.pipeline import EXACT_MAX_NODES, Stage, _Costs, dominated, lower_bound, search
 from williw.planner.plan import STRATEGIES, ExcludedNode, NodeAssignment, Plan
 from williw.units import format_bytes, format_seconds
 
@@ -30,17 +32,22 @@ DEFAULT_TIME_LIMIT_S = 5.0
 
 
 def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "pipeline",
-              objective: str = "prefill", time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> Plan:
+              objective: str = "prefill", time_limit_s: float = DEFAULT_TIME_LIMIT_S, *,
+              batch_size: int | None = None, context_length: int | None = None) -> Plan:
     """Plan which node holds which tensors.
 
     Args:
         metadata: the model (tensors, blocks, compute).
         nodes: the fleet; node ids must be unique.
         strategy: ``pipeline`` (contiguous blocks, minimal bottleneck) or ``greedy`` (the seed's algorithm).
-        objective: ``prefill`` (stage GFLOPs / TFLOPS) or ``decode`` (stage bytes / memory bandwidth).
+        objective: ``prefill`` (slowest stage's GFLOPs / TFLOPS), ``decode`` (slowest stage's bytes / memory
+            bandwidth) or ``latency`` (the sum of the stages' decode costs); transfers included
+            (`williw.planner.costs`).
         time_limit_s: wall-clock seconds for the exact search over more than `EXACT_MAX_NODES` candidates; when it
             runs out the plan is the best found (never worse than the heuristic's), ``exact`` is False and
             ``lower_bound_s`` is a certified bound. The plan then depends on the machine's speed.
+        batch_size, context_length: the workload the memory must hold (default: the metadata's batch size and
+            sequence length): every stage fits weights, KV cache for ``B × C`` tokens, activations and reserve.
 
     Returns:
         The plan; for ``pipeline`` its assignments are in stage order.
@@ -57,31 +64,36 @@ def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "p
         raise PlanError("no nodes to plan over")
     if not time_limit_s > 0:
         raise PlanError(f"the time limit must be a number of seconds > 0, got {time_limit_s!r}")
+    for name, value in (("batch size", batch_size), ("context length", context_length)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise PlanError(f"the {name} must be an integer >= 1, got {value!r}")
     ids = [v.node_id for v in nodes]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise PlanError(f"node '{dup}' appears more than once in the fleet")
     if strategy == "greedy":
-        return greedy_plan(metadata, nodes, objective)
-    return _pipeline(metadata, list(nodes), objective, time_limit_s)
+        return greedy_plan(metadata, nodes, "decode" if objective == "latency" else objective)
+    model = pipeline_model(metadata, batch_size, context_length)
+    return _pipeline(metadata, model, list(nodes), objective, time_limit_s)
 
 
-def _pipeline(meta: ModelMetadata, nodes: list[Node], objective: str, time_limit_s: float) -> Plan:
-    model = pipeline_model(meta)
+def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], objective: str,
+              time_limit_s: float) -> Plan:
     excluded: list[ExcludedNode] = []
-    if objective == "decode":
-        excluded += [ExcludedNode(v.node_id, "no memory_bandwidth_gbps, needed by --objective decode")
+    if objective != "prefill":
+        excluded += [ExcludedNode(v.node_id, f"no memory_bandwidth_gbps, needed by --objective {objective}")
                      for v in nodes if v.memory_bandwidth_gbps is None]
         nodes = [v for v in nodes if v.memory_bandwidth_gbps is not None]
         if not nodes:
-            raise InfeasiblePlan("--objective decode needs memory_bandwidth_gbps, and no node gives it")
-    smallest = min(model.block_bytes, default=0)
-    small = [v for v in nodes if v.memory_bytes < smallest]
+            raise InfeasiblePlan(f"--objective {objective} needs memory_bandwidth_gbps, and no node gives it")
+    smallest = min((model.prefix_mem[i + 1] - model.prefix_mem[i] + model.block_act[i] for i in range(model.n)),
+                   default=0)
+    small = [v for v in nodes if usable_bytes(v) < smallest]
     excluded += [ExcludedNode(v.node_id, f"cannot hold a single block: the smallest needs {format_bytes(smallest)}, "
-                                         f"it has {format_bytes(v.memory_bytes)}") for v in small]
-    usable = [v for v in nodes if v.memory_bytes >= smallest]
+                                         f"it has {format_bytes(usable_bytes(v))}") for v in small]
+    usable = [v for v in nodes if usable_bytes(v) >= smallest]
     if not usable:
-        raise InfeasiblePlan("no node can hold a single block: " + _short("the smallest block", smallest, nodes))
+        raise InfeasiblePlan("no node can hold a single block: " + short("the smallest block", smallest, nodes))
     if model.n == 0:
         return _single(meta, model, usable, objective, excluded)
     drop = set(dominated(usable, model.n, objective))
@@ -89,20 +101,21 @@ def _pipeline(meta: ModelMetadata, nodes: list[Node], objective: str, time_limit
                                                  f"memory, and the model has only {model.n} blocks")
                  for i in sorted(drop)]
     candidates = [v for i, v in enumerate(usable) if i not in drop]
-    found = search(model, candidates, objective)
+    found = search_latency(model, candidates) if objective == "latency" else search(model, candidates, objective)
     lower = lower_bound(model, candidates, objective)
     exact = found is not None and found.exact
     stages = found.stages if found is not None else None
-    if len(candidates) > EXACT_MAX_NODES:
+    if len(candidates) > EXACT_MAX_NODES and objective != "latency":
         certified = certify(_Costs(model, candidates, objective), stages, lower, time_limit_s)
         stages, exact = (certified.stages, certified.exact) if certified else (None, False)
         lower = certified.lower_s if certified else lower
     if stages is None:
-        raise InfeasiblePlan(_why_infeasible(model, candidates))
+        raise InfeasiblePlan(why_infeasible(model, candidates))
     plan_nodes = [candidates[s.node] for s in stages]
     plan = _assemble(meta, model, stages, plan_nodes, objective, exact, lower, excluded)
     if exact:  # the optimum is the tightest lower bound there is
-        plan = Plan(**{**plan.__dict__, "lower_bound_s": plan.bottleneck_s, "extra": {"gap_to_lower_bound": 0.0}})
+        plan = Plan(**{**plan.__dict__, "lower_bound_s": plan.bottleneck_s,
+                       "extra": {**plan.extra, "gap_to_lower_bound": 0.0}})
     in_plan = set(plan.node_ids)
     unused = [ExcludedNode(v.node_id, f"not needed: adding it does not lower the bottleneck "
                                       f"({format_seconds(plan.bottleneck_s or 0.0)})" if exact else
@@ -120,79 +133,47 @@ def _assemble(meta: ModelMetadata, model: PipelineModel, stages: Sequence[Stage]
         gflops = model.stage_compute(s.start, s.end)
         nbytes = model.stage_bytes(s.start, s.end)
         blocks = (model.block_index[s.start], model.block_index[s.end - 1] + 1) if s.end > s.start else (0, 0)
-        rows.append((v, names, shared, gflops, nbytes, blocks, prefill_time(gflops, v), decode_time(nbytes, v)))
+        rows.append((v, names, shared, gflops, nbytes, blocks, *stage_times(model, s.start, s.end, v)))
     prefill = max(r[6] for r in rows)
     decodes = [r[7] for r in rows]
     decode = max(decodes) if all(d is not None for d in decodes) else None  # type: ignore[type-var]
-    bottleneck = prefill if objective == "prefill" else decode
+    summed = math.fsum(decodes) if decode is not None else None  # type: ignore[arg-type]
+    bottleneck = {"prefill": prefill, "decode": decode, "latency": summed}[objective]
     assignments = []
     for j, (v, names, shared, gflops, nbytes, blocks, t_pre, t_dec) in enumerate(rows):
         t = t_pre if objective == "prefill" else t_dec
+        s = stages[j]
+        kv, act = model.stage_kv(s.start, s.end), model.stage_activation(s.start, s.end)
         assignments.append(NodeAssignment(
             node_id=v.node_id, layer_names=names, total_compute=gflops,
             compute_utilization=(t / bottleneck) if bottleneck else 1.0, bytes=nbytes, stage=j, blocks=blocks,
-            stage_time_s=t_pre, decode_time_s=t_dec, shared_tensors=shared))
+            stage_time_s=t_pre, decode_time_s=t_dec, shared_tensors=shared, kv_bytes=kv, activation_bytes=act,
+            headroom_bytes=usable_bytes(v) - nbytes - kv - act))
     gap = (bottleneck / lower - 1.0) if bottleneck and lower else None
+    room = capacity(model, stages, plan_nodes)
     return Plan(strategy="pipeline", assignments=tuple(assignments), model_name=meta.model_name,
                 objective=objective, bottleneck_s=bottleneck, prefill_bottleneck_s=prefill,
                 decode_bottleneck_s=decode, latency_s=math.fsum(r[6] for r in rows),
-                tokens_per_s=_tokens_per_s(objective, prefill, decode, model.tokens), lower_bound_s=lower,
-                exact=exact, excluded=tuple(excluded), extra={"gap_to_lower_bound": gap})
+                tokens_per_s=_tokens_per_s(objective, prefill, decode if objective == "decode" else summed,
+                                           model.tokens),
+                lower_bound_s=lower, exact=exact, excluded=tuple(excluded),
+                extra={"gap_to_lower_bound": gap, "decode_latency_s": summed, **room})
 
 
 def _single(meta: ModelMetadata, model: PipelineModel, usable: list[Node], objective: str,
             excluded: list[ExcludedNode]) -> Plan:
     """A model without blocks: one node holds everything; the fastest that fits."""
-    need = model.stage_bytes(0, 0)
-    fit = [v for v in usable if v.memory_bytes >= need]
+    need = model.stage_memory(0, 0)
+    fit = [v for v in usable if usable_bytes(v) >= need]
     if not fit:
-        raise InfeasiblePlan(_short("the model", need, usable, " on one node (it has no blocks to split)"))
+        raise InfeasiblePlan(short("the model", need, usable, " on one node (it has no blocks to split)"))
 
     def key(v: Node) -> float:
-        return prefill_time(1.0, v) if objective == "prefill" else decode_time(1.0, v)  # type: ignore[return-value]
+        pre, dec = stage_times(model, 0, 0, v)
+        return pre if objective == "prefill" else dec  # type: ignore[return-value]
 
     best = min(fit, key=key)
     plan = _assemble(meta, model, [Stage(0, 0, 0)], [best], objective, True, 0.0, excluded)
     rest = [ExcludedNode(v.node_id, "not needed: the model has no blocks, one node holds it") for v in usable
             if v is not best]
     return Plan(**{**plan.__dict__, "excluded": tuple(excluded + rest)})
-
-
-def _short(what: str, need: int, nodes: Sequence[Node], where: str = "") -> str:
-    """``<what> needs X<where> but the largest node 'n' has Y (short by Z)``."""
-    big = max(nodes, key=lambda v: v.memory_bytes)
-    have = big.memory_bytes
-    return (f"{what} needs {format_bytes(need)}{where} but the largest node '{big.node_id}' has {format_bytes(have)} "
-            f"(short by {format_bytes(need - have)})")
-
-
-def _why_infeasible(model: PipelineModel, nodes: list[Node]) -> str:
-    """The first constraint that fails, with the shortfall."""
-    have = max(v.memory_bytes for v in nodes)
-    n = model.n
-
-    def short(what: str, need: int) -> str:
-        return _short(what, need, nodes)
-
-    for i, b in enumerate(model.block_bytes):
-        if b > have:
-            return short(f"block {model.block_index[i]}", b)
-    if n > 1 and model.stage_bytes(0, 1) > have:
-        return short(f"the first stage (embeddings and block {model.block_index[0]})", model.stage_bytes(0, 1))
-    if n > 1 and model.stage_bytes(n - 1, n) > have:
-        return short(f"the last stage (block {model.block_index[-1]}, final norm and head)",
-                     model.stage_bytes(n - 1, n))
-    if n == 1:
-        return short("the only block with the embeddings and head", model.stage_bytes(0, 1))
-    total_need = model.stage_bytes(0, 1) + model.stage_bytes(1, n)  # no node holds it all: 2+ stages
-    total_have = sum(v.memory_bytes for v in nodes)
-    if total_need > total_have:
-        replica = " (with the tied head's replica)" if model.replica_bytes else ""
-        who = "the only usable node has" if len(nodes) == 1 else f"the {len(nodes)} usable nodes have"
-        return (f"the model needs {format_bytes(total_need)}{replica} but {who} "
-                f"{format_bytes(total_have)} in total (short by {format_bytes(total_need - total_have)})")
-    p = max_coverage(model, nodes)
-    return (f"the blocks do not pack into contiguous runs on these {len(nodes)} nodes: the best split holds blocks "
-            f"[{model.block_index[0]}, {model.block_index[p] if p < n else n}) and leaves "
-            f"{format_bytes(model.stage_bytes(p, n))} (blocks from {model.block_index[p]} on, with the final norm and "
-            f"head) without a node with room")

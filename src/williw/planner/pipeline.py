@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from williw.fleet import GB, TFLOPS_IN_GFLOPS, Node
-from williw.planner.costs import PipelineModel
+from williw.planner.costs import PipelineModel, transfer_time, usable_bytes
 
 # 2^12 subsets · 12 nodes · up to 64 threshold rounds: ~0.3 s in CPython, measured in bench/planner.py.
 EXACT_MAX_NODES = 12
@@ -58,51 +58,64 @@ def _float(b: int) -> float:
 
 
 class _Costs:
-    """Stage fitting for one model, one candidate list and one objective."""
+    """Stage fitting for one model, one candidate list and one objective (``latency`` prices as ``decode``).
+
+    Every figure is the one of `williw.planner.costs`: memory = weights + KV cache + activations against
+    ``memory - reserve``; cost = amount / rate + the stage's two transfers.
+    """
 
     def __init__(self, model: PipelineModel, nodes: Sequence[Node], objective: str) -> None:
         self.m = model
         self.nodes = nodes
-        self.decode = objective == "decode"
-        self.mem = [v.memory_bytes for v in nodes]
+        self.decode = objective != "prefill"
+        self.mem = [usable_bytes(v) for v in nodes]
         # Cost = amount / rate: GFLOPs / (TFLOPS·1000) or bytes / (GB/s·1e9).
         if self.decode:
             self.rate = [v.memory_bandwidth_gbps * GB for v in nodes]  # type: ignore[operator]
         else:
             self.rate = [v.compute_tflops * TFLOPS_IN_GFLOPS for v in nodes]
+        i = 1 if self.decode else 0
+        hop, tok = model.hop_bytes[i], model.token_bytes[i]
+        # Per node: the transfers of a stage (received + sent) that starts at block 0 or later, and ends before
+        # the last block or with it.
+        self.t_in = [(transfer_time(tok, v), transfer_time(hop, v)) for v in nodes]
+        self.t_out = [(transfer_time(hop, v), transfer_time(tok, v)) for v in nodes]
+        self.prefix = model.prefix_mem if self.decode else model.prefix_compute
+
+    def hop(self, v: int, p: int, last: bool) -> float:
+        return self.t_in[v][p > 0] + self.t_out[v][last]
 
     def amount(self, p: int, e: int, last: bool) -> float:
         m = self.m
         if self.decode:
-            b = m.prefix_bytes[e] - m.prefix_bytes[p] + (m.first_bytes if p == 0 else 0)
+            b = m.prefix_mem[e] - m.prefix_mem[p] + (m.first_bytes if p == 0 else 0)
             return b + (m.last_bytes + (m.replica_bytes if p > 0 else 0) if last else 0)
         c = m.prefix_compute[e] - m.prefix_compute[p] + (m.first_compute if p == 0 else 0.0)
         return c + (m.last_compute if last else 0.0)
 
     def nbytes(self, p: int, e: int, last: bool) -> int:
         m = self.m
-        b = m.prefix_bytes[e] - m.prefix_bytes[p] + (m.first_bytes if p == 0 else 0)
+        b = m.prefix_mem[e] - m.prefix_mem[p] + (m.first_bytes if p == 0 else 0)
+        b += m.stage_activation(p, e, last)
         return b + (m.last_bytes + (m.replica_bytes if p > 0 else 0) if last else 0)
 
     def cost(self, v: int, p: int, e: int, last: bool) -> float:
-        return self.amount(p, e, last) / self.rate[v]
+        # Summed in the order of `costs.stage_times`, so the plan reports exactly the value searched for.
+        return self.amount(p, e, last) / self.rate[v] + self.t_in[v][p > 0] + self.t_out[v][last]
 
     def fits(self, v: int, p: int, e: int, last: bool, t: float) -> bool:
-        return self.nbytes(p, e, last) <= self.mem[v] and self.amount(p, e, last) / self.rate[v] <= t
+        return self.nbytes(p, e, last) <= self.mem[v] and self.cost(v, p, e, last) <= t
 
     def ext(self, v: int, p: int, t: float) -> int:
         """The end of the longest non-final run from ``p`` that fits ``v`` under ``t`` (``p`` if none)."""
         m = self.m
         top = m.n - 1
         first_b = m.first_bytes if p == 0 else 0
-        e = min(top, bisect_right(m.prefix_bytes, m.prefix_bytes[p] + self.mem[v] - first_b) - 1)
+        e = min(top, bisect_right(m.prefix_mem, m.prefix_mem[p] + self.mem[v] - first_b) - 1)
         if t != float("inf"):
-            cap = t * self.rate[v]  # an estimate; the exact predicate below decides
-            if self.decode:
-                e = min(e, bisect_right(m.prefix_bytes, m.prefix_bytes[p] - first_b + cap) - 1)
-            else:
-                first_c = m.first_compute if p == 0 else 0.0
-                e = min(e, bisect_right(m.prefix_compute, m.prefix_compute[p] - first_c + cap) - 1)
+            cap = (t - self.hop(v, p, False)) * self.rate[v]  # an estimate; the exact predicate below decides
+            first = self.amount(0, 0, False) if p == 0 else 0
+            e = min(e, bisect_right(self.prefix, self.prefix[p] - first + cap) - 1)
         e = max(e, p)
         while e < top and self.fits(v, p, e + 1, False, t):
             e += 1
@@ -181,7 +194,7 @@ def _candidates(c: _Costs, lo: float, hi: float) -> list[float]:
     m = c.m
     n = m.n
     out = set()
-    prefix = m.prefix_bytes if c.decode else m.prefix_compute
+    prefix = c.prefix
     for v in range(len(c.nodes)):
         rate = c.rate[v]
         for p in range(n):
@@ -189,8 +202,9 @@ def _candidates(c: _Costs, lo: float, hi: float) -> list[float]:
             if lo < t <= hi:
                 out.add(t)
             base = prefix[p] - (c.amount(0, 0, False) if p == 0 else 0)  # the first group counts on stage 0
-            a = max(p + 1, bisect_right(prefix, base + lo * rate) - 2)
-            b = min(n - 1, bisect_right(prefix, base + hi * rate) + 1)
+            hop = c.hop(v, p, False)  # a non-final stage's transfers: amount = (cost - hop) · rate
+            a = max(p + 1, bisect_right(prefix, base + (lo - hop) * rate) - 2)
+            b = min(n - 1, bisect_right(prefix, base + (hi - hop) * rate) + 1)
             for e in range(a, b + 1):
                 t = c.cost(v, p, e, False)
                 if lo < t <= hi:
@@ -244,14 +258,15 @@ def lower_bound(model: PipelineModel, nodes: Sequence[Node], objective: str) -> 
     A plan uses some ``j <= n`` nodes (``n`` blocks); every used node runs at least the lightest block, so
     ``T >= w_min / r_j`` (``r_j`` the j-th largest rate), and all the work runs at the used nodes' summed rate, at
     most the ``j`` largest rates' sum ``R_j``: ``T >= W / R_j``. So ``T >= min_j max(W / R_j, w_min / r_j)``; and
-    ``T >= w_max / r_1`` for the heaviest block. With ``j`` = all nodes this is ``total / Σ rate``.
+    ``T >= w_max / r_1`` for the heaviest block. With ``j`` = all nodes this is ``total / Σ rate``. Transfers
+    and activations are left out: they only add to every stage, so the bound stays below every plan.
     """
     if not nodes or model.n == 0:
         return 0.0
-    if objective == "decode":
+    if objective != "prefill":
         rates = sorted((v.memory_bandwidth_gbps * GB for v in nodes if v.memory_bandwidth_gbps), reverse=True)
-        work = [float(b) for b in model.block_bytes]
-        total = float(model.prefix_bytes[-1] + model.first_bytes + model.last_bytes)
+        work = [float(w + k) for w, k in zip(model.block_bytes, model.block_kv, strict=True)]
+        total = float(model.prefix_mem[-1] + model.first_bytes + model.last_bytes)
     else:
         rates = sorted((v.compute_tflops * TFLOPS_IN_GFLOPS for v in nodes), reverse=True)
         work = list(model.block_compute)
@@ -269,21 +284,31 @@ def lower_bound(model: PipelineModel, nodes: Sequence[Node], objective: str) -> 
 
 
 def dominated(nodes: Sequence[Node], limit: int, objective: str) -> list[int]:
-    """Indices of nodes that at least ``limit`` others weakly dominate in (rate, memory); ties are broken by list
-    order, so of identical nodes the earlier ones count as dominating the later ones."""
+    """Indices of nodes that at least ``limit`` others weakly dominate in (rate, usable memory, and link: latency
+    and 1 / network_gbps, when nodes differ in them); ties are broken by list order, so of identical nodes the
+    earlier ones count as dominating the later ones."""
     if limit <= 0 or len(nodes) <= limit:
         return []
 
     def rate(v: Node) -> float:
-        return (v.memory_bandwidth_gbps or 0.0) if objective == "decode" else v.compute_tflops
+        return (v.memory_bandwidth_gbps or 0.0) if objective != "prefill" else v.compute_tflops
 
-    order = sorted(range(len(nodes)), key=lambda i: (-rate(nodes[i]), -nodes[i].memory_bytes, i))
-    mems = sorted({v.memory_bytes for v in nodes}, reverse=True)
+    def link(v: Node) -> tuple[float, float]:
+        return v.latency_ms or 0.0, 1.0 / v.network_gbps if v.network_gbps else 0.0
+
+    mem = [usable_bytes(v) for v in nodes]
+    if len({link(v) for v in nodes}) > 1:  # three criteria: count pairwise (O(k²))
+        keys = [(rate(v), m, -link(v)[0], -link(v)[1]) for v, m in zip(nodes, mem, strict=True)]
+        return [i for i, a in enumerate(keys) if sum(
+            1 for j, b in enumerate(keys) if j != i and all(x >= y for x, y in zip(b, a, strict=True))
+            and (b != a or j < i)) >= limit]
+    order = sorted(range(len(nodes)), key=lambda i: (-rate(nodes[i]), -mem[i], i))
+    mems = sorted(set(mem), reverse=True)
     rank = {m: i + 1 for i, m in enumerate(mems)}  # 1 = largest memory
     tree = [0] * (len(mems) + 1)  # Fenwick tree: how many processed nodes have memory rank <= r
     out = []
     for i in order:
-        r = rank[nodes[i].memory_bytes]
+        r = rank[mem[i]]
         count, j = 0, r
         while j > 0:
             count += tree[j]

@@ -31,6 +31,7 @@ STRATEGIES = ("pipeline", "greedy")
 MAX_NUMBER = 1e30
 _HEAD_NUMBERS = ("bottleneck_s", "prefill_bottleneck_s", "decode_bottleneck_s", "latency_s", "tokens_per_s",
                  "lower_bound_s")
+_RUNTIME = ("kv_bytes", "activation_bytes", "headroom_bytes")
 _HEAD_KNOWN = {"strategy", "model_name", "objective", *_HEAD_NUMBERS, "exact", "version", "stages", "excluded"}
 
 
@@ -48,6 +49,9 @@ class NodeAssignment:
     stage_time_s: float | None = None
     decode_time_s: float | None = None
     shared_tensors: tuple[str, ...] = ()
+    kv_bytes: int | None = None  # KV cache and state at the plan's batch and context
+    activation_bytes: int | None = None  # the stage's largest transient
+    headroom_bytes: int | None = None  # memory - reserve - bytes - kv - activations (negative: over)
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
@@ -67,6 +71,9 @@ class NodeAssignment:
                 d[key] = getattr(self, key)
         if self.shared_tensors:
             d["shared_tensors"] = list(self.shared_tensors)
+        for key in _RUNTIME:
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
         return d
 
 
@@ -174,7 +181,15 @@ def _assignment(key: str, value: Any, source: str) -> NodeAssignment:
                           compute_utilization=nums["compute_utilization"] or 0.0, bytes=int(nums["bytes"] or 0),
                           stage=stage, blocks=tuple(blocks) if blocks is not None else None,  # type: ignore[arg-type]
                           stage_time_s=nums["stage_time_s"], decode_time_s=nums["decode_time_s"],
-                          shared_tensors=tuple(shared))
+                          shared_tensors=tuple(shared), **{k: _runtime(value, k, where) for k in _RUNTIME})
+
+
+def _runtime(value: dict[str, Any], key: str, where: str) -> int | None:
+    v = value.get(key)
+    if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and abs(v) <= INT64_MAX
+                              and (v >= 0 or key == "headroom_bytes")):
+        raise PlanError(f"{where}: field '{key}' must be an integer of bytes, got {_short(v)}")
+    return v
 
 
 def check_head(head: Any, node_ids: list[str], source: str) -> dict[str, Any]:

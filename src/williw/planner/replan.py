@@ -22,6 +22,7 @@ When make_plan itself is heuristic (large fleets), ``T*`` is its bottleneck, not
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from typing import Any
 from williw.errors import PlanError
 from williw.fleet import Node
 from williw.metadata import ModelMetadata
-from williw.planner.costs import OBJECTIVES, PipelineModel, decode_time, pipeline_model, prefill_time
+from williw.planner.costs import OBJECTIVES, PipelineModel, pipeline_model, stage_times, usable_bytes
 from williw.planner.make import _assemble, make_plan
 from williw.planner.migrate import MigrationSchedule, bytes_to_move, check_step_bytes, holdings, migration_schedule
 from williw.planner.pipeline import Stage, lower_bound
@@ -113,6 +114,8 @@ def replan(metadata: ModelMetadata, current_plan: Plan, nodes: Sequence[Node], m
         raise PlanError(f"max_slowdown must be a finite number >= 0 (0.05 = 5% slower), got {max_slowdown!r}")
     check_step_bytes(max_step_bytes)
     objective = objective or (current_plan.objective if current_plan.objective in OBJECTIVES else "prefill")
+    if objective == "latency":
+        raise PlanError("re-planning keeps a bottleneck within max_slowdown: use --objective prefill or decode")
     known = {x.name for x in metadata.layers}
     for a in current_plan.assignments:
         unknown = next((t for t in a.tensor_names if t not in known), None)
@@ -181,9 +184,8 @@ def _before(meta: ModelMetadata, model: PipelineModel, plan: Plan, nodes: Sequen
 
 def _time(model: PipelineModel, v: Node, p: int, e: int, objective: str) -> float:
     # The same expressions make._assemble reports, so a stage of the fresh plan meets a bound of exactly T*.
-    if objective == "prefill":
-        return prefill_time(model.stage_compute(p, e), v)
-    return decode_time(model.stage_bytes(p, e), v)  # type: ignore[return-value]
+    pre, dec = stage_times(model, p, e, v)
+    return pre if objective == "prefill" else dec  # type: ignore[return-value]
 
 
 class _Search:
@@ -225,7 +227,7 @@ class _Search:
             node, n = self.nodes[v], self.m.n
             for e in range(p + 1, n + 1):
                 t = _time(self.m, node, p, e, self.objective)
-                if t > self.bound or self.m.stage_bytes(p, e) > node.memory_bytes:
+                if t > self.bound or self.m.stage_memory(p, e) > usable_bytes(node):
                     break  # time and bytes only grow with e
                 out.append((e, self.moved(v, p, e), t))
             self._opts[key] = out
@@ -236,7 +238,7 @@ class _Search:
         n = self.m.n
         if n == 0:  # no blocks: one node holds everything; the fewest bytes to pull among those fast enough
             fits = [(self.moved(v, 0, 0), _time(self.m, self.nodes[v], 0, 0, self.objective), v)
-                    for v in range(len(self.nodes)) if self.m.stage_bytes(0, 0) <= self.nodes[v].memory_bytes
+                    for v in range(len(self.nodes)) if self.m.stage_memory(0, 0) <= usable_bytes(self.nodes[v])
                     and _time(self.m, self.nodes[v], 0, 0, self.objective) <= self.bound]
             return (Stage(min(fits)[2], 0, 0),), True
         if (1 << len(self.nodes)) * (n + 1) <= EXACT_MAX_STATES:
@@ -259,9 +261,8 @@ class _Search:
         for v in range(k):
             for u in range(v):
                 a, b = self.nodes[u], self.nodes[v]
-                if not self.holds[u] and not self.holds[v] and (a.compute_tflops, a.memory_bytes,
-                                                                a.memory_bandwidth_gbps) == \
-                        (b.compute_tflops, b.memory_bytes, b.memory_bandwidth_gbps):
+                if not self.holds[u] and not self.holds[v] and dataclasses.replace(a, node_id="") == \
+                        dataclasses.replace(b, node_id="", labels=a.labels):
                     twin[v] = u
         dp: list[dict[int, tuple[int, float]]] = [{} for _ in range(1 << k)]
         back: dict[tuple[int, int], tuple[int, int, int]] = {}
