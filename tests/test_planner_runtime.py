@@ -167,3 +167,13 @@ def test_the_picture_shows_what_the_plan_leaves() -> None:
     svg = plan_svg(make_plan(meta, nodes, context_length=512), nodes)
     assert "batch 1 × context 512 (at most 512 tokens)" in svg
     assert "KV cache 2,048 bytes, activations 0 bytes, headroom 0 bytes" in svg
+
+
+def test_a_node_too_small_for_one_block_at_the_context_is_refused_with_the_context_it_holds() -> None:
+    meta = runtime_meta([(10, 100, 1, 0, 0, 0)] * 2, first=(0, 0), last=(0, 0))
+    # One block at 1,000 tokens needs 1,100 bytes; the fleet's 600 bytes hold one block per node up to 500 tokens.
+    with pytest.raises(InfeasiblePlan) as info:
+        make_plan(meta, [Node("a", 1.0, 600e-9), Node("b", 1.0, 600e-9)], context_length=1000)
+    assert str(info.value) == ("no node can hold a single block: the smallest block needs 1,100 bytes at batch 1 "
+                               "and context 1,000 but the largest node 'a' has 600 bytes (short by 500 bytes); at "
+                               "batch 1 the fleet holds a context of at most 500 tokens")

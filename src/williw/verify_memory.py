@@ -1,11 +1,15 @@
 """``williw verify --batch-size B --context-length C``: each stage's measured peak memory against the planner's.
 
-Each stage is built from its shard (`williw.stages`) and run once on ``B`` sequences of ``C`` tokens with the
-model's own ``DynamicCache``, so its cache ends filled to the context: token ids for the first stage, a hidden
-state of zeros for the others (memory does not depend on the values). Measured: the process's peak resident set
-(``VmHWM``, reset before each stage through ``/proc/self/clear_refs``, Linux) minus its resident set before the
-stage loads, so it counts the stage's weights, cache and transients. Predicted: `williw.planner.costs` for the
-same stage at batch ``B`` and context ``C`` (the whole context prefilled in one pass: ``S = C``).
+Each stage is built from its shard (`williw.stages`) in a process of its own, as on its node, and run once on
+``B`` sequences of ``C`` tokens with the model's own ``DynamicCache``, so its cache ends filled to the context:
+token ids for the first stage, a hidden state of zeros for the others (memory does not depend on the values).
+Measured: the bytes of the stage's loaded weights (its parameters and buffers off the meta device) plus the growth
+of the process's peak resident set while it runs (``VmHWM``, reset through ``/proc/self/clear_refs`` after
+loading, minus ``VmRSS`` then; Linux), so it counts weights, cache and transients but not the loader's own copies
+(nor one-time buffers: a warm-up run on 8 tokens goes first). glibc keeps tensors of 64 KiB and more in mappings of
+their own, returned when freed (``mallopt``), and trims the heap (``malloc_trim``) before the measurement.
+Predicted: `williw.planner.costs` for the same stage at batch ``B`` and context ``C`` (the whole context
+prefilled in one pass: ``S = C``).
 """
 
 from __future__ import annotations
@@ -90,34 +94,55 @@ def measure_stages(model_dir: str | os.PathLike[str], plan: Plan | str | os.Path
 
 def _measure(model_dir: Path, plan: Plan, shards_dir: Path, batch: int, context: int,
              dtype: str) -> list[StageMemory]:
-    import torch
-    from transformers import DynamicCache
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
 
     from williw import stages as st
     from williw.metadata import generate_metadata
     from williw.planner.costs import pipeline_model
-    from williw.shards.reader import ShardReader
     from williw.verify import SHARD_FILE, pipeline_stages
 
     if plan.strategy != "pipeline":
         raise VerifyError(f"a {plan.strategy} plan has no stages to measure: measure a pipeline plan")
     config = st.load_config(model_dir)
-    _, cls = st.model_class(config)
-    torch_dtype = getattr(torch, dtype)
-    text = config.get_text_config()
     model = pipeline_model(generate_metadata(model_dir, batch_size=batch, sequence_length=context), batch, context)
     position = {b: i for i, b in enumerate(model.block_index)}
     rows = []
-    for i, (node_id, blocks) in enumerate(pipeline_stages(plan, text.num_hidden_layers)):
+    for i, (node_id, blocks) in enumerate(pipeline_stages(plan, config.get_text_config().num_hidden_layers)):
         shard = shards_dir / node_id / SHARD_FILE
         if not shard.is_file():
             raise VerifyError(f"node '{node_id}': no shard at '{shard}'")
         p = position[blocks[0]] if blocks[1] > blocks[0] else 0
         e = position[blocks[1] - 1] + 1 if blocks[1] > blocks[0] else 0
         where = f"stage {i} (node '{node_id}', blocks [{blocks[0]}, {blocks[1]}))"
+        # A fresh process per stage, as on its node: no other test's or stage's threads, heap or caches.
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            measured = pool.submit(_stage_peak, str(model_dir), str(shards_dir / node_id), blocks, batch, context,
+                                   dtype, where).result()
+        rows.append(StageMemory(i, node_id, blocks, model.stage_memory(p, e), model.stage_kv(p, e), measured))
+    return rows
+
+
+def _stage_peak(model_dir: str, node_dir: str, blocks: tuple[int, int], batch: int, context: int, dtype: str,
+                where: str) -> int:
+    """In a child process: the stage's loaded weights plus the peak RSS growth while it runs (bytes)."""
+    import torch
+    from transformers import DynamicCache
+
+    from williw import stages as st
+    from williw.progress import quiet_transformers
+    from williw.shards.reader import ShardReader
+    from williw.verify import SHARD_FILE
+
+    with quiet_transformers():
+        config = st.load_config(Path(model_dir))
+        _, cls = st.model_class(config)
+        text = config.get_text_config()
+        torch_dtype = getattr(torch, dtype)
+        shard = Path(node_dir) / SHARD_FILE
         with ShardReader(shard) as f:
             state = f.read_all()
-        stage = st.build_stage(st.load_config(shards_dir / node_id), cls, blocks, state, torch_dtype, where=where,
+        stage = st.build_stage(st.load_config(Path(node_dir)), cls, blocks, state, torch_dtype, where=where,
                                source=f"shard '{shard}'")
         del state
         weights = sum(t.numel() * t.element_size() for t in (*stage.model.parameters(), *stage.model.buffers())
@@ -131,8 +156,4 @@ def _measure(model_dir: Path, plan: Plan, shards_dir: Path, batch: int, context:
         _reset_peak()
         cache = DynamicCache(config=config)
         st.run_stage(stage, x, cache=cache)
-        measured = weights + _status("VmHWM") - before
-        del stage, cache, x
-        _trim()
-        rows.append(StageMemory(i, node_id, blocks, model.stage_memory(p, e), model.stage_kv(p, e), measured))
-    return rows
+        return weights + _status("VmHWM") - before

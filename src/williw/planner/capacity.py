@@ -109,13 +109,19 @@ def _largest_context(model: PipelineModel, nodes: list[Node]) -> str:
     return f"; at batch {model.batch_size} the fleet holds a context of at most {lo:,} tokens"
 
 
+def context_tail(model: PipelineModel, nodes: list[Node]) -> str:
+    """``"; at batch B the fleet holds a context of at most N tokens"`` (empty for weights-only metadata)."""
+    runtime = any(model.block_kv) or any(model.block_act)
+    return _largest_context(model, nodes) if runtime and model.context_length > 1 else ""
+
+
 def why_infeasible(model: PipelineModel, nodes: list[Node]) -> str:
     """The first memory constraint that fails, with the shortfall, and the largest context that would fit."""
     have = max(usable_bytes(v) for v in nodes)
     n = model.n
     runtime = any(model.block_kv) or any(model.block_act)  # metadata written before run-time memory: weights only
     at = f" at batch {model.batch_size} and context {model.context_length:,}" if runtime else ""
-    tail = _largest_context(model, nodes) if runtime and model.context_length > 1 else ""
+    tail = context_tail(model, nodes)
     for i in range(n):
         b = model.prefix_mem[i + 1] - model.prefix_mem[i] + model.block_act[i]
         if b > have:

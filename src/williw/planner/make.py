@@ -19,7 +19,7 @@ from williw.errors import InfeasiblePlan, PlanError
 from williw.fleet import Node
 from williw.metadata import ModelMetadata
 from williw.planner.branch import certify
-from williw.planner.capacity import capacity, short, why_infeasible
+from williw.planner.capacity import capacity, context_tail, short, why_infeasible
 from williw.planner.costs import OBJECTIVES, PipelineModel, pipeline_model, stage_times, usable_bytes
 from williw.planner.greedy import _tokens_per_s, greedy_plan
 from williw.planner.latency import search_latency
@@ -93,7 +93,9 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
                                          f"it has {format_bytes(usable_bytes(v))}") for v in small]
     usable = [v for v in nodes if usable_bytes(v) >= smallest]
     if not usable:
-        raise InfeasiblePlan("no node can hold a single block: " + short("the smallest block", smallest, nodes))
+        at = f" at batch {model.batch_size} and context {model.context_length:,}" if any(model.block_kv) else ""
+        raise InfeasiblePlan("no node can hold a single block: " + short("the smallest block", smallest, nodes, at)
+                             + context_tail(model, nodes))
     if model.n == 0:
         return _single(meta, model, usable, objective, excluded)
     drop = set(dominated(usable, model.n, objective))
