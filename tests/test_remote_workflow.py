@@ -19,9 +19,9 @@ from williw.workflow.embedded import EmbeddedWorker
 from workerproc import WorkerProcess
 
 # 300 KB each against a 0.66 MB model: no two nodes can hold it, so the plan has three stages.
-NODES = [{"node_id": "node-a", "compute_tflops": 8.0, "memory_gb": 0.0003},
-         {"node_id": "node-b", "compute_tflops": 4.0, "memory_gb": 0.0003},
-         {"node_id": "node-c", "compute_tflops": 2.0, "memory_gb": 0.0003}]
+NODES = [{"node_id": "node-a", "compute_tflops": 8.0, "memory_gb": 0.00042},
+         {"node_id": "node-b", "compute_tflops": 4.0, "memory_gb": 0.00042},
+         {"node_id": "node-c", "compute_tflops": 2.0, "memory_gb": 0.00042}]
 
 
 def test_run_with_a_repo_id_downloads_no_weights_on_the_users_node(fake_hub: FakeHub, tiny_llama_sharded: Path,

@@ -269,3 +269,19 @@ def test_a_split_larger_than_the_free_space_is_refused_before_anything_is_writte
     assert re.fullmatch(rf"error: '{re.escape(str(out))}': the shards need {re.escape(need)} but only "
                         r"[0-9.]+ [KMGT]?B is free\n", proc.stderr), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tiny_llama: Path, tmp_path: Path) -> None:
+    """A bar in a pipe or a log file is carriage-return noise (a node's log held every gather bar's frames)."""
+    import os
+    import subprocess
+
+    from conftest import VENV_BIN
+    from test_split_helpers import greedy_plan
+    from williw.planner.plan import save_plan
+
+    save_plan(greedy_plan(tiny_llama), tmp_path / "plan.json")
+    env = {k: v for k, v in os.environ.items() if k != "WILLIW_NO_PROGRESS"}
+    proc = subprocess.run([str(VENV_BIN / "williw"), "split", str(tiny_llama), "--plan", str(tmp_path / "plan.json"),
+                           "-o", str(tmp_path / "out"), "--all"], capture_output=True, text=True, env=env, timeout=120)
+    assert (proc.returncode, proc.stderr) == (0, "")

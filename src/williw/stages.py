@@ -337,7 +337,7 @@ def run_stage(stage: Stage, x: torch.Tensor, forward_kwargs: Mapping[str, Any] |
             extra: dict[str, Any] = {"use_cache": False}
             if cache is not None:
                 extra = {"use_cache": True, cache_argument(stage.model): cache}
-            result = stage.model(**kwargs, **extra, **(forward_kwargs or {}))
+            result = stage.model(**kwargs, **{**extra, **(forward_kwargs or {})})
         except _StopStage:
             return {"hidden": box["hidden"]}
     return model_outputs(result)
