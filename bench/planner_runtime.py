@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
+from planner import print_table  # noqa: E402 - bench/planner.py's table, run from this folder
 from williw.errors import InfeasiblePlan  # noqa: E402
 from williw.fleet import Node  # noqa: E402
 from williw.memory import block_memory  # noqa: E402
@@ -159,16 +160,6 @@ def timed(fn):
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
-
-
-def print_table(title: str, headers: list[str], rows: list[tuple]) -> None:
-    cells = [headers] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    print(f"\n{title}")
-    for j, r in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from williw.client import WorkerClient  # noqa: E402
 from williw.metadata import generate_metadata  # noqa: E402
 from williw.planner.plan import Plan  # noqa: E402
 from williw.serve import ModelServer  # noqa: E402
-from workerproc import VENV_BIN, WorkerProcess  # noqa: E402
+from workerproc import VENV_BIN, WorkerProcess, stop_processes  # noqa: E402
 from workerproc import free_port as _free_port  # noqa: E402
 from workerproc import wait_for as _wait  # noqa: E402
 
@@ -152,14 +152,7 @@ def test_pipeline_generates_like_the_whole_model_and_survives_a_dead_node(tmp_pa
         if api is not None:
             api.terminate()
             api.wait(10)
-        for p in agents.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in agents.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(agents.values())
         server.shutdown()
         worker.stop()
 
@@ -223,13 +216,7 @@ def test_real_smollm2_generates_over_three_nodes_like_the_whole_model(tmp_path: 
         if api is not None:
             api.terminate()
             api.wait(10)
-        for p in agents:
-            p.terminate()
-        for p in agents:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(agents)
         server.shutdown()
         worker.stop()
 

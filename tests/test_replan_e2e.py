@@ -19,7 +19,7 @@ from williw.client import WorkerClient
 from williw.metadata import generate_metadata
 from williw.planner import MODEL_SOURCE
 from williw.serve import ModelServer
-from workerproc import VENV_BIN, WorkerProcess
+from workerproc import VENV_BIN, WorkerProcess, stop_processes
 from workerproc import free_port as _free_port
 from workerproc import wait_for as _wait
 
@@ -148,13 +148,6 @@ def test_a_killed_node_is_replanned_and_survivors_pull_only_what_they_lacked(tmp
         _verify(model, tmp_path, rid, 3, v3)
         c.close()
     finally:
-        for p in agents.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in agents.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(agents.values())
         server.shutdown()
         worker.stop()

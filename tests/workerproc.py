@@ -197,3 +197,16 @@ def wait_for(what: str, check, timeout: float = 60.0, interval: float = 0.1):
         assert time.monotonic() < deadline, f"timed out waiting for {what} ({timeout} s)"
         time.sleep(interval)
     return found
+
+
+def stop_processes(procs) -> None:
+    """Terminate every process still running, wait up to 10 s each, kill what does not stop."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
