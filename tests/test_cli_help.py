@@ -14,3 +14,14 @@ def test_top_level_help_keeps_every_description_whole():
     for name, cmd in cli.commands.items():
         first = "".join(cmd.get_short_help_str(limit=10_000).split())
         assert f"{name}{first}" in listed, name
+
+
+def test_a_usage_error_is_one_line_naming_the_command_and_its_help(williw, tmp_path):
+    done = williw("split", str(tmp_path), "--plan", str(tmp_path / "plan.json"))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr == ("error: williw split: give either --node ID (repeatable) or --all "
+                           "(see 'williw split --help')\n")
+    done = williw("plan")
+    assert (done.returncode, done.stderr) == (2, "error: williw plan: Missing argument 'METADATA' "
+                                                 "(see 'williw plan --help')\n")

@@ -73,6 +73,12 @@ def run_main(group: click.Group) -> None:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        # One line, like every other error, naming the command and where its help is (click prints three).
+        where = exc.ctx.command_path if exc.ctx else "williw"
+        message = _one_line(Exception(exc.format_message())).rstrip(".")
+        click.echo(f"error: {where}: {message} (see '{where} --help')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
