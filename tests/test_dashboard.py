@@ -134,8 +134,16 @@ def test_plan_picture_endpoint(worker, fleet):
 def test_page_security_headers(worker):
     r = httpx.get(f"{worker.url}/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert "connect-src 'self'" in r.headers["content-security-policy"]
-    assert "<script>" in r.text and "src=" not in r.text.split("<script>")[1].split(">")[0]
+    csp = r.headers["content-security-policy"]
+    assert "connect-src 'self'" in csp and "script-src 'self';" in csp  # no inline script can run
+    # The page loads its script and style from the worker's own files, and nothing else is served from there.
+    assert '<script src="/static/dashboard.js">' in r.text and "<script>" not in r.text
+    for name, kind in (("dashboard.js", "text/javascript"), ("migration.js", "text/javascript"),
+                       ("dashboard.css", "text/css")):
+        f = httpx.get(f"{worker.url}/static/{name}")
+        assert (f.status_code, f.headers["content-type"].split(";")[0]) == (200, kind)
+    for name in ("index.html", "..%2Fdashboard.py", "%2E%2E", "nothing.js"):
+        assert httpx.get(f"{worker.url}/static/{name}").status_code == 404, name
 
 
 def test_dashboard_in_chromium(worker, fleet, chromium, tmp_path):

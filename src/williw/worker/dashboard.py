@@ -1,4 +1,5 @@
-"""The dashboard: ``GET /`` serves one self-contained page (`dashboard_page`), which polls the read endpoints;
+"""The dashboard: ``GET /`` serves ``static/index.html``, whose script (``static/dashboard.js``, with
+``static/migration.js`` for re-plans, style in ``static/dashboard.css``) polls the read endpoints;
 ``GET /api/requests`` lists requests for it and ``GET /api/plans/{request_id}.svg`` draws a plan with
 `williw.planviz`, the code behind ``williw plan --svg``.
 
@@ -11,15 +12,16 @@ once). The plan picture shows what ``/api/get-plan`` shows for the same id, so i
 from __future__ import annotations
 
 import time
+from functools import lru_cache
+from importlib.resources import files
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Response
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from williw.jsonio import INT64_MAX
 from williw.worker import service
-from williw.worker.dashboard_page import PAGE
 from williw.worker.deps import AuthDep, StoreDep, TokenDep
 from williw.worker.schemas import ID_MAX, RequestOut
 from williw.worker.store import list_requests
@@ -27,18 +29,35 @@ from williw.worker.store import list_requests
 router = APIRouter()
 
 
-# The page's script and style are inline (no build step, no second file to serve), so they need 'unsafe-inline';
-# everything else is locked to this origin: the page can only talk to the worker that served it.
-PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+# Scripts only from this origin's files (no inline script can run); inline style stays allowed for the plan picture,
+# an SVG with its own <style>. The page can only talk to the worker that served it.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
             "img-src 'self' data:; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
+STATIC = files("williw.worker") / "static"
+# The page's files, by the name they are served under, with their media types: nothing else is served.
+STATIC_TYPES = {"index.html": "text/html; charset=utf-8", "dashboard.css": "text/css; charset=utf-8",
+                "dashboard.js": "text/javascript; charset=utf-8", "migration.js": "text/javascript; charset=utf-8"}
+_HEADERS = {"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+@lru_cache(maxsize=None)
+def _static(name: str) -> bytes:
+    return (STATIC / name).read_bytes()
 # An SVG opened on its own is a document: no scripts, whatever it contained.
 SVG_CSP = "default-src 'none'; style-src 'unsafe-inline'"
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def dashboard() -> HTMLResponse:
-    return HTMLResponse(PAGE, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store",
-                                       "X-Content-Type-Options": "nosniff"})
+    return HTMLResponse(_static("index.html"), headers=_HEADERS)
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def static_file(name: str) -> Response:
+    """One of the page's files (`STATIC_TYPES`); any other name is 404, so no path from outside reaches the disk."""
+    if name not in STATIC_TYPES or name == "index.html":
+        raise HTTPException(404, f"no dashboard file {name!r}")
+    return Response(_static(name), media_type=STATIC_TYPES[name], headers=_HEADERS)
 
 
 @router.get("/api/requests")

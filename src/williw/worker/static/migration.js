@@ -1,44 +1,15 @@
-"""The dashboard's re-planning part (issue 9): style and script that `dashboard_page` inlines into its page.
+// The dashboard's re-planning part (issue 9). It only defines functions; dashboard.js calls renderMigration.
+//
+// From ``GET /api/requests/{id}/plans`` of the selected request, polled with the rest of the page:
+// * a migration under way (``pulling``) gets a panel of its own above the plan: version from → to, why, the bytes to
+//   pull from peers and from the model, "N of M pulls done" with a bar, nodes that will hold more than their memory
+//   while they keep both versions (make-before-break), and one row per step (pull, switch, drop) with its state;
+// * once it switched (or a later re-plan superseded it), one quiet line under the plan says so, with its steps
+//   folded in a ``<details>``, next to the list of plan versions and their states.
+//
+// Like the rest of the page, every server string reaches the DOM through ``textContent`` (the page's ``el``).
+"use strict";
 
-From ``GET /api/requests/{id}/plans`` of the selected request, polled with the rest of the page:
-* a migration under way (``pulling``) gets a panel of its own above the plan: version from → to, why, the bytes to
-  pull from peers and from the model, "N of M pulls done" with a bar, nodes that will hold more than their memory
-  while they keep both versions (make-before-break), and one row per step (pull, switch, drop) with its state;
-* once it switched (or a later re-plan superseded it), one quiet line under the plan says so, with its steps
-  folded in a ``<details>``, next to the list of plan versions and their states.
-
-Like the rest of the page, every server string reaches the DOM through ``textContent`` (the page's ``el``).
-"""
-
-MIGRATION_CSS = r"""
-.done, .in-force, .switched { background: #e6f4ea; color: #137333; }
-.pending, .replaced, .abandoned, .superseded { background: #f1f3f4; color: #5f6368; }
-.migrating { background: #fef7e0; color: #b06000; }
-section.replan { border-color: #f9ab00; box-shadow: inset 4px 0 0 #f9ab00; padding-left: 18px; }
-section.replan p { margin: 4px 0; } .warn { color: #b06000; }
-#migration-bar { width: 320px; height: 10px; vertical-align: middle; margin-right: 8px; accent-color: #1e8e3e; }
-#history { margin-top: 8px; } #history h3 { font-size: 13px; margin: 10px 0 4px; color: #5f6368; }
-#last-migration summary { cursor: pointer; color: #5f6368; }
-"""
-
-MIGRATION_HTML = r"""
-<section id="migration" class="wide replan" hidden><h2>Re-plan under way: <span id="migration-title"></span></h2>
-<p id="migration-reason"></p><p id="migration-bytes"></p>
-<p><progress id="migration-bar" max="1" value="0"></progress><span id="migration-progress"></span></p>
-<p id="migration-memory" class="warn"></p>
-<table id="migration-steps"><thead>STEP_HEADER</thead><tbody></tbody></table></section>
-""".replace("STEP_HEADER", "<tr><th>step</th><th>node</th><th>action</th><th>blocks</th><th>source</th>"
-                           "<th>bytes</th><th>after steps</th><th>state</th></tr>")
-
-HISTORY_HTML = r"""
-<div id="history" hidden><details id="last-migration" hidden><summary id="last-summary"></summary>
-<table id="last-steps"><thead>STEP_HEADER</thead><tbody></tbody></table></details>
-<h3>Plan versions</h3><table id="versions"><thead><tr><th>version</th><th>state</th><th>stages</th>
-<th>bottleneck</th><th>created</th></tr></thead><tbody></tbody></table></div>
-""".replace("STEP_HEADER", MIGRATION_HTML.split("<thead>")[1].split("</thead>")[0])
-
-MIGRATION_JS = r"""
-// Re-planning (issue 9); see williw.worker.dashboard_migration for what is shown when.
 function renderMigration(body) {
   const m = body && body.migration;
   const pulling = !!m && m.state === "pulling";
@@ -119,4 +90,3 @@ function clock(t) {
   const d = new Date(t * 1000);
   return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
 }
-"""

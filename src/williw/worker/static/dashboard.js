@@ -1,65 +1,16 @@
-"""The dashboard page: one HTML document with its style and script inline, so the worker serves it with no build
-step and no second file.
-
-What the script does, and why:
-* It polls the read endpoints (``/healthz``, ``/api/nodes``, ``/api/requests``, the selected request and its
-  picture ``/api/plans/{id}.svg``) every ``?poll=`` ms (default 2000) with ``setTimeout``, never reloading.
-* Between polls it ages each node's heartbeat locally from the server's ``heartbeat_age_s`` (not the browser's
-  clock, which may be skewed against the worker's), so a node turns offline on the page when its TTL runs out.
-* Optional endpoints of later issues are probed and left out when absent: a request's assignments
-  (``/api/requests/{id}/assignments``, node states ``assigned → pulling → ready | failed``) and its plan versions
-  with a migration (``/api/requests/{id}/plans``, drawn by `dashboard_migration`'s part of the script).
-* With a token on the worker, it asks for the token once, keeps it in ``sessionStorage`` (gone with the tab) and
-  sends it as ``Authorization: Bearer``. All data reaches the DOM through ``textContent``; the SVG is parsed
-  as XML and only an ``<svg>`` root is inserted.
-"""
-
-from williw.worker.dashboard_migration import HISTORY_HTML, MIGRATION_CSS, MIGRATION_HTML, MIGRATION_JS
-
-PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>williw worker</title>
-<style>
-:root { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #202124; }
-body { margin: 0; background: #f8f9fa; }
-header { background: #202124; color: #fff; padding: 10px 20px; display: flex; gap: 16px; align-items: baseline; }
-header h1 { font-size: 18px; margin: 0; } header span { color: #bdc1c6; font-size: 13px; }
-main { padding: 12px 20px; display: grid; gap: 16px; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); }
-section { background: #fff; border: 1px solid #dadce0; border-radius: 8px; padding: 10px 14px; overflow-x: auto; }
-section.wide { grid-column: 1 / -1; }
-h2 { font-size: 15px; margin: 2px 0 8px; }
-table { border-collapse: collapse; width: 100%; font-size: 13px; }
-th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #eee; white-space: nowrap; }
-th { color: #5f6368; font-weight: 500; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: 600; }
-.online, .ready, .planned { background: #e6f4ea; color: #137333; }
-.offline, .failed { background: #fce8e6; color: #c5221f; }
-.received, .assigned, .pulling { background: #fef7e0; color: #b06000; }
-tr.request { cursor: pointer; } tr.request:hover { background: #f1f3f4; } tr.selected { background: #e8f0fe; }
-#plan svg { max-width: 100%; height: auto; } .muted { color: #5f6368; } .error { color: #c5221f; }
-#auth form { display: flex; gap: 8px; align-items: center; } #auth input { width: 320px; padding: 4px; }
-/*MIGRATION_CSS*/</style></head>
-<body>
-<header><h1>williw worker</h1><span id="health">connecting…</span><span id="updated"></span></header>
-<main>
-<section id="auth" class="wide" hidden>
-  <form id="auth-form"><label for="token">This worker has a token. Admin token:</label>
-  <input id="token" type="password" autocomplete="off"><button type="submit">Use token</button>
-  <span id="auth-msg" class="error"></span></form>
-  <p class="muted">Kept in this tab's sessionStorage only; sent as a bearer token to this worker.</p>
-</section>
-<section id="nodes-section"><h2>Nodes <span id="nodes-count" class="muted"></span></h2>
-<table id="nodes"><thead><tr><th>node</th><th>TFLOPS</th><th>memory</th><th>last heartbeat</th><th>status</th>
-<th class="assign-col" hidden>assignment</th><th>in plan</th></tr></thead><tbody></tbody></table></section>
-<section id="requests-section"><h2>Requests <span id="requests-count" class="muted"></span></h2>
-<table id="requests"><thead><tr><th>request</th><th>model</th><th>status</th><th>plan</th><th>updated</th></tr>
-</thead><tbody></tbody></table><p id="requests-msg" class="muted"></p></section>
-<!--MIGRATION_HTML--><section class="wide"><h2>Plan <span id="plan-title" class="muted"></span></h2>
-<p id="request-reason" class="error"></p><p id="plan-broken" class="error"></p>
-<div id="plan"><p class="muted">Select a request.</p></div>
-<!--HISTORY_HTML--></section>
-</main>
-<script>
+// The williw worker's dashboard page (index.html), served by williw.worker.dashboard; no build step.
+//
+// What the script does, and why:
+// * It polls the read endpoints (``/healthz``, ``/api/nodes``, ``/api/requests``, the selected request and its
+//   picture ``/api/plans/{id}.svg``) every ``?poll=`` ms (default 2000) with ``setTimeout``, never reloading.
+// * Between polls it ages each node's heartbeat locally from the server's ``heartbeat_age_s`` (not the browser's
+//   clock, which may be skewed against the worker's), so a node turns offline on the page when its TTL runs out.
+// * Optional endpoints of later issues are probed and left out when absent: a request's assignments
+//   (``/api/requests/{id}/assignments``, node states ``assigned → pulling → ready | failed``) and its plan versions
+//   with a migration (``/api/requests/{id}/plans``, drawn by migration.js, loaded before this file).
+// * With a token on the worker, it asks for the token once, keeps it in ``sessionStorage`` (gone with the tab) and
+//   sends it as ``Authorization: Bearer``. All data reaches the DOM through ``textContent``; the SVG is parsed
+//   as XML and only an ``<svg>`` root is inserted.
 "use strict";
 const params = new URLSearchParams(location.search);
 const POLL_MS = Math.min(60000, Math.max(250, Number(params.get("poll")) || 2000));
@@ -189,7 +140,6 @@ async function loadOptional(id) {
   renderMigration(p.ok ? await p.json() : null);
 }
 
-/*MIGRATION_JS*/
 function stageOf(nodeId) {
   const a = state.plan && state.plan[nodeId];
   if (!a) return "";
@@ -259,6 +209,3 @@ async function poll() {
 }
 setInterval(() => { if (state.nodesAt) renderNodes(); }, 500);
 poll();
-</script></body></html>
-""".replace("/*MIGRATION_CSS*/", MIGRATION_CSS.lstrip()).replace("<!--MIGRATION_HTML-->", MIGRATION_HTML.lstrip()) \
-   .replace("<!--HISTORY_HTML-->", HISTORY_HTML.lstrip()).replace("/*MIGRATION_JS*/", MIGRATION_JS.lstrip())
