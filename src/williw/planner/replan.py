@@ -148,15 +148,19 @@ def replan(metadata: ModelMetadata, current_plan: Plan, nodes: Sequence[Node], m
                   and (objective == "prefill" or v.memory_bandwidth_gbps is not None)]
     usable = {v.node_id for v in candidates}
     search = _Search(metadata, model, candidates, objective, bound, held)
+    position = {b: i for i, b in enumerate(model.block_index)}
+    gaps = [(position[a.blocks[0]] + position[a.blocks[1] - 1]) / 2 for a in current_plan.assignments
+            if a.node_id not in live and a.blocks and a.blocks[0] in position and a.blocks[1] - 1 in position]
     if objective == "latency" and model.n:
         costs = _Costs(model, candidates, objective)
         fresh_stages = _stages_of(model, fresh, [v.node_id for v in candidates])
         best = summed_cost(costs, fresh_stages)  # as the search adds costs: the fresh plan meets exactly L*
         bound = best * (1 + max_slowdown)
-        found = latency_replan(costs, search.moved, search.twins(), search.orders(fresh), bound, fresh_moved)
+        found = latency_replan(costs, search.moved, search.must_pull, search.twins(), search.orders(fresh, gaps),
+                               bound, fresh_moved)
         stages, exact = found or (fresh_stages, False)
     else:
-        stages, exact = search.run(fresh, fresh_moved)
+        stages, exact = search.run(fresh, fresh_moved, gaps)
     plan_nodes = [candidates[s.node] for s in stages]
     plan = _assemble(metadata, model, stages, plan_nodes, objective, exact,
                      lower_bound(model, candidates, objective), [])
@@ -242,6 +246,11 @@ class _Search:
                               own(model.first_names), own(model.last_names),
                               own((model.replica,)) if model.replica else 0))
         self.holds = [bool(held.get(v.node_id)) for v in nodes]
+        # Bytes of blocks [p, n) and the last group that no candidate holds: someone pulls them (a bound for pruning).
+        anywhere = set().union(*(held.get(v.node_id, frozenset()) for v in nodes))
+        nowhere = lambda names: sum(size[t] for t in names if t not in anywhere)  # noqa: E731
+        self.unheld = list(accumulate((nowhere(model.block_names[i]) for i in range(n)), initial=0))
+        self.unheld_last = nowhere(model.last_names)
         self._opts: dict[tuple[int, int], list[tuple[int, int, float]]] = {}
 
     def moved(self, v: int, p: int, e: int) -> int:
@@ -252,6 +261,10 @@ class _Search:
         if e == self.m.n:
             out += self.last - kl + (self.rep - kr if p > 0 else 0)
         return out
+
+    def must_pull(self, p: int) -> int:
+        """Bytes every plan pulls for blocks ``[p, n)`` and the last group, whoever holds them."""
+        return self.unheld[-1] - self.unheld[p] + self.unheld_last
 
     def options(self, v: int, p: int) -> list[tuple[int, int, float]]:
         """(end, moved bytes, time) of every stage from ``p`` that node ``v`` can run under the bound."""
@@ -267,7 +280,7 @@ class _Search:
             self._opts[key] = out
         return self._opts[key]
 
-    def run(self, fresh: Plan, fresh_moved: int) -> tuple[tuple[Stage, ...], bool]:
+    def run(self, fresh: Plan, fresh_moved: int, gaps: Sequence[float] = ()) -> tuple[tuple[Stage, ...], bool]:
         n = self.m.n
         if n == 0:  # no blocks: one node holds everything; the fewest bytes to pull among those fast enough
             fits = [(self.moved(v, 0, 0), _time(self.m, self.nodes[v], 0, 0, self.objective), v)
@@ -276,18 +289,29 @@ class _Search:
             return (Stage(min(fits)[2], 0, 0),), True
         if (1 << len(self.nodes)) * (n + 1) <= EXACT_MAX_STATES:
             return self._exact(fresh_moved), True
-        found = [self._ordered(o) for o in self.orders(fresh)]
+        found = [self._ordered(o) for o in self.orders(fresh, gaps)]
         return min((f for f in found if f is not None), key=lambda f: f[0])[1], False
 
-    def orders(self, fresh: Plan) -> list[list[int]]:
-        """The heuristic's node orders: the fresh plan's, and the nodes by where their weights sit now."""
+    def orders(self, fresh: Plan, gaps: Sequence[float] = ()) -> list[list[int]]:
+        """The heuristic's node orders: the fresh plan's; the nodes holding weights by where their weights sit, the
+        others (fastest first) after them, before them, and at each of ``gaps`` (where departed stages sat)."""
         index = {v.node_id: i for i, v in enumerate(self.nodes)}
-        where = []  # the nodes that hold weights now, at the middle of what they hold; then the rest
+        where, rest = [], []
         for v in range(len(self.nodes)):
             kb = self.kept[v][0]
             ends = [i for i in range(self.m.n) if kb[i + 1] > kb[i]]
-            where.append(((ends[0] + ends[-1]) / 2 if ends else float("inf"), -self.nodes[v].compute_tflops, v))
-        return [[index[u] for u in fresh.node_ids], [v for *_, v in sorted(where)]]
+            if ends:
+                where.append(((ends[0] + ends[-1]) / 2, v))
+            else:
+                rest.append((-self.nodes[v].compute_tflops, -usable_bytes(self.nodes[v]), v))
+        where.sort()
+        others = [v for *_, v in sorted(rest)]
+        out = [[index[u] for u in fresh.node_ids]]
+        for g in (math.inf, -math.inf, *sorted(set(gaps))):
+            order = [v for m, v in where if m < g] + others + [v for m, v in where if m >= g]
+            if order not in out:
+                out.append(order)
+        return out
 
     def twins(self) -> list[int]:
         """Per node, an earlier node it is interchangeable with (-1: none): both hold nothing now and have the same
