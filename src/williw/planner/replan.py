@@ -18,8 +18,10 @@ are the ``e`` up to some limit (costs and bytes only grow with ``e``). The cost 
   weights sit now. The result reports ``moved_lower_bound`` (bytes no live node holds: someone pulls them).
 
 For the ``latency`` objective the bound is on the plan's summed decode cost, ``(1 + max_slowdown) · L*``, and the
-search keeps Pareto fronts instead of one pair per state (`replan_latency`), exact while ``2^k · (n + 1)`` fits its
-own, smaller limit. Every figure named ``bottleneck`` is then that sum (as ``Plan.bottleneck_s`` is).
+search keeps Pareto fronts instead of one pair per state (`replan_latency`), exact while ``2^k · k · (n + 1)^2``
+fits its `EXACT_MAX_WORK`. Every figure named ``bottleneck`` is then that sum (as ``Plan.bottleneck_s`` is), and
+``T*`` is the fresh plan's sum added stage by stage, as the search adds (it may differ from ``fresh_plan``'s
+``math.fsum`` in the last bit).
 
 The workload is the current plan's (``@plan.batch_size`` and ``context_length``, when it records them): a
 re-plan must hold the same KV cache as the plan it replaces.
