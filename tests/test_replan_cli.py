@@ -69,3 +69,24 @@ def test_replan_errors_are_one_line_and_exit_2(files, williw) -> None:
         2, "", "error: max_step_bytes must be a positive integer of bytes, got 0\n")
     missing = williw("replan", str(d / "meta.json"), "--plan", str(d / "none.json"), "--nodes", str(d / "nodes.json"))
     assert (missing.returncode, missing.stderr) == (2, f"error: '{d / 'none.json'}': no such plan file\n")
+
+
+def test_replan_for_the_latency_objective(tmp_path) -> None:
+    # As tests/test_replan_latency.py's node leaving, in megabytes: 'b' takes a's blocks and two of c's, the least
+    # within +60% of the best 6.5 ms per token; c keeps [4, 8).
+    mb = 1_000_000
+    meta = build_meta([(10, 3 * mb)] * 8, first=(0, mb), last=(1, mb))
+    save_metadata(meta, tmp_path / "meta.json")
+    a, c = Node("a", 1.0, 10e-3, 1.0), Node("c", 1.0, 20e-3, 2.0)
+    save_plan(make_plan(meta, [a, c], objective="latency"), tmp_path / "plan.json")  # a [0, 2), c [2, 8)
+    (tmp_path / "nodes.json").write_text(json.dumps([Node("b", 1.0, 30e-3, 4.0).to_dict(), c.to_dict()]))
+    result = CliRunner().invoke(cli, ["replan", str(tmp_path / "meta.json"), "--plan", str(tmp_path / "plan.json"),
+                                      "--nodes", str(tmp_path / "nodes.json"), "--max-slowdown", "0.6",
+                                      "--objective", "latency"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[2:] == [
+        "b         0  [0, 4)  13.00 MB  13.00 MB     6.00 MB  3.2 ms",
+        "c         1  [4, 8)  13.00 MB   0 bytes     0 bytes  6.5 ms",
+        "plan v2 (latency): seconds per token before - ('a' left), after 9.8 ms (best 6.5 ms, bound +60% 10.4 ms)",
+        "bytes moved 13.00 MB (fewest possible); a fresh plan moves 26.00 MB",
+        "migration: 2 pull steps (6.00 MB from peers), switch to v2, 1 drop steps"]

@@ -32,7 +32,8 @@ NODES = {f"n{i}": (10.0, 0.0022) for i in range(1, 5)}
 class Fleet:
     """A worker, registered nodes heartbeating on a thread until `leave`, and one distributed request."""
 
-    def __init__(self, tmp: Path, db_url: str, meta: dict, *, auto_replan: bool = True) -> None:
+    def __init__(self, tmp: Path, db_url: str, meta: dict, *, auto_replan: bool = True,
+                 objective: str = "prefill") -> None:
         self.worker = WorkerProcess(db_url, TOKEN, node_ttl=TTL, log_path=tmp / "worker.log").start()
         self.admin = WorkerClient(self.worker.url, TOKEN)
         self.gone: set[str] = set()
@@ -40,10 +41,13 @@ class Fleet:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
         try:
-            self.tokens.update({n: self.admin.register_node(n, t, m)["node_token"] for n, (t, m) in NODES.items()})
+            # The decode objectives need a memory bandwidth; 1 GB/s per TFLOPS keeps the nodes' ranking.
+            bandwidth = (lambda t: None) if objective == "prefill" else (lambda t: t)
+            self.tokens.update({n: self.admin.register_node(n, t, m, memory_bandwidth_gbps=bandwidth(t))["node_token"]
+                                for n, (t, m) in NODES.items()})
             self.thread.start()
             self.rid = self.admin.create_request("tiny/llama")["request_id"]
-            self.v1 = self.admin.process(self.rid, metadata=meta)["plan"]
+            self.v1 = self.admin.process(self.rid, metadata=meta, objective=objective)["plan"]
             self.admin.distribute(self.rid, "http://127.0.0.1:9/model", auto_replan=auto_replan or None)
             for n in self.members(self.v1):
                 self.report(n, "ready", 1)
@@ -154,6 +158,25 @@ def test_a_departure_migrates_and_the_last_ready_switches(backend: str, tmp_path
             rows = f.admin.request_assignments(f.rid)["assignments"]
             assert sorted(r["node_id"] for r in rows) == sorted(members)  # n4's row is gone: it may drop
             assert f.admin.get_request(f.rid)["plan_version"] == 2
+        finally:
+            f.close()
+
+
+def test_a_latency_plan_is_replanned_for_latency_at_its_batch_and_context(tmp_path: Path, meta: dict) -> None:
+    with database("sqlite", tmp_path) as url:
+        f = Fleet(tmp_path, url, meta, objective="latency")
+        try:
+            gone = f.members(f.v1)[-1]
+            f.gone.add(gone)
+            p = f.wait_plans("a migration", lambda p: p["migration"] is not None)
+            assert p["migration"]["reason"] == f"{gone} left"
+            v2 = f.admin.get_plan(f.rid, version=2)
+            workload = ("objective", "batch_size", "context_length")
+            assert [v2["@plan"][k] for k in workload] == [f.v1["@plan"][k] for k in workload] == ["latency", 1, 512]
+            assert gone not in f.members(v2)
+            summary = p["migration"]["replan"]
+            assert summary["bound_s"] == pytest.approx(1.05 * summary["best_bottleneck_s"], rel=1e-12)
+            assert summary["exact"] is True and v2["@plan"]["bottleneck_s"] <= summary["bound_s"] * (1 + 1e-9)
         finally:
             f.close()
 

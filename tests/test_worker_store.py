@@ -6,25 +6,28 @@ import sqlite3
 
 import pytest
 
+from williw.worker.records import NodeRecord
 from williw.worker.store import NotFound, Store, StoreError, normalize_url
+from workerproc import backends, database
 
 
 def test_migrations_run_once_and_record_the_version(tmp_path):
     path = tmp_path / "w.db"
     store = Store(str(path))
-    assert store.schema_version() == 3
+    assert store.schema_version() == 4
     store.upsert_node({"node_id": "n", "compute_tflops": 1.0, "memory_gb": 1.0}, "hash", 5.0)
     store.close()
     again = Store(f"sqlite:///{path}")  # reopening migrates nothing and keeps the data
-    assert again.schema_version() == 3
+    assert again.schema_version() == 4
     assert [n.node_id for n in again.list_nodes()] == ["n"]
     again.close()
     rows = sqlite3.connect(path).execute("SELECT version, name FROM williw_schema_version").fetchall()
-    assert rows == [(1, "nodes, requests, plans"), (2, "assignments"), (3, "re-planning")]
+    assert rows == [(1, "nodes, requests, plans"), (2, "assignments"), (3, "re-planning"),
+                    (4, "node latency and memory reserve")]
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
-def test_a_version_2_database_migrates_to_3_and_keeps_its_rows(tmp_path):
+def test_a_version_2_database_migrates_to_the_latest_and_keeps_its_rows(tmp_path):
     from williw.worker import schema
 
     path = tmp_path / "old.db"
@@ -37,11 +40,44 @@ def test_a_version_2_database_migrates_to_3_and_keeps_its_rows(tmp_path):
         db.execute("INSERT INTO nodes VALUES ('n', 1.0, 2.0, NULL, NULL, '[]', 'h', 1, 1, 1)")
         db.execute("INSERT INTO requests VALUES ('r', 'm', NULL, 1, 8, 'received', NULL, NULL, 1, 1)")
     store = Store(str(path))
-    assert store.schema_version() == 3
-    assert [(n.node_id, n.memory_gb) for n in store.list_nodes()] == [("n", 2.0)]
+    assert store.schema_version() == 4
+    assert [(n.node_id, n.memory_gb, n.latency_ms, n.memory_reserve_gb) for n in store.list_nodes()] == \
+        [("n", 2.0, None, None)]
     request = store.get_request("r")
     assert (request.model_name, request.metadata_digest, request.auto_replan) == ("m", None, None)
     store.close()
+
+
+@pytest.mark.parametrize("kind", backends())
+def test_a_version_3_database_gets_the_node_fields_and_keeps_its_rows(kind, tmp_path):
+    from sqlalchemy import create_engine, text
+
+    from williw.worker import schema
+
+    with database(kind, tmp_path) as url:
+        engine = create_engine(normalize_url(url))
+        with engine.begin() as db:  # what williw with migrations 1 to 3 left behind
+            db.execute(text(schema.SCHEMA_VERSION_DDL))
+            for version, name, statements in schema.MIGRATIONS[:3]:
+                for statement in statements:
+                    db.execute(text(statement))
+                db.execute(text("INSERT INTO williw_schema_version VALUES (:v, :n, 0)"), {"v": version, "n": name})
+            db.execute(text("INSERT INTO nodes VALUES ('n', 1.0, 2.0, 300.0, 1.5, '[\"gpu\"]', 'h', 1, 2, 3, "
+                            "'http://n:1')"))
+        engine.dispose()
+        store = Store(url)
+        try:
+            assert store.schema_version() == 4
+            assert store.list_nodes() == [NodeRecord("n", 1.0, 2.0, 300.0, 1.5, ("gpu",), 1.0, 2.0, 3.0, None, None)]
+            fields = {"node_id": "n", "compute_tflops": 1.0, "memory_gb": 2.0, "latency_ms": 0.5,
+                      "memory_reserve_gb": 0.25}
+            record, created = store.upsert_node(fields, None, 9.0)
+            assert (created, record.latency_ms, record.memory_reserve_gb) == (False, 0.5, 0.25)
+            assert store.node_token_hash("n") == "h"
+            assert record.fleet_dict() == {"node_id": "n", "compute_tflops": 1.0, "memory_gb": 2.0, "labels": [],
+                                           "latency_ms": 0.5, "memory_reserve_gb": 0.25}
+        finally:
+            store.close()
 
 
 def test_a_newer_schema_is_refused(tmp_path):
@@ -49,7 +85,7 @@ def test_a_newer_schema_is_refused(tmp_path):
     Store(str(path)).close()
     with sqlite3.connect(path) as db:
         db.execute("INSERT INTO williw_schema_version VALUES (99, 'future', 0)")
-    with pytest.raises(StoreError, match=r"^the database is at schema version 99, newer than this williw's 3: "
+    with pytest.raises(StoreError, match=r"^the database is at schema version 99, newer than this williw's 4: "
                                          r"upgrade williw$"):
         Store(str(path))
 

@@ -53,6 +53,8 @@ class AgentConfig:
 
     Attributes:
         worker_url, node_id, compute_tflops, memory_gb: where to register and what this node offers.
+        memory_bandwidth_gbps, network_gbps, latency_ms, memory_reserve_gb: the optional planner fields
+            (`williw.fleet.Node`); None: not given.
         data_dir: where the identity file and the shards live.
         token: the admin token, needed for the first registration when the worker has one.
         heartbeat_s, poll_s: seconds between heartbeats and between assignment polls.
@@ -75,6 +77,9 @@ class AgentConfig:
     serve_host: str | None = "127.0.0.1"
     serve_port: int = 0
     serve_url: str | None = None
+    network_gbps: float | None = None
+    latency_ms: float | None = None
+    memory_reserve_gb: float | None = None
 
 
 class NodeAgent:
@@ -106,7 +111,8 @@ class NodeAgent:
         c = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True)
         saved = self._saved_token()
-        fields: dict[str, Any] = {"memory_bandwidth_gbps": c.memory_bandwidth_gbps}
+        fields: dict[str, Any] = {"memory_bandwidth_gbps": c.memory_bandwidth_gbps, "network_gbps": c.network_gbps,
+                                  "latency_ms": c.latency_ms, "memory_reserve_gb": c.memory_reserve_gb}
         base = WorkerClient(c.worker_url, saved or c.token)
         try:
             answer = base.register_node(c.node_id, c.compute_tflops, c.memory_gb, **fields)

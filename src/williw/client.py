@@ -119,14 +119,17 @@ class WorkerClient:
 
     def register_node(self, node_id: str, compute_tflops: float, memory_gb: float, *,
                       memory_bandwidth_gbps: float | None = None, network_gbps: float | None = None,
-                      labels: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-        """``POST /api/nodes``: register or update a node. Returns ``{node, created, node_token}``."""
+                      labels: list[str] | tuple[str, ...] = (), latency_ms: float | None = None,
+                      memory_reserve_gb: float | None = None) -> dict[str, Any]:
+        """``POST /api/nodes``: register or update a node (a field left None is stored as not given).
+
+        Returns ``{node, created, node_token}``.
+        """
         body: dict[str, Any] = {"node_id": node_id, "compute_tflops": compute_tflops, "memory_gb": memory_gb,
                                 "labels": list(labels)}
-        if memory_bandwidth_gbps is not None:
-            body["memory_bandwidth_gbps"] = memory_bandwidth_gbps
-        if network_gbps is not None:
-            body["network_gbps"] = network_gbps
+        optional = {"memory_bandwidth_gbps": memory_bandwidth_gbps, "network_gbps": network_gbps,
+                    "latency_ms": latency_ms, "memory_reserve_gb": memory_reserve_gb}
+        body.update({key: value for key, value in optional.items() if value is not None})
         return self._call("POST", "/api/nodes", json=body)
 
     def heartbeat(self, node_id: str) -> dict[str, Any]:

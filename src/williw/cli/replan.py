@@ -20,11 +20,13 @@ from williw.cli._output import emit, json_option, set_json_mode, table
 @click.option("--max-slowdown", type=float, default=0.05, show_default=True,
               help="How much slower than the best plan for the new fleet the re-plan may be (0.05 = 5%).")
 @click.option("--max-step-bytes", type=int, help="The most bytes one pull step of the migration carries.")
-@click.option("--objective", type=click.Choice(["prefill", "decode"]), help="Default: the current plan's.")
+@click.option("--objective", type=click.Choice(["prefill", "decode", "latency"]),
+              help="Default: the current plan's. latency bounds the summed decode cost per token, not a stage's.")
 @json_option
 def replan_cmd(metadata: str, plan_file: str, nodes_file: str, output: str | None, migration_file: str | None,
                max_slowdown: float, max_step_bytes: int | None, objective: str | None, as_json: bool) -> None:
-    """Re-plan for a changed fleet, moving the fewest bytes within --max-slowdown of the best bottleneck."""
+    """Re-plan for a changed fleet, moving the fewest bytes within --max-slowdown of the best bottleneck (of the
+    best seconds per token for --objective latency). Batch and context are the current plan's."""
     set_json_mode(as_json)
     from williw.fleet import load_nodes
     from williw.fsutil import write_json
@@ -69,7 +71,8 @@ def _human(result, max_slowdown: float, output: str | None, migration_file: str 
         before = f"- ({', '.join(repr(u) for u in result.departed)} left)"
     else:
         before = "- (the current plan does not fit this fleet)"
-    lines.append(f"plan v{result.plan.version} ({result.plan.objective}): bottleneck before {before}, after "
+    figure = "seconds per token" if result.plan.objective == "latency" else "bottleneck"
+    lines.append(f"plan v{result.plan.version} ({result.plan.objective}): {figure} before {before}, after "
                  f"{format_seconds(result.bottleneck_after_s)} (best {format_seconds(result.best_bottleneck_s)}, "
                  f"bound +{max_slowdown:.0%} {format_seconds(result.bound_s)})")
     how = "fewest possible" if result.exact else \

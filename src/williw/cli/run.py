@@ -33,6 +33,10 @@ def serve_model_cmd(model_dir: str, host: str, port: int, as_json: bool) -> None
 @click.option("--compute-tflops", type=click.FloatRange(min=0, min_open=True), required=True)
 @click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True), required=True)
 @click.option("--memory-bandwidth-gbps", type=click.FloatRange(min=0, min_open=True))
+@click.option("--network-gbps", type=float, help="Link speed, GB/s (1e9 bytes/s).")
+@click.option("--latency-ms", type=float, help="One-way network latency, milliseconds.")
+@click.option("--memory-reserve-gb", type=float,
+              help="Memory kept free for the runtime (CUDA context, allocator slack), GB.")
 @click.option("--data-dir", type=click.Path(file_okay=False), required=True,
               help="Where the node keeps its token (node.json) and its shards (<request_id>/v<version>/<node_id>/).")
 @click.option("--token", envvar="WILLIW_TOKEN", help="The worker's admin token, for the first registration.")
@@ -45,7 +49,8 @@ def serve_model_cmd(model_dir: str, host: str, port: int, as_json: bool) -> None
 @click.option("--serve-url", help="The URL peers reach the shard server at (default http://HOST:PORT).")
 @json_option
 def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: float,
-             memory_bandwidth_gbps: float | None, data_dir: str, token: str | None, heartbeat_s: float,
+             memory_bandwidth_gbps: float | None, network_gbps: float | None, latency_ms: float | None,
+             memory_reserve_gb: float | None, data_dir: str, token: str | None, heartbeat_s: float,
              poll_s: float, serve_host: str, serve_port: int, serve_url: str | None, as_json: bool) -> None:
     """Run a node agent: register, heartbeat, pull each assigned shard, check it and report it ready."""
     import os
@@ -59,7 +64,9 @@ def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: fl
                                   memory_bandwidth_gbps=memory_bandwidth_gbps, heartbeat_s=heartbeat_s,
                                   poll_s=poll_s, hf_token=os.environ.get("HF_TOKEN"),
                                   serve_host=None if serve_host == "none" else serve_host, serve_port=serve_port,
-                                  serve_url=serve_url))
+                                  serve_url=serve_url, network_gbps=network_gbps, latency_ms=latency_ms,
+                                  memory_reserve_gb=memory_reserve_gb))
+
     def _stop(*_: object) -> None:
         # Leave at once, even mid-pull: shard files are written atomically, so an interrupted pull leaves no
         # shard that looks complete, and a restarted agent resumes it.
@@ -138,8 +145,7 @@ def run_cmd(model: str, worker_url: str | None, metadata_repo: str | None, node_
         if local_nodes:
             from williw.fleet import load_nodes
 
-            nodes = [{"node_id": n.node_id, "compute_tflops": n.compute_tflops, "memory_gb": n.memory_gb,
-                      "memory_bandwidth_gbps": n.memory_bandwidth_gbps} for n in load_nodes(local_nodes)]
+            nodes = [n.to_dict() for n in load_nodes(local_nodes)]
             embedded.start_local_nodes(nodes, Path(work_dir) / "nodes")
     try:
         client = NodeClient(worker_url, hf_token, metadata_repo, node_id, token=token, work_dir=work_dir,

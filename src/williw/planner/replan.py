@@ -17,6 +17,15 @@ are the ``e`` up to some limit (costs and bytes only grow with ``e``). The cost 
   fresh plan's order, so the re-plan never moves more than the fresh plan, and the nodes sorted by where their
   weights sit now. The result reports ``moved_lower_bound`` (bytes no live node holds: someone pulls them).
 
+For the ``latency`` objective the bound is on the plan's summed decode cost, ``(1 + max_slowdown) · L*``, and the
+search keeps Pareto fronts instead of one pair per state (`replan_latency`), exact while ``2^k · k · (n + 1)^2``
+fits its `EXACT_MAX_WORK`. Every figure named ``bottleneck`` is then that sum (as ``Plan.bottleneck_s`` is), and
+``T*`` is the fresh plan's sum added stage by stage, as the search adds (it may differ from ``fresh_plan``'s
+``math.fsum`` in the last bit).
+
+The workload is the current plan's (``@plan.batch_size`` and ``context_length``, when it records them): a
+re-plan must hold the same KV cache as the plan it replaces.
+
 When make_plan itself is heuristic (large fleets), ``T*`` is its bottleneck, not a proven optimum.
 """
 
@@ -35,8 +44,9 @@ from williw.metadata import ModelMetadata
 from williw.planner.costs import OBJECTIVES, PipelineModel, pipeline_model, stage_times, usable_bytes
 from williw.planner.make import _assemble, make_plan
 from williw.planner.migrate import MigrationSchedule, bytes_to_move, check_step_bytes, holdings, migration_schedule
-from williw.planner.pipeline import Stage, lower_bound
+from williw.planner.pipeline import Stage, _Costs, lower_bound
 from williw.planner.plan import ExcludedNode, Plan
+from williw.planner.replan_latency import latency_replan, summed_cost
 from williw.planner.validate import validate_split_plan
 from williw.units import format_seconds
 
@@ -91,16 +101,20 @@ class Replan:
 
 
 def replan(metadata: ModelMetadata, current_plan: Plan, nodes: Sequence[Node], max_slowdown: float = 0.05,
-           objective: str | None = None, max_step_bytes: int | None = None) -> Replan:
+           objective: str | None = None, max_step_bytes: int | None = None, *, batch_size: int | None = None,
+           context_length: int | None = None) -> Replan:
     """Re-plan ``current_plan`` for the fleet ``nodes``, moving as few bytes as the bottleneck bound allows.
 
     Args:
         metadata: the model.
         current_plan: the plan in force (any strategy); its nodes missing from ``nodes`` have left.
         nodes: the fleet now.
-        max_slowdown: how much slower than the best plan for ``nodes`` the re-plan may be (0.05: 5%).
-        objective: ``prefill`` or ``decode``; by default the current plan's.
+        max_slowdown: how much slower than the best plan for ``nodes`` the re-plan may be (0.05: 5%); for
+            ``latency``, how much more its seconds per token may be.
+        objective: ``prefill``, ``decode`` or ``latency``; by default the current plan's.
         max_step_bytes: the most bytes one migration pull step carries (None: no limit).
+        batch_size, context_length: the workload (`make_plan`'s); by default the current plan's, else the
+            metadata's.
 
     Returns:
         The new pipeline plan (version + 1), its migration schedule and the comparison with a fresh plan.
@@ -114,35 +128,49 @@ def replan(metadata: ModelMetadata, current_plan: Plan, nodes: Sequence[Node], m
         raise PlanError(f"max_slowdown must be a finite number >= 0 (0.05 = 5% slower), got {max_slowdown!r}")
     check_step_bytes(max_step_bytes)
     objective = objective or (current_plan.objective if current_plan.objective in OBJECTIVES else "prefill")
-    if objective == "latency":
-        raise PlanError("re-planning keeps a bottleneck within max_slowdown: use --objective prefill or decode")
+    batch_size = batch_size or _recorded(current_plan, "batch_size")
+    context_length = context_length or _recorded(current_plan, "context_length")
     known = {x.name for x in metadata.layers}
     for a in current_plan.assignments:
         unknown = next((t for t in a.tensor_names if t not in known), None)
         if unknown is not None:
             raise PlanError(f"the current plan's node '{a.node_id}' holds '{unknown}', which the model "
                             f"'{metadata.model_name}' does not have: the plan is for another model")
-    fresh = make_plan(metadata, nodes, objective=objective)  # also checks the fleet and the objective
+    # Also checks the fleet, the objective and the workload.
+    fresh = make_plan(metadata, nodes, objective=objective, batch_size=batch_size, context_length=context_length)
     best = fresh.bottleneck_s or 0.0
     bound = best * (1 + max_slowdown)
     live = {v.node_id for v in nodes}
     held = holdings(current_plan, live)
     fresh_moved = bytes_to_move(metadata, held, fresh)
-    model = pipeline_model(metadata)
+    model = pipeline_model(metadata, batch_size, context_length)
     # Every node make_plan could use (it also drops dominated nodes, but a dominated node may hold weights now).
     smallest = min(model.block_bytes, default=0)
     candidates = [v for v in nodes if v.memory_bytes >= smallest
                   and (objective == "prefill" or v.memory_bandwidth_gbps is not None)]
     usable = {v.node_id for v in candidates}
     search = _Search(metadata, model, candidates, objective, bound, held)
-    stages, exact = search.run(fresh, fresh_moved)
+    position = {b: i for i, b in enumerate(model.block_index)}
+    gaps = [(position[a.blocks[0]] + position[a.blocks[1] - 1]) / 2 for a in current_plan.assignments
+            if a.node_id not in live and a.blocks and a.blocks[0] in position and a.blocks[1] - 1 in position]
+    if objective == "latency" and model.n:
+        costs = _Costs(model, candidates, objective)
+        fresh_stages = _stages_of(model, fresh, [v.node_id for v in candidates])
+        best = summed_cost(costs, fresh_stages)  # as the search adds costs: the fresh plan meets exactly L*
+        bound = best * (1 + max_slowdown)
+        found = latency_replan(costs, search.moved, search.must_pull, search.twins(), search.orders(fresh, gaps),
+                               bound, fresh_moved)
+        stages, exact = found or (fresh_stages, False)
+    else:
+        stages, exact = search.run(fresh, fresh_moved, gaps)
     plan_nodes = [candidates[s.node] for s in stages]
     plan = _assemble(metadata, model, stages, plan_nodes, objective, exact,
                      lower_bound(model, candidates, objective), [])
     used = set(plan.node_ids)
     excluded = [e for e in fresh.excluded if e.node_id not in usable]
+    figure = "seconds per token" if objective == "latency" else "bottleneck"
     excluded += [ExcludedNode(v.node_id, f"not used: the plan moving the fewest bytes within {max_slowdown:.0%} of "
-                                         f"the best bottleneck ({format_seconds(best)}) does without it")
+                                         f"the best {figure} ({format_seconds(best)}) does without it")
                  for v in candidates if v.node_id not in used]
     moved = bytes_to_move(metadata, held, plan)
     record = {"from_version": current_plan.version, "from_digest": current_plan.digest(),
@@ -159,6 +187,18 @@ def replan(metadata: ModelMetadata, current_plan: Plan, nodes: Sequence[Node], m
                   moved_lower_bound=sum(b for t, b in size.items() if t not in anywhere),
                   departed=tuple(u for u in current_plan.node_ids if u not in live),
                   joined=tuple(v.node_id for v in nodes if v.node_id not in current_plan.node_ids))
+
+
+def _recorded(plan: Plan, key: str) -> int | None:
+    value = plan.extra.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def _stages_of(model: PipelineModel, plan: Plan, candidates: list[str]) -> tuple[Stage, ...]:
+    """A pipeline plan of this model as stages over ``candidates`` (node ids)."""
+    position = {b: i for i, b in enumerate(model.block_index)}
+    return tuple(Stage(candidates.index(a.node_id), position[a.blocks[0]], position[a.blocks[1] - 1] + 1)
+                 for a in plan.assignments if a.blocks is not None)
 
 
 def _before(meta: ModelMetadata, model: PipelineModel, plan: Plan, nodes: Sequence[Node],
@@ -179,7 +219,7 @@ def _before(meta: ModelMetadata, model: PipelineModel, plan: Plan, nodes: Sequen
         else:
             p, e = position[a.blocks[0]], position[a.blocks[1] - 1] + 1
         times.append(_time(model, fleet[a.node_id], p, e, objective))
-    return max(times)
+    return math.fsum(times) if objective == "latency" else max(times)
 
 
 def _time(model: PipelineModel, v: Node, p: int, e: int, objective: str) -> float:
@@ -208,6 +248,11 @@ class _Search:
                               own(model.first_names), own(model.last_names),
                               own((model.replica,)) if model.replica else 0))
         self.holds = [bool(held.get(v.node_id)) for v in nodes]
+        # Bytes of blocks [p, n) and the last group that no candidate holds: someone pulls them (a bound for pruning).
+        anywhere = set().union(*(held.get(v.node_id, frozenset()) for v in nodes))
+        nowhere = lambda names: sum(size[t] for t in names if t not in anywhere)  # noqa: E731
+        self.unheld = list(accumulate((nowhere(model.block_names[i]) for i in range(n)), initial=0))
+        self.unheld_last = nowhere(model.last_names)
         self._opts: dict[tuple[int, int], list[tuple[int, int, float]]] = {}
 
     def moved(self, v: int, p: int, e: int) -> int:
@@ -218,6 +263,10 @@ class _Search:
         if e == self.m.n:
             out += self.last - kl + (self.rep - kr if p > 0 else 0)
         return out
+
+    def must_pull(self, p: int) -> int:
+        """Bytes every plan pulls for blocks ``[p, n)`` and the last group, whoever holds them."""
+        return self.unheld[-1] - self.unheld[p] + self.unheld_last
 
     def options(self, v: int, p: int) -> list[tuple[int, int, float]]:
         """(end, moved bytes, time) of every stage from ``p`` that node ``v`` can run under the bound."""
@@ -233,8 +282,7 @@ class _Search:
             self._opts[key] = out
         return self._opts[key]
 
-    def run(self, fresh: Plan, fresh_moved: int) -> tuple[tuple[Stage, ...], bool]:
-        index = {v.node_id: i for i, v in enumerate(self.nodes)}
+    def run(self, fresh: Plan, fresh_moved: int, gaps: Sequence[float] = ()) -> tuple[tuple[Stage, ...], bool]:
         n = self.m.n
         if n == 0:  # no blocks: one node holds everything; the fewest bytes to pull among those fast enough
             fits = [(self.moved(v, 0, 0), _time(self.m, self.nodes[v], 0, 0, self.objective), v)
@@ -243,20 +291,34 @@ class _Search:
             return (Stage(min(fits)[2], 0, 0),), True
         if (1 << len(self.nodes)) * (n + 1) <= EXACT_MAX_STATES:
             return self._exact(fresh_moved), True
-        fresh_order = [index[u] for u in fresh.node_ids]
-        where = []  # the nodes that hold weights now, at the middle of what they hold; then the rest
-        for v in range(len(self.nodes)):
-            kb = self.kept[v][0]
-            ends = [i for i in range(n) if kb[i + 1] > kb[i]]
-            where.append(((ends[0] + ends[-1]) / 2 if ends else float("inf"), -self.nodes[v].compute_tflops, v))
-        orders = [fresh_order, [v for *_, v in sorted(where)]]
-        found = [self._ordered(o) for o in orders]
+        found = [self._ordered(o) for o in self.orders(fresh, gaps)]
         return min((f for f in found if f is not None), key=lambda f: f[0])[1], False
 
-    def _exact(self, upper: int) -> tuple[Stage, ...]:
-        k, n = len(self.nodes), self.m.n
-        # Nodes that hold nothing now and have the same speed and memory are interchangeable: use them in list
-        # order (a plan using the later twin maps onto one using the earlier at the same cost).
+    def orders(self, fresh: Plan, gaps: Sequence[float] = ()) -> list[list[int]]:
+        """The heuristic's node orders: the fresh plan's; the nodes holding weights by where their weights sit, the
+        others (fastest first) after them, before them, and at each of ``gaps`` (where departed stages sat)."""
+        index = {v.node_id: i for i, v in enumerate(self.nodes)}
+        where, rest = [], []
+        for v in range(len(self.nodes)):
+            kb = self.kept[v][0]
+            ends = [i for i in range(self.m.n) if kb[i + 1] > kb[i]]
+            if ends:
+                where.append(((ends[0] + ends[-1]) / 2, v))
+            else:
+                rest.append((-self.nodes[v].compute_tflops, -usable_bytes(self.nodes[v]), v))
+        where.sort()
+        others = [v for *_, v in sorted(rest)]
+        out = [[index[u] for u in fresh.node_ids]]
+        for g in (math.inf, -math.inf, *sorted(set(gaps))):
+            order = [v for m, v in where if m < g] + others + [v for m, v in where if m >= g]
+            if order not in out:
+                out.append(order)
+        return out
+
+    def twins(self) -> list[int]:
+        """Per node, an earlier node it is interchangeable with (-1: none): both hold nothing now and have the same
+        speed and memory, so a plan using the later maps onto one using the earlier at the same cost."""
+        k = len(self.nodes)
         twin = [-1] * k
         for v in range(k):
             for u in range(v):
@@ -264,6 +326,11 @@ class _Search:
                 if not self.holds[u] and not self.holds[v] and dataclasses.replace(a, node_id="") == \
                         dataclasses.replace(b, node_id="", labels=a.labels):
                     twin[v] = u
+        return twin
+
+    def _exact(self, upper: int) -> tuple[Stage, ...]:
+        k, n = len(self.nodes), self.m.n
+        twin = self.twins()  # use interchangeable nodes in list order
         dp: list[dict[int, tuple[int, float]]] = [{} for _ in range(1 << k)]
         back: dict[tuple[int, int], tuple[int, int, int]] = {}
         dp[0][0] = (0, 0.0)

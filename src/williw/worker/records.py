@@ -19,12 +19,14 @@ class NodeRecord:
     registered_at: float
     updated_at: float
     last_heartbeat: float
+    latency_ms: float | None = None
+    memory_reserve_gb: float | None = None
 
     def fleet_dict(self) -> dict[str, Any]:
         """The node as an entry of the planner's nodes file."""
         d: dict[str, Any] = {"node_id": self.node_id, "compute_tflops": self.compute_tflops,
                              "memory_gb": self.memory_gb, "labels": list(self.labels)}
-        for key in ("memory_bandwidth_gbps", "network_gbps"):
+        for key in ("memory_bandwidth_gbps", "network_gbps", "latency_ms", "memory_reserve_gb"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d

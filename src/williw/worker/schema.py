@@ -8,7 +8,9 @@ PRECISION (SQLite gives it REAL affinity). Times are Unix seconds (float); JSON 
 Migration 2 added ``assignments`` (request, node, plan version, state ``assigned → pulling → ready | failed``);
 migration 3 adds re-planning: the metadata a request was planned from (``model_metadata``, shared by digest, so
 a thousand requests of one model store it once), the request's automatic re-planning options, each node's shard
-server URL (for peer pulls) and the ``migrations`` from one plan version to the next.
+server URL (for peer pulls) and the ``migrations`` from one plan version to the next; migration 4 adds the node
+fields the planner prices since (`williw.fleet.Node`): ``latency_ms`` and ``memory_reserve_gb``, NULL when a node
+does not give them (as for the nodes registered before).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ nodes = Table(
     Column("updated_at", Float, nullable=False),
     Column("last_heartbeat", Float, nullable=False),
     Column("serve_url", Text),  # where the node's agent serves its shards to peers; NULL: it does not (migration 3)
+    Column("latency_ms", Float),  # one-way network latency, ms (migration 4)
+    Column("memory_reserve_gb", Float),  # memory kept free for the runtime, GB (migration 4)
 )
 
 requests = Table(
@@ -136,6 +140,10 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "to_version INTEGER NOT NULL, from_version INTEGER NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL, "
         "schedule_json TEXT NOT NULL, summary_json TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
         "updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (request_id, to_version))",
+    )),
+    (4, "node latency and memory reserve", (
+        "ALTER TABLE nodes ADD COLUMN latency_ms DOUBLE PRECISION",
+        "ALTER TABLE nodes ADD COLUMN memory_reserve_gb DOUBLE PRECISION",
     )),
 )
 

@@ -79,6 +79,8 @@ class NodeIn(_Body):
     memory_bandwidth_gbps: Annotated[_Number, _range("memory_bandwidth_gbps")] | None = None
     network_gbps: Annotated[_Number, _range("network_gbps")] | None = None
     labels: list[str] = Field(default_factory=list, max_length=64)
+    latency_ms: Annotated[_Number, _range("latency_ms")] | None = None
+    memory_reserve_gb: Annotated[_Number, _range("memory_reserve_gb")] | None = None
 
 
 class NodeOut(BaseModel):
@@ -88,6 +90,8 @@ class NodeOut(BaseModel):
     memory_bandwidth_gbps: float | None
     network_gbps: float | None
     labels: list[str]
+    latency_ms: float | None
+    memory_reserve_gb: float | None
     registered_at: float
     updated_at: float
     last_heartbeat: float

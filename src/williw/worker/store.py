@@ -90,7 +90,8 @@ _PG_HEARTBEATS = text(
 # NodeRecord's fields, in its order, and the statement `process` runs on every call.
 _NODE_COLUMNS = (nodes.c.node_id, nodes.c.compute_tflops, nodes.c.memory_gb, nodes.c.memory_bandwidth_gbps,
                  nodes.c.network_gbps, nodes.c.labels, nodes.c.registered_at, nodes.c.updated_at,
-                 nodes.c.last_heartbeat)
+                 nodes.c.last_heartbeat, nodes.c.latency_ms, nodes.c.memory_reserve_gb)
+_OPTIONAL_NODE_FIELDS = ("memory_bandwidth_gbps", "network_gbps", "latency_ms", "memory_reserve_gb")
 _LIST_NODES = select(*_NODE_COLUMNS).order_by(nodes.c.node_id)
 
 
@@ -209,7 +210,7 @@ class Store:
         """Register a node or update its fields; either counts as a heartbeat.
 
         Args:
-            fields: node_id, compute_tflops, memory_gb, memory_bandwidth_gbps, network_gbps, labels.
+            fields: node_id, compute_tflops, memory_gb, labels and `_OPTIONAL_NODE_FIELDS` (absent: NULL).
             token_hash: the new node token's hash, or None to keep the current one (required for a new node).
             now: the time to record.
 
@@ -217,9 +218,8 @@ class Store:
             The stored node and whether it was created.
         """
         values = {"compute_tflops": fields["compute_tflops"], "memory_gb": fields["memory_gb"],
-                  "memory_bandwidth_gbps": fields.get("memory_bandwidth_gbps"),
-                  "network_gbps": fields.get("network_gbps"), "labels": json.dumps(list(fields.get("labels", ()))),
-                  "updated_at": now, "last_heartbeat": now}
+                  **{key: fields.get(key) for key in _OPTIONAL_NODE_FIELDS},
+                  "labels": json.dumps(list(fields.get("labels", ()))), "updated_at": now, "last_heartbeat": now}
         if token_hash is not None:
             values["token_hash"] = token_hash
         node_id = fields["node_id"]
@@ -384,7 +384,7 @@ def _node(row: Any) -> NodeRecord:
     # name, 0.5 ms so).
     labels = row[5]
     return NodeRecord(row[0], row[1], row[2], row[3], row[4], tuple(json.loads(labels)) if labels != "[]" else (),
-                      row[6], row[7], row[8])
+                      row[6], row[7], row[8], row[9], row[10])
 
 
 # -- listing requests (the dashboard) ------------------------------------------------------------------------

@@ -44,7 +44,9 @@ class EmbeddedWorker:
         for n in nodes:
             agent = NodeAgent(AgentConfig(self.url, n["node_id"], n["compute_tflops"], n["memory_gb"],
                                           str(data_root / n["node_id"]),
-                                          memory_bandwidth_gbps=n.get("memory_bandwidth_gbps"), heartbeat_s=2.0,
+                                          memory_bandwidth_gbps=n.get("memory_bandwidth_gbps"),
+                                          network_gbps=n.get("network_gbps"), latency_ms=n.get("latency_ms"),
+                                          memory_reserve_gb=n.get("memory_reserve_gb"), heartbeat_s=2.0,
                                           poll_s=0.2))
             agent.register()  # before planning: the worker plans only on registered, online nodes
             thread = threading.Thread(target=agent.run, daemon=True, name=f"williw-agent-{n['node_id']}")
