@@ -88,7 +88,7 @@ def test_pipeline_generates_like_the_whole_model_and_survives_a_dead_node(tmp_pa
                 stdout=open(tmp_path / f"{node_id}.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
         c = WorkerClient(worker.url)
         _wait("three online nodes", lambda: len(c.list_nodes(online=True)) == 3)
-        rid = c.create_request("t/tiny-generate", batch_size=1, sequence_length=4096)["request_id"]
+        rid = c.create_request("t/tiny-generate", batch_size=1, sequence_length=512)["request_id"]
         v1 = c.process(rid, metadata=generate_metadata(model, model_name="t/tiny-generate").to_dict())["plan"]
         assert sorted(k for k in v1 if k != "@plan") == sorted(NODES)
         c.distribute(rid, server.url, auto_replan=True, max_slowdown=0.05)

@@ -97,6 +97,28 @@ def test_full_cycle(worker, client, fleet, meta):
     assert client.get_request(rid)["plan_version"] == 2
 
 
+def test_the_plan_holds_the_requests_workload(worker, client, fleet, meta):
+    """The KV cache is sized for the request's batch and sequence length, or the context ``process`` asks for,
+    exactly as `make_plan` sizes it for them, whatever workload the metadata was generated for."""
+    from williw.planner import make_plan
+
+    online = [n for n in client.list_nodes() if n["online"]]
+    fields = ("node_id", "compute_tflops", "memory_gb", "memory_bandwidth_gbps", "network_gbps", "labels")
+    nodes = parse_nodes([{k: n[k] for k in fields if n[k] is not None} for n in online], "reference")
+    rid = client.create_request("tiny/llama", batch_size=3, sequence_length=2048)["request_id"]
+    plan = client.process(rid, metadata=meta)["plan"]
+    assert (plan["@plan"]["batch_size"], plan["@plan"]["context_length"]) == (3, 2048)
+    expected = make_plan(ModelMetadata.from_dict(meta), nodes, batch_size=3, context_length=2048).to_dict()
+    assert plan == {**expected, "@plan": {**expected["@plan"], "version": 1}}
+    kv = {a["node_id"]: a["kv_bytes"] for a in expected.values() if isinstance(a, dict) and "kv_bytes" in a}
+    assert all(v > 0 for v in kv.values())
+    longer = client.process(rid, metadata=meta, context_length=8192)["plan"]
+    assert (longer["@plan"]["batch_size"], longer["@plan"]["context_length"]) == (3, 8192)
+    assert [longer[n]["kv_bytes"] for n in longer["@plan"]["stages"]] == \
+        [4 * x for x in (make_plan(ModelMetadata.from_dict(meta), nodes, batch_size=3, context_length=2048)
+                         .to_dict()[n]["kv_bytes"] for n in longer["@plan"]["stages"])]
+
+
 def test_process_with_bad_inline_metadata_is_422_and_leaves_the_request(worker, client, meta):
     rid = client.create_request("tiny/llama")["request_id"]
     bad = dict(meta, batch_size=0)

@@ -81,9 +81,10 @@ class WorkerClient:
 
     def process(self, request_id: str, *, metadata: dict[str, Any] | None = None, metadata_repo: str | None = None,
                 revision: str | None = None, strategy: str = "pipeline", objective: str = "prefill",
-                model_repo: str | None = None) -> dict[str, Any]:
+                model_repo: str | None = None, context_length: int | None = None) -> dict[str, Any]:
         """``POST /api/process``: plan the request from inline ``metadata``, a Hub ``metadata_repo``, or the
-        headers of the model's own Hub repo ``model_repo`` (read by the worker; nothing is downloaded).
+        headers of the model's own Hub repo ``model_repo`` (read by the worker; nothing is downloaded), for the
+        request's batch size and ``context_length`` tokens of KV cache per sequence (default: its sequence length).
 
         Returns:
             ``{request_id, status: "planned", plan_version, plan}``.
@@ -100,6 +101,8 @@ class WorkerClient:
             body["model_repo"] = model_repo
         if revision is not None:
             body["revision"] = revision
+        if context_length is not None:
+            body["context_length"] = context_length
         return self._call("POST", "/api/process", json=body, idempotent=False)
 
     def get_plan(self, request_id: str, node_id: str | None = None, version: int | None = None) -> dict[str, Any]:

@@ -35,7 +35,8 @@ class PlanningUnavailable(WilliwError):
 
 
 def plan_dict(metadata: dict[str, Any], source: str, fleet: list[dict[str, Any]],
-              offline: tuple[tuple[str, str], ...], strategy: str, objective: str) -> dict[str, Any]:
+              offline: tuple[tuple[str, str], ...], strategy: str, objective: str, batch_size: int | None = None,
+              context_length: int | None = None) -> dict[str, Any]:
     """Plan ``metadata`` on ``fleet`` and return the plan JSON (version 1; the store sets the real one).
 
     Args:
@@ -45,6 +46,8 @@ def plan_dict(metadata: dict[str, Any], source: str, fleet: list[dict[str, Any]]
         offline: ``(node_id, reason)`` of the registered nodes that are not online, added to the plan's
             ``excluded`` list.
         strategy, objective: passed to `williw.planner.make_plan`.
+        batch_size, context_length: the workload every stage's memory must hold (KV cache for ``B × C`` tokens;
+            `williw.planner.make_plan`); None: the metadata's batch size and sequence length.
 
     Raises:
         MetadataError: the metadata does not validate.
@@ -59,7 +62,8 @@ def plan_dict(metadata: dict[str, Any], source: str, fleet: list[dict[str, Any]]
 
     meta = ModelMetadata.from_dict(metadata, source)
     nodes = parse_nodes(fleet, "the worker's registry")
-    plan = make_plan(meta, nodes, strategy=strategy, objective=objective)
+    plan = make_plan(meta, nodes, strategy=strategy, objective=objective, batch_size=batch_size,
+                     context_length=context_length)
     plan = dataclasses.replace(plan, excluded=plan.excluded + tuple(ExcludedNode(n, r) for n, r in offline))
     return plan.to_dict()
 

@@ -109,13 +109,15 @@ async def process(body: ProcessIn, request: Request, store: StoreDep, auth: Auth
     if pool is None:
         return await run_in_threadpool(lambda: answer(*service.process_request(
             store, settings, body.request_id, metadata=body.metadata, metadata_repo=body.metadata_repo,
-            model_repo=body.model_repo, revision=body.revision, strategy=body.strategy, objective=body.objective)))
+            model_repo=body.model_repo, revision=body.revision, strategy=body.strategy, objective=body.objective,
+            context_length=body.context_length)))
 
     def prepare() -> service.PlanningJob:
         return service.planning_job(store, settings, body.request_id, metadata=body.metadata,
                                     metadata_repo=body.metadata_repo, model_repo=body.model_repo,
                                     revision=body.revision,
-                                    strategy=body.strategy, objective=body.objective)
+                                    strategy=body.strategy, objective=body.objective,
+                                    context_length=body.context_length)
 
     # A Hub fetch is network I/O: never on the loop.
     job = await _on_loop(request, prepare) if body.metadata is not None else await run_in_threadpool(prepare)

@@ -46,6 +46,8 @@ class ProcessIn(_Body):
     revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._/-]{1,128}$")
     strategy: Literal["pipeline", "greedy"] = "pipeline"
     objective: str = Field(default="prefill", pattern=r"^[a-z_]{1,32}$")
+    # Tokens of context per sequence the plan's KV cache must hold; default: the request's sequence_length.
+    context_length: int | None = Field(default=None, ge=1, le=10_000_000)
 
     @field_validator("revision")
     @classmethod

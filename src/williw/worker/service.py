@@ -98,7 +98,8 @@ class PlanningJob:
 
 def process_request(store: Store, settings: WorkerSettings, request_id: str, *, metadata: dict[str, Any] | None,
                     metadata_repo: str | None, revision: str | None = None, strategy: str = "pipeline",
-                    objective: str = "prefill", model_repo: str | None = None) -> tuple[int, dict[str, Any]]:
+                    objective: str = "prefill", model_repo: str | None = None,
+                    context_length: int | None = None) -> tuple[int, dict[str, Any]]:
     """Plan a request on the online nodes, in this thread, and store the plan as its next version.
 
     `planning_job`, `williw.worker.planning.plan_dict` and `save_outcome` in a row; `williw worker` runs the middle
@@ -111,6 +112,8 @@ def process_request(store: Store, settings: WorkerSettings, request_id: str, *, 
             HTTP range (`williw.remote_checkpoint`), for the request's batch size and sequence length.
         revision: the Hub revision of ``metadata_repo`` or ``model_repo``.
         strategy, objective: passed to `williw.planner.make_plan`.
+        context_length: tokens of context the KV cache of each sequence must hold (default: the request's
+            sequence length); the batch is the request's batch size.
 
     Returns:
         The plan version and the stored plan JSON.
@@ -121,13 +124,15 @@ def process_request(store: Store, settings: WorkerSettings, request_id: str, *, 
         Conflict: planning failed; the request is now ``failed`` with the same message as its reason.
     """
     job = planning_job(store, settings, request_id, metadata=metadata, metadata_repo=metadata_repo,
-                       revision=revision, strategy=strategy, objective=objective, model_repo=model_repo)
+                       revision=revision, strategy=strategy, objective=objective, model_repo=model_repo,
+                       context_length=context_length)
     return save_outcome(store, job, lambda: plan_dict(*job.args))
 
 
 def planning_job(store: Store, settings: WorkerSettings, request_id: str, *, metadata: dict[str, Any] | None,
                  metadata_repo: str | None, revision: str | None = None, strategy: str = "pipeline",
-                 objective: str = "prefill", model_repo: str | None = None) -> PlanningJob:
+                 objective: str = "prefill", model_repo: str | None = None,
+                 context_length: int | None = None) -> PlanningJob:
     """Read what planning ``request_id`` needs: its metadata (inline, or fetched from the Hub) and the nodes.
 
     Raises:
@@ -150,7 +155,9 @@ def planning_job(store: Store, settings: WorkerSettings, request_id: str, *, met
     if not online:
         _fail(store, request_id, f"no online nodes: {len(records)} registered, none heartbeated in the last "
                                  f"{settings.node_ttl_s:g} s")
-    return PlanningJob(request_id, source, (metadata, source, online, offline, strategy, objective))
+    # The workload is the request's: its batch, and its sequence length as the context unless one is given.
+    return PlanningJob(request_id, source, (metadata, source, online, offline, strategy, objective,
+                                            request.batch_size, context_length or request.sequence_length))
 
 
 def save_outcome(store: Store, job: PlanningJob, result: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
