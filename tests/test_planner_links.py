@@ -206,7 +206,7 @@ def brute_force_links(meta: ModelMetadata, nodes: list[Node], links: list[Link],
 
 
 @st.composite
-def linked_instances(draw, max_nodes: int = 6, max_blocks: int = 6):
+def linked_instances(draw, max_nodes: int = 6, max_blocks: int = 6, min_nodes: int = 1):
     n = draw(st.integers(1, max_blocks))
     blocks = draw(st.lists(st.tuples(st.integers(0, 20), st.integers(1, 9), st.integers(0, 3), st.integers(0, 6),
                                      st.integers(0, 5), st.integers(0, 2)), min_size=n, max_size=n))
@@ -214,7 +214,7 @@ def linked_instances(draw, max_nodes: int = 6, max_blocks: int = 6):
                         first=draw(st.tuples(st.integers(0, 3), st.integers(0, 6))),
                         last=draw(st.tuples(st.integers(0, 6), st.integers(0, 6))),
                         tied=draw(st.none() | st.tuples(st.integers(0, 6), st.integers(1, 6))))
-    k = draw(st.integers(1, max_nodes))
+    k = draw(st.integers(min_nodes, max_nodes))
     speeds = st.none() | st.sampled_from([1e-9, 4e-9, 1e-8, 1e-6])
     latencies = st.none() | st.sampled_from([0.0, 1e-6, 0.01])
     nodes = [Node(f"n{i}", float(draw(st.integers(1, 8))), draw(st.integers(1, 90)) / 1e9,
@@ -251,13 +251,45 @@ def test_plans_with_links_are_the_exhaustive_optimum(objective: str, case) -> No
         assert plan.bottleneck_s == expected
         assert plan.lower_bound_s == plan.bottleneck_s
     # The reported stage times are those of the definitions, with each stage's neighbours.
+    assert [a.stage_time_s for a in plan.assignments] == priced(meta, plan, nodes, links, "prefill", batch, context)
+
+
+def priced(meta: ModelMetadata, plan, nodes: list[Node], links: list[Link], objective: str, batch: int,
+           context: int) -> list[float]:
+    """Each stage's time under ``objective`` (``latency`` as decode) from the definitions, with its neighbours."""
     pair = {frozenset(x.between): x for x in links}
     by_id = {v.node_id: v for v in nodes}
     ids = plan.node_ids
+    out = []
     for j, a in enumerate(plan.assignments):
         hops = [pair.get(frozenset(ids[j - 1:j + 1])) if j > 0 else None,
                 pair.get(frozenset(ids[j:j + 2])) if j + 1 < len(ids) else None]
-        assert a.stage_time_s == linked_cost(meta, by_id[a.node_id], *a.blocks, "prefill", batch, context, *hops)[0]
+        out.append(linked_cost(meta, by_id[a.node_id], *a.blocks, "prefill" if objective == "prefill" else "decode",
+                               batch, context, *hops)[0])
+    return out
+
+
+@pytest.mark.parametrize("objective", ["prefill", "decode", "latency"])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=linked_instances(min_nodes=9, max_nodes=10))
+def test_beyond_the_exact_limit_the_plan_is_never_worse_than_the_link_free_one(objective: str, case) -> None:
+    # More candidates than `links.EXACT_MAX_NODES`: the fixed-order search seeded by the link-free plan. Its plan
+    # is priced with its neighbours, lies above the transfer-free bound, and is at most the link-free plan's cost
+    # with the links priced.
+    meta, nodes, links, batch, context = case
+    kw = {"objective": objective, "batch_size": batch, "context_length": context}
+    try:
+        free = make_plan(meta, nodes, **kw)
+    except InfeasiblePlan:
+        with pytest.raises(InfeasiblePlan):
+            make_plan(meta, nodes, links=links, **kw)
+        return
+    plan = make_plan(meta, nodes, links=links, **kw)
+    combine = sum if objective == "latency" else max
+    cost = combine(priced(meta, plan, nodes, links, objective, batch, context))
+    assert plan.bottleneck_s == pytest.approx(cost, rel=1e-12, abs=1e-300)
+    assert plan.bottleneck_s <= combine(priced(meta, free, nodes, links, objective, batch, context)) * (1 + 1e-12)
+    assert plan.lower_bound_s <= plan.bottleneck_s
 
 
 @pytest.mark.parametrize("objective", ["prefill", "decode", "latency"])

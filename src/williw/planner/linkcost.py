@@ -54,6 +54,8 @@ class LinkCosts:
         self.send = [[transfer_time(hop, nodes[u], self.link[u][x]) for x in range(k)] for u in range(k)]
         self.recv = [[transfer_time(hop, nodes[x], self.link[u][x]) for x in range(k)] for u in range(k)]
         self.linked = [[self.link[u][x] is not None for x in range(k)] for u in range(k)]
+        self._mem_top: dict[int, int] = {}
+        self._singles: list[tuple[list[float], list[int], int] | None] = [None] * k
 
     def in_class(self, u: int, v: int) -> int:
         return u if self.linked[u][v] else OWN
@@ -76,21 +78,57 @@ class LinkCosts:
 
     def ext(self, v: int, p: int, tin: float, tout: float, t: float) -> int:
         """The end of the longest non-final run from ``p`` that fits ``v`` under ``t`` with these transfers (``p``
-        if none); as `pipeline._Costs.ext`, non-decreasing in ``p``."""
-        c, m = self.c, self.m
-        top = m.n - 1
-        first_b = m.first_bytes if p == 0 else 0
-        e = min(top, bisect_right(m.prefix_mem, m.prefix_mem[p] + c.mem[v] - first_b) - 1)
-        if t != float("inf"):
-            cap = (t - (tin + tout)) * c.rate[v]  # an estimate; the exact predicate below decides
-            first = c.amount(0, 0, False) if p == 0 else 0
-            e = min(e, bisect_right(c.prefix, c.prefix[p] - first + cap) - 1)
-        e = max(e, p)
-        while e < top and self.fits(v, p, e + 1, False, tin, tout, t):
+        if none); as `pipeline._Costs.ext`, non-decreasing in ``p``. Memory alone bounds the run at `mem_top`
+        (runs nest), so only the cost is checked below it."""
+        c = self.c
+        top = self.mem_top(v, p)
+        if t == float("inf"):
+            return top
+        rate, prefix = c.rate[v], c.prefix
+        cap = (t - (tin + tout)) * rate  # an estimate; the exact predicate below decides
+        first = c.amount(0, 0, False) if p == 0 else 0
+        base = prefix[p]
+        e = max(p, min(top, bisect_right(prefix, base - first + cap) - 1))
+        # `cost` inlined (the same operations, so the same doubles): amount = prefix[e] - prefix[p] + first.
+        while e < top and (prefix[e + 1] - base + first) / rate + tin + tout <= t:
             e += 1
-        while e > p and not self.fits(v, p, e, False, tin, tout, t):
+        while e > p and (prefix[e] - base + first) / rate + tin + tout > t:
             e -= 1
         return e
+
+    def mem_top(self, v: int, p: int) -> int:
+        """The end of the longest non-final run from ``p`` that fits ``v``'s memory (any threshold)."""
+        key = v * (self.m.n + 1) + p
+        e = self._mem_top.get(key)
+        if e is None:
+            e = self._mem_top[key] = self.c.ext(v, p, float("inf"))
+        return e
+
+    def bad_mask(self, v: int, tin: float, tout: float, t: float) -> int:
+        """Bits ``s >= 1`` of the blocks ``v`` cannot hold alone as a non-final stage with these transfers under
+        ``t`` (always ``n - 1``: a non-final stage ends before the last block)."""
+        if self._singles[v] is None:
+            self._singles[v] = self._single_blocks(v)
+        costs, suffix, memory = self._singles[v]  # type: ignore[misc]
+        lo, hi = 0, len(costs)  # the first single block over t: the predicate is monotone in the sorted cost
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if costs[mid] + tin + tout > t else (mid + 1, hi)
+        return memory | suffix[lo]
+
+    def _single_blocks(self, v: int) -> tuple[list[float], list[int], int]:
+        n, c = self.m.n, self.c
+        memory = 1 << (n - 1)
+        singles = []
+        for s in range(1, n - 1):
+            if c.nbytes(s, s + 1, False) > c.mem[v]:
+                memory |= 1 << s
+            singles.append((c.amount(s, s + 1, False) / c.rate[v], s))
+        singles.sort()
+        suffix = [0] * (len(singles) + 1)  # suffix[i]: the bits of singles[i:]
+        for i in range(len(singles) - 1, -1, -1):
+            suffix[i] = suffix[i + 1] | 1 << singles[i][1]
+        return [q for q, _ in singles], suffix, memory
 
     def stage_costs(self, plan: Plan) -> list[float]:
         """Each stage's cost in ``plan``, its neighbours' links included."""

@@ -20,7 +20,8 @@ receive time paid") and ``(S, x, g)`` ("``x`` ran to ``g``"); as costs add up, a
 the successor is chosen, and the state forgets the predecessor.
 
 **Beyond the limits**: the same programs over one node order with skips (the link-free plan's nodes in its order,
-then the rest fastest first; and fastest first), exact for that order only (``exact`` False).
+then the rest fastest first; and fastest first), exact for that order only (``exact`` False), so never worse
+than the link-free plan priced with the links.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from williw.planner.latency import search_latency
 from williw.planner.linkcost import CLIENT, OWN, LinkCosts, Plan, minimise
 from williw.planner.pipeline import HEURISTIC_REL_TOL, SearchResult, Stage, lower_bound, search
 
-# Exact up to these candidate counts: worst case (every pair listed, memory for any run, 80 blocks) measured in
-# bench/planner_links.py.
+# Exact up to these candidate counts: with every pair of 8 nodes listed and 80 blocks, 0.4-0.9 s per objective
+# (bench/planner_links.py); 9 nodes took up to 6.7 s for prefill.
 EXACT_MAX_NODES = 8
-LATENCY_EXACT_MAX_NODES = 7
+LATENCY_EXACT_MAX_NODES = 8
 INF = float("inf")
 
 
@@ -94,12 +95,7 @@ def _feasible(lc: LinkCosts, t: float, space: _Space) -> Plan | None:
         key = (w, cls, x)
         mask = bad_memo.get(key)
         if mask is None:
-            tin, tout = lc.tin(cls, w), lc.tout(w, x)
-            mask = 1 << (n - 1)
-            for s in range(1, n - 1):
-                if not lc.fits(w, s, s + 1, False, tin, tout, t):
-                    mask |= 1 << s
-            bad_memo[key] = mask
+            mask = bad_memo[key] = lc.bad_mask(w, lc.tin(cls, w), lc.tout(w, x), t)
         return mask
 
     def finish_from(w: int, cls: int) -> int:
@@ -115,14 +111,17 @@ def _feasible(lc: LinkCosts, t: float, space: _Space) -> Plan | None:
             p = first_finish[key] = lo
         return p
 
-    def step(w: int, cls: int, x: int, starts: int) -> int:
+    def step(w: int, cls: int, x: int, starts: int, tin: float, tout: float) -> int:
         ends = 0
         while starts:
             low = starts & -starts
             run = starts & ~(starts + low)  # the lowest run of consecutive starts [a, b]
             starts ^= run
             a, b = low.bit_length() - 1, run.bit_length() - 1
-            top = ext(w, b, cls, x)
+            key = (w, b, cls, x)
+            top = ext_memo.get(key)
+            if top is None:
+                top = ext_memo[key] = lc.ext(w, b, tin, tout, t)
             if top > a:
                 span = (1 << (top + 1)) - (1 << (a + 1))
                 ends |= span & ~((bad(w, cls, x) & run) << 1) if b > a else span
@@ -140,8 +139,10 @@ def _feasible(lc: LinkCosts, t: float, space: _Space) -> Plan | None:
                 if starts >> p:
                     e = ((starts >> p) & -(starts >> p)).bit_length() - 1 + p
                     return _trace(lc, space, levels, ext, (s, cls, w), e)
+            tin = lc.tin(cls, w)
+            send = lc.send[w]
             for x, s2 in space.nexts(s, w):
-                ends = step(w, cls, x, starts)
+                ends = step(w, cls, x, starts, tin, send[x])
                 if ends:
                     key = (s2, lc.in_class(w, x), x)
                     target = levels[s2.bit_count()]
@@ -226,12 +227,19 @@ def _latency(lc: LinkCosts, space: _Space) -> tuple[float, Plan] | None:
     return sum(lc.stage_costs(plan)), plan
 
 
-def search_links(model: PipelineModel, nodes: Sequence[Node], objective: str,
-                 table: dict[tuple[str, str], Link]) -> SearchResult | None:
+def exact_limit(objective: str) -> int:
+    """The most candidates `search_links` searches exactly for ``objective``."""
+    return LATENCY_EXACT_MAX_NODES if objective == "latency" else EXACT_MAX_NODES
+
+
+def search_links(model: PipelineModel, nodes: Sequence[Node], objective: str, table: dict[tuple[str, str], Link],
+                 seed: Sequence[Stage] | None = None) -> SearchResult | None:
     """The best pipeline over ``nodes`` with hops priced by ``table`` (`williw.fleet.link_table`).
 
-    Exact (every subset, order and cut) up to `EXACT_MAX_NODES` candidates (`LATENCY_EXACT_MAX_NODES` for
-    ``latency``); beyond, the best over fixed node orders, ``exact`` False.
+    Exact (every subset, order and cut) up to `exact_limit` candidates; beyond, the best over fixed node orders
+    (``exact`` False): ``seed``'s nodes in its order (default: the link-free search's plan) followed by the others
+    fastest first, and fastest first. The seed plan is one of the first order's plans, so the result is never
+    worse than the seed priced with the links.
 
     Returns:
         The stages in pipeline order, or None when no split fits the nodes' memory.
@@ -243,7 +251,7 @@ def search_links(model: PipelineModel, nodes: Sequence[Node], objective: str,
         if k <= LATENCY_EXACT_MAX_NODES:
             found = _latency(lc, _Space(k))
             return SearchResult(found[1], True) if found else None
-        free = search_latency(model, nodes)
+        free = seed if seed is not None else _stages(search_latency(model, nodes))
         plans = [_latency(lc, _Space(k, order)) for order in _orders(free, fastest)]
         best = min((p for p in plans if p is not None), key=lambda p: p[0], default=None)
         return SearchResult(best[1], False) if best else None
@@ -253,16 +261,21 @@ def search_links(model: PipelineModel, nodes: Sequence[Node], objective: str,
         plan = minimise(lc, lambda t: _feasible(lc, t, _Space(k)), lower, start=start)
         return SearchResult(plan, True) if plan is not None else None
     best_plan: Plan | None = None
-    for order in _orders(search(model, nodes, objective), fastest):
+    free = seed if seed is not None else _stages(search(model, nodes, objective))
+    for order in _orders(free, fastest):
         plan = minimise(lc, lambda t, o=order: _feasible(lc, t, _Space(k, o)), lower, HEURISTIC_REL_TOL)
         if plan is not None and (best_plan is None or lc.bottleneck(plan) < lc.bottleneck(best_plan)):
             best_plan = plan
     return SearchResult(best_plan, False) if best_plan is not None else None
 
 
-def _orders(free: SearchResult | None, fastest: list[int]) -> list[list[int]]:
+def _stages(found: SearchResult | None) -> Sequence[Stage] | None:
+    return found.stages if found is not None else None
+
+
+def _orders(free: Sequence[Stage] | None, fastest: list[int]) -> list[list[int]]:
     """The link-free plan's nodes in its order, then the others fastest first; and fastest first."""
     if free is None:
         return [fastest]
-    used = [s.node for s in free.stages]
+    used = [s.node for s in free]
     return [used + [v for v in fastest if v not in used], fastest]

@@ -28,6 +28,7 @@ from williw.planner.capacity import capacity, context_tail, short, why_infeasibl
 from williw.planner.costs import OBJECTIVES, PipelineModel, pipeline_model, stage_times, stage_transfers, usable_bytes
 from williw.planner.greedy import _tokens_per_s, greedy_plan
 from williw.planner.latency import search_latency
+from williw.planner.links import exact_limit as links_exact_limit
 from williw.planner.links import search_links
 from williw.planner.pipeline import EXACT_MAX_NODES, Stage, _Costs, dominated, lower_bound, search
 from williw.planner.plan import STRATEGIES, ExcludedNode, NodeAssignment, Plan
@@ -121,17 +122,23 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
     candidates = [v for i, v in enumerate(usable) if i not in drop]
     ids = {v.node_id for v in candidates}
     table = {pair: x for pair, x in table.items() if pair[0] in ids and pair[1] in ids}
-    if table:
+    exact_links = bool(table) and len(candidates) <= links_exact_limit(objective)
+    if exact_links:
         found = search_links(model, candidates, objective, table)
     else:
         found = search_latency(model, candidates) if objective == "latency" else search(model, candidates, objective)
-    lower = lower_bound(model, candidates, objective)  # leaves transfers out: valid with links too
+    lower = lower_bound(model, candidates, objective)
     exact = found is not None and found.exact
     stages = found.stages if found is not None else None
-    if len(candidates) > EXACT_MAX_NODES and objective != "latency" and not table:
+    if len(candidates) > EXACT_MAX_NODES and objective != "latency" and not exact_links:
         certified = certify(_Costs(model, candidates, objective), stages, lower, time_limit_s)
         stages, exact = (certified.stages, certified.exact) if certified else (None, False)
         lower = certified.lower_s if certified else lower
+    if table and not exact_links and stages is not None:
+        # Beyond the link search's exact limit: the link-free plan's order seeds its fixed-order search; the bound
+        # is the one without transfers (a pair's link may be faster than the own links the certified bound priced).
+        linked = search_links(model, candidates, objective, table, seed=stages)
+        stages, exact, lower = linked.stages if linked else stages, False, lower_bound(model, candidates, objective)
     if stages is None:
         raise InfeasiblePlan(why_infeasible(model, candidates))
     plan_nodes = [candidates[s.node] for s in stages]
