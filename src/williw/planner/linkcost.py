@@ -6,7 +6,7 @@ before node ``x`` costs ``amount / rate + receive(u → v) + send(v → x)``, wh
 from the client and the last sends them back on its own link. Memory is unchanged. Every figure is summed in the
 order of `costs.stage_times`, so a plan reports exactly the value the search optimised.
 
-A hop's two sides are precomputed per ordered pair: ``send[u][x]`` (on ``u``) and ``recv[u][x]`` (on ``x``); for an
+A hop's two sides are precomputed per listed pair: ``send(u, x)`` (on ``u``) and ``recv(u, x)`` (on ``x``); for an
 unlisted pair they are the nodes' own-link figures, so a stage's incoming time depends on its predecessor only
 when the pair is listed. ``in_class(u, v)`` names that dependence: ``u`` for a listed pair, `OWN` otherwise, and
 `CLIENT` for the first stage.
@@ -50,25 +50,42 @@ class LinkCosts:
         hop, tok = model.hop_bytes[i], model.token_bytes[i]
         self.first_in = [transfer_time(tok, v) for v in nodes]
         self.last_out = [transfer_time(tok, v) for v in nodes]
-        self.link = [[table.get((a.node_id, b.node_id)) for b in nodes] for a in nodes]
-        self.send = [[transfer_time(hop, nodes[u], self.link[u][x]) for x in range(k)] for u in range(k)]
-        self.recv = [[transfer_time(hop, nodes[x], self.link[u][x]) for x in range(k)] for u in range(k)]
-        self.linked = [[self.link[u][x] is not None for x in range(k)] for u in range(k)]
+        self.own = [transfer_time(hop, v) for v in nodes]  # either side of a hop between unlisted nodes
+        index = {v.node_id: i for i, v in enumerate(nodes)}
+        self.pair: dict[tuple[int, int], tuple[float, float]] = {}  # listed (u, x): (u's send, x's receive)
+        for (a, b), link in table.items():
+            if a in index and b in index:
+                u, x = index[a], index[b]
+                self.pair[u, x] = (transfer_time(hop, nodes[u], link), transfer_time(hop, nodes[x], link))
+        self.neighbours = [sorted(x for u_, x in self.pair if u_ == u) for u in range(k)]
         self._mem_top: dict[int, int] = {}
         self._singles: list[tuple[list[float], list[int], int] | None] = [None] * k
 
+    def linked(self, u: int, v: int) -> bool:
+        return (u, v) in self.pair
+
     def in_class(self, u: int, v: int) -> int:
-        return u if self.linked[u][v] else OWN
+        return u if (u, v) in self.pair else OWN
+
+    def send(self, u: int, x: int) -> float:
+        """``u``'s side of the hop ``u → x``."""
+        both = self.pair.get((u, x))
+        return self.own[u] if both is None else both[0]
+
+    def recv(self, u: int, x: int) -> float:
+        """``x``'s side of the hop ``u → x``."""
+        both = self.pair.get((u, x))
+        return self.own[x] if both is None else both[1]
 
     def tin(self, cls: int, v: int) -> float:
         """``v``'s receive time after a predecessor of class ``cls``."""
         if cls == CLIENT:
             return self.first_in[v]
-        return self.recv[cls][v] if cls >= 0 else self.c.t_in[v][1]
+        return self.recv(cls, v) if cls >= 0 else self.own[v]
 
     def tout(self, v: int, x: int) -> float:
         """``v``'s send time to ``x`` (-1: the client, after the last stage)."""
-        return self.last_out[v] if x < 0 else self.send[v][x]
+        return self.last_out[v] if x < 0 else self.send(v, x)
 
     def cost(self, v: int, p: int, e: int, last: bool, tin: float, tout: float) -> float:
         return self.c.amount(p, e, last) / self.c.rate[v] + tin + tout
@@ -135,7 +152,7 @@ class LinkCosts:
         n = self.m.n
         out = []
         for j, s in enumerate(plan):
-            tin = self.first_in[s.node] if j == 0 else self.recv[plan[j - 1].node][s.node]
+            tin = self.first_in[s.node] if j == 0 else self.recv(plan[j - 1].node, s.node)
             tout = self.tout(s.node, plan[j + 1].node if j + 1 < len(plan) else -1)
             out.append(self.cost(s.node, s.start, s.end, s.end == n, tin, tout))
         return out
@@ -149,8 +166,8 @@ class LinkCosts:
         out = set()
         for v in range(self.k):
             rate = c.rate[v]
-            ins = sorted({self.tin(c_, v) for c_ in [OWN, *range(self.k)] if c_ != v})
-            outs = sorted({self.tout(v, x) for x in range(self.k) if x != v})
+            ins = sorted({self.own[v], *(self.recv(u, v) for u in self.neighbours[v])})  # a superset is harmless
+            outs = sorted({self.own[v], *(self.send(v, x) for x in self.neighbours[v])})
             for p in range(n):
                 for tin in ([self.first_in[v]] if p == 0 else ins):
                     t = self.cost(v, p, n, True, tin, self.last_out[v])

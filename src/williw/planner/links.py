@@ -20,8 +20,9 @@ receive time paid") and ``(S, x, g)`` ("``x`` ran to ``g``"); as costs add up, a
 the successor is chosen, and the state forgets the predecessor.
 
 **Beyond the limits**: the same programs over one node order with skips (the link-free plan's nodes in its order,
-then the rest fastest first; and fastest first), exact for that order only (``exact`` False), so never worse
-than the link-free plan priced with the links.
+then the rest fastest first; and fastest first), each node followed by one of the next `ORDER_WINDOW`, exact
+for that space only (``exact`` False). The link-free plan (consecutive in the first order) is one of its plans,
+so the result is never worse than that plan priced with the links.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from williw.planner.pipeline import HEURISTIC_REL_TOL, SearchResult, Stage, lowe
 # (bench/planner_links.py); 9 nodes took up to 6.7 s for prefill.
 EXACT_MAX_NODES = 8
 LATENCY_EXACT_MAX_NODES = 8
+# In a fixed order a node is followed by one of the next ORDER_WINDOW nodes (skipping at most ORDER_WINDOW - 1), so
+# an order of L nodes takes O(L · ORDER_WINDOW) steps per threshold (2,000 nodes, 1,000 blocks, 200 pairs: 15 s).
+ORDER_WINDOW = 8
 INF = float("inf")
 
 
@@ -67,8 +71,16 @@ class _Space:
             s2 = s | 1 << w
             yield from ((x, s2) for x in range(self.k) if not s2 >> x & 1)
         else:
-            for j in range(self.pos[w] + 1, len(self.order)):
+            i = self.pos[w]
+            for j in range(i + 1, min(len(self.order), i + 1 + ORDER_WINDOW)):
                 yield self.order[j], self.before[j]
+
+    def preds(self, s: int, w: int) -> list[int]:
+        """The nodes that may have run just before ``w`` in a state whose ``S`` is ``s``."""
+        if self.order is None:
+            return [u for u in range(self.k) if s >> u & 1]
+        i = self.pos[w]
+        return list(self.order[max(0, i - ORDER_WINDOW):i])
 
     def prev(self, s: int, u: int) -> int:
         """The ``S`` of ``u``'s state when ``u`` ran just before a state whose ``S`` is ``s``."""
@@ -82,9 +94,12 @@ def _feasible(lc: LinkCosts, t: float, space: _Space) -> Plan | None:
     ext_memo: dict[tuple[int, int, int, int], int] = {}
     bad_memo: dict[tuple[int, int, int], int] = {}
     first_finish: dict[tuple[int, int], int] = {}
+    pair = lc.pair
 
+    # Memo keys name the successor by its class too (itself when its pair with w is listed, else OWN): with a
+    # sparse table most successors share w's own-link send time, and so every figure below.
     def ext(w: int, p: int, cls: int, x: int) -> int:
-        key = (w, p, cls, x)
+        key = (w, p, cls, lc.in_class(x, w))
         e = ext_memo.get(key)
         if e is None:
             e = ext_memo[key] = lc.ext(w, p, lc.tin(cls, w), lc.tout(w, x), t)
@@ -92,7 +107,7 @@ def _feasible(lc: LinkCosts, t: float, space: _Space) -> Plan | None:
 
     def bad(w: int, cls: int, x: int) -> int:
         """Bits ``s`` where ``w`` cannot hold the block ``s`` alone as a non-final stage."""
-        key = (w, cls, x)
+        key = (w, cls, lc.in_class(x, w))
         mask = bad_memo.get(key)
         if mask is None:
             mask = bad_memo[key] = lc.bad_mask(w, lc.tin(cls, w), lc.tout(w, x), t)
@@ -118,7 +133,7 @@ def _feasible(lc: LinkCosts, t: float, space: _Space) -> Plan | None:
             run = starts & ~(starts + low)  # the lowest run of consecutive starts [a, b]
             starts ^= run
             a, b = low.bit_length() - 1, run.bit_length() - 1
-            key = (w, b, cls, x)
+            key = (w, b, cls, x if (w, x) in pair else OWN)
             top = ext_memo.get(key)
             if top is None:
                 top = ext_memo[key] = lc.ext(w, b, tin, tout, t)
@@ -140,9 +155,8 @@ def _feasible(lc: LinkCosts, t: float, space: _Space) -> Plan | None:
                     e = ((starts >> p) & -(starts >> p)).bit_length() - 1 + p
                     return _trace(lc, space, levels, ext, (s, cls, w), e)
             tin = lc.tin(cls, w)
-            send = lc.send[w]
             for x, s2 in space.nexts(s, w):
-                ends = step(w, cls, x, starts, tin, send[x])
+                ends = step(w, cls, x, starts, tin, lc.send(w, x))
                 if ends:
                     key = (s2, lc.in_class(w, x), x)
                     target = levels[s2.bit_count()]
@@ -153,23 +167,20 @@ def _feasible(lc: LinkCosts, t: float, space: _Space) -> Plan | None:
 def _trace(lc: LinkCosts, space: _Space, levels: list[dict[tuple[int, int, int], int]], ext,
            state: tuple[int, int, int], e: int) -> Plan:
     """The stages behind ``state`` finishing from ``e``: each predecessor is a stored state with a start ``e'``
-    whose run reaches ``e`` (``e' < e <= ext(e')``)."""
+    whose run reaches ``e`` (``e' < e <= ext(e')``; the union in `_feasible`'s step guarantees one)."""
     n = lc.m.n
     s, cls, w = state
     stages = [Stage(w, e, n)]
     while cls != CLIENT:
         found = None
-        for u in ([cls] if cls >= 0 else [u for u in range(lc.k) if s >> u & 1 and not lc.linked[u][w]]):
+        for u in ([cls] if cls >= 0 else [u for u in space.preds(s, w) if not lc.linked(u, w)]):
             su = space.prev(s, u)
-            for cu in (CLIENT, OWN, *range(lc.k)):
+            for cu in (CLIENT, OWN, *lc.neighbours[u]):
+                # The latest start before e reaches farthest (ext is non-decreasing): it reaches e if any does.
                 starts = levels[su.bit_count()].get((su, cu, u), 0) & ((1 << e) - 1)
-                while starts and found is None:
-                    low = starts & -starts
-                    starts ^= low
-                    p = low.bit_length() - 1
-                    if ext(u, p, cu, w) >= e:
-                        found = (su, cu, u, p)
-                if found:
+                p = starts.bit_length() - 1
+                if starts and ext(u, p, cu, w) >= e:
+                    found = (su, cu, u, p)
                     break
             if found:
                 break
@@ -208,7 +219,7 @@ def _latency(lc: LinkCosts, space: _Space) -> tuple[float, Plan] | None:
             if r >= best[0]:
                 continue
             for y, s2 in space.nexts(s, x):
-                d = r + lc.send[x][y] + lc.recv[x][y]
+                d = r + lc.send(x, y) + lc.recv(x, y)
                 target = ready[s2.bit_count()]
                 old = target.get((s2, y, g))
                 if d < best[0] and (old is None or d < old[0]):
@@ -278,4 +289,5 @@ def _orders(free: Sequence[Stage] | None, fastest: list[int]) -> list[list[int]]
     if free is None:
         return [fastest]
     used = [s.node for s in free]
-    return [used + [v for v in fastest if v not in used], fastest]
+    taken = set(used)
+    return [used + [v for v in fastest if v not in taken], fastest]

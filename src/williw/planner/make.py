@@ -10,9 +10,10 @@ Pipeline node selection, in order (each left-out node gets its reason in the pla
 ``compute_utilization`` of a pipeline stage is its time under the plan's objective divided by the bottleneck:
 the fraction of each pipeline period the node is busy (1.0 on the slowest stage).
 
-With a link table (``links``) that lists a pair of candidates, the search is `links.search_links` (exact up to its
-limits, a fixed-order search beyond; the branch and bound is not used) and the plan's ``transfers_s`` gives each
-stage's receive and send seconds; without one nothing changes.
+With a link table (``links``) that lists a pair of candidates, the search is `links.search_links`: exact up to
+`links.exact_limit` candidates; beyond, a fixed-order search seeded by the link-free plan (the usual search and
+branch and bound), ``exact`` False with the transfer-free bound. The plan's ``transfers_s`` gives each stage's
+receive and send seconds. Without a table nothing changes.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
                              + context_tail(model, nodes))
     if model.n == 0:
         return _single(meta, model, usable, objective, excluded)
-    free = [i for i, v in enumerate(usable) if all((v.node_id, u.node_id) not in table for u in usable)]
+    linked = {a for a, _ in table}
+    free = [i for i, v in enumerate(usable) if v.node_id not in linked]
     drop = {free[i] for i in dominated([usable[i] for i in free], model.n, objective)}
     excluded += [ExcludedNode(usable[i].node_id, f"at least {model.n} other nodes are as fast with as much "
                                                  f"memory, and the model has only {model.n} blocks")
@@ -137,8 +139,8 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
     if table and not exact_links and stages is not None:
         # Beyond the link search's exact limit: the link-free plan's order seeds its fixed-order search; the bound
         # is the one without transfers (a pair's link may be faster than the own links the certified bound priced).
-        linked = search_links(model, candidates, objective, table, seed=stages)
-        stages, exact, lower = linked.stages if linked else stages, False, lower_bound(model, candidates, objective)
+        seeded = search_links(model, candidates, objective, table, seed=stages)
+        stages, exact, lower = seeded.stages if seeded else stages, False, lower_bound(model, candidates, objective)
     if stages is None:
         raise InfeasiblePlan(why_infeasible(model, candidates))
     plan_nodes = [candidates[s.node] for s in stages]
@@ -147,10 +149,12 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
         plan = Plan(**{**plan.__dict__, "lower_bound_s": plan.bottleneck_s,
                        "extra": {**plan.extra, "gap_to_lower_bound": 0.0}})
     in_plan = set(plan.node_ids)
+    why = "not chosen by the search, which ran out of time (--time-limit) before proving the plan optimal"
+    if table:
+        why = (f"not chosen by the link search, which beyond {links_exact_limit(objective)} candidates searches "
+               f"fixed node orders only")
     unused = [ExcludedNode(v.node_id, f"not needed: adding it does not lower the bottleneck "
-                                      f"({format_seconds(plan.bottleneck_s or 0.0)})" if exact else
-                           "not chosen by the search, which ran out of time (--time-limit) before proving the "
-                           "plan optimal")
+                                      f"({format_seconds(plan.bottleneck_s or 0.0)})" if exact else why)
               for v in candidates if v.node_id not in in_plan]
     return Plan(**{**plan.__dict__, "excluded": tuple(excluded + unused)})
 
