@@ -7,6 +7,13 @@ gigabytes per second (1e9 bytes/s; GPU spec sheets give memory bandwidth in GB/s
 A nodes file is a list of objects, or ``{"nodes": [...]}``::
 
     [{"node_id": "gpu-a", "compute_tflops": 312, "memory_gb": 80, "memory_bandwidth_gbps": 2039}, ...]
+
+or, for pairs of nodes whose link differs from their own links, ``{"nodes": [...], "links": [...]}``::
+
+    "links": [{"between": ["gpu-a", "gpu-b"], "network_gbps": 0.1, "latency_ms": 20}, ...]
+
+A link is symmetric and gives at least one of ``network_gbps`` and ``latency_ms``; a field it leaves out is taken
+from each end's own link (`williw.planner.costs.transfer_time`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +49,8 @@ RANGES = {"compute_tflops": (1e-6, "1e-6"), "memory_gb": (1e-9, "1e-9"), "memory
 _REQUIRED = ("node_id", "compute_tflops", "memory_gb")
 _OPTIONAL_NUMBERS = ("memory_bandwidth_gbps", "network_gbps", "latency_ms", "memory_reserve_gb")
 _FIELDS = (*_REQUIRED, *_OPTIONAL_NUMBERS, "labels")
+_LINK_FIELDS = ("between", "network_gbps", "latency_ms")
+_FILE_FIELDS = ("nodes", "links")
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,51 @@ class Node:
         if self.labels:
             d["labels"] = list(self.labels)
         return d
+
+
+@dataclass(frozen=True)
+class Link:
+    """The link between two nodes, when it differs from their own links (symmetric).
+
+    Attributes:
+        between: the two node ids, in file order.
+        network_gbps: GB/s (1e9 bytes/s) of the pair's link; None: each end uses its own ``network_gbps``.
+        latency_ms: one-way latency of the pair's link, milliseconds; None: each end uses its own ``latency_ms``.
+    """
+
+    between: tuple[str, str]
+    network_gbps: float | None = None
+    latency_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"between": list(self.between)}
+        for key in ("network_gbps", "latency_ms"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return d
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The nodes of a nodes file and its link table (empty when the file gives none)."""
+
+    nodes: tuple[Node, ...]
+    links: tuple[Link, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"nodes": [v.to_dict() for v in self.nodes]}
+        if self.links:
+            d["links"] = [x.to_dict() for x in self.links]
+        return d
+
+
+def link_table(links: Sequence[Link]) -> dict[tuple[str, str], Link]:
+    """Each link under both orders of its pair: ``table[(a, b)] is table[(b, a)]``."""
+    table: dict[tuple[str, str], Link] = {}
+    for x in links:
+        a, b = x.between
+        table[a, b] = table[b, a] = x
+    return table
 
 
 def check_node_id(node_id: Any, where: str) -> str:
@@ -140,10 +195,11 @@ def _short(value: Any) -> str:
 
 
 def parse_nodes(obj: Any, source: str = "nodes") -> list[Node]:
-    """Validate a list of node objects (as loaded from JSON or YAML).
+    """Validate a list of node objects (as loaded from JSON or YAML); a link table, if any, is checked too
+    (`parse_fleet`) but not returned.
 
     Args:
-        obj: a list of dicts, or a dict with a ``nodes`` list.
+        obj: a list of dicts, or a dict with a ``nodes`` list (and optionally ``links``).
         source: the file name for messages.
 
     Returns:
@@ -152,8 +208,35 @@ def parse_nodes(obj: Any, source: str = "nodes") -> list[Node]:
     Raises:
         NodesError: one line naming ``source``, the entry (index and node id) and the field.
     """
+    return list(parse_fleet(obj, source).nodes)
+
+
+def parse_fleet(obj: Any, source: str = "nodes") -> Fleet:
+    """Validate a fleet: a list of node objects, or ``{"nodes": [...], "links": [...]}``.
+
+    Args:
+        obj: as loaded from JSON or YAML.
+        source: the file name for messages.
+
+    Returns:
+        The nodes in file order and the links in file order.
+
+    Raises:
+        NodesError: one line naming ``source``, the entry or link (index, node id or pair) and the field; for
+            links: an unknown node id, a node linked to itself, a pair listed twice, neither number given, or a
+            number out of range.
+    """
+    links: Any = None
     if isinstance(obj, dict) and "nodes" in obj:
-        obj = obj["nodes"]
+        unknown = sorted(set(obj) - set(_FILE_FIELDS), key=str)
+        if unknown:
+            raise NodesError(f"'{source}': unknown field {str(unknown[0])!r} (fields: {', '.join(_FILE_FIELDS)})")
+        obj, links = obj["nodes"], obj.get("links")
+    nodes = _parse_node_list(obj, source)
+    return Fleet(tuple(nodes), _parse_links(links, {v.node_id for v in nodes}, source))
+
+
+def _parse_node_list(obj: Any, source: str) -> list[Node]:
     if not isinstance(obj, list) or not obj:
         got = type(obj).__name__ if obj else repr(obj)
         raise NodesError(f"'{source}': expected a non-empty list of nodes (or {{\"nodes\": [...]}}), got {got}")
@@ -185,11 +268,56 @@ def parse_nodes(obj: Any, source: str = "nodes") -> list[Node]:
     return nodes
 
 
+def _parse_links(obj: Any, ids: set[str], source: str) -> tuple[Link, ...]:
+    if obj is None:
+        return ()
+    if not isinstance(obj, list):
+        raise NodesError(f"'{source}': field 'links' must be a list of {{\"between\": [node_id, node_id], "
+                         f"\"network_gbps\": ..., \"latency_ms\": ...}}, got {_short(obj)}")
+    out: list[Link] = []
+    seen: dict[frozenset[str], int] = {}
+    for i, entry in enumerate(obj):
+        where = f"'{source}': link {i}"
+        if not isinstance(entry, dict):
+            raise NodesError(f"{where}: expected an object with between and network_gbps or latency_ms, "
+                             f"got {_short(entry)}")
+        unknown = sorted(set(entry) - set(_LINK_FIELDS), key=str)
+        if unknown:
+            raise NodesError(f"{where}: unknown field {str(unknown[0])!r} (fields: {', '.join(_LINK_FIELDS)})")
+        pair = entry.get("between")
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+            raise NodesError(f"{where}: field 'between' must be a list of two node ids, got {_short(pair)}")
+        for x in pair:
+            if x not in ids:
+                raise NodesError(f"{where}: field 'between' names {_short(x)}, which is not a node of the file")
+        if pair[0] == pair[1]:
+            raise NodesError(f"{where}: field 'between' links node '{pair[0]}' to itself")
+        where = f"{where} ('{pair[0]}'-'{pair[1]}')"
+        key = frozenset(pair)
+        if key in seen:
+            raise NodesError(f"{where}: the pair is already listed by link {seen[key]}")
+        seen[key] = i
+        if entry.get("network_gbps") is None and entry.get("latency_ms") is None:
+            raise NodesError(f"{where}: give network_gbps, latency_ms or both")
+        out.append(Link((pair[0], pair[1]), _number(entry, "network_gbps", where, optional=True),
+                        _number(entry, "latency_ms", where, optional=True)))
+    return tuple(out)
+
+
 def load_nodes(path: str | os.PathLike[str]) -> list[Node]:
-    """Read a nodes file: JSON, or YAML when the name ends in ``.yaml``/``.yml``.
+    """Read a nodes file: JSON, or YAML when the name ends in ``.yaml``/``.yml`` (its links checked, not returned).
 
     Raises:
         NodesError: missing or unparsable file, or a bad entry (see `parse_nodes`).
+    """
+    return list(load_fleet(path).nodes)
+
+
+def load_fleet(path: str | os.PathLike[str]) -> Fleet:
+    """Read a nodes file with its link table (`parse_fleet`): JSON, or YAML for ``.yaml``/``.yml``.
+
+    Raises:
+        NodesError: missing or unparsable file, a bad entry or a bad link.
     """
     path = Path(path)
     try:
@@ -207,4 +335,4 @@ def load_nodes(path: str | os.PathLike[str]) -> list[Node]:
             raise NodesError(f"'{path}': not valid YAML ({' '.join(str(exc).split())})") from None
     else:
         data = jsonio.loads(text, f"'{path}'", NodesError)
-    return parse_nodes(data, str(path))
+    return parse_fleet(data, str(path))

@@ -13,7 +13,8 @@ from williw.cli._output import EXIT_USER_ERROR, emit, json_option, set_json_mode
 @cli.command("plan")
 @click.argument("metadata", type=click.Path(dir_okay=False))
 @click.option("--nodes", "nodes_file", required=True, type=click.Path(dir_okay=False),
-              help="Nodes file (JSON or YAML list of node_id, compute_tflops, memory_gb, ...).")
+              help="Nodes file (JSON or YAML list of node_id, compute_tflops, memory_gb, ...; or {\"nodes\": [...], "
+                   "\"links\": [...]} with a table of pair links).")
 @click.option("--strategy", type=click.Choice(["pipeline", "greedy"]), default="pipeline", show_default=True,
               help="pipeline: contiguous blocks, minimal bottleneck; greedy: the seed's algorithm.")
 @click.option("--objective", type=click.Choice(["prefill", "decode", "latency"]), default="prefill",
@@ -34,16 +35,17 @@ def plan_cmd(metadata: str, nodes_file: str, strategy: str, objective: str, batc
              as_json: bool) -> None:
     """Plan which node holds which tensors of the model described by METADATA."""
     set_json_mode(as_json)
-    from williw.fleet import load_nodes
+    from williw.fleet import load_fleet
     from williw.metadata import load_metadata
     from williw.planner import make_plan, save_plan
 
     meta = load_metadata(metadata)
     for note in meta.notes:
         click.echo(f"note: {note}", err=True)
-    nodes = load_nodes(nodes_file)
+    fleet = load_fleet(nodes_file)
+    nodes = list(fleet.nodes)
     plan = make_plan(meta, nodes, strategy=strategy, objective=objective, time_limit_s=time_limit,
-                     batch_size=batch_size, context_length=context_length)
+                     batch_size=batch_size, context_length=context_length, links=fleet.links)
     if output:
         save_plan(plan, output)
     if svg_path:
@@ -68,15 +70,19 @@ def plan_table(plan, given: int, output: str | None) -> str:
     def size(x: int | None) -> str:
         return "-" if x is None else format_bytes(x) if x >= 0 else f"-{format_bytes(-x)}"
 
+    # With a link table the plan gives each stage's transfers; the table shows those of the plan's objective.
+    transfers = {t["node_id"]: t["prefill" if plan.objective == "prefill" else "decode"]
+                 for t in plan.extra.get("transfers_s", [])}
     rows = []
     for a in plan.assignments:
+        hops = [secs(x) for x in transfers[a.node_id]] if a.node_id in transfers else []
         rows.append([a.node_id, "-" if a.stage is None else str(a.stage),
                      "-" if a.blocks is None else f"[{a.blocks[0]}, {a.blocks[1]})", str(len(a.layer_names)),
                      format_gflops(a.total_compute), format_bytes(a.bytes), size(a.kv_bytes),
                      size(a.activation_bytes), size(a.headroom_bytes), secs(a.stage_time_s),
-                     secs(a.decode_time_s), f"{a.compute_utilization * 100:.1f}%"])
+                     secs(a.decode_time_s), *hops, f"{a.compute_utilization * 100:.1f}%"])
     lines = [table(rows, ["node", "stage", "blocks", "tensors", "compute", "weights", "kv", "activations", "headroom",
-                          "prefill", "decode", "util"])]
+                          "prefill", "decode", *(["receive", "send"] if transfers else []), "util"])]
     parts = [f"{plan.strategy} ({plan.objective}): {len(plan.assignments)} of {given} nodes",
              f"bottleneck {secs(plan.bottleneck_s)}"]
     if plan.lower_bound_s:

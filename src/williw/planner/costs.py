@@ -22,6 +22,11 @@ Costs (seconds) of a stage on a node:
     for prefill and ``B·hidden·e`` per decoded token; the first stage receives token ids from the client and the
     last sends token ids back (8 bytes each: ``B·S·8``, ``B·8``). A node without ``network_gbps`` and
     ``latency_ms`` transfers for free. Both ends of a hop pay for it, as both links are busy while it runs.
+  * a hop between two nodes that the fleet's link table lists (`williw.fleet.Link`) is priced on the pair's link
+    instead, for both ends (the sender's send and the receiver's receive): ``latency_ms / 1000 + bytes /
+    (network_gbps · 1e9)`` of the pair, a field the link leaves out taken from that end's own link. Hops between
+    unlisted pairs and the hops to and from the client keep the own-link pricing, so without a link table every
+    cost is the one above. With links a stage's cost depends on its neighbours (`williw.planner.links`).
 
 Objectives: ``prefill`` and ``decode`` minimise the slowest stage (the pipeline's throughput); ``latency`` the
 sum of the stages' decode costs (one request's time per token: the cost model of exo#957).
@@ -33,7 +38,7 @@ import math
 from dataclasses import dataclass
 from itertools import accumulate
 
-from williw.fleet import GB, TFLOPS_IN_GFLOPS, Node
+from williw.fleet import GB, TFLOPS_IN_GFLOPS, Link, Node
 from williw.memory import BlockMemory
 from williw.metadata import ModelMetadata
 
@@ -201,10 +206,14 @@ def usable_bytes(node: Node) -> int:
     return max(0, node.memory_bytes - node.reserve_bytes)
 
 
-def transfer_time(nbytes: float, node: Node) -> float:
-    """Seconds to move ``nbytes`` over the node's link: ``latency_ms / 1000 + bytes / (network_gbps · 1e9)``."""
-    t = (node.latency_ms or 0.0) / 1000.0
-    return t + nbytes / (node.network_gbps * GB) if node.network_gbps else t
+def transfer_time(nbytes: float, node: Node, link: Link | None = None) -> float:
+    """Seconds for the node's side of moving ``nbytes``: ``latency_ms / 1000 + bytes / (network_gbps · 1e9)`` of
+    ``link`` (a pair's link from the fleet's table), each field the link leaves out (or all, with no link) from
+    the node's own link; 0 for a missing latency, no bandwidth term without a bandwidth."""
+    latency = link.latency_ms if link is not None and link.latency_ms is not None else node.latency_ms
+    gbps = link.network_gbps if link is not None and link.network_gbps is not None else node.network_gbps
+    t = (latency or 0.0) / 1000.0
+    return t + nbytes / (gbps * GB) if gbps else t
 
 
 def prefill_time(gflops: float, node: Node) -> float:
@@ -219,11 +228,21 @@ def decode_time(nbytes: float, node: Node) -> float | None:
     return nbytes / (node.memory_bandwidth_gbps * GB)
 
 
-def stage_times(model: PipelineModel, p: int, e: int, node: Node) -> tuple[float, float | None]:
-    """(prefill, decode) seconds of the stage ``[p, e)`` on ``node``, transfers included (decode None without a
-    memory bandwidth)."""
+def stage_transfers(model: PipelineModel, p: int, e: int, node: Node, receive: Link | None = None,
+                    send: Link | None = None) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((receive, send) for prefill, (receive, send) per decoded token), seconds, of the stage ``[p, e)`` on
+    ``node``; ``receive``/``send``: the link of the hop into and out of the stage when the table lists the pair."""
     rin, rout = model.transfer_bytes(p, e, False)
     din, dout = model.transfer_bytes(p, e, True)
-    pre = prefill_time(model.stage_compute(p, e), node) + transfer_time(rin, node) + transfer_time(rout, node)
+    return ((transfer_time(rin, node, receive), transfer_time(rout, node, send)),
+            (transfer_time(din, node, receive), transfer_time(dout, node, send)))
+
+
+def stage_times(model: PipelineModel, p: int, e: int, node: Node, receive: Link | None = None,
+                send: Link | None = None) -> tuple[float, float | None]:
+    """(prefill, decode) seconds of the stage ``[p, e)`` on ``node``, transfers included (decode None without a
+    memory bandwidth); ``receive``/``send`` as in `stage_transfers`."""
+    (pin, pout), (din, dout) = stage_transfers(model, p, e, node, receive, send)
+    pre = prefill_time(model.stage_compute(p, e), node) + pin + pout
     dec = decode_time(model.stage_read_bytes(p, e), node)
-    return pre, None if dec is None else dec + transfer_time(din, node) + transfer_time(dout, node)
+    return pre, None if dec is None else dec + din + dout

@@ -3,11 +3,17 @@
 Pipeline node selection, in order (each left-out node gets its reason in the plan's ``excluded``):
   1. for ``--objective decode``, nodes without ``memory_bandwidth_gbps`` (their decode time is unknown);
   2. nodes that cannot hold the smallest block;
-  3. nodes that ``n`` others weakly dominate (``n`` = blocks; see `pipeline.dominated`);
+  3. nodes that ``n`` others weakly dominate (``n`` = blocks; see `pipeline.dominated`); with a link table only
+     nodes in no link count, as dominated or dominating (a listed pair's hop may make a weaker node the better);
   4. nodes the best plan does not use: adding them does not lower the bottleneck.
 
 ``compute_utilization`` of a pipeline stage is its time under the plan's objective divided by the bottleneck:
 the fraction of each pipeline period the node is busy (1.0 on the slowest stage).
+
+With a link table (``links``) that lists a pair of candidates, the search is `links.search_links`: exact up to
+`links.exact_limit` candidates; beyond, a fixed-order search seeded by the link-free plan (the usual search and
+branch and bound), ``exact`` False with the transfer-free bound. The plan's ``transfers_s`` gives each stage's
+receive and send seconds. Without a table nothing changes.
 """
 
 from __future__ import annotations
@@ -16,13 +22,15 @@ import math
 from collections.abc import Sequence
 
 from williw.errors import InfeasiblePlan, PlanError
-from williw.fleet import Node
+from williw.fleet import Link, Node, link_table
 from williw.metadata import ModelMetadata
 from williw.planner.branch import certify
 from williw.planner.capacity import capacity, context_tail, short, why_infeasible
-from williw.planner.costs import OBJECTIVES, PipelineModel, pipeline_model, stage_times, usable_bytes
+from williw.planner.costs import OBJECTIVES, PipelineModel, pipeline_model, stage_times, stage_transfers, usable_bytes
 from williw.planner.greedy import _tokens_per_s, greedy_plan
 from williw.planner.latency import search_latency
+from williw.planner.links import exact_limit as links_exact_limit
+from williw.planner.links import search_links
 from williw.planner.pipeline import EXACT_MAX_NODES, Stage, _Costs, dominated, lower_bound, search
 from williw.planner.plan import STRATEGIES, ExcludedNode, NodeAssignment, Plan
 from williw.units import format_bytes, format_seconds
@@ -33,7 +41,8 @@ DEFAULT_TIME_LIMIT_S = 5.0
 
 def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "pipeline",
               objective: str = "prefill", time_limit_s: float = DEFAULT_TIME_LIMIT_S, *,
-              batch_size: int | None = None, context_length: int | None = None) -> Plan:
+              batch_size: int | None = None, context_length: int | None = None,
+              links: Sequence[Link] = ()) -> Plan:
     """Plan which node holds which tensors.
 
     Args:
@@ -48,12 +57,15 @@ def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "p
             ``lower_bound_s`` is a certified bound. The plan then depends on the machine's speed.
         batch_size, context_length: the workload the memory must hold (default: the metadata's batch size and
             sequence length): every stage fits weights, KV cache for ``B × C`` tokens, activations and reserve.
+        links: the fleet's link table (`williw.fleet.Fleet.links`): hops between listed pairs are priced on the
+            pair's link (`williw.planner.costs`); ignored by ``greedy``.
 
     Returns:
         The plan; for ``pipeline`` its assignments are in stage order.
 
     Raises:
-        PlanError: unknown strategy or objective, no nodes, duplicate node ids, or a time limit not > 0.
+        PlanError: unknown strategy or objective, no nodes, duplicate node ids, a link naming a node not in the
+            fleet, or a time limit not > 0.
         InfeasiblePlan: no plan fits; the message names the constraint and the shortfall.
     """
     if strategy not in STRATEGIES:
@@ -71,14 +83,19 @@ def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "p
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise PlanError(f"node '{dup}' appears more than once in the fleet")
+    for x in links:
+        missing = [i for i in x.between if i not in ids]
+        if missing:
+            raise PlanError(f"the link between '{x.between[0]}' and '{x.between[1]}' names node '{missing[0]}', "
+                            f"which is not in the fleet")
     if strategy == "greedy":
         return greedy_plan(metadata, nodes, "decode" if objective == "latency" else objective)
     model = pipeline_model(metadata, batch_size, context_length)
-    return _pipeline(metadata, model, list(nodes), objective, time_limit_s)
+    return _pipeline(metadata, model, list(nodes), objective, time_limit_s, link_table(links))
 
 
 def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], objective: str,
-              time_limit_s: float) -> Plan:
+              time_limit_s: float, table: dict[tuple[str, str], Link]) -> Plan:
     excluded: list[ExcludedNode] = []
     if objective != "prefill":
         excluded += [ExcludedNode(v.node_id, f"no memory_bandwidth_gbps, needed by --objective {objective}")
@@ -98,44 +115,65 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
                              + context_tail(model, nodes))
     if model.n == 0:
         return _single(meta, model, usable, objective, excluded)
-    drop = set(dominated(usable, model.n, objective))
+    linked = {a for a, _ in table}
+    free = [i for i, v in enumerate(usable) if v.node_id not in linked]
+    drop = {free[i] for i in dominated([usable[i] for i in free], model.n, objective)}
     excluded += [ExcludedNode(usable[i].node_id, f"at least {model.n} other nodes are as fast with as much "
                                                  f"memory, and the model has only {model.n} blocks")
                  for i in sorted(drop)]
     candidates = [v for i, v in enumerate(usable) if i not in drop]
-    found = search_latency(model, candidates) if objective == "latency" else search(model, candidates, objective)
+    ids = {v.node_id for v in candidates}
+    table = {pair: x for pair, x in table.items() if pair[0] in ids and pair[1] in ids}
+    exact_links = bool(table) and len(candidates) <= links_exact_limit(objective)
+    if exact_links:
+        found = search_links(model, candidates, objective, table)
+    else:
+        found = search_latency(model, candidates) if objective == "latency" else search(model, candidates, objective)
     lower = lower_bound(model, candidates, objective)
     exact = found is not None and found.exact
     stages = found.stages if found is not None else None
-    if len(candidates) > EXACT_MAX_NODES and objective != "latency":
+    if len(candidates) > EXACT_MAX_NODES and objective != "latency" and not exact_links:
         certified = certify(_Costs(model, candidates, objective), stages, lower, time_limit_s)
         stages, exact = (certified.stages, certified.exact) if certified else (None, False)
         lower = certified.lower_s if certified else lower
+    if table and not exact_links and stages is not None:
+        # Beyond the link search's exact limit: the link-free plan's order seeds its fixed-order search; the bound
+        # is the one without transfers (a pair's link may be faster than the own links the certified bound priced).
+        seeded = search_links(model, candidates, objective, table, seed=stages)
+        stages, exact, lower = seeded.stages if seeded else stages, False, lower_bound(model, candidates, objective)
     if stages is None:
         raise InfeasiblePlan(why_infeasible(model, candidates))
     plan_nodes = [candidates[s.node] for s in stages]
-    plan = _assemble(meta, model, stages, plan_nodes, objective, exact, lower, excluded)
+    plan = _assemble(meta, model, stages, plan_nodes, objective, exact, lower, excluded, table)
     if exact:  # the optimum is the tightest lower bound there is
         plan = Plan(**{**plan.__dict__, "lower_bound_s": plan.bottleneck_s,
                        "extra": {**plan.extra, "gap_to_lower_bound": 0.0}})
     in_plan = set(plan.node_ids)
+    why = "not chosen by the search, which ran out of time (--time-limit) before proving the plan optimal"
+    if table:
+        why = (f"not chosen by the link search, which beyond {links_exact_limit(objective)} candidates searches "
+               f"fixed node orders only")
     unused = [ExcludedNode(v.node_id, f"not needed: adding it does not lower the bottleneck "
-                                      f"({format_seconds(plan.bottleneck_s or 0.0)})" if exact else
-                           "not chosen by the search, which ran out of time (--time-limit) before proving the "
-                           "plan optimal")
+                                      f"({format_seconds(plan.bottleneck_s or 0.0)})" if exact else why)
               for v in candidates if v.node_id not in in_plan]
     return Plan(**{**plan.__dict__, "excluded": tuple(excluded + unused)})
 
 
 def _assemble(meta: ModelMetadata, model: PipelineModel, stages: Sequence[Stage], plan_nodes: list[Node],
-              objective: str, exact: bool | None, lower: float, excluded: list[ExcludedNode]) -> Plan:
+              objective: str, exact: bool | None, lower: float, excluded: list[ExcludedNode],
+              table: dict[tuple[str, str], Link] | None = None) -> Plan:
     rows = []
-    for s, v in zip(stages, plan_nodes, strict=True):
+    transfers = []
+    for j, (s, v) in enumerate(zip(stages, plan_nodes, strict=True)):
         names, shared = model.stage_names(s.start, s.end)
         gflops = model.stage_compute(s.start, s.end)
         nbytes = model.stage_bytes(s.start, s.end)
         blocks = (model.block_index[s.start], model.block_index[s.end - 1] + 1) if s.end > s.start else (0, 0)
-        rows.append((v, names, shared, gflops, nbytes, blocks, *stage_times(model, s.start, s.end, v)))
+        hops = (table.get((plan_nodes[j - 1].node_id, v.node_id)) if table and j > 0 else None,
+                table.get((v.node_id, plan_nodes[j + 1].node_id)) if table and j + 1 < len(stages) else None)
+        rows.append((v, names, shared, gflops, nbytes, blocks, *stage_times(model, s.start, s.end, v, *hops)))
+        pre, dec = stage_transfers(model, s.start, s.end, v, *hops)
+        transfers.append({"node_id": v.node_id, "prefill": list(pre), "decode": list(dec)})
     prefill = max(r[6] for r in rows)
     decodes = [r[7] for r in rows]
     decode = max(decodes) if all(d is not None for d in decodes) else None  # type: ignore[type-var]
@@ -159,7 +197,8 @@ def _assemble(meta: ModelMetadata, model: PipelineModel, stages: Sequence[Stage]
                 tokens_per_s=_tokens_per_s(objective, prefill, decode if objective == "decode" else summed,
                                            model.tokens),
                 lower_bound_s=lower, exact=exact, excluded=tuple(excluded),
-                extra={"gap_to_lower_bound": gap, "decode_latency_s": summed, **room})
+                extra={"gap_to_lower_bound": gap, "decode_latency_s": summed, **room,
+                       **({"transfers_s": transfers} if table else {})})
 
 
 def _single(meta: ModelMetadata, model: PipelineModel, usable: list[Node], objective: str,
