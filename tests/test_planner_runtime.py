@@ -177,3 +177,15 @@ def test_a_node_too_small_for_one_block_at_the_context_is_refused_with_the_conte
     assert str(info.value) == ("no node can hold a single block: the smallest block needs 1,100 bytes at batch 1 "
                                "and context 1,000 but the largest node 'a' has 600 bytes (short by 500 bytes); at "
                                "batch 1 the fleet holds a context of at most 500 tokens")
+
+
+def test_nodes_a_heuristic_latency_plan_leaves_out_say_which_search_left_them() -> None:
+    # 12 nodes, each faster but farther than the one before (so none dominates another): beyond the latency
+    # search's 8 candidates one fixed order is searched, and no time limit is involved ("ran out of time" was wrong).
+    meta = runtime_meta([(10, 100, 0, 0, 0, 0)] * 2, first=(0, 0), last=(0, 0))
+    nodes = [Node(f"n{i}", 1.0, 1.0, 1.0 + i, latency_ms=float(i)) for i in range(12)]
+    plan = make_plan(meta, nodes, objective="latency")
+    assert plan.exact is False
+    left = [e for e in plan.excluded if e.node_id not in plan.node_ids]
+    assert left and {e.reason for e in left} == {
+        "not chosen by the latency search, which beyond 8 candidates searches one fixed node order (fastest first)"}

@@ -28,6 +28,7 @@ from williw.planner.branch import certify
 from williw.planner.capacity import capacity, context_tail, short, why_infeasible
 from williw.planner.costs import OBJECTIVES, PipelineModel, pipeline_model, stage_times, stage_transfers, usable_bytes
 from williw.planner.greedy import _tokens_per_s, greedy_plan
+from williw.planner.latency import EXACT_MAX_NODES as LATENCY_EXACT_MAX_NODES
 from williw.planner.latency import search_latency
 from williw.planner.links import exact_limit as links_exact_limit
 from williw.planner.links import search_links
@@ -150,7 +151,10 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
                        "extra": {**plan.extra, "gap_to_lower_bound": 0.0}})
     in_plan = set(plan.node_ids)
     why = "not chosen by the search, which ran out of time (--time-limit) before proving the plan optimal"
-    if table:
+    if objective == "latency" and not table:
+        why = (f"not chosen by the latency search, which beyond {LATENCY_EXACT_MAX_NODES} candidates searches one "
+               f"fixed node order (fastest first)")
+    elif table:
         why = (f"not chosen by the link search, which beyond {links_exact_limit(objective)} candidates searches "
                f"fixed node orders only")
     unused = [ExcludedNode(v.node_id, f"not needed: adding it does not lower the bottleneck "
