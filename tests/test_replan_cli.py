@@ -69,6 +69,13 @@ def test_replan_errors_are_one_line_and_exit_2(files, williw) -> None:
         2, "", "error: max_step_bytes must be a positive integer of bytes, got 0\n")
     missing = williw("replan", str(d / "meta.json"), "--plan", str(d / "none.json"), "--nodes", str(d / "nodes.json"))
     assert (missing.returncode, missing.stderr) == (2, f"error: '{d / 'none.json'}': no such plan file\n")
+    # A link table replan would not price is refused, not silently dropped.
+    nodes = json.loads((d / "nodes.json").read_text())
+    (d / "linked.json").write_text(json.dumps({"nodes": nodes, "links": [{"between": ["a", "c"], "latency_ms": 9}]}))
+    linked = williw("replan", str(d / "meta.json"), "--plan", str(d / "plan.json"), "--nodes", str(d / "linked.json"))
+    assert (linked.returncode, linked.stderr) == (
+        2, f"error: '{d / 'linked.json'}': williw replan does not price a link table ('links', 1 entries), only "
+           "`williw plan` does: remove 'links' to use each node's own link\n")
 
 
 def test_replan_for_the_latency_objective(tmp_path) -> None:

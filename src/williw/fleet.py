@@ -304,13 +304,21 @@ def _parse_links(obj: Any, ids: set[str], source: str) -> tuple[Link, ...]:
     return tuple(out)
 
 
-def load_nodes(path: str | os.PathLike[str]) -> list[Node]:
+def load_nodes(path: str | os.PathLike[str], *, refuse_links: str | None = None) -> list[Node]:
     """Read a nodes file: JSON, or YAML when the name ends in ``.yaml``/``.yml`` (its links checked, not returned).
 
+    Args:
+        refuse_links: the command reading the file, when it cannot price a link table: a file with links is then
+            refused rather than planned as if its links were not there.
+
     Raises:
-        NodesError: missing or unparsable file, or a bad entry (see `parse_nodes`).
+        NodesError: missing or unparsable file, a bad entry (see `parse_nodes`), or links refused.
     """
-    return list(load_fleet(path).nodes)
+    fleet = load_fleet(path)
+    if refuse_links and fleet.links:
+        raise NodesError(f"'{path}': {refuse_links} does not price a link table ('links', {len(fleet.links)} "
+                         f"entries), only `williw plan` does: remove 'links' to use each node's own link")
+    return list(fleet.nodes)
 
 
 def load_fleet(path: str | os.PathLike[str]) -> Fleet:

@@ -145,7 +145,7 @@ def run_cmd(model: str, worker_url: str | None, metadata_repo: str | None, node_
         if local_nodes:
             from williw.fleet import load_nodes
 
-            nodes = [n.to_dict() for n in load_nodes(local_nodes)]
+            nodes = [n.to_dict() for n in load_nodes(local_nodes, refuse_links="the worker")]
             embedded.start_local_nodes(nodes, Path(work_dir) / "nodes")
     try:
         client = NodeClient(worker_url, hf_token, metadata_repo, node_id, token=token, work_dir=work_dir,
