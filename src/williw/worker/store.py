@@ -113,16 +113,15 @@ class Store:
             self._reader = sqlite_engine(self.url, pool_size=pool_size, writer=False)
             self._on_loop: Engine | None = None
         else:
-            # The routes' store calls use the loop's pool; threads (the re-planning check, the other routes) need
-            # fewer. With 8: up to 2 * (4 + 8) + 1 connections per worker (see `engines.postgres_engines`).
-            self._writer, self._on_loop = postgres_engines(self.url, pool_size=max(1, pool_size // 2),
-                                                           loop_pool_size=pool_size)
+            # Threads (the re-planning check, some routes) and the loop's two pools (user work takes turns on the
+            # loop) each need few: with 8, up to 2 * (4 + 2 * 4) + 2 connections per worker (`postgres_engines`).
+            self._writer, self._on_loop, loop_auto = postgres_engines(self.url, pool_size=max(1, pool_size // 2),
+                                                                      loop_pool_size=max(1, pool_size // 2))
             self._reader = self._writer
             # Reads and one-statement writes run in autocommit: one round trip instead of three (psycopg sends BEGIN
             # and COMMIT/ROLLBACK as commands of their own), which is what a query costs when the server's process
             # waits for a CPU on a busy machine.
-            self._auto = {False: self._writer.execution_options(isolation_level="AUTOCOMMIT"),
-                          True: self._on_loop.execution_options(isolation_level="AUTOCOMMIT")}
+            self._auto = {False: self._writer.execution_options(isolation_level="AUTOCOMMIT"), True: loop_auto}
         self._migrate()
 
     async def run(self, work: Callable[..., T], *args: Any) -> T:
@@ -140,6 +139,7 @@ class Store:
         """Close the event loop's connections (PostgreSQL), on the loop they were opened on."""
         if self._on_loop is not None:
             await greenlet_spawn(self._on_loop.dispose)
+            await greenlet_spawn(self._auto[True].dispose)
 
     def close(self) -> None:
         self._writer.dispose()
