@@ -1,7 +1,7 @@
 """PostgreSQL heartbeat batches on a psycopg connection of their own, without SQLAlchemy (`heartbeats`' writer).
 
-A batch is one prepared statement in autocommit (`store._PG_HEARTBEATS`, the statement `Store.heartbeat_many`
-runs). Through SQLAlchemy's greenlet bridge (`Store.run`) a statement cost ~0.8 ms of the worker's CPU (a pool
+A batch is one prepared statement in autocommit (`PG_HEARTBEATS`, the statement `Store.heartbeat_many` runs
+too). Through SQLAlchemy's greenlet bridge (`Store.run`) a statement cost ~0.8 ms of the worker's CPU (a pool
 checkout, toggling autocommit, resetting the connection, seven awaits through the bridge); on a bare
 ``psycopg.AsyncConnection`` it costs ~0.25 ms (a batch of 5, 300 times each way, same run). At 1,000
 heartbeats/s the flusher runs a batch every few milliseconds, so this is the hot statement of a loaded worker.
@@ -14,12 +14,27 @@ is harmless, and a heartbeat is still acknowledged only after its batch committe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import text
 
 from williw.progress import get_logger
-from williw.worker.store import _PG_HEARTBEATS, Store
+
+if TYPE_CHECKING:
+    from williw.worker.store import Store
 
 log = get_logger(__name__)
+
+# A batch of heartbeats on PostgreSQL: the three arrays are one bound parameter each, so the statement text is the
+# same for every batch size and psycopg prepares it once (after 5 uses: its ``prepare_threshold``).
+# The subquery locks the rows in node_id order (a sorted subquery is not merged into the UPDATE, and its row locks
+# are taken above its sort), so two workers' overlapping batches wait for each other instead of deadlocking.
+PG_HEARTBEATS = text(
+    "UPDATE nodes SET last_heartbeat = GREATEST(nodes.last_heartbeat, b.t) FROM ("
+    "SELECT n.node_id, v.t FROM nodes n JOIN unnest(CAST(:ids AS TEXT[]), CAST(:hashes AS TEXT[]), "
+    "CAST(:ts AS DOUBLE PRECISION[])) AS v(node_id, token_hash, t) ON n.node_id = v.node_id "
+    "AND (v.token_hash IS NULL OR n.token_hash = v.token_hash) ORDER BY n.node_id FOR UPDATE OF n) AS b "
+    "WHERE nodes.node_id = b.node_id RETURNING nodes.node_id")
 
 APPLICATION_NAME = "williw-heartbeats"  # in pg_stat_activity: the connection an operator sees, and tests find
 
@@ -30,7 +45,7 @@ class PgHeartbeatWriter:
     def __init__(self, store: Store) -> None:
         engine = store._writer  # the store's own dialect turns its URL into psycopg's connection arguments
         self._connect_args: tuple[list[Any], dict[str, Any]] = engine.dialect.create_connect_args(engine.url)
-        self._sql = str(_PG_HEARTBEATS.compile(dialect=engine.dialect))
+        self._sql = str(PG_HEARTBEATS.compile(dialect=engine.dialect))
         self._conn: Any = None
         self.connections = 0  # connections opened so far (tests read it)
 
@@ -78,4 +93,4 @@ class PgHeartbeatWriter:
             await conn.close()
 
 
-__all__ = ["APPLICATION_NAME", "PgHeartbeatWriter"]
+__all__ = ["APPLICATION_NAME", "PG_HEARTBEATS", "PgHeartbeatWriter"]

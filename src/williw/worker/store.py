@@ -34,6 +34,7 @@ from williw.errors import WilliwError
 from williw.progress import get_logger
 from williw.worker import schema
 from williw.worker.engines import postgres_engines, sqlite_engine
+from williw.worker.heartbeat_store import PG_HEARTBEATS
 from williw.worker.records import NodeRecord, RequestRecord
 from williw.worker.schema import nodes, plans, requests
 
@@ -77,21 +78,14 @@ def normalize_url(url: str) -> str:
 _HEARTBEAT = (update(nodes).where(nodes.c.node_id == bindparam("b_node_id"))
               .values(last_heartbeat=bindparam("b_now")))
 _HEARTBEAT_CHECKED = _HEARTBEAT.where(nodes.c.token_hash == bindparam("b_token_hash"))
-# A batch of heartbeats on PostgreSQL: the three arrays are one bound parameter each, so the statement text is the
-# same for every batch size and psycopg prepares it once (after 5 uses: its ``prepare_threshold``).
-# The subquery locks the rows in node_id order (a sorted subquery is not merged into the UPDATE, and its row locks
-# are taken above its sort), so two workers' overlapping batches wait for each other instead of deadlocking.
-_PG_HEARTBEATS = text(
-    "UPDATE nodes SET last_heartbeat = GREATEST(nodes.last_heartbeat, b.t) FROM ("
-    "SELECT n.node_id, v.t FROM nodes n JOIN unnest(CAST(:ids AS TEXT[]), CAST(:hashes AS TEXT[]), "
-    "CAST(:ts AS DOUBLE PRECISION[])) AS v(node_id, token_hash, t) ON n.node_id = v.node_id "
-    "AND (v.token_hash IS NULL OR n.token_hash = v.token_hash) ORDER BY n.node_id FOR UPDATE OF n) AS b "
-    "WHERE nodes.node_id = b.node_id RETURNING nodes.node_id")
 # NodeRecord's fields, in its order, and the statement `process` runs on every call.
 _NODE_COLUMNS = (nodes.c.node_id, nodes.c.compute_tflops, nodes.c.memory_gb, nodes.c.memory_bandwidth_gbps,
                  nodes.c.network_gbps, nodes.c.labels, nodes.c.registered_at, nodes.c.updated_at,
                  nodes.c.last_heartbeat)
 _LIST_NODES = select(*_NODE_COLUMNS).order_by(nodes.c.node_id)
+_LOCK_REQUEST = (select(select(func.max(plans.c.version)).where(plans.c.request_id == requests.c.request_id)
+                        .scalar_subquery())
+                 .where(requests.c.request_id == bindparam("rid")).with_for_update(of=requests))
 
 
 class Store:
@@ -282,7 +276,7 @@ class Store:
         if self.is_sqlite:
             return {n for n, h, t in beats if self.heartbeat(n, t, h)}
         with self._single() as conn:
-            done = conn.execute(_PG_HEARTBEATS, {"ids": [b[0] for b in beats], "hashes": [b[1] for b in beats],
+            done = conn.execute(PG_HEARTBEATS, {"ids": [b[0] for b in beats], "hashes": [b[1] for b in beats],
                                                  "ts": [b[2] for b in beats]})
             return {row[0] for row in done}
 
@@ -334,12 +328,13 @@ class Store:
                          .values(status="failed", reason=reason, updated_at=now))
 
     def save_plan(self, request_id: str, render: Callable[[int], dict[str, Any]], now: float,
-                  also: Callable[[Connection], object] | None = None) -> tuple[int, dict[str, Any]]:
+                  also: Callable[[Connection], dict[str, Any]] | None = None) -> tuple[int, dict[str, Any]]:
         """Store the next plan version of a request and make it the one in force.
 
         Args:
             render: the plan JSON for a given version (the version is written inside the plan too).
-            also: more writes that belong to the same transaction (one commit instead of two).
+            also: more writes that belong to the same transaction (one commit instead of two); returns more
+                values for the request's row, written by the same UPDATE.
 
         Returns:
             The new version (1 for the first plan, then one more than the last) and the plan JSON stored.
@@ -348,21 +343,18 @@ class Store:
             NotFound: no such request.
         """
         with self._write() as conn:
-            # The row lock orders two PostgreSQL workers planning the same request; SQLite's BEGIN IMMEDIATE
-            # already did.
-            found = conn.execute(select(requests.c.request_id).where(requests.c.request_id == request_id)
-                                 .with_for_update()).first()
+            # The row lock orders two PostgreSQL workers planning the same request (SQLite's BEGIN IMMEDIATE
+            # already did); the last version comes with it: each statement is a round trip on PostgreSQL.
+            found = conn.execute(_LOCK_REQUEST, {"rid": request_id}).first()
             if found is None:
                 raise NotFound(f"request '{request_id}' does not exist")
-            last = conn.execute(select(func.max(plans.c.version)).where(plans.c.request_id == request_id)).scalar()
-            version = (last or 0) + 1
+            version = (found[0] or 0) + 1
             plan = render(version)
             conn.execute(insert(plans).values(request_id=request_id, version=version, plan_json=json.dumps(plan),
                                               created_at=now))
+            more = also(conn) if also is not None else {}
             conn.execute(update(requests).where(requests.c.request_id == request_id)
-                         .values(status="planned", reason=None, plan_version=version, updated_at=now))
-            if also is not None:
-                also(conn)
+                         .values(status="planned", reason=None, plan_version=version, updated_at=now, **more))
         return version, plan
 
     def get_plan(self, request_id: str, version: int) -> dict[str, Any]:
