@@ -83,9 +83,6 @@ _NODE_COLUMNS = (nodes.c.node_id, nodes.c.compute_tflops, nodes.c.memory_gb, nod
                  nodes.c.network_gbps, nodes.c.labels, nodes.c.registered_at, nodes.c.updated_at,
                  nodes.c.last_heartbeat)
 _LIST_NODES = select(*_NODE_COLUMNS).order_by(nodes.c.node_id)
-_LOCK_REQUEST = (select(select(func.max(plans.c.version)).where(plans.c.request_id == requests.c.request_id)
-                        .scalar_subquery())
-                 .where(requests.c.request_id == bindparam("rid")).with_for_update(of=requests))
 
 
 class Store:
@@ -343,12 +340,15 @@ class Store:
             NotFound: no such request.
         """
         with self._write() as conn:
-            # The row lock orders two PostgreSQL workers planning the same request (SQLite's BEGIN IMMEDIATE
-            # already did); the last version comes with it: each statement is a round trip on PostgreSQL.
-            found = conn.execute(_LOCK_REQUEST, {"rid": request_id}).first()
+            # The row lock orders two PostgreSQL workers planning the same request; SQLite's BEGIN IMMEDIATE
+            # already did. The last version is read after the lock, by a statement of its own: in READ COMMITTED
+            # only a new statement sees what the previous holder of the lock committed.
+            found = conn.execute(select(requests.c.request_id).where(requests.c.request_id == request_id)
+                                 .with_for_update()).first()
             if found is None:
                 raise NotFound(f"request '{request_id}' does not exist")
-            version = (found[0] or 0) + 1
+            last = conn.execute(select(func.max(plans.c.version)).where(plans.c.request_id == request_id)).scalar()
+            version = (last or 0) + 1
             plan = render(version)
             conn.execute(insert(plans).values(request_id=request_id, version=version, plan_json=json.dumps(plan),
                                               created_at=now))
