@@ -122,7 +122,7 @@ async def heartbeats(urls: list[str], nodes: dict[str, str], interval: float, un
         conn = Conn(url)
         due = time.monotonic() + random.uniform(0, interval)
         while True:
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await asyncio.sleep(max(0.0, min(due, until) - time.monotonic()))  # a long --interval ends on time
             if time.monotonic() >= until:
                 conn.close()
                 return
