@@ -9,9 +9,12 @@ those that are not, "failed" counts error statuses and transport errors.
 
 Each node heartbeats every ``--interval`` seconds from a random phase (fixed rate, 200 / 0.2 s = 1,000/s
 offered); latency is from sending to the answer. Users run back to back (closed loop) unless ``--think`` is set.
+With ``--workers N`` the PostgreSQL target is N worker processes on one database (issue 19's several workers
+sharing one database): node i and user j talk to worker ``i % N`` and ``j % N``, and the losses are checked
+through one of them (they share the state).
 
     .venv/bin/python bench/worker.py [--duration 30] [--nodes 200] [--users 50] [--interval 0.2]
-                                     [--backends sqlite,postgres] [--json]
+                                     [--backends sqlite,postgres] [--workers 1] [--json]
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,14 +115,14 @@ class Stats:
             self.errors.append(f"{op}: {why}")
 
 
-async def heartbeats(url: str, nodes: dict[str, str], interval: float, until: float,
+async def heartbeats(urls: list[str], nodes: dict[str, str], interval: float, until: float,
                      stats: Stats, last_ack: dict[str, float], path: str = "/api/nodes/{}/heartbeat") -> None:
-    async def one(node_id: str, token: str) -> None:
+    async def one(node_id: str, token: str, url: str) -> None:
         headers = {"Authorization": f"Bearer {token}"}
         conn = Conn(url)
         due = time.monotonic() + random.uniform(0, interval)
         while True:
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await asyncio.sleep(max(0.0, min(due, until) - time.monotonic()))  # a long --interval ends on time
             if time.monotonic() >= until:
                 conn.close()
                 return
@@ -134,10 +139,10 @@ async def heartbeats(url: str, nodes: dict[str, str], interval: float, until: fl
                     stats.fail("heartbeat", f"{status} {data[:200]!r}")
             due += interval
 
-    await asyncio.gather(*(one(n, t) for n, t in nodes.items()))
+    await asyncio.gather(*(one(n, t, urls[i % len(urls)]) for i, (n, t) in enumerate(nodes.items())))
 
 
-async def users(url: str, count: int, meta: dict, think: float, until: float,
+async def users(urls: list[str], count: int, meta: dict, think: float, until: float,
                 stats: Stats, planned: list[str]) -> None:
     headers = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -154,7 +159,7 @@ async def users(url: str, count: int, meta: dict, think: float, until: float,
         stats.ok(op, time.perf_counter() - t0)
         return json.loads(data)
 
-    async def one() -> None:
+    async def one(url: str) -> None:
         conn = Conn(url)
         step_ = step
         while time.monotonic() < until:
@@ -173,19 +178,19 @@ async def users(url: str, count: int, meta: dict, think: float, until: float,
                 await asyncio.sleep(think)
         conn.close()
 
-    await asyncio.gather(*(one() for _ in range(count)))
+    await asyncio.gather(*(one(urls[j % len(urls)]) for j in range(count)))
 
 
-def run_load(url: str, nodes: dict[str, str], n_users: int, meta: dict | None, args: argparse.Namespace,
+def run_load(urls: list[str], nodes: dict[str, str], n_users: int, meta: dict | None, args: argparse.Namespace,
              path: str = "/api/nodes/{}/heartbeat") -> tuple[Stats, dict[str, float], list[str], float]:
     stats, last_ack, planned = Stats(), {}, []
 
     async def main() -> float:
         start = time.monotonic()
         until = start + args.duration
-        tasks = [heartbeats(url, nodes, args.interval, until, stats, last_ack, path)]
+        tasks = [heartbeats(urls, nodes, args.interval, until, stats, last_ack, path)]
         if n_users and meta is not None:
-            tasks.append(users(url, n_users, meta, args.think, until, stats, planned))
+            tasks.append(users(urls, n_users, meta, args.think, until, stats, planned))
         await asyncio.gather(*tasks)
         return time.monotonic() - start
 
@@ -246,7 +251,7 @@ def bench_reference(args: argparse.Namespace) -> list[dict]:
             except httpx.TransportError:
                 time.sleep(0.05)
         nodes = {f"node-{i:03d}": "x" for i in range(args.nodes)}
-        stats, _, _, elapsed = run_load(url, nodes, 0, None, args, path="/bare/{}")
+        stats, _, _, elapsed = run_load([url], nodes, 0, None, args, path="/bare/{}")
         return rows_for("bare uvicorn (reference)", stats, elapsed, None)
     finally:
         proc.terminate()
@@ -263,19 +268,22 @@ def cpu_seconds(pid: int) -> float:
     return sum(t.user + t.system for t in times)
 
 
-def bench_worker(label: str, db_url: str, meta: dict, args: argparse.Namespace,
-                 folder: Path) -> tuple[list[dict], dict]:
-    with WorkerProcess(db_url, TOKEN, node_ttl=3600, cwd=folder, log_path=folder / f"{label}.log") as proc:
+def bench_worker(label: str, db_url: str, meta: dict, args: argparse.Namespace, folder: Path,
+                 workers: int = 1) -> tuple[list[dict], dict]:
+    with ExitStack() as stack:
+        procs = [stack.enter_context(WorkerProcess(db_url, TOKEN, node_ttl=3600, cwd=folder,
+                                                   log_path=folder / f"{label}-{i}.log")) for i in range(workers)]
+        urls = [p.url for p in procs]
         nodes = {}
-        with httpx.Client(base_url=proc.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
+        with httpx.Client(base_url=urls[0], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
             for i in range(args.nodes):
                 body = {"node_id": f"node-{i:03d}", "compute_tflops": random.choice([10.0, 20.0, 40.0, 80.0]),
                         "memory_gb": random.choice([8.0, 16.0, 24.0, 80.0]), "memory_bandwidth_gbps": 500.0}
                 nodes[body["node_id"]] = http.post("/api/nodes", json=body).raise_for_status().json()["node_token"]
-        cpu0 = cpu_seconds(proc.proc.pid)
-        stats, last_ack, planned, elapsed = run_load(proc.url, nodes, args.users, meta, args)
-        cpu = cpu_seconds(proc.proc.pid) - cpu0
-        lost = check_lost(proc.url, last_ack, planned)
+        cpu0 = sum(cpu_seconds(p.proc.pid) for p in procs)
+        stats, last_ack, planned, elapsed = run_load(urls, nodes, args.users, meta, args)
+        cpu = sum(cpu_seconds(p.proc.pid) for p in procs) - cpu0
+        lost = check_lost(urls[0], last_ack, planned)
         rows = rows_for(label, stats, elapsed, lost)
         if stats.errors:
             rows[0]["errors"] = stats.errors
@@ -298,9 +306,12 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between one node's heartbeats")
     parser.add_argument("--think", type=float, default=0.0, help="seconds a user waits between cycles")
     parser.add_argument("--backends", default="sqlite,postgres")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes sharing the PostgreSQL database (SQLite: always one)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     rows = bench_reference(args)
     summaries = []
     with tempfile.TemporaryDirectory(prefix="williw-bench-") as tmp:
@@ -311,18 +322,21 @@ def main() -> None:
                 more, summary = bench_worker("worker, SQLite", f"sqlite:///{folder / 'bench.db'}", meta, args,
                                              folder)
             elif backend == "postgres":
+                label = "worker, PostgreSQL" if args.workers == 1 else f"{args.workers} workers, PostgreSQL"
                 with postgres_schema() as url:
-                    more, summary = bench_worker("worker, PostgreSQL", url, meta, args, folder)
+                    more, summary = bench_worker(label, url, meta, args, folder, args.workers)
             else:
                 parser.error(f"--backends: unknown backend {backend!r} (expected sqlite, postgres)")
             rows += more
             summaries.append(summary)
     if args.json:
         print(json.dumps({"duration_s": args.duration, "nodes": args.nodes, "users": args.users,
+                          "workers": args.workers, "load_average": [load_before, os.getloadavg()[0]],
                           "interval_s": args.interval, "rows": rows, "summary": summaries}, indent=2))
         return
     print(f"{args.nodes} nodes heartbeating every {args.interval:g} s (offered {args.nodes / args.interval:,.0f}/s), "
-          f"{args.users} users, {args.duration:g} s per target, loopback")
+          f"{args.users} users, {args.duration:g} s per target, loopback, load average {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after")
     header = (f"{'target':<26} {'op':<10} {'count':>8} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
               f"{'failed':>7} {'lost':>5}")
     print(header)

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from williw.worker.heartbeat_store import APPLICATION_NAME
 from williw.worker.heartbeats import HeartbeatBatcher
 from williw.worker.store import Store
 from workerproc import backends, database
@@ -47,6 +48,7 @@ def test_concurrent_beats_share_statements_and_all_get_their_answer(store):
         batcher = HeartbeatBatcher(store)
         beats = [batcher.beat(f"n{i:02d}", f"hash-{i}" if i % 4 else "wrong", 500.0 + i) for i in range(40)]
         answers = await asyncio.gather(*beats)
+        await batcher.aclose()
         await store.aclose()
         return answers, batcher.batches
 
@@ -55,3 +57,41 @@ def test_concurrent_beats_share_statements_and_all_get_their_answer(store):
     assert batches < 40
     times = _times(store)
     assert [times[f"n{i:02d}"] for i in range(40)] == [500.0 + i if i % 4 else 100.0 for i in range(40)]
+
+
+def _heartbeat_backends(db_url: str, worker_pid: int) -> list[int]:
+    # The server processes serving this worker's heartbeat connection: its application name, at one of the
+    # worker's own client ports (other workers may share the server).
+    import psutil
+    from sqlalchemy import create_engine, text
+
+    ports = {c.laddr.port for c in psutil.Process(worker_pid).net_connections("tcp") if c.raddr}
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT pid, client_port FROM pg_stat_activity WHERE application_name = :name"),
+                            {"name": APPLICATION_NAME}).all()
+    engine.dispose()
+    return [pid for pid, port in rows if port in ports]
+
+
+@pytest.mark.postgres
+def test_a_lost_heartbeat_connection_is_replaced_and_the_beat_still_committed(tmp_path):
+    from sqlalchemy import create_engine, text
+
+    from williw.client import WorkerClient
+    from workerproc import WorkerProcess, postgres_schema
+
+    with postgres_schema() as url, WorkerProcess(url, "admin", cwd=tmp_path) as worker:
+        admin = WorkerClient(worker.url, token="admin", retries=0)  # a 500 must not be hidden by a retry
+        token = admin.register_node("beater", 1.0, 1.0)["node_token"]
+        node = admin.with_token(token)
+        node.heartbeat("beater")
+        [backend] = _heartbeat_backends(url, worker.proc.pid)
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend}).scalar() is True
+        engine.dispose()
+        beat = node.heartbeat("beater")["last_heartbeat"]
+        assert admin.get_node("beater")["last_heartbeat"] == beat
+        [replaced] = _heartbeat_backends(url, worker.proc.pid)
+        assert replaced != backend

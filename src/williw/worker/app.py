@@ -16,6 +16,7 @@ from williw.worker.assignments import router as assignments_router
 from williw.worker.auth import Auth, AuthError
 from williw.worker.bodies import StrictJsonBody, reply
 from williw.worker.dashboard import router as dashboard_router
+from williw.worker.heartbeats import close_batcher
 from williw.worker.migration_routes import router as migration_router
 from williw.worker.replanning import Replanner
 from williw.worker.routes import router
@@ -55,7 +56,11 @@ def create_app(settings: WorkerSettings, store: Store | None = None) -> FastAPI:
     app.router.add_event_handler("startup", replanner.start)
     app.router.add_event_handler("shutdown", replanner.stop)
     # The loop's PostgreSQL connections belong to this app's event loop: closed with it even when the store is
-    # shared (its pool opens new ones on the next loop).
+    # shared (its pool opens new ones on the next loop); so does the heartbeat batches' connection.
+    async def close_heartbeats() -> None:
+        await close_batcher(app.state)
+
+    app.router.add_event_handler("shutdown", close_heartbeats)
     app.router.add_event_handler("shutdown", store.aclose)
     if own:
         app.router.add_event_handler("shutdown", store.close)

@@ -37,16 +37,22 @@ def sqlite_engine(url: str, *, pool_size: int, writer: bool) -> Engine:
     return engine
 
 
-def postgres_engines(url: str, *, pool_size: int, loop_pool_size: int) -> tuple[Engine, Engine]:
-    """Two engines on the PostgreSQL database at ``url``: one for threads (psycopg's blocking connections) and one
-    for the event loop (psycopg's asyncio connections, used through SQLAlchemy's greenlet bridge: see
-    `Store.run`). Each pool holds up to twice its size; a worker opens at most ``2 * (pool_size +
-    loop_pool_size)`` connections, plus one for the re-planning lock."""
+def postgres_engines(url: str, *, pool_size: int, loop_pool_size: int) -> tuple[Engine, Engine, Engine]:
+    """Three engines on the PostgreSQL database at ``url``: one for threads (psycopg's blocking connections), and
+    two for the event loop (psycopg's asyncio connections, used through SQLAlchemy's greenlet bridge: see
+    `Store.run`), one for transactions and one whose connections are in autocommit for good (reads and
+    one-statement writes). Setting autocommit once per connection, instead of on each checkout and back on each
+    return, and skipping the reset on return, saves ~0.2 ms of CPU per statement (0.86-0.95 → 0.66-0.72 ms for
+    a read through the bridge, 500 each, same run). Each pool holds up to twice its size; a worker opens at most
+    ``2 * (pool_size + 2 * loop_pool_size)`` connections, plus one for heartbeat batches (`heartbeat_store`) and
+    one for the re-planning lock."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
     threads = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=300)
     loop = create_async_engine(url, pool_size=loop_pool_size, max_overflow=loop_pool_size, pool_recycle=300)
-    return threads, loop.sync_engine
+    loop_auto = create_async_engine(url, pool_size=loop_pool_size, max_overflow=loop_pool_size, pool_recycle=300,
+                                    isolation_level="AUTOCOMMIT", pool_reset_on_return=None)
+    return threads, loop.sync_engine, loop_auto.sync_engine
 
 
 __all__ = ["SQLITE_BUSY_TIMEOUT_MS", "postgres_engines", "sqlite_engine"]

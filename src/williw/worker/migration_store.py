@@ -63,11 +63,18 @@ def remember_metadata(store: Store, request_id: str, metadata: dict[str, Any], n
 
 
 def remember_metadata_in(conn: Connection, request_id: str, metadata: dict[str, Any], now: float) -> str:
-    """`remember_metadata` inside the caller's transaction (`Store.save_plan`'s ``also``)."""
+    """`remember_metadata` inside the caller's transaction."""
+    digest = store_metadata_in(conn, metadata, now)
+    conn.execute(update(requests).where(requests.c.request_id == request_id).values(metadata_digest=digest))
+    return digest
+
+
+def store_metadata_in(conn: Connection, metadata: dict[str, Any], now: float) -> str:
+    """Store ``metadata`` (once per digest) in the caller's transaction and return its digest, which the caller
+    writes into the request's row (`Store.save_plan`'s ``also``: in the UPDATE it runs anyway)."""
     blob = json.dumps(metadata, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(blob.encode("utf-8")).hexdigest()
     conn.execute(_REMEMBER, {"digest": digest, "json": blob, "now": now})
-    conn.execute(update(requests).where(requests.c.request_id == request_id).values(metadata_digest=digest))
     return digest
 
 

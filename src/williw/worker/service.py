@@ -195,11 +195,11 @@ def save_outcome(store: Store, job: PlanningJob, result: Callable[[], dict[str, 
         _fail(store, job.request_id, "the planner produced a number that is not finite; no plan stored")
     # The metadata is kept, in the plan's transaction, so that the worker can re-plan the request when its fleet
     # changes (williw.worker.replanning).
-    from williw.worker.migration_store import remember_metadata_in
+    from williw.worker.migration_store import store_metadata_in
 
     now = time.time()
-    version, stored = store.save_plan(job.request_id, render, now,
-                                      also=lambda conn: remember_metadata_in(conn, job.request_id, job.args[0], now))
+    version, stored = store.save_plan(job.request_id, render, now, also=lambda conn: {
+        "metadata_digest": store_metadata_in(conn, job.args[0], now)})
     log.info("request %s planned: version %d on %d node(s)", job.request_id, version,
              len(stored[PLAN_KEY]["stages"]))
     return version, stored

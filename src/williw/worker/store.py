@@ -34,6 +34,7 @@ from williw.errors import WilliwError
 from williw.progress import get_logger
 from williw.worker import schema
 from williw.worker.engines import postgres_engines, sqlite_engine
+from williw.worker.heartbeat_store import PG_HEARTBEATS
 from williw.worker.records import NodeRecord, RequestRecord
 from williw.worker.schema import nodes, plans, requests
 
@@ -77,16 +78,6 @@ def normalize_url(url: str) -> str:
 _HEARTBEAT = (update(nodes).where(nodes.c.node_id == bindparam("b_node_id"))
               .values(last_heartbeat=bindparam("b_now")))
 _HEARTBEAT_CHECKED = _HEARTBEAT.where(nodes.c.token_hash == bindparam("b_token_hash"))
-# A batch of heartbeats on PostgreSQL: the three arrays are one bound parameter each, so the statement text is the
-# same for every batch size and psycopg prepares it once (after 5 uses: its ``prepare_threshold``).
-# The subquery locks the rows in node_id order (a sorted subquery is not merged into the UPDATE, and its row locks
-# are taken above its sort), so two workers' overlapping batches wait for each other instead of deadlocking.
-_PG_HEARTBEATS = text(
-    "UPDATE nodes SET last_heartbeat = GREATEST(nodes.last_heartbeat, b.t) FROM ("
-    "SELECT n.node_id, v.t FROM nodes n JOIN unnest(CAST(:ids AS TEXT[]), CAST(:hashes AS TEXT[]), "
-    "CAST(:ts AS DOUBLE PRECISION[])) AS v(node_id, token_hash, t) ON n.node_id = v.node_id "
-    "AND (v.token_hash IS NULL OR n.token_hash = v.token_hash) ORDER BY n.node_id FOR UPDATE OF n) AS b "
-    "WHERE nodes.node_id = b.node_id RETURNING nodes.node_id")
 # NodeRecord's fields, in its order, and the statement `process` runs on every call.
 _NODE_COLUMNS = (nodes.c.node_id, nodes.c.compute_tflops, nodes.c.memory_gb, nodes.c.memory_bandwidth_gbps,
                  nodes.c.network_gbps, nodes.c.labels, nodes.c.registered_at, nodes.c.updated_at,
@@ -114,16 +105,15 @@ class Store:
             self._reader = sqlite_engine(self.url, pool_size=pool_size, writer=False)
             self._on_loop: Engine | None = None
         else:
-            # The routes' store calls use the loop's pool; threads (the re-planning check, the other routes) need
-            # fewer. With 8: up to 2 * (4 + 8) + 1 connections per worker (see `engines.postgres_engines`).
-            self._writer, self._on_loop = postgres_engines(self.url, pool_size=max(1, pool_size // 2),
-                                                           loop_pool_size=pool_size)
+            # Threads (the re-planning check, some routes) and the loop's two pools (user work takes turns on the
+            # loop) each need few: with 8, up to 2 * (4 + 2 * 4) + 2 connections per worker (`postgres_engines`).
+            self._writer, self._on_loop, loop_auto = postgres_engines(self.url, pool_size=max(1, pool_size // 2),
+                                                                      loop_pool_size=max(1, pool_size // 2))
             self._reader = self._writer
             # Reads and one-statement writes run in autocommit: one round trip instead of three (psycopg sends BEGIN
             # and COMMIT/ROLLBACK as commands of their own), which is what a query costs when the server's process
             # waits for a CPU on a busy machine.
-            self._auto = {False: self._writer.execution_options(isolation_level="AUTOCOMMIT"),
-                          True: self._on_loop.execution_options(isolation_level="AUTOCOMMIT")}
+            self._auto = {False: self._writer.execution_options(isolation_level="AUTOCOMMIT"), True: loop_auto}
         self._migrate()
 
     async def run(self, work: Callable[..., T], *args: Any) -> T:
@@ -141,6 +131,7 @@ class Store:
         """Close the event loop's connections (PostgreSQL), on the loop they were opened on."""
         if self._on_loop is not None:
             await greenlet_spawn(self._on_loop.dispose)
+            await greenlet_spawn(self._auto[True].dispose)
 
     def close(self) -> None:
         self._writer.dispose()
@@ -282,7 +273,7 @@ class Store:
         if self.is_sqlite:
             return {n for n, h, t in beats if self.heartbeat(n, t, h)}
         with self._single() as conn:
-            done = conn.execute(_PG_HEARTBEATS, {"ids": [b[0] for b in beats], "hashes": [b[1] for b in beats],
+            done = conn.execute(PG_HEARTBEATS, {"ids": [b[0] for b in beats], "hashes": [b[1] for b in beats],
                                                  "ts": [b[2] for b in beats]})
             return {row[0] for row in done}
 
@@ -334,12 +325,13 @@ class Store:
                          .values(status="failed", reason=reason, updated_at=now))
 
     def save_plan(self, request_id: str, render: Callable[[int], dict[str, Any]], now: float,
-                  also: Callable[[Connection], object] | None = None) -> tuple[int, dict[str, Any]]:
+                  also: Callable[[Connection], dict[str, Any]] | None = None) -> tuple[int, dict[str, Any]]:
         """Store the next plan version of a request and make it the one in force.
 
         Args:
             render: the plan JSON for a given version (the version is written inside the plan too).
-            also: more writes that belong to the same transaction (one commit instead of two).
+            also: more writes that belong to the same transaction (one commit instead of two); returns more
+                values for the request's row, written by the same UPDATE.
 
         Returns:
             The new version (1 for the first plan, then one more than the last) and the plan JSON stored.
@@ -349,7 +341,8 @@ class Store:
         """
         with self._write() as conn:
             # The row lock orders two PostgreSQL workers planning the same request; SQLite's BEGIN IMMEDIATE
-            # already did.
+            # already did. The last version is read after the lock, by a statement of its own: in READ COMMITTED
+            # only a new statement sees what the previous holder of the lock committed.
             found = conn.execute(select(requests.c.request_id).where(requests.c.request_id == request_id)
                                  .with_for_update()).first()
             if found is None:
@@ -359,10 +352,9 @@ class Store:
             plan = render(version)
             conn.execute(insert(plans).values(request_id=request_id, version=version, plan_json=json.dumps(plan),
                                               created_at=now))
+            more = also(conn) if also is not None else {}
             conn.execute(update(requests).where(requests.c.request_id == request_id)
-                         .values(status="planned", reason=None, plan_version=version, updated_at=now))
-            if also is not None:
-                also(conn)
+                         .values(status="planned", reason=None, plan_version=version, updated_at=now, **more))
         return version, plan
 
     def get_plan(self, request_id: str, version: int) -> dict[str, Any]:
