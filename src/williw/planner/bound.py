@@ -23,6 +23,7 @@ every plan's bottleneck is above it, a **certified** lower bound.
 from __future__ import annotations
 
 import heapq
+import time
 from bisect import bisect_right
 from dataclasses import dataclass
 from operator import sub
@@ -119,12 +120,14 @@ class Windows:
         return True
 
 
-def certified_lower_bound(w: Windows, lo: float, hi: float, rel_tol: float = 1e-6) -> float:
+def certified_lower_bound(w: Windows, lo: float, hi: float, rel_tol: float = 1e-6,
+                          deadline: float = float("inf")) -> float:
     """The largest threshold in ``[lo, hi)`` found to fail `Windows.necessary` (``lo`` must fail or be 0).
 
-    Bisection: ``necessary`` is monotone in ``T`` (every cap grows with ``T``). Returns ``lo`` if nothing above fails.
+    Bisection: ``necessary`` is monotone in ``T`` (every cap grows with ``T``). Returns ``lo`` if nothing above fails;
+    past ``deadline`` (monotonic seconds) it stops with the largest failing threshold found so far, still a bound.
     """
-    while hi > lo * (1 + rel_tol) and hi - lo > 0:
+    while hi > lo * (1 + rel_tol) and hi - lo > 0 and time.monotonic() < deadline:
         mid = (lo + hi) / 2 if lo > 0 else hi / 2 if hi / 2 > 1e-300 else 0.0
         if mid <= lo or mid >= hi:
             break

@@ -25,11 +25,14 @@ from dataclasses import dataclass
 
 from williw.planner.bound import NONE, Caps, Windows, certified_lower_bound
 from williw.planner.lagrange import prices
+from williw.planner.packing import best_fit
 from williw.planner.pipeline import Stage, _candidates, _Costs
 
 CHECK_EVERY = 256  # search steps between looks at the clock
 PRICE_ROUNDS = 40  # subgradient steps for the node prices of each threshold (`lagrange.prices`)
 BISECT_REL_TOL = 1e-6  # bisect to here, then over the stage costs left (as `pipeline._minimise`)
+BOUND_SHARE = 0.2  # of the time limit: the window bound's bisection (it stops early with a weaker, valid bound)
+PACK_SHARE = 0.5  # of the time left after it: best-fit packing (`packing.best_fit`), before the exact probes
 
 
 class _OutOfTime(Exception):
@@ -173,13 +176,16 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
         c: the model, candidate nodes and objective.
         start: a plan to improve on (the heuristic's), or None.
         lower: a valid lower bound on every plan's bottleneck (`pipeline.lower_bound`).
-        time_limit_s: wall-clock seconds for the whole search (the bound and the start plan are always computed).
+        time_limit_s: wall-clock seconds for the whole search: a fifth for the window bound's bisection, half
+            of the rest for best-fit packing, the rest for the exact probes (one round of the bound and the start
+            plan are always computed).
 
     Returns:
         The plan, whether it is proven optimal, and the certified lower bound; None when no plan fits (proven)
         or none was found in time.
     """
-    deadline = time.monotonic() + time_limit_s
+    now = time.monotonic()
+    deadline = now + time_limit_s
     w = Windows(c)
     plan = start
     if plan is None:
@@ -190,7 +196,12 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
         if plan is None:
             return None
     hi = c.bottleneck(plan)
-    lo = certified_lower_bound(w, lower * (1 - 1e-9), hi)  # proven: every plan's bottleneck is above lo
+    # Proven: every plan's bottleneck is above lo.
+    lo = certified_lower_bound(w, lower * (1 - 1e-9), hi, deadline=now + time_limit_s * BOUND_SHARE)
+    now = time.monotonic()
+    packed = best_fit(c, lo, hi, now + max(0.0, deadline - now) * PACK_SHARE)
+    if packed is not None and c.bottleneck(packed) < hi:
+        plan, hi = packed, c.bottleneck(packed)
     top = hi  # probes stay below this: above it a probe ran out of time (and hi is the best plan)
     try:
         while top > lo * (1 + BISECT_REL_TOL):
