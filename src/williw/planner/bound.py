@@ -23,6 +23,7 @@ every plan's bottleneck is above it, a **certified** lower bound.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from bisect import bisect_right
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ class Windows:
         self.last_b = m.last_bytes + m.replica_bytes
         self.last_a = self.last_b if c.decode else m.last_compute
         self.total = (self.pa[-1] + self.first_a + self.last_a, self.pb[-1] + self.first_b + self.last_b)
+        # The lightest block's amount: a node whose threshold allows less holds nothing (most of a large fleet).
+        self.least = min(map(sub, self.pa[1:], self.pa[:-1]), default=0.0)
 
     def _extend(self, a: float, b: float) -> None:
         """Grow the tables until ``a`` or ``b`` is exceeded by a window, or they cover every length."""
@@ -92,6 +95,12 @@ class Windows:
         for v in range(len(c.nodes)):
             a = t * c.rate[v] * (1 + SLACK) if t != float("inf") else float("inf")
             b = c.mem[v]
+            if a < self.least:  # what `_run` gives such a node, without its three searches
+                for i in range(3):
+                    mid[i].append(0)
+                    first[i].append(NONE)
+                    last[i].append(NONE)
+                continue
             base = self._run(a, b) or (0, 0.0, 0)
             for i in range(3):
                 mid[i].append(base[i])
@@ -106,7 +115,7 @@ class Windows:
         """False only when no plan has bottleneck <= ``t`` (some node holding everything, or all three sums)."""
         c = self.c
         n = c.m.n
-        if any(c.finish(v, 0, t) for v in range(len(c.nodes))):
+        if any(c.finish(v, 0, t) for v in range(len(c.nodes)) if t * c.rate[v] * (1 + SLACK) >= self.least):
             return True
         if n < 2:
             return False
@@ -127,12 +136,15 @@ def certified_lower_bound(w: Windows, lo: float, hi: float, rel_tol: float = 1e-
     Bisection: ``necessary`` is monotone in ``T`` (every cap grows with ``T``). Returns ``lo`` if nothing above fails;
     past ``deadline`` (monotonic seconds) it stops with the largest failing threshold found so far, still a bound.
     """
+    step = 1 / 64
     while hi > lo * (1 + rel_tol) and hi - lo > 0 and time.monotonic() < deadline:
-        mid = (lo + hi) / 2 if lo > 0 else hi / 2 if hi / 2 > 1e-300 else 0.0
+        # Up from lo in doubling steps, then geometric: the bracket can span orders of magnitude (a poor start
+        # plan), and a test far above the answer is slow (window tables as long as a node's run).
+        mid = min(math.sqrt(lo) * math.sqrt(hi), lo * (1 + step)) if lo > 0 else hi / 2 if hi / 2 > 1e-300 else 0.0
         if mid <= lo or mid >= hi:
             break
         if w.necessary(mid):
             hi = mid
         else:
-            lo = mid
+            lo, step = mid, step * 2
     return lo

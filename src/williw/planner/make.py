@@ -13,6 +13,7 @@ the fraction of each pipeline period the node is busy (1.0 on the slowest stage)
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 from williw.errors import InfeasiblePlan, PlanError
@@ -29,6 +30,7 @@ from williw.units import format_bytes, format_seconds
 
 # Seconds the exact search may take beyond the subset DP's reach before it settles for a certified gap.
 DEFAULT_TIME_LIMIT_S = 5.0
+HEURISTIC_SHARE = 0.1  # of the time limit: the fixed-order heuristic's threshold refinement, before `certify`
 
 
 def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "pipeline",
@@ -43,9 +45,11 @@ def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "p
         objective: ``prefill`` (slowest stage's GFLOPs / TFLOPS), ``decode`` (slowest stage's bytes / memory
             bandwidth) or ``latency`` (the sum of the stages' decode costs); transfers included
             (`williw.planner.costs`).
-        time_limit_s: wall-clock seconds for the exact search over more than `EXACT_MAX_NODES` candidates; when it
-            runs out the plan is the best found (never worse than the heuristic's), ``exact`` is False and
-            ``lower_bound_s`` is a certified bound. The plan then depends on the machine's speed.
+        time_limit_s: wall-clock seconds for the search over more than `EXACT_MAX_NODES` candidates (the
+            heuristic's start plan, the certified bound, best-fit packing and the exact branch and bound share it;
+            one plan and one bound are always computed); when it runs out the plan is the best found (never worse
+            than the heuristic's), ``exact`` is False and ``lower_bound_s`` is a certified bound. The plan then
+            depends on the machine's speed.
         batch_size, context_length: the workload the memory must hold (default: the metadata's batch size and
             sequence length): every stage fits weights, KV cache for ``B × C`` tokens, activations and reserve.
 
@@ -103,12 +107,15 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
                                                  f"memory, and the model has only {model.n} blocks")
                  for i in sorted(drop)]
     candidates = [v for i, v in enumerate(usable) if i not in drop]
-    found = search_latency(model, candidates) if objective == "latency" else search(model, candidates, objective)
+    start = time.monotonic()
+    found = search_latency(model, candidates) if objective == "latency" else \
+        search(model, candidates, objective, deadline=start + time_limit_s * HEURISTIC_SHARE)
     lower = lower_bound(model, candidates, objective)
     exact = found is not None and found.exact
     stages = found.stages if found is not None else None
     if len(candidates) > EXACT_MAX_NODES and objective != "latency":
-        certified = certify(_Costs(model, candidates, objective), stages, lower, time_limit_s)
+        left = max(start + time_limit_s - time.monotonic(), 1e-3)  # the heuristic's share is spent
+        certified = certify(_Costs(model, candidates, objective), stages, lower, left)
         stages, exact = (certified.stages, certified.exact) if certified else (None, False)
         lower = certified.lower_s if certified else lower
     if stages is None:

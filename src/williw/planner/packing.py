@@ -17,8 +17,9 @@ That is ``O(stages · L · SCAN)`` runs per threshold instead of ``O(k²)``. `be
 
 from __future__ import annotations
 
+import math
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 
 from williw.planner.pipeline import Stage, _Costs
 
@@ -35,7 +36,8 @@ def pack(c: _Costs, t: float, deadline: float = float("inf")) -> tuple[Stage, ..
     head = c.amount(0, 0, False)  # the first group: on stage 0 only
     # Estimated capacity in amount (GFLOPs or bytes) of a non-final stage after block 0; memory is left to ext.
     cap = [max(0.0, (t - c.hop(v, 1, False)) * c.rate[v]) for v in range(k)]
-    free = sorted((cap[v], v) for v in range(k))
+    least = min(c.amount(q, q + 1, False) for q in range(n)) if n else 0.0
+    free = sorted((cap[v], v) for v in range(k) if t * c.rate[v] * (1 + 1e-9) >= least)  # the others hold nothing
     tail = c.amount(0, 0, True) - head  # the last group
     p = 0
     stages: list[Stage] = []
@@ -50,46 +52,73 @@ def pack(c: _Costs, t: float, deadline: float = float("inf")) -> tuple[Stage, ..
         for _, v in free[-2:]:  # the largest: memory may bind where the estimate does not
             if c.finish(v, p, t):
                 return (*stages, Stage(v, p, n))
-        best: tuple[float, int, int, int] | None = None  # (fill, end, -index, node)
         seen: set[int] = set()
         top = free[-1][0] if free else 0.0
+        hopeful: list[tuple[float, int]] = []  # (an upper bound on the fill, node)
         for e in range(p + 1, n):
             need = prefix[e] - prefix[p] + (head if p == 0 else 0)
             if need > top * (1 + 1e-9):
                 break
             i = bisect_left(free, (need * (1 - 1e-9), -1))
             for _, v in free[i:i + SCAN]:
-                if v in seen:
-                    continue
-                seen.add(v)
-                end = c.ext(v, p, t)
-                if end > p:
-                    key = (c.cost(v, p, end, False) / t, end, -v, v)
-                    if best is None or key > best:
-                        best = key
+                if v not in seen:
+                    seen.add(v)
+                    hopeful.append((_fill_at_most(c, v, p, t, cap[v]), v))
+        hopeful.sort(reverse=True)
+        best: tuple[float, int, int, int] | None = None  # (fill, end, -index, node)
+        for most, v in hopeful:  # exact fills, until no estimate can beat the best
+            if best is not None and most < best[0] * (1 - 1e-9):
+                break
+            end = c.ext(v, p, t)
+            if end > p:
+                key = (c.cost(v, p, end, False) / t, end, -v, v)
+                if best is None or key > best:
+                    best = key
         if best is None:
             return None
         _, end, _, v = best
-        free.remove((cap[v], v))
+        del free[bisect_left(free, (cap[v], v))]
         stages.append(Stage(v, p, end))
         p = end
 
 
 def best_fit(c: _Costs, lower: float, upper: float, deadline: float) -> tuple[Stage, ...] | None:
-    """The least threshold in ``(lower, upper]`` at which `pack` finds a plan (bisection), and that plan; None if
-    none is found before ``deadline`` (monotonic seconds)."""
+    """The least threshold in ``(lower, upper]`` at which `pack` finds a plan, and that plan; None if none is found
+    before ``deadline`` (monotonic seconds).
+
+    Packing near the answer is cheap and far above it slow (long runs to try), so the search gallops up from
+    ``lower`` (steps of 1/128, doubling) and then bisects geometrically. Packing is not monotone in ``T``; the
+    bisection treats it as if it were, which only costs plan quality, never validity.
+    """
     lo, hi = lower, upper
-    plan = pack(c, hi, deadline)
+    plan: tuple[Stage, ...] | None = None
+    step = 1 / 128
+    while plan is None and time.monotonic() < deadline:
+        t = min(hi, lo * (1 + step)) if lo > 0 else hi
+        plan = pack(c, t, deadline)
+        if plan is None:
+            if t >= hi:
+                return None
+            lo, step = t, step * 2
     if plan is None:
         return None
     hi = c.bottleneck(plan)
     while hi > lo * (1 + REL_TOL) and time.monotonic() < deadline:
-        mid = (lo + hi) / 2
+        mid = math.sqrt(lo) * math.sqrt(hi)
         if not lo < mid < hi:
             break
         found = pack(c, mid, deadline)
         if found is None:
-            lo = mid  # only for this search: packing is not monotone in T, but bisection needs an order
+            lo = mid
         else:
             plan, hi = found, min(mid, c.bottleneck(found))
     return plan
+
+
+def _fill_at_most(c: _Costs, v: int, p: int, t: float, cap: float) -> float:
+    """An upper bound on ``cost / t`` of ``v``'s longest non-final run from ``p > 0`` (memory left out: it only
+    shortens the run); ``inf`` for ``p = 0``, where the first group's transfers differ (always evaluated)."""
+    if p == 0:
+        return float("inf")
+    e = min(c.m.n - 1, bisect_right(c.prefix, c.prefix[p] + cap * (1 + 1e-9)) - 1)
+    return ((c.prefix[e] - c.prefix[p]) / c.rate[v] + c.hop(v, p, False)) / t
