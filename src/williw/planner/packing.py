@@ -29,7 +29,8 @@ REL_TOL = 1e-7  # bisection stops once hi / lo - 1 is below this
 
 
 def pack(c: _Costs, t: float, deadline: float = float("inf")) -> tuple[Stage, ...] | None:
-    """A pipeline with every stage's cost at most ``t``, or None if best-fit packing finds none (not a proof)."""
+    """A pipeline with every stage's cost at most ``t`` (> 0), or None if best-fit packing finds none (not a proof)
+    or ``deadline`` (monotonic seconds) passes."""
     n = c.m.n
     k = len(c.nodes)
     prefix = c.prefix
@@ -38,13 +39,12 @@ def pack(c: _Costs, t: float, deadline: float = float("inf")) -> tuple[Stage, ..
     cap = [max(0.0, (t - c.hop(v, 1, False)) * c.rate[v]) for v in range(k)]
     least = min(c.amount(q, q + 1, False) for q in range(n)) if n else 0.0
     free = sorted((cap[v], v) for v in range(k) if t * c.rate[v] * (1 + 1e-9) >= least)  # the others hold nothing
-    tail = c.amount(0, 0, True) - head  # the last group
     p = 0
     stages: list[Stage] = []
     while True:
         if time.monotonic() > deadline:
             return None
-        rest = prefix[n] - prefix[p] + tail + (head if p == 0 else 0)
+        rest = c.amount(p, n, True)
         i = bisect_left(free, (rest * (1 - 1e-9), -1))
         for _, v in free[i:i + FINISH_SCAN]:
             if c.finish(v, p, t):
@@ -90,7 +90,9 @@ def best_fit(c: _Costs, lower: float, upper: float, deadline: float) -> tuple[St
     ``lower`` (steps of 1/128, doubling) and then bisects geometrically. Packing is not monotone in ``T``; the
     bisection treats it as if it were, which only costs plan quality, never validity.
     """
-    lo, hi = lower, upper
+    lo, hi = max(lower, 0.0), upper
+    if not hi > 0:  # a plan that costs nothing is already the best
+        return None
     plan: tuple[Stage, ...] | None = None
     step = 1 / 128
     while plan is None and time.monotonic() < deadline:
@@ -104,7 +106,7 @@ def best_fit(c: _Costs, lower: float, upper: float, deadline: float) -> tuple[St
         return None
     hi = c.bottleneck(plan)
     while hi > lo * (1 + REL_TOL) and time.monotonic() < deadline:
-        mid = math.sqrt(lo) * math.sqrt(hi)
+        mid = math.sqrt(lo) * math.sqrt(hi) if lo > 0 else hi / 2
         if not lo < mid < hi:
             break
         found = pack(c, mid, deadline)
