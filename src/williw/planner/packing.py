@@ -39,6 +39,7 @@ def pack(c: _Costs, t: float, deadline: float = float("inf")) -> tuple[Stage, ..
     cap = [max(0.0, (t - c.hop(v, 1, False)) * c.rate[v]) for v in range(k)]
     least = min(c.amount(q, q + 1, False) for q in range(n)) if n else 0.0
     free = sorted((cap[v], v) for v in range(k) if t * c.rate[v] * (1 + 1e-9) >= least)  # the others hold nothing
+    slack = _least_waste(c, cap, free)
     p = 0
     stages: list[Stage] = []
     while True:
@@ -54,7 +55,7 @@ def pack(c: _Costs, t: float, deadline: float = float("inf")) -> tuple[Stage, ..
                 return (*stages, Stage(v, p, n))
         seen: set[int] = set()
         top = free[-1][0] if free else 0.0
-        hopeful: list[tuple[float, int]] = []  # (an upper bound on the fill, node)
+        hopeful: list[tuple[float, int]] = []  # (a lower bound on the excess waste, node)
         for e in range(p + 1, n):
             need = prefix[e] - prefix[p] + (head if p == 0 else 0)
             if need > top * (1 + 1e-9):
@@ -63,15 +64,16 @@ def pack(c: _Costs, t: float, deadline: float = float("inf")) -> tuple[Stage, ..
             for _, v in free[i:i + SCAN]:
                 if v not in seen:
                     seen.add(v)
-                    hopeful.append((_fill_at_most(c, v, p, t, cap[v]), v))
-        hopeful.sort(reverse=True)
-        best: tuple[float, int, int, int] | None = None  # (fill, end, -index, node)
-        for most, v in hopeful:  # exact fills, until no estimate can beat the best
-            if best is not None and most < best[0] * (1 - 1e-9):
+                    hopeful.append((_waste_at_least(c, v, p, cap[v]) - slack[v], v))
+        hopeful.sort()
+        best: tuple[float, int, int, int] | None = None  # (-excess waste, end, -index, node)
+        for least_excess, v in hopeful:  # exact wastes, until no estimate can beat the best
+            if best is not None and least_excess > -best[0] + 1e-9 * cap[v]:
                 break
             end = c.ext(v, p, t)
             if end > p:
-                key = (c.cost(v, p, end, False) / t, end, -v, v)
+                waste = (t - c.cost(v, p, end, False)) * c.rate[v]
+                key = (slack[v] - waste, end, -v, v)
                 if best is None or key > best:
                     best = key
         if best is None:
@@ -117,10 +119,23 @@ def best_fit(c: _Costs, lower: float, upper: float, deadline: float) -> tuple[St
     return plan
 
 
-def _fill_at_most(c: _Costs, v: int, p: int, t: float, cap: float) -> float:
-    """An upper bound on ``cost / t`` of ``v``'s longest non-final run from ``p > 0`` (memory left out: it only
-    shortens the run); ``inf`` for ``p = 0``, where the first group's transfers differ (always evaluated)."""
+def _waste_at_least(c: _Costs, v: int, p: int, cap: float) -> float:
+    """A lower bound on the capacity ``v``'s longest non-final run from ``p > 0`` leaves unused (memory left out: it
+    only shortens the run); ``-inf`` for ``p = 0``, where the first group's transfers differ (always evaluated)."""
     if p == 0:
-        return float("inf")
+        return float("-inf")
     e = min(c.m.n - 1, bisect_right(c.prefix, c.prefix[p] + cap * (1 + 1e-9)) - 1)
-    return ((c.prefix[e] - c.prefix[p]) / c.rate[v] + c.hop(v, p, False)) / t
+    return cap - (c.prefix[e] - c.prefix[p])
+
+
+def _least_waste(c: _Costs, cap: list[float], free: list[tuple[float, int]]) -> dict[int, float]:
+    """Per node, the least capacity any run of up to three blocks leaves unused (0 for larger nodes: many runs)."""
+    n = c.m.n
+    prefix = c.prefix
+    sums = sorted(prefix[e] - prefix[p] for p in range(n) for e in range(p + 1, min(n, p + 3) + 1))
+    top = sums[-1] if sums else 0.0
+    out = {}
+    for a, v in free:
+        i = bisect_right(sums, a) - 1
+        out[v] = 0.0 if a > top or i < 0 else a - sums[i]
+    return out
