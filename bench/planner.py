@@ -135,7 +135,7 @@ def certified() -> None:
             rows.append((label, f"{size:,}", f"{len(nodes):,}", f"{limit:g} s", f"{secs:.2f} s", status,
                          f"{plan.bottleneck_s * 1000:.4f} ms", f"{plan.extra['gap_to_lower_bound'] * 100:.3f}%",
                          f"{h * 1000:.4f} ms" + (" (exact DP)" if heuristic.exact else
-                                                 f" ({(h / plan.lower_bound_s - 1) * 100:.1f}%)")))
+                                                 f" ({max(0.0, h / plan.lower_bound_s - 1) * 100:.1f}%)")))
     print_table("Certified plans (prefill objective; heuristic = today's fixed node orders without a time limit, "
                 f"its gap to the same certified bound; load average {os.getloadavg()[0]:.2f} at the end)",
                 ["model", "fleet", "candidates", "limit", "plan time", "status", "bottleneck", "certified gap",
