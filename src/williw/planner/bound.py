@@ -1,7 +1,8 @@
 """Necessary conditions for a bottleneck threshold, and the certified lower bound they give.
 
 For a threshold ``T`` a node ``v`` can hold a run of consecutive blocks whose amount (GFLOPs for prefill, bytes
-for decode) is at most ``a_v = T · rate_v`` and whose bytes are at most ``m_v`` (its memory). From the blocks
+for decode) is at most ``a_v = (T - transfers) · rate_v`` (its own two transfers as a middle, first or last stage)
+and whose bytes are at most ``m_v`` (its memory). From the blocks
 alone, independent of ``T``, we keep four window tables: ``min_a[L]``, ``max_a[L]``, ``min_b[L]``, ``max_b[L]``,
 the least and greatest amount and bytes of any ``L`` consecutive blocks (non-decreasing in ``L``: every block is
 non-negative). Then any stage of ``v`` has
@@ -31,7 +32,8 @@ from operator import sub
 
 from williw.planner.pipeline import _Costs
 
-SLACK = 1e-12  # relative: a stage that fits ``amount / rate <= T`` has ``amount <= T · rate · (1 + SLACK)``
+SLACK = 1e-12  # relative: a stage that fits ``amount / rate + transfers <= T`` has
+# ``amount <= (T · (1 + SLACK) - transfers) · rate`` (the cost's sums round by far less than 1e-12 · T)
 NONE = -(1 << 62)  # a role the node cannot take (the first or last group alone overflows it)
 
 
@@ -51,7 +53,7 @@ class Windows:
     def __init__(self, c: _Costs) -> None:
         m = c.m
         self.c = c
-        # Bytes are weights + KV cache: activations and transfers only add to a stage, so leaving them out keeps
+        # Bytes are weights + KV cache: activations only add to a stage, so leaving them out keeps
         # every condition necessary (and the bound below every plan).
         self.pa = list(m.prefix_mem if c.decode else m.prefix_compute)
         self.pb = list(m.prefix_mem)
@@ -92,10 +94,14 @@ class Windows:
         mid: list[list[float]] = [[], [], []]
         first: list[list[float]] = [[], [], []]
         last: list[list[float]] = [[], [], []]
+        inf = float("inf")
         for v in range(len(c.nodes)):
-            a = t * c.rate[v] * (1 + SLACK) if t != float("inf") else float("inf")
+            # A stage costs amount / rate + its node's two transfers, which depend on the role only: so its amount
+            # is at most (T - transfers) · rate, for a middle, a first and a last stage.
+            a, a_first, a_last = (inf, inf, inf) if t == inf else (
+                (t * (1 + SLACK) - c.hop(v, p, end)) * c.rate[v] for p, end in ((1, False), (0, False), (1, True)))
             b = c.mem[v]
-            if a < self.least:  # what `_run` gives such a node, without its three searches
+            if max(a, a_first, a_last) < self.least:  # what `_run` gives such a node, without its searches
                 for i in range(3):
                     mid[i].append(0)
                     first[i].append(NONE)
@@ -104,8 +110,9 @@ class Windows:
             base = self._run(a, b) or (0, 0.0, 0)
             for i in range(3):
                 mid[i].append(base[i])
-            for role, ra, rb in ((first, self.first_a, self.first_b), (last, self.last_a, self.last_b)):
-                r = self._run(a - ra, b - rb)
+            for role, ar, ra, rb in ((first, a_first, self.first_a, self.first_b),
+                                     (last, a_last, self.last_a, self.last_b)):
+                r = self._run(ar - ra, b - rb)
                 extra = (0, ra, rb)
                 for i in range(3):
                     role[i].append(NONE if r is None else r[i] + extra[i] - base[i])

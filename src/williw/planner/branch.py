@@ -32,7 +32,7 @@ CHECK_EVERY = 256  # search steps between looks at the clock
 PRICE_ROUNDS = 40  # subgradient steps for the node prices of each threshold (`lagrange.prices`)
 BISECT_REL_TOL = 1e-6  # bisect to here, then over the stage costs left (as `pipeline._minimise`)
 BOUND_SHARE = 0.3  # of the time limit: the window bound's bisection (it stops early with a weaker, valid bound)
-PACK_SHARE = 0.6  # of the time left after it: best-fit packing (`packing.best_fit`), before the exact probes
+PACK_SHARE = 0.3  # of the time left after it: best-fit packing (`packing.best_fit`), before the exact probes
 # A probe first tabulates every node's run from every block (k·n runs, ~3 µs each in CPython): beyond this many it
 # cannot finish in any sensible limit, so packing gets all the time.
 PROBE_MAX_RUNS = 1_000_000
@@ -179,7 +179,7 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
         c: the model, candidate nodes and objective.
         start: a plan to improve on (the heuristic's), or None.
         lower: a valid lower bound on every plan's bottleneck (`pipeline.lower_bound`).
-        time_limit_s: wall-clock seconds for the whole search: 30% for the window bound's bisection, 60%
+        time_limit_s: wall-clock seconds for the whole search: 30% for the window bound's bisection, 30%
             of the rest for best-fit packing, the rest for the exact probes (one round of the bound and the start
             plan are always computed); all the rest to packing when a probe could not tabulate its runs.
 

@@ -30,7 +30,7 @@ from williw.units import format_bytes, format_seconds
 
 # Seconds the exact search may take beyond the subset DP's reach before it settles for a certified gap.
 DEFAULT_TIME_LIMIT_S = 5.0
-HEURISTIC_SHARE = 0.1  # of the time limit: the fixed-order heuristic's threshold refinement, before `certify`
+HEURISTIC_SHARE = 0.1  # of the time limit: the fixed-order heuristic's first refinement, before `certify`
 
 
 def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "pipeline",
@@ -45,11 +45,12 @@ def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "p
         objective: ``prefill`` (slowest stage's GFLOPs / TFLOPS), ``decode`` (slowest stage's bytes / memory
             bandwidth) or ``latency`` (the sum of the stages' decode costs); transfers included
             (`williw.planner.costs`).
-        time_limit_s: wall-clock seconds for the search over more than `EXACT_MAX_NODES` candidates (the
-            heuristic's start plan, the certified bound, best-fit packing and the exact branch and bound share it;
-            one plan and one bound are always computed); when it runs out the plan is the best found (never worse
-            than the heuristic's), ``exact`` is False and ``lower_bound_s`` is a certified bound. The plan then
-            depends on the machine's speed.
+        time_limit_s: wall-clock seconds for the exact search over more than `EXACT_MAX_NODES` candidates (the
+            heuristic's start plan, the certified bound, best-fit packing and the branch and bound share it; one
+            plan and one bound are always computed); when it runs out the plan is the best found (never worse than
+            the heuristic's: its fixed orders are checked once more below the plan, and refined only if they beat
+            it), ``exact`` is False and ``lower_bound_s`` is a certified bound. The plan then depends on the
+            machine's speed.
         batch_size, context_length: the workload the memory must hold (default: the metadata's batch size and
             sequence length): every stage fits weights, KV cache for ``B × C`` tokens, activations and reserve.
 
@@ -114,10 +115,13 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
     exact = found is not None and found.exact
     stages = found.stages if found is not None else None
     if len(candidates) > EXACT_MAX_NODES and objective != "latency":
-        left = max(start + time_limit_s - time.monotonic(), 1e-3)  # the heuristic's share is spent
-        certified = certify(_Costs(model, candidates, objective), stages, lower, left)
+        c = _Costs(model, candidates, objective)
+        certified = certify(c, stages, lower, max(start + time_limit_s - time.monotonic(), 1e-3))
         stages, exact = (certified.stages, certified.exact) if certified else (None, False)
         lower = certified.lower_s if certified else lower
+        if stages is not None and not exact:  # never worse than the unhurried heuristic: cheap when packing won
+            rest = search(model, candidates, objective, below=c.bottleneck(stages))
+            stages = rest.stages if rest is not None else stages
     if stages is None:
         raise InfeasiblePlan(why_infeasible(model, candidates))
     plan_nodes = [candidates[s.node] for s in stages]

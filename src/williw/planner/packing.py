@@ -25,7 +25,7 @@ from williw.planner.pipeline import Stage, _Costs
 
 SCAN = 4  # candidate nodes per run length (and for finishing): the next ones up rarely fill better
 FINISH_SCAN = 16  # free nodes tried for the last stage, from the smallest estimated capacity that covers it
-REL_TOL = 1e-7  # bisection stops once hi / lo - 1 is below this
+REL_TOL = 1e-6  # bisection stops once hi / lo - 1 is below this
 
 
 def pack(c: _Costs, t: float, deadline: float = float("inf")) -> tuple[Stage, ...] | None:

@@ -23,6 +23,7 @@ Aykanat 2004 solve the fixed-order case exactly); we use:
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from bisect import bisect_right
@@ -181,10 +182,13 @@ def _ordered_feasible(c: _Costs, t: float, order: Sequence[int], least: float = 
     n = c.m.n
     p = 0
     stages: list[Stage] = []
+    m = c.m
     for v in order:
-        if t * c.rate[v] * (1 + 1e-9) < least:
+        room = t * c.rate[v] * (1 + 1e-9)
+        if room < least:
             continue
-        if c.finish(v, p, t):
+        # Finishing needs the rest's amount and bytes: two subtractions rule out most nodes before `finish`.
+        if room >= c.amount(p, n, True) and c.mem[v] >= m.prefix_mem[n] - m.prefix_mem[p] and c.finish(v, p, t):
             stages.append(Stage(v, p, n))
             return tuple(stages)
         e = c.ext(v, p, t)
@@ -328,12 +332,14 @@ def dominated(nodes: Sequence[Node], limit: int, objective: str) -> list[int]:
     return sorted(out)
 
 
-def search(model: PipelineModel, nodes: Sequence[Node], objective: str,
-           deadline: float = float("inf")) -> SearchResult | None:
+def search(model: PipelineModel, nodes: Sequence[Node], objective: str, deadline: float = float("inf"),
+           below: float = float("inf")) -> SearchResult | None:
     """The best pipeline over ``nodes`` (every node able to hold a block; for decode, every node has a bandwidth).
 
     Beyond `EXACT_MAX_NODES` the fixed-order heuristic stops refining its thresholds past ``deadline`` (monotonic
-    seconds; each order still returns a plan when one fits).
+    seconds; each order still returns a plan when one fits). With ``below``, it tries only the orders whose
+    greedy fits under ``below`` (one threshold each: it is monotone in the threshold) and refines those fully:
+    what the unhurried heuristic would have found, when that beats a plan of bottleneck ``below``, else None.
 
     Returns:
         The stages in pipeline order, or None when no split fits the nodes' memory.
@@ -352,8 +358,15 @@ def search(model: PipelineModel, nodes: Sequence[Node], objective: str,
     least = min(c.amount(p, p + 1, False) for p in range(model.n)) if model.n else 0.0
     best: tuple[Stage, ...] | None = None
     for order in orders:
-        plan = _minimise(c, lambda t, o=order: _ordered_feasible(c, t, o, least), lower, HEURISTIC_REL_TOL,
-                         deadline=deadline)
+        def feasible(t: float, o: list[int] = order) -> tuple[Stage, ...] | None:
+            return _ordered_feasible(c, t, o, least)
+
+        first = None
+        if below < float("inf"):
+            first = feasible(math.nextafter(below, 0.0))
+            if first is None:
+                continue
+        plan = _minimise(c, feasible, lower, HEURISTIC_REL_TOL, start=first, deadline=deadline)
         if plan is not None and (best is None or c.bottleneck(plan) < c.bottleneck(best)):
             best = plan
     return SearchResult(best, False) if best is not None else None
