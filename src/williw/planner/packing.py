@@ -89,14 +89,14 @@ def best_fit(c: _Costs, lower: float, upper: float, deadline: float) -> tuple[St
     before ``deadline`` (monotonic seconds).
 
     Packing near the answer is cheap and far above it slow (long runs to try), so the search gallops up from
-    ``lower`` (steps of 1/128, doubling) and then bisects geometrically. Packing is not monotone in ``T``; the
+    ``lower`` (steps of 1/16, doubling) and then bisects geometrically. Packing is not monotone in ``T``; the
     bisection treats it as if it were, which only costs plan quality, never validity.
     """
     lo, hi = max(lower, 0.0), upper
     if not hi > 0:  # a plan that costs nothing is already the best
         return None
     plan: tuple[Stage, ...] | None = None
-    step = 1 / 128
+    step = 1 / 16
     while plan is None and time.monotonic() < deadline:
         t = min(hi, lo * (1 + step)) if lo > 0 else hi
         plan = pack(c, t, deadline)
@@ -116,6 +116,14 @@ def best_fit(c: _Costs, lower: float, upper: float, deadline: float) -> tuple[St
             lo = mid
         else:
             plan, hi = found, min(mid, c.bottleneck(found))
+    # Packing is not monotone: a little below the answer it may succeed again. Polish while the time lasts.
+    shrink = 1 / 128
+    while shrink > REL_TOL and time.monotonic() < deadline:
+        found = pack(c, hi * (1 - shrink), deadline)
+        if found is None:
+            shrink /= 2
+        else:
+            plan, hi = found, min(hi * (1 - shrink), c.bottleneck(found))
     return plan
 
 
