@@ -117,8 +117,9 @@ def best_fit(c: _Costs, lower: float, upper: float, deadline: float) -> tuple[St
         else:
             plan, hi = found, min(mid, c.bottleneck(found))
     # Packing is not monotone: a little below the answer it may succeed again. Polish while the time lasts.
+    # Each success lowers hi by a factor (1 - shrink), and nothing goes below the bound passed in or 0.
     shrink = 1 / 128
-    while shrink > REL_TOL and time.monotonic() < deadline:
+    while shrink > REL_TOL and hi * (1 - shrink) > lower and time.monotonic() < deadline:
         found = pack(c, hi * (1 - shrink), deadline)
         if found is None:
             shrink /= 2
