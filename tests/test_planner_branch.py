@@ -126,3 +126,26 @@ def test_out_of_time_gives_the_best_plan_with_a_certified_gap() -> None:
 def test_time_limit_must_be_positive() -> None:
     with pytest.raises(PlanError, match=r"^the time limit must be a number of seconds > 0, got 0$"):
         make_plan(build_meta([(1, 1)]), [Node("a", 1.0, 1.0)], time_limit_s=0)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=instances(max_nodes=6, max_blocks=7), data=st.data())
+def test_window_bound_with_transfers_stays_below_the_optimum(objective: str, case, data) -> None:
+    meta, plain = case
+    nodes = [Node(v.node_id, v.compute_tflops, v.memory_gb, v.memory_bandwidth_gbps,
+                  network_gbps=data.draw(st.sampled_from([None, 1e-9, 1e-8])),
+                  latency_ms=data.draw(st.sampled_from([0.0, 0.5, 3.0]))) for v in plain]
+    expected = brute_force(meta, nodes, objective)
+    if not expected:
+        return
+    c = _Costs(pipeline_model(meta), nodes, objective)
+    assert certified_lower_bound(Windows(c), 0.0, 2 * expected) < expected
+
+
+def test_window_bound_counts_each_stage_s_transfers() -> None:
+    # Two stages at least (memory), each paying two 5 ms transfers on its node's link; compute is negligible.
+    meta = build_meta([(1, 5), (1, 5)])
+    nodes = [Node(f"n{i}", 100.0, 7e-9, latency_ms=5.0) for i in range(3)]
+    c = _Costs(pipeline_model(meta), nodes, "prefill")
+    assert 0.010 <= certified_lower_bound(Windows(c), 0.0, 1.0) < brute_force(meta, nodes, "prefill")

@@ -1,7 +1,8 @@
 """Necessary conditions for a bottleneck threshold, and the certified lower bound they give.
 
 For a threshold ``T`` a node ``v`` can hold a run of consecutive blocks whose amount (GFLOPs for prefill, bytes
-for decode) is at most ``a_v = T · rate_v`` and whose bytes are at most ``m_v`` (its memory). From the blocks
+for decode) is at most ``a_v = (T - transfers) · rate_v`` (its own two transfers as a middle, first or last stage)
+and whose bytes are at most ``m_v`` (its memory). From the blocks
 alone, independent of ``T``, we keep four window tables: ``min_a[L]``, ``max_a[L]``, ``min_b[L]``, ``max_b[L]``,
 the least and greatest amount and bytes of any ``L`` consecutive blocks (non-decreasing in ``L``: every block is
 non-negative). Then any stage of ``v`` has
@@ -23,13 +24,16 @@ every plan's bottleneck is above it, a **certified** lower bound.
 from __future__ import annotations
 
 import heapq
+import math
+import time
 from bisect import bisect_right
 from dataclasses import dataclass
 from operator import sub
 
 from williw.planner.pipeline import _Costs
 
-SLACK = 1e-12  # relative: a stage that fits ``amount / rate <= T`` has ``amount <= T · rate · (1 + SLACK)``
+SLACK = 1e-12  # relative: a stage that fits ``amount / rate + transfers <= T`` has
+# ``amount <= (T · (1 + SLACK) - transfers) · rate`` (the cost's sums round by far less than 1e-12 · T)
 NONE = -(1 << 62)  # a role the node cannot take (the first or last group alone overflows it)
 
 
@@ -49,7 +53,7 @@ class Windows:
     def __init__(self, c: _Costs) -> None:
         m = c.m
         self.c = c
-        # Bytes are weights + KV cache: activations and transfers only add to a stage, so leaving them out keeps
+        # Bytes are weights + KV cache: activations only add to a stage, so leaving them out keeps
         # every condition necessary (and the bound below every plan).
         self.pa = list(m.prefix_mem if c.decode else m.prefix_compute)
         self.pb = list(m.prefix_mem)
@@ -60,6 +64,8 @@ class Windows:
         self.last_b = m.last_bytes + m.replica_bytes
         self.last_a = self.last_b if c.decode else m.last_compute
         self.total = (self.pa[-1] + self.first_a + self.last_a, self.pb[-1] + self.first_b + self.last_b)
+        # The lightest block's amount: a node whose threshold allows less holds nothing (most of a large fleet).
+        self.least = min(map(sub, self.pa[1:], self.pa[:-1]), default=0.0)
 
     def _extend(self, a: float, b: float) -> None:
         """Grow the tables until ``a`` or ``b`` is exceeded by a window, or they cover every length."""
@@ -88,14 +94,25 @@ class Windows:
         mid: list[list[float]] = [[], [], []]
         first: list[list[float]] = [[], [], []]
         last: list[list[float]] = [[], [], []]
+        inf = float("inf")
         for v in range(len(c.nodes)):
-            a = t * c.rate[v] * (1 + SLACK) if t != float("inf") else float("inf")
+            # A stage costs amount / rate + its node's two transfers, which depend on the role only: so its amount
+            # is at most (T - transfers) · rate, for a middle, a first and a last stage.
+            a, a_first, a_last = (inf, inf, inf) if t == inf else (
+                (t * (1 + SLACK) - c.hop(v, p, end)) * c.rate[v] for p, end in ((1, False), (0, False), (1, True)))
             b = c.mem[v]
+            if max(a, a_first, a_last) < self.least:  # what `_run` gives such a node, without its searches
+                for i in range(3):
+                    mid[i].append(0)
+                    first[i].append(NONE)
+                    last[i].append(NONE)
+                continue
             base = self._run(a, b) or (0, 0.0, 0)
             for i in range(3):
                 mid[i].append(base[i])
-            for role, ra, rb in ((first, self.first_a, self.first_b), (last, self.last_a, self.last_b)):
-                r = self._run(a - ra, b - rb)
+            for role, ar, ra, rb in ((first, a_first, self.first_a, self.first_b),
+                                     (last, a_last, self.last_a, self.last_b)):
+                r = self._run(ar - ra, b - rb)
                 extra = (0, ra, rb)
                 for i in range(3):
                     role[i].append(NONE if r is None else r[i] + extra[i] - base[i])
@@ -105,7 +122,7 @@ class Windows:
         """False only when no plan has bottleneck <= ``t`` (some node holding everything, or all three sums)."""
         c = self.c
         n = c.m.n
-        if any(c.finish(v, 0, t) for v in range(len(c.nodes))):
+        if any(c.finish(v, 0, t) for v in range(len(c.nodes)) if t * c.rate[v] * (1 + SLACK) >= self.least):
             return True
         if n < 2:
             return False
@@ -119,17 +136,22 @@ class Windows:
         return True
 
 
-def certified_lower_bound(w: Windows, lo: float, hi: float, rel_tol: float = 1e-6) -> float:
+def certified_lower_bound(w: Windows, lo: float, hi: float, rel_tol: float = 1e-6,
+                          deadline: float = float("inf")) -> float:
     """The largest threshold in ``[lo, hi)`` found to fail `Windows.necessary` (``lo`` must fail or be 0).
 
-    Bisection: ``necessary`` is monotone in ``T`` (every cap grows with ``T``). Returns ``lo`` if nothing above fails.
+    Bisection: ``necessary`` is monotone in ``T`` (every cap grows with ``T``). Returns ``lo`` if nothing above fails;
+    past ``deadline`` (monotonic seconds) it stops with the largest failing threshold found so far, still a bound.
     """
-    while hi > lo * (1 + rel_tol) and hi - lo > 0:
-        mid = (lo + hi) / 2 if lo > 0 else hi / 2 if hi / 2 > 1e-300 else 0.0
+    step = 1 / 64
+    while hi > lo * (1 + rel_tol) and hi - lo > 0 and time.monotonic() < deadline:
+        # Up from lo in doubling steps, then geometric: the bracket can span orders of magnitude (a poor start
+        # plan), and a test far above the answer is slow (window tables as long as a node's run).
+        mid = min(math.sqrt(lo) * math.sqrt(hi), lo * (1 + step)) if lo > 0 else hi / 2 if hi / 2 > 1e-300 else 0.0
         if mid <= lo or mid >= hi:
             break
         if w.necessary(mid):
             hi = mid
         else:
-            lo = mid
+            lo, step = mid, step * 2
     return lo

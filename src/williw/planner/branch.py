@@ -25,11 +25,17 @@ from dataclasses import dataclass
 
 from williw.planner.bound import NONE, Caps, Windows, certified_lower_bound
 from williw.planner.lagrange import prices
+from williw.planner.packing import best_fit
 from williw.planner.pipeline import Stage, _candidates, _Costs
 
 CHECK_EVERY = 256  # search steps between looks at the clock
 PRICE_ROUNDS = 40  # subgradient steps for the node prices of each threshold (`lagrange.prices`)
 BISECT_REL_TOL = 1e-6  # bisect to here, then over the stage costs left (as `pipeline._minimise`)
+BOUND_SHARE = 0.3  # of the time limit: the window bound's bisection (it stops early with a weaker, valid bound)
+PACK_SHARE = 0.3  # of the time left after it: best-fit packing (`packing.best_fit`), before the exact probes
+# A probe first tabulates every node's run from every block (k·n runs, ~3 µs each in CPython): beyond this many it
+# cannot finish in any sensible limit, so packing gets all the time.
+PROBE_MAX_RUNS = 1_000_000
 
 
 class _OutOfTime(Exception):
@@ -173,13 +179,16 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
         c: the model, candidate nodes and objective.
         start: a plan to improve on (the heuristic's), or None.
         lower: a valid lower bound on every plan's bottleneck (`pipeline.lower_bound`).
-        time_limit_s: wall-clock seconds for the whole search (the bound and the start plan are always computed).
+        time_limit_s: wall-clock seconds for the whole search: 30% for the window bound's bisection, 30%
+            of the rest for best-fit packing, the rest for the exact probes (one round of the bound and the start
+            plan are always computed); all the rest to packing when a probe could not tabulate its runs.
 
     Returns:
         The plan, whether it is proven optimal, and the certified lower bound; None when no plan fits (proven)
         or none was found in time.
     """
-    deadline = time.monotonic() + time_limit_s
+    now = time.monotonic()
+    deadline = now + time_limit_s
     w = Windows(c)
     plan = start
     if plan is None:
@@ -190,7 +199,13 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
         if plan is None:
             return None
     hi = c.bottleneck(plan)
-    lo = certified_lower_bound(w, lower * (1 - 1e-9), hi)  # proven: every plan's bottleneck is above lo
+    # Proven: every plan's bottleneck is above lo.
+    lo = certified_lower_bound(w, lower * (1 - 1e-9), hi, deadline=now + time_limit_s * BOUND_SHARE)
+    now = time.monotonic()
+    share = PACK_SHARE if len(c.nodes) * c.m.n <= PROBE_MAX_RUNS else 1.0
+    packed = best_fit(c, lo, hi, now + max(0.0, deadline - now) * share)
+    if packed is not None and c.bottleneck(packed) < hi:
+        plan, hi = packed, c.bottleneck(packed)
     top = hi  # probes stay below this: above it a probe ran out of time (and hi is the best plan)
     try:
         while top > lo * (1 + BISECT_REL_TOL):

@@ -19,6 +19,7 @@ receive and send seconds. Without a table nothing changes.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 from williw.errors import InfeasiblePlan, PlanError
@@ -38,6 +39,7 @@ from williw.units import format_bytes, format_seconds
 
 # Seconds the exact search may take beyond the subset DP's reach before it settles for a certified gap.
 DEFAULT_TIME_LIMIT_S = 5.0
+HEURISTIC_SHARE = 0.1  # of the time limit: the fixed-order heuristic's first refinement, before `certify`
 
 
 def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "pipeline",
@@ -53,9 +55,12 @@ def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "p
         objective: ``prefill`` (slowest stage's GFLOPs / TFLOPS), ``decode`` (slowest stage's bytes / memory
             bandwidth) or ``latency`` (the sum of the stages' decode costs); transfers included
             (`williw.planner.costs`).
-        time_limit_s: wall-clock seconds for the exact search over more than `EXACT_MAX_NODES` candidates; when it
-            runs out the plan is the best found (never worse than the heuristic's), ``exact`` is False and
-            ``lower_bound_s`` is a certified bound. The plan then depends on the machine's speed.
+        time_limit_s: wall-clock seconds for the exact search over more than `EXACT_MAX_NODES` candidates (the
+            heuristic's start plan, the certified bound, best-fit packing and the branch and bound share it; one
+            plan and one bound are always computed); when it runs out the plan is the best found (never worse than
+            the heuristic's: its fixed orders are checked once more below the plan, and refined only if they beat
+            it), ``exact`` is False and ``lower_bound_s`` is a certified bound. The plan then depends on the
+            machine's speed.
         batch_size, context_length: the workload the memory must hold (default: the metadata's batch size and
             sequence length): every stage fits weights, KV cache for ``B × C`` tokens, activations and reserve.
         links: the fleet's link table (`williw.fleet.Fleet.links`): hops between listed pairs are priced on the
@@ -126,17 +131,23 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
     ids = {v.node_id for v in candidates}
     table = {pair: x for pair, x in table.items() if pair[0] in ids and pair[1] in ids}
     exact_links = bool(table) and len(candidates) <= links_exact_limit(objective)
+    start = time.monotonic()
     if exact_links:
         found = search_links(model, candidates, objective, table)
     else:
-        found = search_latency(model, candidates) if objective == "latency" else search(model, candidates, objective)
+        found = search_latency(model, candidates) if objective == "latency" else \
+            search(model, candidates, objective, deadline=start + time_limit_s * HEURISTIC_SHARE)
     lower = lower_bound(model, candidates, objective)
     exact = found is not None and found.exact
     stages = found.stages if found is not None else None
     if len(candidates) > EXACT_MAX_NODES and objective != "latency" and not exact_links:
-        certified = certify(_Costs(model, candidates, objective), stages, lower, time_limit_s)
+        c = _Costs(model, candidates, objective)
+        certified = certify(c, stages, lower, max(start + time_limit_s - time.monotonic(), 1e-3))
         stages, exact = (certified.stages, certified.exact) if certified else (None, False)
         lower = certified.lower_s if certified else lower
+        if stages is not None and not exact:  # never worse than the unhurried heuristic: cheap when packing won
+            rest = search(model, candidates, objective, below=c.bottleneck(stages))
+            stages = rest.stages if rest is not None else stages
     if table and not exact_links and stages is not None:
         # Beyond the link search's exact limit: the link-free plan's order seeds its fixed-order search; the bound
         # is the one without transfers (a pair's link may be faster than the own links the certified bound priced).

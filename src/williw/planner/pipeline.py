@@ -23,7 +23,9 @@ Aykanat 2004 solve the fixed-order case exactly); we use:
 
 from __future__ import annotations
 
+import math
 import struct
+import time
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -174,12 +176,19 @@ def _exact_feasible(c: _Costs, t: float, by_size: list[int]) -> tuple[Stage, ...
     return None
 
 
-def _ordered_feasible(c: _Costs, t: float, order: Sequence[int]) -> tuple[Stage, ...] | None:
+def _ordered_feasible(c: _Costs, t: float, order: Sequence[int], least: float = 0.0) -> tuple[Stage, ...] | None:
+    """The longest-run greedy over ``order``; nodes whose threshold ``t · rate`` is below ``least`` (the lightest
+    block's amount: every stage costs at least its amount / rate) are skipped unasked."""
     n = c.m.n
     p = 0
     stages: list[Stage] = []
+    m = c.m
     for v in order:
-        if c.finish(v, p, t):
+        room = t * c.rate[v] * (1 + 1e-9)
+        if room < least:
+            continue
+        # Finishing needs the rest's amount and bytes: two subtractions rule out most nodes before `finish`.
+        if room >= c.amount(p, n, True) and c.mem[v] >= m.prefix_mem[n] - m.prefix_mem[p] and c.finish(v, p, t):
             stages.append(Stage(v, p, n))
             return tuple(stages)
         e = c.ext(v, p, t)
@@ -213,11 +222,12 @@ def _candidates(c: _Costs, lo: float, hi: float) -> list[float]:
 
 
 def _minimise(c: _Costs, feasible, lower: float, rel_tol: float = 0.0,
-              start: tuple[Stage, ...] | None = None) -> tuple[Stage, ...] | None:
+              start: tuple[Stage, ...] | None = None, deadline: float = float("inf")) -> tuple[Stage, ...] | None:
     """Smallest threshold at which ``feasible`` finds a plan.
 
-    Bisection on the doubles' bit patterns down to ``rel_tol`` (heuristic), or (exact, ``rel_tol`` 0) down to
-    1e-6 and then over the stage costs left in the interval, which contain the optimum.
+    Bisection on the doubles' bit patterns down to ``rel_tol`` (heuristic; it stops early past ``deadline``,
+    monotonic seconds), or (exact, ``rel_tol`` 0) down to 1e-6 and then over the stage costs left in the interval,
+    which contain the optimum.
     """
     plan = start or feasible(float("inf"))
     if plan is None:
@@ -229,7 +239,7 @@ def _minimise(c: _Costs, feasible, lower: float, rel_tol: float = 0.0,
     lo = _bits(lower * (1 - 1e-9)) if lower > 0 else -1  # known (or assumed) infeasible
     stop = rel_tol or 1e-6
     while hi - lo > 1:
-        if lo >= 0 and _float(hi) <= _float(lo) * (1 + stop):
+        if lo >= 0 and _float(hi) <= _float(lo) * (1 + stop) or rel_tol and time.monotonic() > deadline:
             break
         mid = (lo + hi) // 2
         found = feasible(_float(mid))
@@ -322,8 +332,14 @@ def dominated(nodes: Sequence[Node], limit: int, objective: str) -> list[int]:
     return sorted(out)
 
 
-def search(model: PipelineModel, nodes: Sequence[Node], objective: str) -> SearchResult | None:
+def search(model: PipelineModel, nodes: Sequence[Node], objective: str, deadline: float = float("inf"),
+           below: float = float("inf")) -> SearchResult | None:
     """The best pipeline over ``nodes`` (every node able to hold a block; for decode, every node has a bandwidth).
+
+    Beyond `EXACT_MAX_NODES` the fixed-order heuristic stops refining its thresholds past ``deadline`` (monotonic
+    seconds; each order still returns a plan when one fits). With ``below``, it tries only the orders whose
+    greedy fits under ``below`` (one threshold each: it is monotone in the threshold) and refines those fully:
+    what the unhurried heuristic would have found, when that beats a plan of bottleneck ``below``, else None.
 
     Returns:
         The stages in pipeline order, or None when no split fits the nodes' memory.
@@ -339,9 +355,18 @@ def search(model: PipelineModel, nodes: Sequence[Node], objective: str) -> Searc
         return SearchResult(plan, True) if plan is not None else None
     orders = [sorted(range(k), key=lambda i: (-c.rate[i], -c.mem[i], i)),
               sorted(range(k), key=lambda i: (-c.mem[i], -c.rate[i], i))]
+    least = min(c.amount(p, p + 1, False) for p in range(model.n)) if model.n else 0.0
     best: tuple[Stage, ...] | None = None
     for order in orders:
-        plan = _minimise(c, lambda t, o=order: _ordered_feasible(c, t, o), lower, HEURISTIC_REL_TOL)
+        def feasible(t: float, o: list[int] = order) -> tuple[Stage, ...] | None:
+            return _ordered_feasible(c, t, o, least)
+
+        first = None
+        if below < float("inf"):
+            first = feasible(math.nextafter(below, 0.0))
+            if first is None:
+                continue
+        plan = _minimise(c, feasible, lower, HEURISTIC_REL_TOL, start=first, deadline=deadline)
         if plan is not None and (best is None or c.bottleneck(plan) < c.bottleneck(best)):
             best = plan
     return SearchResult(best, False) if best is not None else None
