@@ -104,6 +104,8 @@ class NodeAgent:
             WorkerError: the worker refuses the registration.
         """
         c = self.config
+        if c.serve_host is not None:  # before the worker counts this node online and expects its heartbeats
+            _import_runtime()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         saved = self._saved_token()
         fields: dict[str, Any] = {"memory_bandwidth_gbps": c.memory_bandwidth_gbps}
@@ -129,8 +131,6 @@ class NodeAgent:
         Raises:
             WorkerError: the first registration fails (later worker outages are waited out).
         """
-        if self.config.serve_host is not None:
-            _import_runtime()
         client = self.register()
         beat = threading.Thread(target=self._heartbeats, name=f"heartbeat-{self.config.node_id}", daemon=True)
         beat.start()
@@ -315,10 +315,10 @@ def serve_urls(client: WorkerClient, request_id: str) -> dict[str, str]:
 
 
 def _import_runtime() -> None:
-    """Import torch and transformers' loading machinery now, before the heartbeats start, when they are installed.
-    Importing them is most of a stage's load (SmolLM2's stage: 11 of 13 s on a loaded 2-core machine, the build
-    itself 1.5 s); in the thread that loads a stage, three agents at once, it starved the heartbeat thread past a
-    2 s node TTL, and the worker re-planned around healthy nodes."""
+    """Import torch and transformers' loading machinery, when they are installed, before the node registers (from
+    then on the worker expects its heartbeats). Importing them is most of a stage's load (11 of 13 s on this loaded
+    2-core machine, the build itself 1.5 s); done in the thread that loads a stage, three agents at once, it
+    starved the heartbeat thread past a 2 s node TTL, and the worker re-planned around healthy nodes."""
     import importlib.util
 
     if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
