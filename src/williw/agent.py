@@ -104,8 +104,6 @@ class NodeAgent:
             WorkerError: the worker refuses the registration.
         """
         c = self.config
-        if c.serve_host is not None:  # before the worker counts this node online and expects its heartbeats
-            _import_runtime()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         saved = self._saved_token()
         fields: dict[str, Any] = {"memory_bandwidth_gbps": c.memory_bandwidth_gbps}
@@ -312,16 +310,3 @@ def serve_urls(client: WorkerClient, request_id: str) -> dict[str, str]:
     """Where each node of the request serves its stage (the worker's assignments), for passing a step on."""
     rows = client.request_assignments(request_id)["assignments"]
     return {r["node_id"]: r["serve_url"].rstrip("/") for r in rows if r.get("serve_url")}
-
-
-def _import_runtime() -> None:
-    """Import torch and transformers' loading machinery, when they are installed, before the node registers (from
-    then on the worker expects its heartbeats). Importing them is most of a stage's load (11 of 13 s on this loaded
-    2-core machine, the build itself 1.5 s); done in the thread that loads a stage, three agents at once, it
-    starved the heartbeat thread past a 2 s node TTL, and the worker re-planned around healthy nodes."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
-        import transformers.conversion_mapping  # noqa: F401
-        import transformers.core_model_loading  # noqa: F401
-        import transformers.modeling_utils  # noqa: F401
