@@ -163,8 +163,8 @@ class NodeAgent:
         from williw.node_stages import StageService
 
         self.server = ShardServer(self.data_dir, c.node_id, c.serve_host, c.serve_port)
-        self.server.stages = StageService(self.data_dir, c.node_id,
-                                          lambda r, v: client.get_plan(r, version=v), client.get_request)
+        self.server.stages = StageService(self.data_dir, c.node_id, lambda r, v: client.get_plan(r, version=v),
+                                          client.get_request, lambda r: serve_urls(client, r))
         self.server.start()
         client.set_serve_url(c.node_id, c.serve_url or self.server.url)
 
@@ -175,7 +175,10 @@ class NodeAgent:
         for a in assignments:
             if self._stop.is_set():
                 break
-            if a["state"] == "ready" or (a["state"] == "failed" and a["request_id"] in self.failed):
+            if a["state"] == "ready":
+                self._preload(a["request_id"], a["plan_version"])  # an agent restarted on a ready shard
+                continue
+            if a["state"] == "failed" and a["request_id"] in self.failed:
                 continue
             made += self._pull(client, a)
         self._drop_superseded(client, assignments)
@@ -204,9 +207,15 @@ class NodeAgent:
         client.report_assignment(request_id, node_id, "ready", plan_version=version, shard_path=str(shard_dir),
                                  sha256=sha)
         self.ready[request_id] = str(shard_dir)
+        self._preload(request_id, version)
         self.on_event("ready", {**what, "shard_path": str(shard_dir),
                                 "seconds": round(time.monotonic() - started, 2)})
         return 1
+
+    def _preload(self, request_id: str, version: int) -> None:
+        """Load the stage of a ready shard in the background, so the first generation does not wait for it."""
+        if self.server is not None and self.server.stages is not None:
+            self.server.stages.preload(request_id, version)
 
     def _pull_and_check(self, client: WorkerClient, a: dict[str, Any]) -> tuple[Path, str]:
         from williw.errors import SplitError
@@ -301,3 +310,9 @@ class NodeAgent:
     def _save_token(self, token: str) -> None:
         write_json(self._identity_path(), {"node_id": self.config.node_id, "node_token": token,
                                            "worker_url": self.config.worker_url}, perms=0o600)
+
+
+def serve_urls(client: WorkerClient, request_id: str) -> dict[str, str]:
+    """Where each node of the request serves its stage (the worker's assignments), for passing a step on."""
+    rows = client.request_assignments(request_id)["assignments"]
+    return {r["node_id"]: r["serve_url"].rstrip("/") for r in rows if r.get("serve_url")}

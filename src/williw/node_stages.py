@@ -2,26 +2,37 @@
 
 Routes, on the port where the agent serves its shards (`williw.serve.ShardServer`):
 
-* ``POST /stage/{request_id}/v{version}/forward?session=S&start=N``, body: safetensors holding ``x`` (token ids
-  ``[1, tokens]`` on the first stage, the previous stage's hidden state otherwise); answer: safetensors holding
-  ``hidden`` (inner stage) or ``logits`` (last stage, last position), with ``X-Williw-Compute-Ms`` (the time the
-  stage ran, so the caller can tell the hop's transport cost from its compute).
+* ``POST /stage/{request_id}/v{version}/forward?session=S&start=N[&chain=1]``, body: safetensors holding ``x``
+  (token ids ``[1, tokens]`` on the first stage, the previous stage's hidden state otherwise); answer: safetensors
+  holding ``hidden`` (inner stage) or ``logits`` (last stage, last position). With ``chain=1`` an inner stage does
+  not answer its hidden state: it posts it to the next stage of the plan (same route, same session) over a
+  keep-alive HTTP connection of its own and answers what that stage answers, so one request to the first stage
+  runs the whole pipeline and the last stage's logits come back along the chain (relayed as bytes, not parsed).
+  ``X-Williw-Compute-Ms`` lists each stage's own compute time, in stage order, and ``X-Williw-Next-Ms`` each
+  stage's round trip to the next one, so the caller can split every hop's transport cost from the compute.
 * ``DELETE /stage/{request_id}/v{version}/sessions/{S}``: close a session, freeing its KV cache.
+* ``GET /stage/{request_id}/v{version}``: JSON ``{"node_id", "state", "blocks", "load_s", "error"}``, state one of
+  ``not loaded``, ``loading``, ``loaded``, ``failed``.
 
-A stage is built on its first request from the node's shard of that version alone
-(``DATA_DIR/<request_id>/v<version>/<node_id>/``), with the blocks the worker's plan of that version gives the
-node and the KV budget of the request (`williw.runtime.StageHost`). It stays loaded (in memory, so a generation
-started on a version finishes on it even once a re-plan dropped the files) until `drop_except` frees it.
-Errors are answered as one line of text: 404 no such shard or session, 409 a refused step, 500 a stage that cannot
-be built.
+A stage is built from the node's shard of that version alone (``DATA_DIR/<request_id>/v<version>/<node_id>/``),
+with the blocks the worker's plan of that version gives the node and the KV budget of the request
+(`williw.runtime.StageHost`). The agent calls `StageService.preload` once the shard is checked ready, so the load
+runs in the background before any generation; a request that arrives during the load waits for it (and a
+request for a stage never preloaded builds it itself). It stays loaded (in memory, so a generation started on a
+version finishes on it even once a re-plan dropped the files) until `drop_except` frees it.
+Errors are answered as one line of text, with ``X-Williw-Node`` naming the node that failed (relayed along a
+chain): 404 no such shard or session, 409 a refused step, 500 a stage that cannot be built, 502 the next stage
+did not answer.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -31,13 +42,10 @@ from williw.progress import get_logger
 
 log = get_logger(__name__)
 
-_ROUTE = re.compile(r"^/stage/([0-9a-f]{32})/v([1-9][0-9]{0,8})/(forward|sessions/([0-9a-f]{32}))$")
+_ROUTE = re.compile(r"^/stage/([0-9a-f]{32})/v([1-9][0-9]{0,8})(?:/(forward|sessions/([0-9a-f]{32})))?$")
 _SESSION = re.compile(r"^[0-9a-f]{32}$")
 Answer = tuple[int, str, bytes, dict[str, str]]
-
-
-def _text(status: int, message: str) -> Answer:
-    return status, "text/plain; charset=utf-8", (message + "\n").encode(), {}
+Key = tuple[str, int]
 
 
 class StageService:
@@ -47,61 +55,156 @@ class StageService:
         data_dir, node_id: where this node's shards are.
         plan_of: ``(request_id, version) -> plan dict`` (the worker's plan of that version).
         request_of: ``request_id -> request dict`` (its ``batch_size`` and ``sequence_length``: the KV budget).
+        urls_of: ``request_id -> {node_id: serve_url}`` (the worker's assignments), for passing a chained step to
+            the next stage; None: chained steps are refused.
     """
 
     def __init__(self, data_dir: Path, node_id: str, plan_of: Callable[[str, int], dict[str, Any]],
-                 request_of: Callable[[str], dict[str, Any]]) -> None:
+                 request_of: Callable[[str], dict[str, Any]],
+                 urls_of: Callable[[str], dict[str, str]] | None = None) -> None:
         self.data_dir, self.node_id = Path(data_dir), node_id
-        self.plan_of, self.request_of = plan_of, request_of
-        self.hosts: dict[tuple[str, int], Any] = {}
+        self.plan_of, self.request_of, self.urls_of = plan_of, request_of, urls_of
+        self.hosts: dict[Key, Future[Any]] = {}  # done: loaded (or failed); pending: loading
+        self.load_s: dict[Key, float] = {}
+        self.failures: dict[Key, str] = {}  # the last failed load of a version, for GET and to not preload again
+        self.next_stage: dict[Key, str | None] = {}  # the node after this one in that version's plan
+        self.routes: dict[str, dict[str, str]] = {}  # request_id -> node_id -> serve_url, looked up when needed
         self.lock = threading.Lock()
+        self._http: Any = None
 
     def __call__(self, method: str, path: str, body: bytes) -> Answer:
         parts = urlsplit(path)
         m = _ROUTE.match(parts.path)
         if m is None:
-            return _text(404, f"node '{self.node_id}': no route {parts.path}")
+            return self._text(404, f"node '{self.node_id}': no route {parts.path}")
         request_id, version = m.group(1), int(m.group(2))
         try:
+            if method == "GET" and m.group(3) is None:
+                return 200, "application/json", json.dumps(self.state(request_id, version)).encode(), {}
             if method == "DELETE" and m.group(4):
-                host = self.hosts.get((request_id, version))
-                closed = host is not None and host.close(m.group(4))
-                return _text(200 if closed else 404, "closed" if closed else "no such session")
+                future = self.hosts.get((request_id, version))
+                closed = future is not None and future.done() and not future.exception() and \
+                    future.result().close(m.group(4))
+                return self._text(200 if closed else 404, "closed" if closed else "no such session")
             if method == "POST" and m.group(3) == "forward":
                 return self._forward(request_id, version, parse_qs(parts.query), body)
         except GenerateError as exc:
-            return _text(409, str(exc))
+            return self._text(409, str(exc))
         except WilliwError as exc:
             log.warning("node %s: %s", self.node_id, exc)
-            return _text(500, str(exc))
-        return _text(405, f"node '{self.node_id}': {method} is not allowed on {parts.path}")
+            return self._text(500, str(exc))
+        return self._text(405, f"node '{self.node_id}': {method} is not allowed on {parts.path}")
+
+    def _text(self, status: int, message: str) -> Answer:
+        return status, "text/plain; charset=utf-8", (message + "\n").encode(), {"X-Williw-Node": self.node_id}
+
+    def state(self, request_id: str, version: int) -> dict[str, Any]:
+        """Whether the stage of that version is loaded (the ``GET`` route's answer)."""
+        key = (request_id, version)
+        future = self.hosts.get(key)
+        state = "loading" if future is not None and not future.done() else "loaded" if future is not None \
+            else "failed" if key in self.failures else "not loaded"
+        host = future.result() if state == "loaded" else None
+        return {"node_id": self.node_id, "state": state, "blocks": list(host.stage.blocks) if host else None,
+                "load_s": self.load_s.get(key), "error": self.failures.get(key)}
+
+    def preload(self, request_id: str, version: int) -> None:
+        """Build the stage of that version in a background thread, unless it is loaded, loading or failed to
+        load; a forward that comes meanwhile waits for it. The agent calls it once the shard is checked ready."""
+        key = (request_id, version)
+        shard = self.data_dir / request_id / f"v{version}" / self.node_id / "model.safetensors"
+        if key in self.hosts or key in self.failures or not shard.is_file():
+            return
+
+        def load() -> None:
+            try:
+                self._host(request_id, version)
+            except WilliwError as exc:
+                log.warning("node %s: %s", self.node_id, exc)
+            except Exception:  # a thread's failure would otherwise only reach stderr
+                log.exception("node %s: loading the stage of request %s version %d failed", self.node_id,
+                              request_id, version)
+
+        threading.Thread(target=load, name=f"stage-load-{request_id[:8]}-v{version}", daemon=True).start()
 
     def _forward(self, request_id: str, version: int, query: dict[str, list[str]], body: bytes) -> Answer:
         from williw.runtime import decode_tensor, encode_tensor
 
         session, start = (query.get("session") or [""])[0], (query.get("start") or [""])[0]
         if not _SESSION.match(session) or not start.isdigit():
-            return _text(400, f"node '{self.node_id}': forward needs ?session=<32 hex digits>&start=<position>")
+            return self._text(400, f"node '{self.node_id}': forward needs ?session=<32 hex digits>&start=<position>")
         host = self._host(request_id, version)
         if host is None:
-            return _text(404, f"node '{self.node_id}' holds no shard of request {request_id} version {version}")
+            return self._text(404, f"node '{self.node_id}' holds no shard of request {request_id} version {version}")
         x = decode_tensor(body, "x", f"node '{self.node_id}'")
         began = time.perf_counter()
         out = host.forward(session, x, int(start))
-        ms = (time.perf_counter() - began) * 1000
+        ms = f"{(time.perf_counter() - began) * 1000:.3f}"
         name, t = next(iter(out.items()))
-        return 200, "application/octet-stream", encode_tensor(name, t), {"X-Williw-Compute-Ms": f"{ms:.3f}"}
+        if name == "hidden" and query.get("chain") == ["1"]:
+            return self._pass_on(request_id, version, session, start, encode_tensor("x", t), ms)
+        return 200, "application/octet-stream", encode_tensor(name, t), {"X-Williw-Compute-Ms": ms}
+
+    def _pass_on(self, request_id: str, version: int, session: str, start: str, body: bytes, ms: str) -> Answer:
+        """Post this stage's hidden state to the next stage of the plan and answer what it answers."""
+        import httpx
+
+        from williw.pipeline import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, not_answered
+
+        node = self.next_stage.get((request_id, version))
+        url = self._url_of(request_id, node) if node else None
+        if node is None or url is None:
+            return self._text(409, f"node '{self.node_id}': no next stage of request {request_id} version "
+                                   f"{version} to pass the step to")
+        if self._http is None:
+            self._http = httpx.Client(timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+                                      trust_env=False)
+        began = time.perf_counter()
+        try:
+            r = self._http.post(f"{url}/stage/{request_id}/v{version}/forward", content=body,
+                                params={"session": session, "start": start, "chain": "1"})
+        except httpx.TransportError as exc:
+            self.routes.pop(request_id, None)  # its agent may serve elsewhere after a restart: ask again
+            return 502, "text/plain; charset=utf-8", (not_answered(node, url, exc) + "\n").encode(), \
+                {"X-Williw-Node": node}
+        rtt = f"{(time.perf_counter() - began) * 1000:.3f}"
+        headers = {k: r.headers[k] for k in ("X-Williw-Node",) if k in r.headers}
+        if r.status_code == 200:
+            later = r.headers.get("X-Williw-Next-Ms")
+            headers = {"X-Williw-Compute-Ms": f"{ms},{r.headers.get('X-Williw-Compute-Ms', 'nan')}",
+                       "X-Williw-Next-Ms": f"{rtt},{later}" if later else rtt}
+        return r.status_code, r.headers.get("Content-Type", "application/octet-stream"), r.content, headers
+
+    def _url_of(self, request_id: str, node_id: str) -> str | None:
+        urls = self.routes.get(request_id)
+        if (urls is None or node_id not in urls) and self.urls_of is not None:
+            urls = self.routes[request_id] = self.urls_of(request_id)
+        return (urls or {}).get(node_id)
 
     def _host(self, request_id: str, version: int) -> Any:
+        """The loaded stage of that version (loading it here unless another thread is), or None without a shard."""
         key = (request_id, version)
-        with self.lock:  # one load at a time: a stage is built once, however many callers wait for it
-            if key in self.hosts:
-                return self.hosts[key]
-            shard_dir = self.data_dir / request_id / f"v{version}" / self.node_id
-            if not (shard_dir / "model.safetensors").is_file():
-                return None
-            self.hosts[key] = self._load(request_id, version, shard_dir)
-            return self.hosts[key]
+        with self.lock:  # a stage is built once, however many callers wait for it; other versions go on meanwhile
+            future = self.hosts.get(key)
+            mine = future is None
+            if mine:
+                shard_dir = self.data_dir / request_id / f"v{version}" / self.node_id
+                if not (shard_dir / "model.safetensors").is_file():
+                    return None
+                future = self.hosts[key] = Future()
+        if mine:
+            try:
+                began = time.perf_counter()
+                future.set_result(self._load(request_id, version, shard_dir))
+                self.load_s[key] = round(time.perf_counter() - began, 3)
+                self.failures.pop(key, None)
+            except BaseException as exc:
+                with self.lock:  # the next request tries again
+                    if self.hosts.get(key) is future:
+                        del self.hosts[key]
+                self.failures[key] = " ".join(str(exc).split()) or type(exc).__name__
+                future.set_exception(exc)
+        return future.result()
 
     def _load(self, request_id: str, version: int, shard_dir: Path) -> Any:
         from williw.planner.plan import Plan
@@ -111,9 +214,12 @@ class StageService:
 
         plan = Plan.from_dict(self.plan_of(request_id, version), f"plan version {version}")
         n_blocks = load_config(shard_dir).get_text_config().num_hidden_layers
-        blocks = dict(pipeline_stages(plan, n_blocks)).get(self.node_id)
-        if blocks is None:
+        order = pipeline_stages(plan, n_blocks)
+        mine = [i for i, (node, _) in enumerate(order) if node == self.node_id]
+        if not mine:
             raise GenerateError(f"node '{self.node_id}' is not a stage of plan version {version}")
+        blocks = order[mine[0]][1]
+        self.next_stage[(request_id, version)] = order[mine[0] + 1][0] if mine[0] + 1 < len(order) else None
         request = self.request_of(request_id)
         where = f"node '{self.node_id}' (blocks [{blocks[0]}, {blocks[1]}))"
         began = time.perf_counter()
@@ -128,3 +234,5 @@ class StageService:
         with self.lock:
             for key in [k for k in self.hosts if k[0] == request_id and k[1] != version]:
                 del self.hosts[key]
+            for key in [k for k in self.failures if k[0] == request_id and k[1] != version]:
+                del self.failures[key]

@@ -1,18 +1,21 @@
-"""Generation over the placed model: the caller sends each step through the node stages in plan order.
+"""Generation over the placed model: each step goes through the node stages in plan order.
 
 The caller (``williw generate``, ``williw serve-api``) asks the worker for the plan in force and where each node
-serves (`Pipeline.from_worker`), then for each step posts the token ids to the first stage, each stage's hidden
-state to the next, and reads the last stage's logits (`williw.node_stages` for the routes). A session id names
-the generation on every stage, which keeps its KV cache: a prefill sends the prompt once, each decode step one
+serves (`Pipeline.from_worker`). For each step it posts the token ids to the first stage, which passes its hidden
+state on to the next stage itself, and so on; the last stage's logits come back along the chain (``chained``,
+the default; `williw.node_stages` for the routes). With ``chained=False`` the caller drives every hop: it posts to
+each stage in turn and forwards each hidden state itself (like Petals' client-driven sequence); both cost the
+same number of requests (one per stage), and ``bench/generate.py`` measures both. A session id names the
+generation on every stage, which keeps its KV cache: a prefill sends the prompt once, each decode step one
 token. The caller picks the next token (greedy, or sampled at a temperature with a seeded generator), so the
-nodes never hold a sampler and one caller talks to every node (like Petals' client-driven sequence).
+nodes never hold a sampler.
 
-Transport: HTTP/1.1 keep-alive (httpx here, the agent's threaded server there), the body safetensors bytes. Every
-hop costs one request and one response on an open connection; ``bench/generate.py`` measures it.
+Transport: HTTP/1.1 keep-alive (httpx here and between stages, the agents' threaded servers there), the body
+safetensors bytes.
 
 A node that does not answer (dead: connection refused or reset; a timeout) fails the request with one line naming
-it; a stage whose version was replaced under a running generation (404) makes `generate_tokens` start the
-prefill again on the version now in force.
+it (the stage before it names it, along a chain); a stage whose version was replaced under a running generation
+(404) makes `generate_tokens` start the prefill again on the version now in force.
 """
 
 from __future__ import annotations
@@ -32,11 +35,18 @@ if TYPE_CHECKING:
     import httpx
     import torch
 
-__all__ = ["Hop", "Pipeline", "generate_tokens", "load_tokenizer"]
+__all__ = ["Hop", "Pipeline", "generate_tokens", "load_tokenizer", "not_answered"]
 
 CONNECT_TIMEOUT_S = 3.0
-# A stage loads its shard on its first request (SmolLM2-135M: about 1 s; a 7B stage: tens of seconds).
+# A stage loads once its shard is ready, in the background; a step that comes during the load waits for it
+# (SmolLM2-135M: about 1 s; a 7B stage: tens of seconds).
 READ_TIMEOUT_S = 300.0
+
+
+def not_answered(node_id: str, url: str, exc: Exception) -> str:
+    """The one line for a node that did not answer (connection refused or reset, a timeout)."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return f"node '{node_id}' ({url}) did not answer: {reason}"
 
 
 @dataclass(frozen=True)
@@ -54,19 +64,28 @@ class StageGone(GenerateError):
 
 @dataclass
 class Pipeline:
-    """The stages of a request's plan version, in plan order, and the per-hop timings of the last steps
-    (``hop_ms``: round trip per hop, ``compute_ms``: the stage's own time, lists of ``len(hops)``)."""
+    """The stages of a request's plan version, in plan order, and the per-hop timings of the last step, lists of
+    ``len(hops)`` in ms: ``hop_ms`` the round trip of the request to each stage (along a chain it includes the
+    stages after it), ``compute_ms`` the stage's own time. ``chained``: the stages pass the step on themselves."""
 
     request_id: str
     version: int
     hops: tuple[Hop, ...]
     http: httpx.Client
+    chained: bool = True
     hop_ms: list[float] = field(default_factory=list)
     compute_ms: list[float] = field(default_factory=list)
 
+    def overhead_ms(self) -> list[float]:
+        """Each hop's transport cost in the last step (HTTP, safetensors encoding and decoding, the socket): its
+        round trip minus its stage's compute, and along a chain minus the next hop's round trip too."""
+        later = [*self.hop_ms[1:], 0.0] if self.chained else [0.0] * len(self.hop_ms)
+        return [h - c - n for h, c, n in zip(self.hop_ms, self.compute_ms, later, strict=True)]
+
     @classmethod
-    def from_worker(cls, worker_url: str, request_id: str, token: str | None = None) -> Pipeline:
-        """The plan in force of ``request_id`` and where its nodes serve.
+    def from_worker(cls, worker_url: str, request_id: str, token: str | None = None, *,
+                    chained: bool = True) -> Pipeline:
+        """The plan in force of ``request_id`` and where its nodes serve (``chained``: see the class).
 
         Raises:
             GenerateError: the request has no plan in force, a node's shard of that version is not ready, or a
@@ -96,7 +115,7 @@ class Pipeline:
                                     f"pipeline plan can generate")
             hops.append(Hop(a.node_id, row["serve_url"].rstrip("/"), a.blocks))
         timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-        return cls(request_id, version, tuple(hops), httpx.Client(timeout=timeout, trust_env=False))
+        return cls(request_id, version, tuple(hops), httpx.Client(timeout=timeout, trust_env=False), chained)
 
     def close(self) -> None:
         self.http.close()
@@ -110,12 +129,20 @@ class Pipeline:
         """
         from williw.runtime import decode_tensor, encode_tensor
 
+        params = {"session": session, "start": str(start)}
+        if self.chained and len(self.hops) > 1:
+            hop = self.hops[0]
+            began = time.perf_counter()
+            r = self._call(hop, "POST", f"{hop.url}/stage/{self.request_id}/v{self.version}/forward",
+                           content=encode_tensor("x", x), params={**params, "chain": "1"})
+            self.hop_ms = [(time.perf_counter() - began) * 1000, *_floats(r.headers.get("X-Williw-Next-Ms"))]
+            self.compute_ms = _floats(r.headers.get("X-Williw-Compute-Ms"))
+            return decode_tensor(r.content, "logits", f"node '{self.hops[-1].node_id}'")
         self.hop_ms, self.compute_ms = [], []
         for hop in self.hops:
             url = f"{hop.url}/stage/{self.request_id}/v{self.version}/forward"
             began = time.perf_counter()
-            r = self._call(hop, "POST", url, content=encode_tensor("x", x), params={"session": session,
-                                                                                    "start": str(start)})
+            r = self._call(hop, "POST", url, content=encode_tensor("x", x), params=params)
             self.hop_ms.append((time.perf_counter() - began) * 1000)
             self.compute_ms.append(float(r.headers.get("X-Williw-Compute-Ms", "nan")))
             x = decode_tensor(r.content, "logits" if hop is self.hops[-1] else "hidden", f"node '{hop.node_id}'")
@@ -139,13 +166,18 @@ class Pipeline:
         try:
             r = self.http.request(method, url, **kwargs)
         except httpx.TransportError as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise GenerateError(f"node '{hop.node_id}' ({hop.url}) did not answer: {reason}") from None
+            raise GenerateError(not_answered(hop.node_id, hop.url, exc)) from None
+        if r.status_code == 200:
+            return r
+        # Along a chain the answer may come from a later stage: it names itself.
+        failed = next((h for h in self.hops if h.node_id == r.headers.get("X-Williw-Node")), hop)
         if r.status_code == 404:
-            raise StageGone(f"node '{hop.node_id}' ({hop.url}): {r.text.strip()}")
-        if r.status_code != 200:
-            raise GenerateError(r.text.strip() or f"node '{hop.node_id}' ({hop.url}) answered {r.status_code}")
-        return r
+            raise StageGone(f"node '{failed.node_id}' ({failed.url}): {r.text.strip()}")
+        raise GenerateError(r.text.strip() or f"node '{failed.node_id}' ({failed.url}) answered {r.status_code}")
+
+
+def _floats(header: str | None) -> list[float]:
+    return [float(v) for v in header.split(",")] if header else []
 
 
 def load_tokenizer(pipeline: Pipeline) -> Any:

@@ -164,6 +164,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=False)
 
     def do_GET(self) -> None:  # noqa: N802
+        if urlsplit(self.path).path.startswith("/stage/"):
+            self._stage("GET")
+            return
         if urlsplit(self.path).path == "/_stats":
             with self.server.lock:
                 payload = json.dumps({"bytes_sent": dict(self.server.bytes_sent)}).encode()
