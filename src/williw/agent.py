@@ -150,6 +150,7 @@ class NodeAgent:
             self._stop.set()
             beat.join(5)
             if self.server is not None:
+                self.server.stages.stopped = True
                 self.server.shutdown()
                 self.server.server_close()
             client.close()

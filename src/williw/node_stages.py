@@ -70,6 +70,7 @@ class StageService:
         self.next_stage: dict[Key, str | None] = {}  # the node after this one in that version's plan
         self.routes: dict[str, dict[str, str]] = {}  # request_id -> node_id -> serve_url, looked up when needed
         self.lock = threading.Lock()
+        self.stopped = False  # set by the agent as it stops: a load still running then ends quietly
         self._http: Any = None
 
     def __call__(self, method: str, path: str, body: bytes) -> Answer:
@@ -119,11 +120,13 @@ class StageService:
         def load() -> None:
             try:
                 self._host(request_id, version)
-            except WilliwError as exc:
-                log.warning("node %s: %s", self.node_id, exc)
-            except Exception:  # a thread's failure would otherwise only reach stderr
-                log.exception("node %s: loading the stage of request %s version %d failed", self.node_id,
-                              request_id, version)
+            except Exception as exc:  # a thread's failure would otherwise only reach stderr, as a traceback
+                if self.stopped:  # the agent stopped under the load (its worker client is closed): not a failure
+                    return
+                text = str(exc) if isinstance(exc, WilliwError) else \
+                    f"loading the stage of request {request_id} version {version} failed: {type(exc).__name__}: {exc}"
+                log.warning("node %s: %s", self.node_id, " ".join(text.split()))
+                log.debug("the stage load's traceback", exc_info=True)  # WILLIW_DEBUG=1 shows it
 
         threading.Thread(target=load, name=f"stage-load-{request_id[:8]}-v{version}", daemon=True).start()
 
