@@ -143,70 +143,6 @@ def test_pipeline_generates_like_the_whole_model_and_survives_a_dead_node(tmp_pa
         worker.stop()
 
 
-@pytest.mark.slow
-def test_real_smollm2_generates_over_three_nodes_like_the_whole_model(tmp_path: Path) -> None:
-    """The real SmolLM2-135M-Instruct (converted from its GGUF once, cached) over three node processes of 300 MB:
-    32 greedy tokens equal ``model.generate``'s, and the chat API (its own chat template) through the openai client
-    answers with the reference's text."""
-    from williw import realmodels
-
-    model = realmodels.folder_for()
-    worker = WorkerProcess(f"sqlite:///{tmp_path / 'worker.db'}", log_path=tmp_path / "worker.log").start()
-    server = ModelServer(model).start()
-    agents: list[subprocess.Popen] = []
-    api = None
-    try:
-        for node_id, tflops in NODES.items():
-            agents.append(subprocess.Popen(
-                [str(VENV_BIN / "williw"), "node", "--worker", worker.url, "--node-id", node_id,
-                 "--compute-tflops", str(tflops), "--memory-gb", "0.3", "--data-dir", str(tmp_path / node_id),
-                 "--heartbeat-s", "0.5", "--poll-s", "0.1"],
-                stdout=open(tmp_path / f"{node_id}.log", "w"), stderr=subprocess.STDOUT))  # noqa: SIM115
-        c = WorkerClient(worker.url)
-        _wait("three online nodes", lambda: len(c.list_nodes(online=True)) == 3)
-        rid = c.create_request("HuggingFaceTB/SmolLM2-135M-Instruct", batch_size=1,
-                               sequence_length=256)["request_id"]
-        plan = c.process(rid, metadata=generate_metadata(model, batch_size=1, sequence_length=256).to_dict())["plan"]
-        assert len([k for k in plan if k != "@plan"]) == 3
-        c.distribute(rid, server.url)
-        _wait("shards ready", lambda: all(a["state"] == "ready" for a in c.request_assignments(rid)["assignments"]),
-              300)
-
-        tok = transformers.AutoTokenizer.from_pretrained(model)
-        ref = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-        ids = tok(PROMPT, return_tensors="pt")["input_ids"]
-        want = ref.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
-        want = want[:want.index(tok.eos_token_id) + 1] if tok.eos_token_id in want else want
-        chat = [{"role": "user", "content": "What is the capital of France?"}]
-        chat_ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        chat_out = ref.generate(**chat_ids, max_new_tokens=16, do_sample=False)
-        chat_text = tok.decode(chat_out[0, chat_ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        del ref
-
-        got = _generate(worker.url, rid, PROMPT, 32)
-        assert got["token_ids"] == want
-        assert got["text"] == tok.decode(want, skip_special_tokens=True)
-
-        port = _free_port()
-        api = subprocess.Popen([str(VENV_BIN / "williw"), "serve-api", "--worker", worker.url, "--request", rid,
-                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        api.stdout.readline()
-        _wait("serve-api listening", lambda: _listening(port), 30)
-        openai = pytest.importorskip("openai")
-        oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-        answer = oai.chat.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", messages=chat,
-                                             max_tokens=16, temperature=0)
-        assert answer.choices[0].message.content == chat_text
-        c.close()
-    finally:
-        if api is not None:
-            api.terminate()
-            api.wait(10)
-        stop_processes(agents)
-        server.shutdown()
-        worker.stop()
-
-
 def _stage_states(c: WorkerClient, rid: str, version: int) -> dict[str, str]:
     """Each node's ``GET /stage/{rid}/v{version}`` state (no forward: asking does not load a stage)."""
     rows = c.request_assignments(rid)["assignments"]
@@ -236,10 +172,12 @@ def _kill_mid_generation_then_generate_again(worker: str, c: WorkerClient, rid: 
 
 
 @pytest.mark.slow
-def test_real_smollm2_survives_a_dead_middle_node(tmp_path: Path) -> None:
-    """The re-planning check on real weights: SmolLM2-135M-Instruct (float32) over three node processes of 450 MB
-    (any two hold it at 256 tokens, the fastest plan uses all three). Killing the middle node mid-generation fails
-    the request in one line naming it within 5 s; after the re-plan, 32 greedy tokens equal ``model.generate``'s."""
+def test_real_smollm2_generates_like_the_whole_model_and_survives_a_dead_middle_node(tmp_path: Path) -> None:
+    """The real SmolLM2-135M-Instruct (converted from its GGUF once, cached; float32) over three node processes of
+    450 MB (any two hold it at 256 tokens, the fastest plan uses all three): 32 greedy tokens equal
+    ``model.generate``'s, and the chat API (its own chat template) through the openai client answers with the
+    reference's text. Then the re-planning check: killing the middle node mid-generation fails the request in one
+    line naming it within 5 s; after the re-plan, 32 greedy tokens again equal the reference's."""
     from williw import realmodels
 
     model = realmodels.folder_for()
@@ -247,6 +185,7 @@ def test_real_smollm2_survives_a_dead_middle_node(tmp_path: Path) -> None:
                            log_path=tmp_path / "worker.log").start()
     server = ModelServer(model).start()
     agents: dict[str, subprocess.Popen] = {}
+    api = None
     try:
         for node_id, tflops in NODES.items():
             agents[node_id] = subprocess.Popen(
@@ -268,13 +207,35 @@ def test_real_smollm2_survives_a_dead_middle_node(tmp_path: Path) -> None:
         ids = tok(PROMPT, return_tensors="pt")["input_ids"]
         want = ref.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
         want = want[:want.index(tok.eos_token_id) + 1] if tok.eos_token_id in want else want
+        chat = [{"role": "user", "content": "What is the capital of France?"}]
+        chat_ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        chat_out = ref.generate(**chat_ids, max_new_tokens=16, do_sample=False)
+        chat_text = tok.decode(chat_out[0, chat_ids["input_ids"].shape[1]:], skip_special_tokens=True)
         del ref
         _wait("stages loaded", lambda: all(a["state"] == "ready" for a in c.request_assignments(rid)["assignments"])
               and _stage_states(c, rid, 1) == {n: "loaded" for n in NODES}, 300)
 
+        got = _generate(worker.url, rid, PROMPT, 32)
+        assert got["token_ids"] == want
+        assert got["text"] == tok.decode(want, skip_special_tokens=True)
+        # The chat API, with the model's own chat template, through the openai client.
+        port = _free_port()
+        api = subprocess.Popen([str(VENV_BIN / "williw"), "serve-api", "--worker", worker.url, "--request", rid,
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        api.stdout.readline()
+        _wait("serve-api listening", lambda: _listening(port), 30)
+        openai = pytest.importorskip("openai")
+        oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = oai.chat.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", messages=chat,
+                                             max_tokens=16, temperature=0)
+        assert answer.choices[0].message.content == chat_text
+
         _kill_mid_generation_then_generate_again(worker.url, c, rid, agents[order[1]], order[1], 200, want)
         c.close()
     finally:
+        if api is not None:
+            api.terminate()
+            api.wait(10)
         stop_processes(agents.values())
         server.shutdown()
         worker.stop()
