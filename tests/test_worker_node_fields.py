@@ -60,8 +60,11 @@ def test_the_fields_round_trip_through_register_list_and_get(client):
 @pytest.mark.parametrize(("field", "value", "detail"), [
     ("latency_ms", -1, "body field 'latency_ms': must be a finite number in [0, 1e9], got -1.0"),
     ("latency_ms", 1e10, "body field 'latency_ms': must be a finite number in [0, 1e9], got 10000000000.0"),
-    ("latency_ms", "fast", "body field 'latency_ms': Input should be a valid number, unable to parse string as a "
-                           "number"),
+    ("latency_ms", "fast", "body field 'latency_ms': Input should be a valid number"),
+    # As in a nodes file: a bool or a numeric string is not a number (lax parsing stored true as 1.0 ms).
+    ("latency_ms", True, "body field 'latency_ms': Input should be a valid number"),
+    ("memory_reserve_gb", "5", "body field 'memory_reserve_gb': Input should be a valid number"),
+    ("compute_tflops", False, "body field 'compute_tflops': Input should be a valid number"),
     ("memory_reserve_gb", -0.5, "body field 'memory_reserve_gb': must be a finite number in [0, 1e9], got -0.5"),
 ])
 def test_out_of_range_fields_are_one_line_422s_naming_the_field(worker, field, value, detail):
