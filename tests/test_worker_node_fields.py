@@ -107,12 +107,20 @@ def test_the_node_agent_registers_its_latency_and_reserve(worker, client, tmp_pa
         agent.communicate(timeout=30)
 
 
-def test_the_node_agent_refuses_a_negative_latency_in_one_line(worker, tmp_path):
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--latency-ms", "-3", "[0, 1e9], got -3.0"),
+    # click's float reads these as nan and inf, which reached the JSON encoder as a traceback.
+    ("--latency-ms", "nan", "[0, 1e9], got nan"),
+    ("--memory-reserve-gb", "inf", "[0, 1e9], got inf"),
+    ("--compute-tflops", "1e400", "[1e-6, 1e9], got inf"),
+])
+def test_the_node_agent_refuses_a_bad_number_in_one_line(worker, tmp_path, option, value, expected):
     env = {**{k: v for k, v in os.environ.items() if k != "WILLIW_TOKEN"}, "WILLIW_NO_PROGRESS": "1"}
     done = subprocess.run(
         [str(VENV_BIN / "williw"), "node", "--worker", worker.url, "--node-id", "agent-b", "--compute-tflops", "1",
-         "--memory-gb", "2", "--latency-ms", "-3", "--data-dir", str(tmp_path / "b"), "--token", TOKEN,
+         "--memory-gb", "2", option, value, "--data-dir", str(tmp_path / "b"), "--token", TOKEN,
          "--serve-host", "none"], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: POST /api/nodes: 422 body field 'latency_ms': must be a finite number in [0, 1e9], got -3.0"]
+        f"error: williw node: Invalid value for '{option}': must be a finite number in {expected} "
+        "(see 'williw node --help')"]
