@@ -25,3 +25,13 @@ def test_a_usage_error_is_one_line_naming_the_command_and_its_help(williw, tmp_p
     done = williw("plan")
     assert (done.returncode, done.stderr) == (2, "error: williw plan: Missing argument 'METADATA' "
                                                  "(see 'williw plan --help')\n")
+
+
+def test_williw_alone_prints_the_help_laid_out(williw):
+    # A usage error, but its message is the whole help: one line of it was 2,000 characters of squeezed columns.
+    done = williw()
+    expected = CliRunner().invoke(cli, ["--help"], terminal_width=80).output
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("Usage: williw [OPTIONS] COMMAND [ARGS]...\n")
+    assert done.stderr.splitlines()[-1] == expected.splitlines()[-1]
+    assert "  plan " in done.stderr

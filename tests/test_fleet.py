@@ -83,3 +83,29 @@ def test_unreadable_files(tmp_path) -> None:
     (tmp_path / "bad.yml").write_text("- [")
     with pytest.raises(NodesError, match=r"^'.*bad\.yml': not valid YAML \("):
         load_nodes(tmp_path / "bad.yml")
+
+
+def test_yaml_that_python_cannot_walk(tmp_path) -> None:
+    # Integer keys (1 < "x" raised TypeError), nesting past PyYAML's recursion (RecursionError) and an alias bomb
+    # (9^8 items from 400 bytes: its full repr took 8 s and 500 MB) are each one line.
+    (tmp_path / "keys.yaml").write_text("- {node_id: a, compute_tflops: 1, memory_gb: 1, 1: 2, x: 3}\n")
+    with pytest.raises(NodesError) as exc:
+        load_nodes(tmp_path / "keys.yaml")
+    assert str(exc.value) == (f"'{tmp_path / 'keys.yaml'}': entry 0 (node 'a'): unknown field '1' (fields: node_id, "
+                              "compute_tflops, memory_gb, memory_bandwidth_gbps, network_gbps, latency_ms, "
+                              "memory_reserve_gb, labels)")
+    for depth in (65, 5000):
+        (tmp_path / "deep.yaml").write_text("nodes: " + "[" * depth + "]" * depth + "\n")
+        with pytest.raises(NodesError) as exc:
+            load_nodes(tmp_path / "deep.yaml")
+        assert str(exc.value) == (f"'{tmp_path / 'deep.yaml'}': not valid YAML for a nodes file (nested deeper "
+                                  "than 64 levels)")
+    lines = ["- node_id: a", "  memory_gb: 1", "  compute_tflops:", "  - &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 8)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(NodesError) as exc:
+        load_nodes(tmp_path / "bomb.yaml")
+    assert str(exc.value) == (f"'{tmp_path / 'bomb.yaml'}': entry 0 (node 'a'): field 'compute_tflops' must be a "
+                              "finite number in [1e-6, 1e9], got [['x', 'x', 'x', 'x', ...], [[...], [...], [...], "
+                              "[...], ...], [[...], [...], [...], [...], ...], [[...], [...], [...], [...], ...], "
+                              "...]")

@@ -175,8 +175,10 @@ def test_unknown_ids_are_404(worker, method, path, body, detail):
 @pytest.mark.parametrize(("body", "detail"), [
     ({}, "body field 'model_name': Field required"),
     ({"model_name": "a/b", "batch_size": 0}, "body field 'batch_size': Input should be greater than or equal to 1"),
-    ({"model_name": "a/b", "batch_size": "x"},
-     "body field 'batch_size': Input should be a valid integer, unable to parse string as an integer"),
+    ({"model_name": "a/b", "batch_size": "x"}, "body field 'batch_size': Input should be a valid integer"),
+    # No coercion: true was batch 1 and "64" was 64 before the bodies were strict.
+    ({"model_name": "a/b", "batch_size": True}, "body field 'batch_size': Input should be a valid integer"),
+    ({"model_name": "a/b", "sequence_length": "64"}, "body field 'sequence_length': Input should be a valid integer"),
     ({"model_name": "../../etc/passwd"}, "body field 'model_name': String should match pattern "
                                          "'^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$'"),
     ({"model_name": "a/b", "colour": "red"}, "body field 'colour': Extra inputs are not permitted"),

@@ -60,8 +60,11 @@ def test_the_fields_round_trip_through_register_list_and_get(client):
 @pytest.mark.parametrize(("field", "value", "detail"), [
     ("latency_ms", -1, "body field 'latency_ms': must be a finite number in [0, 1e9], got -1.0"),
     ("latency_ms", 1e10, "body field 'latency_ms': must be a finite number in [0, 1e9], got 10000000000.0"),
-    ("latency_ms", "fast", "body field 'latency_ms': Input should be a valid number, unable to parse string as a "
-                           "number"),
+    ("latency_ms", "fast", "body field 'latency_ms': Input should be a valid number"),
+    # As in a nodes file: a bool or a numeric string is not a number (lax parsing stored true as 1.0 ms).
+    ("latency_ms", True, "body field 'latency_ms': Input should be a valid number"),
+    ("memory_reserve_gb", "5", "body field 'memory_reserve_gb': Input should be a valid number"),
+    ("compute_tflops", False, "body field 'compute_tflops': Input should be a valid number"),
     ("memory_reserve_gb", -0.5, "body field 'memory_reserve_gb': must be a finite number in [0, 1e9], got -0.5"),
 ])
 def test_out_of_range_fields_are_one_line_422s_naming_the_field(worker, field, value, detail):
@@ -104,12 +107,20 @@ def test_the_node_agent_registers_its_latency_and_reserve(worker, client, tmp_pa
         agent.communicate(timeout=30)
 
 
-def test_the_node_agent_refuses_a_negative_latency_in_one_line(worker, tmp_path):
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--latency-ms", "-3", "[0, 1e9], got -3.0"),
+    # click's float reads these as nan and inf, which reached the JSON encoder as a traceback.
+    ("--latency-ms", "nan", "[0, 1e9], got nan"),
+    ("--memory-reserve-gb", "inf", "[0, 1e9], got inf"),
+    ("--compute-tflops", "1e400", "[1e-6, 1e9], got inf"),
+])
+def test_the_node_agent_refuses_a_bad_number_in_one_line(worker, tmp_path, option, value, expected):
     env = {**{k: v for k, v in os.environ.items() if k != "WILLIW_TOKEN"}, "WILLIW_NO_PROGRESS": "1"}
     done = subprocess.run(
         [str(VENV_BIN / "williw"), "node", "--worker", worker.url, "--node-id", "agent-b", "--compute-tflops", "1",
-         "--memory-gb", "2", "--latency-ms", "-3", "--data-dir", str(tmp_path / "b"), "--token", TOKEN,
+         "--memory-gb", "2", option, value, "--data-dir", str(tmp_path / "b"), "--token", TOKEN,
          "--serve-host", "none"], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: POST /api/nodes: 422 body field 'latency_ms': must be a finite number in [0, 1e9], got -3.0"]
+        f"error: williw node: Invalid value for '{option}': must be a finite number in {expected} "
+        "(see 'williw node --help')"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,8 @@ _OPTIONAL_NUMBERS = ("memory_bandwidth_gbps", "network_gbps", "latency_ms", "mem
 _FIELDS = (*_REQUIRED, *_OPTIONAL_NUMBERS, "labels")
 _LINK_FIELDS = ("between", "network_gbps", "latency_ms")
 _FILE_FIELDS = ("nodes", "links")
+_REPR = reprlib.Repr()  # a message's sketch of a container, bounded whatever its size (keywords need Python 3.12)
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 2, 4, 4
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,8 @@ def check_number(field: str, value: Any) -> float:
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, list | dict):  # YAML aliases make a 400-byte file a list of 9^8 items (repr: 8 s, 500 MB)
+        return _REPR.repr(value)
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:20]}...({len(text):,} characters)"
 
@@ -246,18 +251,18 @@ def _parse_node_list(obj: Any, source: str) -> list[Node]:
         where = f"'{source}': entry {i}"
         if not isinstance(entry, dict):
             raise NodesError(f"{where}: expected an object with node_id, compute_tflops, memory_gb, "
-                             f"got {entry!r}"[:300])
+                             f"got {_short(entry)}")
         node_id = check_node_id(entry.get("node_id"), where)
         where = f"{where} (node '{node_id}')"
-        unknown = sorted(set(entry) - set(_FIELDS))
+        unknown = sorted(set(entry) - set(_FIELDS), key=str)  # YAML keys may be ints: 1 < "x" is a TypeError
         if unknown:
-            raise NodesError(f"{where}: unknown field '{unknown[0]}' (fields: {', '.join(_FIELDS)})")
+            raise NodesError(f"{where}: unknown field {str(unknown[0])!r} (fields: {', '.join(_FIELDS)})")
         if node_id in seen:
             raise NodesError(f"{where}: duplicate node_id, already used by entry {seen[node_id]}")
         seen[node_id] = i
         labels = entry.get("labels", [])
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise NodesError(f"{where}: field 'labels' must be a list of strings, got {labels!r}"[:300])
+            raise NodesError(f"{where}: field 'labels' must be a list of strings, got {_short(labels)}")
         nodes.append(Node(node_id=node_id,
                           compute_tflops=_number(entry, "compute_tflops", where, optional=False),  # type: ignore
                           memory_gb=_number(entry, "memory_gb", where, optional=False),  # type: ignore[arg-type]
@@ -337,10 +342,18 @@ def load_fleet(path: str | os.PathLike[str]) -> Fleet:
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
+        # PyYAML composes recursively: ~1,000 nested "[" raised RecursionError as a traceback; the JSON reader's
+        # depth limit (`jsonio.MAX_DEPTH`) holds for YAML too, so no later walk or repr recurses deeper.
         try:
             data = yaml.safe_load(text)
+            deep = not jsonio.depth_ok(data, jsonio.MAX_DEPTH)
         except yaml.YAMLError as exc:
             raise NodesError(f"'{path}': not valid YAML ({' '.join(str(exc).split())})") from None
+        except RecursionError:
+            deep = True
+        if deep:
+            raise NodesError(f"'{path}': not valid YAML for a nodes file (nested deeper than {jsonio.MAX_DEPTH} "
+                             f"levels)")
     else:
         data = jsonio.loads(text, f"'{path}'", NodesError)
     return parse_fleet(data, str(path))

@@ -33,7 +33,13 @@ def _refuse_constant(name: str) -> Any:
     raise JsonInputError(f"not valid JSON ({name} is not a number; only finite numbers are allowed)")
 
 
-def _depth_ok(obj: Any, limit: int) -> bool:
+def depth_ok(obj: Any, limit: int) -> bool:
+    """Whether ``obj`` (lists and dicts) nests at most ``limit`` levels (``[]`` is 1); iterative, no recursion.
+
+    A container reached again no deeper than before is not walked again: YAML aliases share one list among many
+    parents (9 aliases of 9 aliases, 8 times over, are 43 million items from a 400-byte file).
+    """
+    deepest: dict[int, int] = {}
     stack = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
@@ -45,6 +51,9 @@ def _depth_ok(obj: Any, limit: int) -> bool:
             continue
         if depth > limit:
             return False
+        if deepest.get(id(value), 0) >= depth:
+            continue
+        deepest[id(value)] = depth
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return True
 
@@ -77,7 +86,7 @@ def parse(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
         raise JsonInputError(f"not valid JSON (nested deeper than {max_depth} levels)") from None
     except ValueError as exc:  # an integer of more than 4,300 digits
         raise JsonInputError(f"not valid JSON ({' '.join(str(exc).split())})"[:200]) from None
-    if not _depth_ok(obj, max_depth):
+    if not depth_ok(obj, max_depth):
         raise JsonInputError(f"not valid JSON (nested deeper than {max_depth} levels)")
     # Decimal exponents such as 1e999 parse to inf without passing through parse_constant.
     if _has_nonfinite(obj):

@@ -73,6 +73,10 @@ def run_main(group: click.Group) -> None:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        # `williw` alone: the help as click lays it out (squeezed into one error line it was unreadable)
+        exc.show()
+        sys.exit(exc.exit_code)
     except click.UsageError as exc:
         # One line, like every other error, naming the command and where its help is (click prints three).
         where = exc.ctx.command_path if exc.ctx else "williw"

@@ -6,6 +6,20 @@ import click
 
 from williw.cli import cli
 from williw.cli._output import emit, json_option, set_json_mode
+from williw.fleet import check_number
+
+
+def _node_number(field: str):
+    """A node field checked as in a nodes file (`check_number`): click's float takes "nan" and "1e400" (inf),
+    which reached the registration's JSON encoder as a traceback."""
+    def check(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+        if value is None:
+            return None
+        try:
+            return check_number(field, value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+    return check
 
 
 @cli.command("serve-model")
@@ -30,12 +44,17 @@ def serve_model_cmd(model_dir: str, host: str, port: int, as_json: bool) -> None
 @cli.command("node")
 @click.option("--worker", "worker_url", envvar="WORKER_URL", required=True, help="The worker's URL (WORKER_URL).")
 @click.option("--node-id", required=True, envvar="NODE_ID", help="This node's id (NODE_ID).")
-@click.option("--compute-tflops", type=click.FloatRange(min=0, min_open=True), required=True)
-@click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True), required=True)
-@click.option("--memory-bandwidth-gbps", type=click.FloatRange(min=0, min_open=True))
-@click.option("--network-gbps", type=float, help="Link speed, GB/s (1e9 bytes/s).")
-@click.option("--latency-ms", type=float, help="One-way network latency, milliseconds.")
-@click.option("--memory-reserve-gb", type=float,
+@click.option("--compute-tflops", type=click.FloatRange(min=0, min_open=True), required=True,
+              callback=_node_number("compute_tflops"))
+@click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True), required=True,
+              callback=_node_number("memory_gb"))
+@click.option("--memory-bandwidth-gbps", type=click.FloatRange(min=0, min_open=True),
+              callback=_node_number("memory_bandwidth_gbps"))
+@click.option("--network-gbps", type=float, callback=_node_number("network_gbps"),
+              help="Link speed, GB/s (1e9 bytes/s).")
+@click.option("--latency-ms", type=float, callback=_node_number("latency_ms"),
+              help="One-way network latency, milliseconds.")
+@click.option("--memory-reserve-gb", type=float, callback=_node_number("memory_reserve_gb"),
               help="Memory kept free for the runtime (CUDA context, allocator slack), GB.")
 @click.option("--data-dir", type=click.Path(file_okay=False), required=True,
               help="Where the node keeps its token (node.json) and its shards (<request_id>/v<version>/<node_id>/).")

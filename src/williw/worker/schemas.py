@@ -27,7 +27,9 @@ _Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no coercion, as in a nodes file (`williw.fleet.check_number` refuses true and "5"); lax pydantic
+    # registered {"latency_ms": true} as 1.0 ms and took {"batch_size": true, "sequence_length": "64"}.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RequestIn(_Body):
