@@ -188,4 +188,23 @@ def test_nodes_a_heuristic_latency_plan_leaves_out_say_which_search_left_them() 
     assert plan.exact is False
     left = [e for e in plan.excluded if e.node_id not in plan.node_ids]
     assert left and {e.reason for e in left} == {
-        "not chosen by the latency search, which beyond 8 candidates searches one fixed node order (fastest first)"}
+        "not chosen by the latency search, which beyond 8 candidates (or past --time-limit) searches fixed node "
+        "orders only"}
+
+
+def test_the_latency_search_keeps_to_the_time_limit_on_a_long_model() -> None:
+    # 600 blocks over 6 nodes: the exact program alone takes minutes (it grows with n^2 per state); past the limit
+    # the nodes are filled fastest first, each to its memory, and the plan says it is not proven.
+    import time
+
+    meta = runtime_meta([(10, 100, 0, 0, 0, 0)] * 600, first=(0, 0), last=(0, 0))
+    nodes = [Node(f"n{i}", 1.0, (150 * 100 + 50 * i) / 1e9, 1.0 + i) for i in range(6)]
+    t = time.monotonic()
+    plan = make_plan(meta, nodes, objective="latency", time_limit_s=0.2)
+    assert time.monotonic() - t < 10
+    assert plan.exact is False
+    # Fastest first, each node filled to its memory: no stage but the last could take one more 100-byte block.
+    assert [a.node_id for a in plan.assignments] == ["n5", "n4", "n3", "n2"]
+    assert plan.assignments[0].blocks[0] == 0 and plan.assignments[-1].blocks[1] == 600
+    assert all(a.blocks[1] == b.blocks[0] for a, b in zip(plan.assignments, plan.assignments[1:]))
+    assert all(0 <= a.headroom_bytes < 100 for a in plan.assignments[:-1])

@@ -9,10 +9,15 @@ cheapest way to cover ``[0, p)`` with the nodes of ``S`` (any order); every stag
 its node's memory, the last one finishing with the last group. ``2^k · n`` states, each extended by every free
 node and every end that fits (the runs nest, so the ends from ``p`` are ``(p, ext(v, p)]``). Beyond the limit the
 same program runs over the nodes in a fixed order (fastest first), which is exact for that order only.
+
+Both programs grow with ``n^2`` (every end of every run): on a 1,000-block model they take minutes. With a
+deadline (`williw plan --time-limit`) each stops when it passes, and the plan is the last fallback's: the nodes
+fastest first, each filled to its memory (``ext`` at no threshold), never proven optimal.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from williw.fleet import Node
@@ -21,21 +26,59 @@ from williw.planner.pipeline import SearchResult, Stage, _Costs
 
 EXACT_MAX_NODES = 8  # 2^8 · n states · 8 nodes · n ends: ~0.5 s for n = 80 in CPython
 INF = float("inf")
+CHECK_EVERY = 1024  # inner steps between looks at the clock
 
 
-def search_latency(model: PipelineModel, nodes: Sequence[Node]) -> SearchResult | None:
+class _OutOfTime(Exception):
+    pass
+
+
+def _clock(deadline: float | None):
+    """A function to call in inner loops: raises _OutOfTime once ``deadline`` (time.monotonic) has passed."""
+    steps = 0
+
+    def tick() -> None:
+        nonlocal steps
+        steps += 1
+        if deadline is not None and steps % CHECK_EVERY == 0 and time.monotonic() > deadline:
+            raise _OutOfTime
+
+    return tick
+
+
+def search_latency(model: PipelineModel, nodes: Sequence[Node], deadline: float | None = None) -> SearchResult | None:
     """The pipeline with the least summed decode cost over ``nodes`` (every node has a memory bandwidth).
 
+    Args:
+        deadline: a ``time.monotonic()`` value; past it the searches give way to filling the nodes fastest first.
+
     Returns:
-        The stages in pipeline order, or None when no split fits the nodes' memory.
+        The stages in pipeline order, or None when no split fits the nodes' memory (None is only proven when the
+        search finished: the fill's None may miss a split the searches would have found).
     """
     c = _Costs(model, nodes, "latency")
     k = len(nodes)
-    if k <= EXACT_MAX_NODES:
-        return _subsets(c)
     order = sorted(range(k), key=lambda i: (-c.rate[i], -c.mem[i], i))
-    plan = _ordered(c, order)
+    try:
+        if k <= EXACT_MAX_NODES:
+            return _subsets(c, _clock(deadline))
+        plan = _ordered(c, order, _clock(deadline))
+    except _OutOfTime:
+        plan = _fill(c, order)
     return SearchResult(plan, False) if plan is not None else None
+
+
+def _fill(c: _Costs, order: list[int]) -> tuple[Stage, ...] | None:
+    """Each node in ``order`` takes the longest run its memory holds; the first that can finish does."""
+    n, p, stages = c.m.n, 0, []
+    for v in order:
+        if c.finish(v, p, INF):
+            return (*stages, Stage(v, p, n))
+        e = c.ext(v, p, INF)
+        if e > p:
+            stages.append(Stage(v, p, e))
+            p = e
+    return None
 
 
 def total(c: _Costs, stages: Sequence[Stage]) -> float:
@@ -44,7 +87,7 @@ def total(c: _Costs, stages: Sequence[Stage]) -> float:
     return sum(c.cost(s.node, s.start, s.end, s.end == n) for s in stages)
 
 
-def _subsets(c: _Costs) -> SearchResult | None:
+def _subsets(c: _Costs, tick) -> SearchResult | None:
     n, k = c.m.n, len(c.nodes)
     inf = float("inf")
     # best[S][p]: (cost, previous state) of covering [0, p) with exactly the nodes of S, p < n.
@@ -65,6 +108,7 @@ def _subsets(c: _Costs) -> SearchResult | None:
                 top = c.ext(v, p, inf)
                 s2 = s | 1 << v
                 for e in range(p + 1, top + 1):
+                    tick()
                     t = cost + c.cost(v, p, e, False)
                     old = best[s2].get(e)
                     if t < done[0] and (old is None or t < old[0]):
@@ -80,7 +124,7 @@ def _subsets(c: _Costs) -> SearchResult | None:
     return SearchResult(tuple(reversed(stages)), True)
 
 
-def _ordered(c: _Costs, order: list[int]) -> tuple[Stage, ...] | None:
+def _ordered(c: _Costs, order: list[int], tick) -> tuple[Stage, ...] | None:
     """The cheapest plan using the nodes in ``order`` (each at most once, skipping allowed): a DP over cuts."""
     n = c.m.n
     # f[p]: (cost, stages) of covering [0, p) with the nodes processed so far.
@@ -94,6 +138,7 @@ def _ordered(c: _Costs, order: list[int]) -> tuple[Stage, ...] | None:
                 if finished is None or t < finished[0]:
                     finished = (t, (*stages, Stage(v, p, n)))
             for e in range(p + 1, c.ext(v, p, INF) + 1):
+                tick()
                 t = cost + c.cost(v, p, e, False)
                 if e not in nxt or t < nxt[e][0]:
                     nxt[e] = (t, (*stages, Stage(v, p, e)))

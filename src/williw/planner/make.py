@@ -135,7 +135,7 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
     if exact_links:
         found = search_links(model, candidates, objective, table)
     else:
-        found = search_latency(model, candidates) if objective == "latency" else \
+        found = search_latency(model, candidates, start + time_limit_s) if objective == "latency" else \
             search(model, candidates, objective, deadline=start + time_limit_s * HEURISTIC_SHARE)
     lower = lower_bound(model, candidates, objective)
     exact = found is not None and found.exact
@@ -163,8 +163,8 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
     in_plan = set(plan.node_ids)
     why = "not chosen by the search, which ran out of time (--time-limit) before proving the plan optimal"
     if objective == "latency" and not table:
-        why = (f"not chosen by the latency search, which beyond {LATENCY_EXACT_MAX_NODES} candidates searches one "
-               f"fixed node order (fastest first)")
+        why = (f"not chosen by the latency search, which beyond {LATENCY_EXACT_MAX_NODES} candidates (or past "
+               f"--time-limit) searches fixed node orders only")
     elif table:
         why = (f"not chosen by the link search, which beyond {links_exact_limit(objective)} candidates searches "
                f"fixed node orders only")
