@@ -206,5 +206,5 @@ def test_the_latency_search_keeps_to_the_time_limit_on_a_long_model() -> None:
     # Fastest first, each node filled to its memory: no stage but the last could take one more 100-byte block.
     assert [a.node_id for a in plan.assignments] == ["n5", "n4", "n3", "n2"]
     assert plan.assignments[0].blocks[0] == 0 and plan.assignments[-1].blocks[1] == 600
-    assert all(a.blocks[1] == b.blocks[0] for a, b in zip(plan.assignments, plan.assignments[1:]))
+    assert all(a.blocks[1] == b.blocks[0] for a, b in zip(plan.assignments, plan.assignments[1:], strict=False))
     assert all(0 <= a.headroom_bytes < 100 for a in plan.assignments[:-1])
