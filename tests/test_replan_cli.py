@@ -74,7 +74,7 @@ def test_replan_errors_are_one_line_and_exit_2(files, williw) -> None:
     (d / "linked.json").write_text(json.dumps({"nodes": nodes, "links": [{"between": ["a", "c"], "latency_ms": 9}]}))
     linked = williw("replan", str(d / "meta.json"), "--plan", str(d / "plan.json"), "--nodes", str(d / "linked.json"))
     assert (linked.returncode, linked.stderr) == (
-        2, f"error: '{d / 'linked.json'}': williw replan does not price a link table ('links', 1 entries), only "
+        2, f"error: '{d / 'linked.json'}': williw replan does not price a link table ('links', 1 entry), only "
            "`williw plan` does: remove 'links' to use each node's own link\n")
 
 
