@@ -315,3 +315,20 @@ def test_links_that_price_like_the_own_links_give_the_link_free_optimum(objectiv
         assert plan.bottleneck_s == pytest.approx(today.bottleneck_s, rel=1e-12, abs=1e-300)
     else:
         assert plan.bottleneck_s == today.bottleneck_s
+
+
+@pytest.mark.parametrize("objective", ["prefill", "latency"])
+def test_the_link_search_keeps_to_the_time_limit_on_a_large_fleet(objective: str) -> None:
+    # 2,000 nodes and 400 blocks with a chain of listed pairs: the fixed-order link search alone takes many
+    # seconds; past --time-limit it ends with the best plan so far (at worst the link-free plan), not proven.
+    import time
+
+    meta = runtime_meta([(10, 100, 0, 0, 0, 0)] * 400, hidden=4, first=(0, 0), last=(0, 0))
+    nodes = [Node(f"n{i}", 1.0 + i % 97, (300 + i % 89) * 100 / 1e9, 1.0 + i % 83, network_gbps=1e-6,
+                  latency_ms=0.01 * (i % 7)) for i in range(2000)]
+    links = tuple(Link((f"n{i}", f"n{i + 1}"), network_gbps=1e-7, latency_ms=1.0) for i in range(0, 400, 2))
+    t = time.monotonic()
+    plan = make_plan(meta, nodes, objective=objective, time_limit_s=0.5, links=links)
+    assert time.monotonic() - t < 5  # the limit, plus pruning, the bound and the model (8-12 s before)
+    assert plan.exact is False
+    assert plan.assignments[0].blocks[0] == 0 and plan.assignments[-1].blocks[1] == 400

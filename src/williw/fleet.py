@@ -321,8 +321,9 @@ def load_nodes(path: str | os.PathLike[str], *, refuse_links: str | None = None)
     """
     fleet = load_fleet(path)
     if refuse_links and fleet.links:
-        raise NodesError(f"'{path}': {refuse_links} does not price a link table ('links', {len(fleet.links)} "
-                         f"{'entry' if len(fleet.links) == 1 else 'entries'}), only `williw plan` does: remove 'links' to use each node's own link")
+        count = f"{len(fleet.links)} {'entry' if len(fleet.links) == 1 else 'entries'}"
+        raise NodesError(f"'{path}': {refuse_links} does not price a link table ('links', {count}), only "
+                         f"`williw plan` does: remove 'links' to use each node's own link")
     return list(fleet.nodes)
 
 

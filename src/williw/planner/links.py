@@ -27,6 +27,7 @@ so the result is never worse than that plan priced with the links.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 
 from williw.fleet import Link, Node
@@ -87,8 +88,18 @@ class _Space:
         return s & ~(1 << u) if self.order is None else self.before[self.pos[u]]
 
 
-def _feasible(lc: LinkCosts, t: float, space: _Space) -> Plan | None:
-    """A plan with every stage at most ``t``, or None when ``space`` holds none."""
+class _OutOfTime(Exception):
+    pass
+
+
+def _check(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise _OutOfTime
+
+
+def _feasible(lc: LinkCosts, t: float, space: _Space, deadline: float | None = None) -> Plan | None:
+    """A plan with every stage at most ``t``, or None when ``space`` holds none. Raises _OutOfTime past
+    ``deadline``."""
     n, k = lc.m.n, lc.k
     levels: list[dict[tuple[int, int, int], int]] = [{} for _ in range(k + 1)]
     ext_memo: dict[tuple[int, int, int, int], int] = {}
@@ -146,6 +157,7 @@ def _feasible(lc: LinkCosts, t: float, space: _Space) -> Plan | None:
         levels[s0.bit_count()][s0, CLIENT, v] = 1
     for level in levels:
         for (s, cls, w), starts in level.items():
+            _check(deadline)
             if cls == CLIENT:
                 if lc.fits(w, 0, n, True, lc.first_in[w], lc.last_out[w], t):
                     return (Stage(w, 0, n),)
@@ -191,8 +203,8 @@ def _trace(lc: LinkCosts, space: _Space, levels: list[dict[tuple[int, int, int],
     return tuple(reversed(stages))
 
 
-def _latency(lc: LinkCosts, space: _Space) -> tuple[float, Plan] | None:
-    """The plan in ``space`` with the least sum of stage costs."""
+def _latency(lc: LinkCosts, space: _Space, deadline: float | None = None) -> tuple[float, Plan] | None:
+    """The plan in ``space`` with the least sum of stage costs. Raises _OutOfTime past ``deadline``."""
     n, k, c = lc.m.n, lc.k, lc.c
     ready: list[dict[tuple[int, int, int], tuple[float, tuple[int, int, int] | None]]] = [{} for _ in range(k + 1)]
     ran: list[dict[tuple[int, int, int], tuple[float, tuple[int, int, int]]]] = [{} for _ in range(k + 1)]
@@ -201,6 +213,7 @@ def _latency(lc: LinkCosts, space: _Space) -> tuple[float, Plan] | None:
         ready[s0.bit_count()][s0, v, 0] = (lc.first_in[v], None)
     for level in range(k + 1):
         for key, (d, _) in ready[level].items():
+            _check(deadline)
             s, x, f = key
             if d >= best[0]:
                 continue
@@ -215,6 +228,7 @@ def _latency(lc: LinkCosts, space: _Space) -> tuple[float, Plan] | None:
                 if r < best[0] and (old is None or r < old[0]):
                     ran[level][s, x, g] = (r, key)
         for key, (r, _) in ran[level].items():
+            _check(deadline)
             s, x, g = key
             if r >= best[0]:
                 continue
@@ -244,13 +258,14 @@ def exact_limit(objective: str) -> int:
 
 
 def search_links(model: PipelineModel, nodes: Sequence[Node], objective: str, table: dict[tuple[str, str], Link],
-                 seed: Sequence[Stage] | None = None) -> SearchResult | None:
+                 seed: Sequence[Stage] | None = None, deadline: float | None = None) -> SearchResult | None:
     """The best pipeline over ``nodes`` with hops priced by ``table`` (`williw.fleet.link_table`).
 
     Exact (every subset, order and cut) up to `exact_limit` candidates; beyond, the best over fixed node orders
     (``exact`` False): ``seed``'s nodes in its order (default: the link-free search's plan) followed by the others
     fastest first, and fastest first. The seed plan is one of the first order's plans, so the result is never
-    worse than the seed priced with the links.
+    worse than the seed priced with the links. Past ``deadline`` (``time.monotonic()``) the fixed-order search
+    stops with the best plan found so far, or the seed.
 
     Returns:
         The stages in pipeline order, or None when no split fits the nodes' memory.
@@ -262,10 +277,16 @@ def search_links(model: PipelineModel, nodes: Sequence[Node], objective: str, ta
         if k <= LATENCY_EXACT_MAX_NODES:
             found = _latency(lc, _Space(k))
             return SearchResult(found[1], True) if found else None
-        free = seed if seed is not None else _stages(search_latency(model, nodes))
-        plans = [_latency(lc, _Space(k, order)) for order in _orders(free, fastest)]
-        best = min((p for p in plans if p is not None), key=lambda p: p[0], default=None)
-        return SearchResult(best[1], False) if best else None
+        free = seed if seed is not None else _stages(search_latency(model, nodes, deadline))
+        plans: list[tuple[float, Plan]] = []
+        try:
+            for order in _orders(free, fastest):
+                found = _latency(lc, _Space(k, order), deadline)
+                plans += [found] if found is not None else []
+        except _OutOfTime:
+            pass
+        best = min(plans, key=lambda p: p[0], default=None)
+        return SearchResult(best[1], False) if best else _seed(free)
     lower = lower_bound(model, nodes, objective)
     if k <= EXACT_MAX_NODES:
         start = minimise(lc, lambda t: _feasible(lc, t, _Space(k, fastest)), lower, 1e-3)
@@ -273,11 +294,20 @@ def search_links(model: PipelineModel, nodes: Sequence[Node], objective: str, ta
         return SearchResult(plan, True) if plan is not None else None
     best_plan: Plan | None = None
     free = seed if seed is not None else _stages(search(model, nodes, objective))
-    for order in _orders(free, fastest):
-        plan = minimise(lc, lambda t, o=order: _feasible(lc, t, _Space(k, o)), lower, HEURISTIC_REL_TOL)
-        if plan is not None and (best_plan is None or lc.bottleneck(plan) < lc.bottleneck(best_plan)):
-            best_plan = plan
+    try:
+        for order in _orders(free, fastest):
+            plan = minimise(lc, lambda t, o=order: _feasible(lc, t, _Space(k, o), deadline), lower,
+                            HEURISTIC_REL_TOL)
+            if plan is not None and (best_plan is None or lc.bottleneck(plan) < lc.bottleneck(best_plan)):
+                best_plan = plan
+    except _OutOfTime:
+        if free is not None and (best_plan is None or lc.bottleneck(tuple(free)) < lc.bottleneck(best_plan)):
+            best_plan = tuple(free)
     return SearchResult(best_plan, False) if best_plan is not None else None
+
+
+def _seed(free: Sequence[Stage] | None) -> SearchResult | None:
+    return SearchResult(tuple(free), False) if free is not None else None
 
 
 def _stages(found: SearchResult | None) -> Sequence[Stage] | None:

@@ -151,7 +151,7 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
     if table and not exact_links and stages is not None:
         # Beyond the link search's exact limit: the link-free plan's order seeds its fixed-order search; the bound
         # is the one without transfers (a pair's link may be faster than the own links the certified bound priced).
-        seeded = search_links(model, candidates, objective, table, seed=stages)
+        seeded = search_links(model, candidates, objective, table, seed=stages, deadline=start + time_limit_s)
         stages, exact, lower = seeded.stages if seeded else stages, False, lower_bound(model, candidates, objective)
     if stages is None:
         raise InfeasiblePlan(why_infeasible(model, candidates))
