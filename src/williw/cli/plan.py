@@ -24,7 +24,7 @@ from williw.cli._output import EXIT_USER_ERROR, emit, json_option, set_json_mode
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences served at once (default: the metadata's).")
 @click.option("--context-length", type=click.IntRange(min=1),
               help="Tokens of KV cache per sequence each stage must hold (default: the metadata's sequence length).")
-@click.option("--time-limit", "time_limit", type=click.FloatRange(min=0.0, min_open=True), default=5.0,
+@click.option("--time-limit", "time_limit", type=click.FloatRange(min=0.0, min_open=True, max=86_400.0), default=5.0,
               show_default=True, help="Seconds for the exact search over more than 12 candidate nodes; when they run "
                                       "out, the best plan found with a certified gap to the lower bound.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON here.")

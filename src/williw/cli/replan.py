@@ -17,7 +17,7 @@ from williw.cli._output import emit, json_option, set_json_mode, table
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the new plan JSON here.")
 @click.option("--migration", "migration_file", type=click.Path(dir_okay=False),
               help="Write the migration schedule JSON here.")
-@click.option("--max-slowdown", type=float, default=0.05, show_default=True,
+@click.option("--max-slowdown", type=click.FloatRange(min=0.0, max=1e6), default=0.05, show_default=True,
               help="How much slower than the best plan for the new fleet the re-plan may be (0.05 = 5%).")
 @click.option("--max-step-bytes", type=int, help="The most bytes one pull step of the migration carries.")
 @click.option("--objective", type=click.Choice(["prefill", "decode", "latency"]),
