@@ -37,7 +37,7 @@ def test_plan_prints_a_table_and_summary_and_validates(files, williw) -> None:
                               "headroom", "prefill", "decode", "util"]
     assert [line.split()[:3] for line in out[2:4]] == [["b", "0", "[0,"], ["a", "1", "[2,"]]
     assert out[4].startswith("pipeline (prefill): 2 of 3 nodes, bottleneck ")
-    assert ", exact), prefill " in out[4] and out[4].endswith(" tokens/s")
+    assert ", exact), prefill " in out[4] and out[4].endswith(" tokens/s predicted")
     assert out[5].startswith("holds batch 1 x context 512; at most context ")
     smallest = min(b.bytes + (b.kv_bytes_per_token + b.activation_bytes_per_token) * 512 for b in meta.blocks)
     assert out[6] == f"excluded tiny: cannot hold a single block: the smallest needs {smallest / 1e6:.2f} MB, it " \

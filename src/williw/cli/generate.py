@@ -42,7 +42,7 @@ def generate_cmd(worker_url: str, request_id: str, prompt: str, max_new_tokens: 
         if not as_json:
             sys.stdout.write(delta)
             sys.stdout.flush()
-    line = (f"{stats.new_tokens} tokens on plan version {stats.version} ({' -> '.join(stats.nodes)}): prefill "
+    line = (f"{stats.new_tokens} tokens on plan version {stats.version} ({' → '.join(stats.nodes)}): prefill "
             f"{stats.prompt_tokens} tokens in {stats.prefill_s:.3f} s ({stats.prefill_tokens_per_s:.1f} tokens/s), "
             f"decode {stats.decode_tokens_per_s:.1f} tokens/s")
     if as_json:

@@ -93,7 +93,8 @@ def plan_table(plan, given: int, output: str | None) -> str:
     parts += [f"prefill {secs(plan.prefill_bottleneck_s)}", f"decode {secs(plan.decode_bottleneck_s)}",
               f"latency {secs(plan.latency_s)}"]
     if plan.tokens_per_s:
-        parts.append(f"{plan.tokens_per_s:,.1f} tokens/s")
+        # From the nodes' declared TFLOPS and bandwidth: what the fleet file promises, not a measurement.
+        parts.append(f"{plan.tokens_per_s:,.1f} tokens/s predicted")
     lines.append(", ".join(parts))
     if "context_length" in plan.extra:
         lines.append(capacity_line(plan.extra))
