@@ -116,7 +116,8 @@ def llama() -> None:
 def certified() -> None:
     from _models import llama_1b
     from williw.planner.costs import pipeline_model
-    from williw.planner.pipeline import _Costs, dominated, search
+    from williw.planner.dominance import dominated
+    from williw.planner.pipeline import _Costs, search
 
     rows = []
     models = (("llama-1.1B", generate_metadata(llama_1b())), ("1,000 blocks", synthetic(1000, random.Random(0))))

@@ -28,12 +28,13 @@ from williw.metadata import ModelMetadata
 from williw.planner.branch import certify
 from williw.planner.capacity import capacity, context_tail, short, why_infeasible
 from williw.planner.costs import OBJECTIVES, PipelineModel, pipeline_model, stage_times, stage_transfers, usable_bytes
+from williw.planner.dominance import dominated
 from williw.planner.greedy import _tokens_per_s, greedy_plan
 from williw.planner.latency import EXACT_MAX_NODES as LATENCY_EXACT_MAX_NODES
 from williw.planner.latency import search_latency
 from williw.planner.links import exact_limit as links_exact_limit
 from williw.planner.links import search_links
-from williw.planner.pipeline import EXACT_MAX_NODES, Stage, _Costs, dominated, lower_bound, search
+from williw.planner.pipeline import EXACT_MAX_NODES, Stage, _Costs, lower_bound, search
 from williw.planner.plan import STRATEGIES, ExcludedNode, NodeAssignment, Plan
 from williw.units import format_bytes, format_seconds
 
