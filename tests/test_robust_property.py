@@ -148,3 +148,11 @@ def test_worker_endpoints_answer_2xx_or_documented_4xx(worker, base_meta, route,
         json.loads(r.text, parse_constant=lambda c: pytest.fail(f"{c} in a 2xx answer"))
     again = httpx.post(f"{proc.url}/api/get-plan", json={"request_id": rid, "version": 1})
     assert (again.status_code, again.json()) == (200, plan)
+
+
+def test_a_plan_head_with_inf_in_an_unknown_field_is_one_line():
+    # Found by the property above: unknown '@plan' fields are kept and written again, so they must be JSON too.
+    d = {"a": {"node_id": "a", "layer_names": ["x"], "total_compute": 0.0, "compute_utilization": 0.5},
+         "@plan": {"": float("inf"), "note": [1, {"x": float("nan")}]}}
+    with pytest.raises(WilliwError, match=r"^'p': '@plan\.' must be a JSON value without inf or NaN, got inf$"):
+        Plan.from_dict(d, "p")

@@ -89,12 +89,13 @@ def parse(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
     if not depth_ok(obj, max_depth):
         raise JsonInputError(f"not valid JSON (nested deeper than {max_depth} levels)")
     # Decimal exponents such as 1e999 parse to inf without passing through parse_constant.
-    if _has_nonfinite(obj):
+    if has_nonfinite(obj):
         raise JsonInputError("not valid JSON (a number overflows a 64-bit float; only finite numbers are allowed)")
     return obj
 
 
-def _has_nonfinite(obj: Any) -> bool:
+def has_nonfinite(obj: Any) -> bool:
+    """Whether ``obj`` (dicts, lists and scalars, as JSON parses them) holds an inf or NaN anywhere."""
     stack = [obj]
     while stack:
         value = stack.pop()

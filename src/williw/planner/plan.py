@@ -22,7 +22,7 @@ from typing import Any
 
 from williw.errors import PlanError
 from williw.fsutil import read_json, write_json
-from williw.jsonio import INT64_MAX
+from williw.jsonio import INT64_MAX, has_nonfinite
 
 PLAN_KEY = "@plan"
 STRATEGIES = ("pipeline", "greedy")
@@ -242,6 +242,9 @@ def check_head(head: Any, node_ids: list[str], source: str) -> dict[str, Any]:
         raise bad("excluded", 'a list of {"node_id": <string>, "reason": <string>}')
     out["excluded"] = tuple(ExcludedNode(e["node_id"], e["reason"]) for e in excluded)
     out["extra"] = {k: v for k, v in head.items() if k not in _HEAD_KNOWN}
+    for key, value in out["extra"].items():  # kept as they are, and written again: only what JSON can hold
+        if has_nonfinite(value):
+            raise bad(key, "a JSON value without inf or NaN")
     return out
 
 
