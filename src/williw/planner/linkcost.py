@@ -14,26 +14,17 @@ when the pair is listed. ``in_class(u, v)`` names that dependence: ``u`` for a l
 
 from __future__ import annotations
 
-import struct
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 
 from williw.fleet import Link, Node
 from williw.planner.costs import PipelineModel, transfer_time
-from williw.planner.pipeline import Stage, _Costs
+from williw.planner.pipeline import Stage, _Costs, _minimise
 
 OWN = -1  # the hop is priced on the nodes' own links
 CLIENT = -2  # the first stage's token ids from the client
 
 Plan = tuple[Stage, ...]
-
-
-def _bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
-
-
-def _float(b: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", b))[0]
 
 
 class LinkCosts:
@@ -187,40 +178,5 @@ class LinkCosts:
 
 def minimise(lc: LinkCosts, feasible: Callable[[float], Plan | None], lower: float, rel_tol: float = 0.0,
              start: Plan | None = None) -> Plan | None:
-    """Smallest threshold at which ``feasible`` finds a plan, as `pipeline._minimise`: bisection on the doubles'
-    bit patterns down to ``rel_tol`` (heuristic), or (exact, ``rel_tol`` 0) down to 1e-6 and then over the stage
-    costs left in the interval (`LinkCosts.candidates`), which contain the optimum."""
-    plan = start or feasible(float("inf"))
-    if plan is None:
-        return None
-    hi_t = lc.bottleneck(plan)
-    found = feasible(hi_t)
-    if found is None:  # rounding between the search's prefix sums and the plan's own sums
-        return plan
-    if lc.bottleneck(found) < hi_t:
-        plan = found
-    hi = _bits(lc.bottleneck(plan))
-    lo = _bits(lower * (1 - 1e-9)) if lower > 0 else -1  # known (or assumed) infeasible
-    stop = rel_tol or 1e-6
-    while hi - lo > 1:
-        if lo >= 0 and _float(hi) <= _float(lo) * (1 + stop):
-            break
-        mid = (lo + hi) // 2
-        found = feasible(_float(mid))
-        if found is None:
-            lo = mid
-        else:
-            plan = found
-            hi = min(mid, _bits(lc.bottleneck(found)))
-    if rel_tol or hi - lo <= 1:
-        return plan
-    values = lc.candidates(_float(lo) if lo >= 0 else -1.0, _float(hi))
-    i, j = 0, len(values)  # the answer is values[i:j] or, if none is feasible, the plan at hi
-    while i < j:
-        mid = (i + j) // 2
-        found = feasible(values[mid])
-        if found is None:
-            i = mid + 1
-        else:
-            j, plan = mid, found
-    return plan
+    """Smallest threshold at which ``feasible`` finds a plan: `pipeline._minimise` over `LinkCosts.candidates`."""
+    return _minimise(lc, feasible, lower, rel_tol, start)

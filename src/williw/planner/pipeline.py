@@ -128,6 +128,9 @@ class _Costs:
     def finish(self, v: int, p: int, t: float) -> bool:
         return self.fits(v, p, self.m.n, True, t)
 
+    def candidates(self, lo: float, hi: float) -> list[float]:
+        return _candidates(self, lo, hi)
+
     def bottleneck(self, stages: Sequence[Stage]) -> float:
         n = self.m.n
         return max(self.cost(s.node, s.start, s.end, s.end == n) for s in stages)
@@ -221,21 +224,24 @@ def _candidates(c: _Costs, lo: float, hi: float) -> list[float]:
     return sorted(out)
 
 
-def _minimise(c: _Costs, feasible, lower: float, rel_tol: float = 0.0,
-              start: tuple[Stage, ...] | None = None, deadline: float = float("inf")) -> tuple[Stage, ...] | None:
+def _minimise(c, feasible, lower: float, rel_tol: float = 0.0, start=None, deadline: float = float("inf")):
     """Smallest threshold at which ``feasible`` finds a plan.
 
     Bisection on the doubles' bit patterns down to ``rel_tol`` (heuristic; it stops early past ``deadline``,
-    monotonic seconds), or (exact, ``rel_tol`` 0) down to 1e-6 and then over the stage costs left in the interval,
-    which contain the optimum.
+    monotonic seconds), or (exact, ``rel_tol`` 0) down to 1e-6 and then over the stage costs left in the interval
+    (``c.candidates``), which contain the optimum. ``c`` is `_Costs` or `linkcost.LinkCosts` (its ``bottleneck``
+    and ``candidates``; plans are what ``feasible`` returns).
     """
     plan = start or feasible(float("inf"))
     if plan is None:
         return None
     hi_t = c.bottleneck(plan)
-    if feasible(hi_t) is None:  # rounding between the search's prefix sums and the plan's own sums
+    found = feasible(hi_t)
+    if found is None:  # rounding between the search's prefix sums and the plan's own sums
         return plan
-    hi = _bits(hi_t)
+    if c.bottleneck(found) < hi_t:
+        plan = found
+    hi = _bits(c.bottleneck(plan))
     lo = _bits(lower * (1 - 1e-9)) if lower > 0 else -1  # known (or assumed) infeasible
     stop = rel_tol or 1e-6
     while hi - lo > 1:
@@ -250,7 +256,7 @@ def _minimise(c: _Costs, feasible, lower: float, rel_tol: float = 0.0,
             hi = min(hi, _bits(c.bottleneck(plan)))
     if rel_tol or hi - lo <= 1:
         return plan
-    values = _candidates(c, _float(lo) if lo >= 0 else -1.0, _float(hi))
+    values = c.candidates(_float(lo) if lo >= 0 else -1.0, _float(hi))
     i, j = 0, len(values)  # the answer is values[i:j] or, if none is feasible, the plan at hi
     while i < j:
         mid = (i + j) // 2
