@@ -4,6 +4,7 @@ uneven blocks it packs far tighter than the fixed node orders."""
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from williw.fleet import Node
 from williw.planner import make_plan
 from williw.planner.bound import Windows, certified_lower_bound
 from williw.planner.costs import pipeline_model
-from williw.planner.packing import best_fit, pack
+from williw.planner.packing import best_fit, pack, repack
 from williw.planner.pipeline import _Costs, lower_bound, search
 
 
@@ -75,3 +76,22 @@ def test_make_plan_keeps_to_the_time_limit_on_a_large_fleet() -> None:
     assert plan.exact is False and plan.lower_bound_s < plan.bottleneck_s
     # 0.5% measured at a 0.3 s limit under load 9 on 2 cores; the fixed orders alone left 42%.
     assert plan.extra["gap_to_lower_bound"] == plan.bottleneck_s / plan.lower_bound_s - 1 < 0.05
+
+
+def test_randomised_repacking_beats_best_fit_stays_valid_and_repeats() -> None:
+    # Random blocks and a log-uniform fleet (bench/planner.py's shape, smaller): best-fit ends on ill-fitting nodes.
+    rng = random.Random(1)
+    meta = build_meta([(rng.uniform(40, 60), rng.randint(80, 120)) for _ in range(200)], (0, 10), (30, 10))
+    nodes = [Node(f"n{i}", round(10 ** rng.uniform(0, 3), 3), 1e-5) for i in range(200)]
+    model = pipeline_model(meta)
+    c = _Costs(model, nodes, "prefill")
+    heuristic = c.bottleneck(search(model, nodes, "prefill").stages)
+    bound = certified_lower_bound(Windows(c), lower_bound(model, nodes, "prefill") * (1 - 1e-9), heuristic)
+    packed = best_fit(c, bound, heuristic, float("inf"))
+    assert repack(c, packed, bound, float("inf"), tries=0) == packed
+    repacked = repack(c, packed, bound, float("inf"), tries=100)
+    # The tests' cost reference sums in another order: allow its last bits.
+    _check(meta, nodes, repacked, c.bottleneck(repacked) * (1 + 1e-12), "prefill")
+    # Measured: 2.83% above the bound packed, 2.43% re-packed (100 tries).
+    assert bound < c.bottleneck(repacked) < c.bottleneck(packed) * (1 - 0.002)
+    assert repack(c, packed, bound, float("inf"), tries=100) == repacked
