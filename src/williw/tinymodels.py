@@ -14,8 +14,11 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
 
 
 def _save(model: Any, path: Path, shard_bytes: int | None) -> Path:
+    from williw.progress import quiet_transformers
+
     kwargs = {"max_shard_size": shard_bytes} if shard_bytes else {}
-    model.save_pretrained(path, **kwargs)
+    with quiet_transformers():  # save_pretrained draws a "Writing model shards" bar (transformers 5)
+        model.save_pretrained(path, **kwargs)
     return path
 
 
