@@ -3,6 +3,7 @@ and that the records survive a SIGKILL of the worker."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from williw import tinymodels
@@ -82,3 +83,25 @@ def test_distribute_needs_a_plan_and_a_valid_source(setup) -> None:
     with pytest.raises(WorkerHTTPError) as e:
         admin.distribute(fresh, "../../etc")
     assert e.value.status_code == 422
+
+
+@pytest.mark.parametrize(("path", "body", "detail"), [
+    # No coercion, as in every other body: "yes" was auto_replan true and "0.1" was 0.1 before.
+    ("distribute", {"source": "org/tiny", "auto_replan": "yes"},
+     "body field 'auto_replan': Input should be a valid boolean"),
+    ("distribute", {"source": "org/tiny", "max_slowdown": "0.1"},
+     "body field 'max_slowdown': Input should be a valid number"),
+    ("replan", {"max_step_bytes": 1.0}, "body field 'max_step_bytes': Input should be a valid integer"),
+])
+def test_distribute_and_replan_bodies_are_strict(setup, path: str, body: dict, detail: str) -> None:
+    proc, admin, _tokens, rid = setup
+    r = httpx.post(f"{proc.url}/api/requests/{rid}/{path}", json=body,
+                   headers={"Authorization": "Bearer admin-secret"})
+    assert (r.status_code, r.json()["detail"]) == (422, detail)
+
+
+def test_assignment_reports_are_strict(setup) -> None:
+    proc, _admin, tokens, rid = setup
+    r = httpx.post(f"{proc.url}/api/assignments/{rid}/n1", json={"state": "pulling", "plan_version": "1"},
+                   headers={"Authorization": f"Bearer {tokens['n1']}"})
+    assert (r.status_code, r.json()["detail"]) == (422, "body field 'plan_version': Input should be a valid integer")

@@ -41,7 +41,7 @@ SOURCE_PATTERN = rf"^(https?://[A-Za-z0-9._~:/?#\[\]@!$&()*+,;=%-]{{1,2000}}|{RE
 
 
 class DistributeIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no coercion, as `schemas._Body`
     source: str = Field(pattern=SOURCE_PATTERN, description="serve-model URL or Hub repo id the nodes pull from")
     revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._/-]{1,128}$")
     auto_replan: bool | None = Field(default=None, description="re-plan when nodes leave or join")
@@ -50,7 +50,7 @@ class DistributeIn(BaseModel):
 
 
 class AssignmentIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no coercion, as `schemas._Body`
     state: Literal["pulling", "ready", "failed"]
     plan_version: int | None = Field(default=None, ge=1, le=INT64_MAX)
     shard_path: str | None = Field(default=None, min_length=1, max_length=4096)

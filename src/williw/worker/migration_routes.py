@@ -32,13 +32,13 @@ _PULL_STATE = {"assigned": "pending", "pulling": "pulling", "ready": "done", "fa
 
 
 class ReplanIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no coercion, as `schemas._Body`
     max_slowdown: float | None = Field(default=None, ge=0, le=10, allow_inf_nan=False)
     max_step_bytes: int | None = Field(default=None, ge=1, le=INT64_MAX)
 
 
 class ServeUrlIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no coercion, as `schemas._Body`
     serve_url: str | None = Field(pattern=r"^https?://[A-Za-z0-9._~:/\[\]@%-]{1,2000}$")
 
 
