@@ -144,13 +144,17 @@ def repack(c: _Costs, plan: tuple[Stage, ...], lower: float, deadline: float,
            tries: int | None = None) -> tuple[Stage, ...]:
     """Randomised re-packing until ``deadline`` (monotonic seconds) or after ``tries`` packs: `pack` with a seeded
     ``rng`` at thresholds below ``plan``'s bottleneck (1/256 below it, halving the step after `TRIES_PER_LEVEL`
-    failures), never below ``lower``. Returns the best plan found, ``plan`` if none is better. Seeded: the same
-    number of tries gives the same plan.
+    failures, and from 1/256 again once the step is below `REL_TOL`), never below ``lower``. Returns the best plan
+    found, ``plan`` if none is better. Seeded: the same number of tries gives the same plan.
     """
     hi = c.bottleneck(plan)
     rng = random.Random(0)
     shrink, failed = 1 / 256, 0
-    while shrink > REL_TOL and hi * (1 - shrink) > lower and time.monotonic() < deadline:
+    while hi * (1 - shrink) > lower and time.monotonic() < deadline:
+        if shrink <= REL_TOL:  # every step down failed: start again from the largest (new random draws)
+            if tries is None and math.isinf(deadline):
+                break
+            shrink = 1 / 256
         if tries is not None:
             if tries <= 0:
                 break
