@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 
 import pytest
@@ -98,6 +99,22 @@ def test_a_newer_schema_is_refused(tmp_path):
 def test_bad_urls(url, message):
     with pytest.raises(StoreError, match=f"^{message}"):
         normalize_url(url)
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("postgresql+psycopg://u@h:port/db", "the database URL cannot be parsed: invalid literal for int"),
+    ("postgresql+psycopg://postgres:pw@127.0.0.1:1/db",
+     "cannot open the database postgresql+psycopg://postgres:***@127.0.0.1:1/db: connection failed: "),
+    ("sqlite:////no/such/folder/w.db", "cannot open the database sqlite:////no/such/folder/w.db: unable to open"),
+])
+def test_unopenable_databases_are_one_line(url, message, williw):
+    # Before, each was a 140-line SQLAlchemy traceback from `williw worker` (exit 1), the password included.
+    with pytest.raises(StoreError, match=f"^{re.escape(message)}"):
+        Store(url)
+    proc = williw("worker", "--port", "0", "--db", url, check=False)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: ")
+    assert ":pw@" not in proc.stderr
 
 
 def test_url_spellings():

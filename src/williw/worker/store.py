@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 
 from williw.errors import WilliwError
@@ -60,7 +60,10 @@ def normalize_url(url: str) -> str:
     """
     if "://" not in url:
         url = f"sqlite:///{url}"
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ValueError as exc:  # sqlalchemy's ArgumentError, or a port that is not a number
+        raise StoreError(f"the database URL cannot be parsed: {exc}") from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     backend = parsed.get_backend_name()
@@ -99,22 +102,26 @@ class Store:
 
     def __init__(self, url: str, *, pool_size: int = READ_POOL_SIZE) -> None:
         self.url = normalize_url(url)
-        self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
-        if self.is_sqlite:
-            self._writer = sqlite_engine(self.url, pool_size=1, writer=True)
-            self._reader = sqlite_engine(self.url, pool_size=pool_size, writer=False)
-            self._on_loop: Engine | None = None
-        else:
-            # Threads (the re-planning check, some routes) and the loop's two pools (user work takes turns on the
-            # loop) each need few: with 8, up to 2 * (4 + 2 * 4) + 2 connections per worker (`postgres_engines`).
-            self._writer, self._on_loop, loop_auto = postgres_engines(self.url, pool_size=max(1, pool_size // 2),
-                                                                      loop_pool_size=max(1, pool_size // 2))
-            self._reader = self._writer
-            # Reads and one-statement writes run in autocommit: one round trip instead of three (psycopg sends BEGIN
-            # and COMMIT/ROLLBACK as commands of their own), which is what a query costs when the server's process
-            # waits for a CPU on a busy machine.
-            self._auto = {False: self._writer.execution_options(isolation_level="AUTOCOMMIT"), True: loop_auto}
-        self._migrate()
+        try:
+            self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
+            if self.is_sqlite:
+                self._writer = sqlite_engine(self.url, pool_size=1, writer=True)
+                self._reader = sqlite_engine(self.url, pool_size=pool_size, writer=False)
+                self._on_loop: Engine | None = None
+            else:
+                # Threads (the re-planning check, some routes) and the loop's two pools (user work takes turns on the
+                # loop) each need few: with 8, up to 2 * (4 + 2 * 4) + 2 connections per worker (`postgres_engines`).
+                n = max(1, pool_size // 2)
+                self._writer, self._on_loop, loop_auto = postgres_engines(self.url, pool_size=n, loop_pool_size=n)
+                self._reader = self._writer
+                # Reads and one-statement writes run in autocommit: one round trip instead of three (psycopg sends
+                # BEGIN and COMMIT/ROLLBACK as commands of their own), which is what a query costs when the server's
+                # process waits for a CPU on a busy machine.
+                self._auto = {False: self._writer.execution_options(isolation_level="AUTOCOMMIT"), True: loop_auto}
+            self._migrate()
+        except (SQLAlchemyError, ImportError) as exc:  # unreachable server, bad login, missing driver or schema
+            shown, cause = make_url(self.url).render_as_string(hide_password=True), getattr(exc, "orig", None) or exc
+            raise StoreError(f"cannot open the database {shown}: {' '.join(str(cause).split())}") from None
 
     async def run(self, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` (synchronous code that calls this store) on the running event loop.
