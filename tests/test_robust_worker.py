@@ -156,3 +156,38 @@ logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 
 
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert [line.split(": ", 1)[1] for line in err.splitlines()] == ["Retrying in 1s [Retry 1/5]."]
+
+
+@pytest.mark.postgres
+def test_connections_the_server_drops_are_a_json_503_then_served_again(tmp_path):
+    """pg_terminate_backend (as a server restart or failover does) on every connection of a running worker: the
+    next call on each stale pooled connection is a one-line 503 (was a plain-text 500, a traceback in the log and
+    the client's connection closed), and the call after it is served."""
+    from sqlalchemy import create_engine, text
+
+    log = tmp_path / "worker.log"
+    with database("postgres", tmp_path) as url:
+        name = f"williw-robust-{time.time_ns()}"
+        proc = WorkerProcess(f"{url}&application_name={name}", log_path=log).start()
+        try:
+            with httpx.Client(base_url=proc.url, timeout=30) as http:
+                node = {"node_id": "a", "compute_tflops": 1.0, "memory_gb": 1.0}
+                assert http.post("/api/nodes", json=node).status_code == 201
+                assert http.get("/api/nodes").status_code == 200
+                admin = create_engine(url.split("?")[0])
+                with admin.connect() as conn:
+                    dropped = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                                "WHERE application_name = :n"), {"n": name}).scalar()
+                admin.dispose()
+                assert dropped >= 1
+                # Each of the worker's pools loses one call at most: SQLAlchemy then drops its older connections.
+                reads = [http.get("/api/nodes") for _ in range(4)]
+                writes = [http.post("/api/nodes", json={**node, "node_id": "b"}) for _ in range(4)]
+                assert {r.status_code for r in reads + writes} <= {200, 201, 503}
+                for r in reads + writes:
+                    if r.status_code == 503:
+                        assert r.json()["detail"].startswith("the database is unavailable (terminating connection")
+                assert (reads[-1].status_code, writes[-1].status_code) == (200, 200)
+        finally:
+            proc.stop()
+    assert "Traceback" not in log.read_text()

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from williw.errors import MetadataError, NodesError, PlanError
 from williw.progress import get_logger
@@ -91,6 +92,16 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Conflict)
     async def _conflict(_request: Request, exc: Conflict) -> JSONResponse:
         return _detail(exc.status_code, str(exc))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database(_request: Request, exc: Exception) -> JSONResponse:
+        # The server closed a pooled connection (restart, failover, pg_terminate_backend) or is down: SQLAlchemy
+        # has dropped that connection and the pool's older ones, so a retry gets a fresh one. Before, a 500 in plain
+        # text with a 100-line traceback in the log, and uvicorn closed the client's connection.
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        log.warning("database unavailable: %s", reason)
+        return _detail(503, f"the database is unavailable ({reason}); retry", {"Retry-After": "1"})
 
     for bad_input in (MetadataError, NodesError, PlanError):
         @app.exception_handler(bad_input)
