@@ -399,3 +399,21 @@ def test_a_stack_the_config_does_not_declare_is_named(tmp_path: Path) -> None:
     assert str(err.value) == (f"'{model / 'config.json'}': the checkpoint's 'audio_tower.layers' holds 2 numbered "
                               "blocks but the config declares no stack for them (expected in vision_config, "
                               "text_config or encoder/decoder layer counts); williw cannot place them")
+
+
+def test_bart_shared_embedding_is_the_tied_head_and_its_decoder_keeps_a_cache(tmp_path: Path) -> None:
+    # BART (and Marian, mBART, Pegasus, M2M100) keep the token table at model.shared and name the decoder's heads
+    # decoder_attention_heads: the table was priced as an "other" tensor of the last stage, the tied head was the
+    # decoder's position table (258 rows), and the decoder blocks held no KV cache.
+    cfg = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=3, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64)
+    model = save(transformers.BartForConditionalGeneration(cfg), tmp_path / "bart")
+
+    meta = generate_metadata(model, batch_size=B, sequence_length=S)
+
+    by_name = {x.name: x for x in meta.layers}
+    shared = by_name["model.shared.weight"]
+    assert (shared.layer_type, shared.placement) == ("embedding", "first")
+    assert meta.tied_lm_head is not None and meta.tied_lm_head.tensor == "model.shared.weight"
+    assert [b.kv_bytes_per_token for b in meta.blocks] == [0] * 3 + [2 * 4 * 8 * 4] * 2  # K and V, 4 heads of 8

@@ -64,7 +64,7 @@ def layer_type(name: str) -> str:
         return "lm_head"
     if any(k in m for m in modules for k in _NORM):
         return "norm"
-    if any(k in m for m in modules for k in _EMBEDDING) or modules[0] == "shared":  # T5's tied embedding
+    if any(k in m for m in modules for k in _EMBEDDING) or "shared" in modules[:2]:  # T5's, BART's (model.shared)
         return "embedding"
     if any(k in m for m in modules for k in _ATTENTION):
         return "attention"
@@ -80,4 +80,4 @@ def layer_type(name: str) -> str:
 def is_embedding_side(name: str) -> bool:
     """Outside the blocks, tensors of the embedding module run before the first block; the rest after the last."""
     modules = name.lower().split(".")[:-1]
-    return any(k in m for m in modules for k in _EMBEDDING) or modules[:1] == ["shared"]
+    return any(k in m for m in modules for k in _EMBEDDING) or "shared" in modules[:2]

@@ -105,10 +105,11 @@ def block_memory(cfg: dict[str, Any], kind: str | None, *, attention: bool, a_lo
         The block's `BlockMemory` (all zero fields when the config says too little).
     """
     e = element_bytes(cfg)
-    heads = _get(cfg, "num_attention_heads", "n_head", "num_heads") or 0
+    # BART, Marian, Whisper: the decoder's own keys (only decoder blocks keep a cache)
+    heads = _get(cfg, "num_attention_heads", "n_head", "num_heads", "decoder_attention_heads") or 0
     kv_heads = _get(cfg, "num_key_value_heads", "n_head_kv") or heads
     head_dim = _get(cfg, "head_dim") or (hidden // heads if heads else 0)
-    ffn = _get(cfg, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+    ffn = _get(cfg, "intermediate_size", "n_inner", "ffn_dim", "d_ff", "decoder_ffn_dim") or 4 * hidden
     if _get(cfg, "moe_intermediate_size") and _get(cfg, "num_experts_per_tok"):
         ffn = max(ffn, _get(cfg, "moe_intermediate_size") * _get(cfg, "num_experts_per_tok"))
     kv = window = state = 0
