@@ -417,3 +417,19 @@ def test_bart_shared_embedding_is_the_tied_head_and_its_decoder_keeps_a_cache(tm
     assert (shared.layer_type, shared.placement) == ("embedding", "first")
     assert meta.tied_lm_head is not None and meta.tied_lm_head.tensor == "model.shared.weight"
     assert [b.kv_bytes_per_token for b in meta.blocks] == [0] * 3 + [2 * 4 * 8 * 4] * 2  # K and V, 4 heads of 8
+
+
+def test_stacked_experts_are_priced_at_the_active_fraction(tmp_path: Path) -> None:
+    # GraniteMoE and JetMoE store each layer's experts as one [experts, out, in] tensor whose name has no
+    # "experts" in it; they were priced as if all 8 experts ran for every token.
+    f32 = torch.float32
+    shapes = {"model.layers.0.block_sparse_moe.router.layer.weight": ((8, 16), f32),
+              "model.layers.0.block_sparse_moe.input_linear.weight": ((8, 64, 16), f32),
+              "model.layers.0.block_sparse_moe.output_linear.weight": ((8, 16, 32), f32)}
+    model = craft(tmp_path / "m", {"model_type": "granitemoe", "hidden_size": 16, "num_hidden_layers": 1,
+                                   "num_local_experts": 8, "num_experts_per_tok": 2}, shapes)
+
+    meta = generate_metadata(model, batch_size=B, sequence_length=S)
+
+    assert meta.total_params == 8 * 16 + 8 * 64 * 16 + 8 * 16 * 32  # in full
+    assert meta.total_compute == 2 * T * (8 * 16 + 2 * 64 * 16 + 2 * 16 * 32) / 1e9  # router, 2 of 8 experts

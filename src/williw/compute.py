@@ -10,7 +10,8 @@ Compute model: FLOPs of one forward pass over ``T = B·S`` tokens.
     ``g_idx`` and quantization state are neither parameters nor compute (bytes as stored);
   * derivable buffers stored by older exports (GPT-2's causal ``attn.bias`` mask, rotary ``inv_freq`` and caches,
     ``position_ids``): neither parameters nor compute;
-  * mixture-of-experts weights (under ``.experts.``, not ``shared_experts``): compute at the active fraction
+  * mixture-of-experts weights (under ``.experts.``, not ``shared_experts``, or a 3-D stack with one slice per
+    expert): compute at the active fraction
     ``num_experts_per_tok / num_experts`` (rounded down to whole FLOPs), memory and parameters in full;
   * state-space (Mamba) scan: ``9·T·d_inner·d_state`` per block — the selective scan's discretisation
     (``exp(Δ·A)``, ``Δ·B·x``), state update and output ``C·h`` cost 9 FLOPs per (token, channel, state), as
@@ -105,11 +106,14 @@ class CostModel:
             flops = NORM_FLOPS_PER_ELEMENT * self.tokens * n
         else:
             flops = self.tokens * n
-        scaled = self._experts(name, flops)
+        scaled = self._experts(name, flops, shape)
         return TensorCost(n, scaled, "experts" if scaled != flops else None)
 
-    def _experts(self, name: str, flops: int) -> int:
-        if self.experts is None or "experts" not in name.split("."):
+    def _experts(self, name: str, flops: int, shape: tuple[int, ...] = ()) -> int:
+        # Stacked experts are one 3-D tensor [experts, out, in] under any name: GraniteMoE's
+        # block_sparse_moe.input_linear, JetMoE's mlp.input_linear (priced in full, 4x for 2 of 8, before).
+        stacked = len(shape) == 3 and self.experts is not None and shape[0] == self.experts[1]
+        if self.experts is None or ("experts" not in name.split(".") and not stacked):
             return flops
         active, total = self.experts
         return flops * active // total
