@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 
 import httpx
@@ -188,6 +190,87 @@ def test_connections_the_server_drops_are_a_json_503_then_served_again(tmp_path)
                     if r.status_code == 503:
                         assert r.json()["detail"].startswith("the database is unavailable (terminating connection")
                 assert (reads[-1].status_code, writes[-1].status_code) == (200, 200)
+        finally:
+            proc.stop()
+    assert "Traceback" not in log.read_text()
+
+
+class _Proxy:
+    """A TCP relay to the PostgreSQL server; `cut` closes every relayed connection and refuses new ones, as a
+    server that went down does; `restore` accepts again on the same port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list = []
+        self.up = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            client, _ = self.listener.accept()
+            if not self.up:
+                client.close()
+                continue
+            server = socket.create_connection(self.target)
+            self.open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            s.close()
+
+    def cut(self) -> None:
+        import socket
+
+        self.up = False
+        for s in self.open:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self.open = []
+
+    def restore(self) -> None:
+        self.up = True
+
+
+@pytest.mark.postgres
+def test_a_database_that_goes_down_is_a_json_503_for_every_route_then_served_again(tmp_path):
+    """The server goes away: registrations, heartbeats (their own psycopg connection), reads and requests answer
+    a one-line 503 (heartbeats were a plain-text 500 with a traceback, and the client's connection was closed),
+    and when it is back the same worker serves them again."""
+    from sqlalchemy.engine import make_url
+
+    log = tmp_path / "worker.log"
+    with database("postgres", tmp_path) as url:
+        real = make_url(url)
+        proxy = _Proxy(real.host or "127.0.0.1", real.port or 5432)
+        proc = WorkerProcess(real.set(port=proxy.port).render_as_string(hide_password=False), log_path=log).start()
+        try:
+            with httpx.Client(base_url=proc.url, timeout=30) as http:
+                node = {"node_id": "a", "compute_tflops": 1.0, "memory_gb": 1.0}
+                calls = [("POST", "/api/nodes", node), ("POST", "/api/nodes/a/heartbeat", None),
+                         ("GET", "/api/nodes", None), ("POST", "/api/request", {"model_name": "m"})]
+                assert [http.request(m, p, json=b).status_code for m, p, b in calls] == [201, 200, 200, 201]
+                proxy.cut()
+                for _ in range(2):
+                    for m, p, b in calls:
+                        r = http.request(m, p, json=b)
+                        assert r.status_code == 503, (p, r.text)
+                        assert r.json()["detail"].startswith("the database is unavailable (")
+                proxy.restore()
+                assert [http.request(m, p, json=b).status_code for m, p, b in calls] == [200, 200, 200, 201]
         finally:
             proc.stop()
     assert "Traceback" not in log.read_text()

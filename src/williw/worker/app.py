@@ -93,8 +93,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _conflict(_request: Request, exc: Conflict) -> JSONResponse:
         return _detail(exc.status_code, str(exc))
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(InterfaceError)
     async def _database(_request: Request, exc: Exception) -> JSONResponse:
         # The server closed a pooled connection (restart, failover, pg_terminate_backend) or is down: SQLAlchemy
         # has dropped that connection and the pool's older ones, so a retry gets a fresh one. Before, a 500 in plain
@@ -103,10 +101,21 @@ def _add_error_handlers(app: FastAPI) -> None:
         log.warning("database unavailable: %s", reason)
         return _detail(503, f"the database is unavailable ({reason}); retry", {"Retry-After": "1"})
 
+    for lost in (OperationalError, InterfaceError, *_psycopg_errors()):  # psycopg's: the heartbeat batches' own
+        app.add_exception_handler(lost, _database)
+
     for bad_input in (MetadataError, NodesError, PlanError):
         @app.exception_handler(bad_input)
         async def _bad(_request: Request, exc: Exception) -> JSONResponse:
             return _detail(422, str(exc))
+
+
+def _psycopg_errors() -> tuple[type[Exception], ...]:
+    try:
+        import psycopg
+    except ImportError:  # a SQLite-only install
+        return ()
+    return (psycopg.OperationalError, psycopg.InterfaceError)
 
 
 def _one_error(error: dict[str, Any]) -> str:
