@@ -97,3 +97,14 @@ def test_replan_for_the_latency_objective(tmp_path) -> None:
         "plan v2 (latency): seconds per token before - ('a' left), after 9.8 ms (best 6.5 ms, bound +60% 10.4 ms)",
         "bytes moved 13.00 MB (fewest possible); a fresh plan moves 26.00 MB",
         "migration: 2 pull steps (6.00 MB from peers), switch to v2, 1 drop steps"]
+
+
+def test_a_plan_of_another_model_is_named_in_a_short_line(files, williw) -> None:
+    # The plan covers 8 of the 30 blocks: the line named every problem (120 and 13 KB for a
+    # 4-block MoE against a Llama's plan); split and show-plan already stop at 3.
+    d = files
+    save_metadata(build_meta([(10, 3)] * 30), d / "other.json")  # h.8 to h.29 are in no stage
+    bad = williw("replan", str(d / "other.json"), "--plan", str(d / "plan.json"), "--nodes", str(d / "nodes.json"))
+    assert (bad.returncode, bad.stdout) == (2, "")
+    assert bad.stderr.startswith("error: the plan has ") and bad.stderr.count("\n") == 1
+    assert bad.stderr.endswith(" more: williw validate lists them)\n") and bad.stderr.count("; ") == 2

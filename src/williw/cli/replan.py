@@ -36,7 +36,7 @@ def replan_cmd(metadata: str, plan_file: str, nodes_file: str, output: str | Non
     meta = load_metadata(metadata)
     current = load_plan(plan_file)
     # Against the model only: the plan's nodes may have left the fleet, which is why one re-plans.
-    check_plan([x.name for x in meta.layers], current, metadata=meta)
+    check_plan([x.name for x in meta.layers], current, metadata=meta, shown=3)
     result = replan(meta, current, load_nodes(nodes_file, refuse_links="williw replan"), max_slowdown=max_slowdown,
                     objective=objective, max_step_bytes=max_step_bytes)
     if output:
