@@ -136,3 +136,14 @@ def test_plan_versions_only_grow(tmp_path):
     with pytest.raises(NotFound, match="^request 'q' does not exist$"):
         store.save_plan("q", lambda v: {}, 1.0)
     store.close()
+
+
+def test_an_address_in_use_is_named(tmp_path, williw):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = williw("worker", "--port", str(port), "--db", str(tmp_path / "w.db"), check=False)
+    # Was "error: [Errno 98] Address already in use", without the address.
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        2, "", f"error: '127.0.0.1:{port}': Address already in use\n")

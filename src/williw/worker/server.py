@@ -29,9 +29,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError:
+    except OSError as exc:  # the bare "[Errno 98] Address already in use" did not say which address
         sock.close()
-        raise
+        raise OSError(exc.errno, exc.strerror, f"{host}:{port}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
