@@ -180,7 +180,7 @@ def test_real_smollm2_generates_like_the_whole_model_and_survives_a_dead_middle_
     line naming it within 5 s; after the re-plan, 32 greedy tokens again equal the reference's."""
     from williw import realmodels
 
-    model = realmodels.folder_for()
+    model, _ = realmodels.hf_folder()  # converted here on a machine where make demo has not run yet
     worker = WorkerProcess(f"sqlite:///{tmp_path / 'worker.db'}", node_ttl=5.0,
                            log_path=tmp_path / "worker.log").start()
     server = ModelServer(model).start()

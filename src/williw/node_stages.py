@@ -41,6 +41,10 @@ from williw.errors import GenerateError, WilliwError
 from williw.progress import get_logger
 
 log = get_logger(__name__)
+# One stage build at a time in a process: transformers' lazy module is not safe to import from two threads at once
+# (`williw run --local-nodes` preloads its nodes' stages together, and one failed with "module 'transformers' has
+# no attribute 'AutoConfig'" in about half the runs of tests/test_cli_processes.py).
+_BUILD_LOCK = threading.Lock()
 
 _ROUTE = re.compile(r"^/stage/([0-9a-f]{32})/v([1-9][0-9]{0,8})(?:/(forward|sessions/([0-9a-f]{32})))?$")
 _SESSION = re.compile(r"^[0-9a-f]{32}$")
@@ -198,7 +202,8 @@ class StageService:
         if mine:
             try:
                 began = time.perf_counter()
-                future.set_result(self._load(request_id, version, shard_dir))
+                with _BUILD_LOCK:
+                    future.set_result(self._load(request_id, version, shard_dir))
                 self.load_s[key] = round(time.perf_counter() - began, 3)
                 self.failures.pop(key, None)
             except BaseException as exc:
