@@ -23,6 +23,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
     ("[1e400]", "not valid JSON (a number overflows a 64-bit float; only finite numbers are allowed)"),
     (b'"\xc3\x28"', "not UTF-8 (byte 1 is 0xc3)"),
     ("{", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ('[{"node_id": "a", "x": 1, "node_id": "b"}]', 'not valid JSON (the key "node_id" appears twice in one object)'),
 ])
 def test_parse_refuses_with_one_line(text, message):
     with pytest.raises(JsonInputError) as exc:

@@ -33,6 +33,17 @@ def _refuse_constant(name: str) -> Any:
     raise JsonInputError(f"not valid JSON ({name} is not a number; only finite numbers are allowed)")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # RFC 8259 leaves a repeated name's meaning open; json.loads keeps the last, so {"node_id": "a", "node_id": "b"}
+    # was node b without a word.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise JsonInputError(f"not valid JSON (the key {json.dumps(key)[:80]} appears twice in one object)")
+    return obj
+
+
 def depth_ok(obj: Any, limit: int) -> bool:
     """Whether ``obj`` (lists and dicts) nests at most ``limit`` levels (``[]`` is 1); iterative, no recursion.
 
@@ -66,7 +77,8 @@ def parse(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
         max_depth: most levels of arrays/objects (``[]`` is 1 level).
 
     Returns:
-        The parsed value (dict, list, str, int, float, bool or None); every float is finite.
+        The parsed value (dict, list, str, int, float, bool or None); every float is finite, and no object
+        repeats a key.
 
     Raises:
         JsonInputError: one line saying what is wrong (position included for syntax errors).
@@ -77,7 +89,7 @@ def parse(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
         except UnicodeDecodeError as exc:
             raise JsonInputError(f"not UTF-8 (byte {exc.start:,} is 0x{exc.object[exc.start]:02x})") from None
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant)
+        obj = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
     except JsonInputError:
         raise
     except json.JSONDecodeError as exc:
