@@ -106,3 +106,14 @@ def test_show_plan_checks_the_plan_against_the_model_and_the_fleet(williw, tiny_
     assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "p.svg").exists()
     r = williw("show-plan", str(plan_file), "--svg", str(tmp_path / "p.svg"), "--metadata", str(meta))
     assert r.returncode == 0 and (tmp_path / "p.svg").exists()
+
+
+@pytest.mark.parametrize(("key", "value"), [("batch_size", 0), ("batch_size", 1.5), ("context_length", -3),
+                                            ("context_length", True)])
+def test_a_recorded_workload_must_be_a_positive_integer(key: str, value: object) -> None:
+    # replan plans for the recorded workload again; an invalid one was replaced by the metadata's defaults unsaid.
+    d = {"@plan": {"strategy": "greedy", key: value}, "n1": {"node_id": "n1", "layer_names": ["a"]}}
+    with pytest.raises(PlanError) as e:
+        Plan.from_dict(d, "p.json")
+    assert str(e.value) == (f"'p.json': '@plan.{key}' must be null or an integer in [1, 9223372036854775807], "
+                            f"got {value!r}")

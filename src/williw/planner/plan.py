@@ -245,6 +245,11 @@ def check_head(head: Any, node_ids: list[str], source: str) -> dict[str, Any]:
     for key, value in out["extra"].items():  # kept as they are, and written again: only what JSON can hold
         if has_nonfinite(value):
             raise bad(key, "a JSON value without inf or NaN")
+    # The workload the plan holds (`capacity.workload`): replan plans for it again, so a bad one is refused here
+    # rather than quietly replaced by the metadata's defaults.
+    for key in ("batch_size", "context_length"):
+        if head.get(key) is not None and not _int_in(head[key], 1):
+            raise bad(key, f"null or an integer in [1, {INT64_MAX}]")
     return out
 
 
