@@ -31,3 +31,10 @@ def test_a_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
 
     assert json.loads(target.read_text()) == {"v": 1}
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_a_target_that_cannot_be_created_is_named_not_the_temporary() -> None:
+    # /proc takes no new files (even for root): open() of the temporary beside the target fails.
+    with pytest.raises(OSError) as e, atomic_writer("/proc/williw-test.json", "w") as f:
+        f.write("{}")
+    assert e.value.filename == "/proc/williw-test.json"

@@ -39,6 +39,10 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", perms: int = 0
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        if exc.filename in (str(tmp), tmp):  # the user named the target, not our temporary beside it
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
