@@ -13,13 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from test_planner_pipeline import stage_cost
-from test_planner_runtime import runtime_meta
+from test_planner_runtime import draw_runtime_meta, runtime_meta
 from williw.cli import cli
 from williw.errors import InfeasiblePlan, NodesError, PlanError
 from williw.fleet import Fleet, Link, Node, load_fleet, load_nodes, parse_fleet, parse_nodes
 from williw.metadata import ModelMetadata, save_metadata
 from williw.planner import make_plan
 from williw.planner.costs import transfer_time
+from williw.planner.plan import Plan
 
 NODES = [{"node_id": "a", "compute_tflops": 1, "memory_gb": 1}, {"node_id": "b", "compute_tflops": 1, "memory_gb": 1},
          {"node_id": "c", "compute_tflops": 1, "memory_gb": 1}]
@@ -207,13 +208,7 @@ def brute_force_links(meta: ModelMetadata, nodes: list[Node], links: list[Link],
 
 @st.composite
 def linked_instances(draw, max_nodes: int = 6, max_blocks: int = 6, min_nodes: int = 1):
-    n = draw(st.integers(1, max_blocks))
-    blocks = draw(st.lists(st.tuples(st.integers(0, 20), st.integers(1, 9), st.integers(0, 3), st.integers(0, 6),
-                                     st.integers(0, 5), st.integers(0, 2)), min_size=n, max_size=n))
-    meta = runtime_meta(blocks, hidden=draw(st.integers(0, 4)), seq=draw(st.integers(1, 4)),
-                        first=draw(st.tuples(st.integers(0, 3), st.integers(0, 6))),
-                        last=draw(st.tuples(st.integers(0, 6), st.integers(0, 6))),
-                        tied=draw(st.none() | st.tuples(st.integers(0, 6), st.integers(1, 6))))
+    meta = draw_runtime_meta(draw, max_blocks)
     k = draw(st.integers(min_nodes, max_nodes))
     speeds = st.none() | st.sampled_from([1e-9, 4e-9, 1e-8, 1e-6])
     latencies = st.none() | st.sampled_from([0.0, 1e-6, 0.01])
@@ -233,22 +228,33 @@ def linked_instances(draw, max_nodes: int = 6, max_blocks: int = 6, min_nodes: i
     return meta, nodes, links, draw(st.integers(1, 3)), draw(st.integers(1, 12))
 
 
+def _exact_optimum(objective: str, expected: float | None, plan_with_links) -> Plan | None:
+    """``plan_with_links()`` is exact at ``expected`` (bit-equal; the latency sums to 1e-12), or infeasible when it
+    is None; returns the plan."""
+    if expected is None:
+        with pytest.raises(InfeasiblePlan):
+            plan_with_links()
+        return None
+    plan = plan_with_links()
+    assert plan.exact is True
+    if objective == "latency":
+        assert plan.bottleneck_s == pytest.approx(expected, rel=1e-12, abs=1e-300)
+    else:
+        assert plan.bottleneck_s == expected
+    return plan
+
+
 @pytest.mark.parametrize("objective", ["prefill", "decode", "latency"])
 @settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=linked_instances())
 def test_plans_with_links_are_the_exhaustive_optimum(objective: str, case) -> None:
     meta, nodes, links, batch, context = case
     expected = brute_force_links(meta, nodes, links, objective, batch, context)
-    if expected is None:
-        with pytest.raises(InfeasiblePlan):
-            make_plan(meta, nodes, objective=objective, batch_size=batch, context_length=context, links=links)
+    plan = _exact_optimum(objective, expected, lambda: make_plan(
+        meta, nodes, objective=objective, batch_size=batch, context_length=context, links=links))
+    if plan is None:
         return
-    plan = make_plan(meta, nodes, objective=objective, batch_size=batch, context_length=context, links=links)
-    assert plan.exact is True
-    if objective == "latency":
-        assert plan.bottleneck_s == pytest.approx(expected, rel=1e-12, abs=1e-300)
-    else:
-        assert plan.bottleneck_s == expected
+    if objective != "latency":
         assert plan.lower_bound_s == plan.bottleneck_s
     # The reported stage times are those of the definitions, with each stage's neighbours.
     assert [a.stage_time_s for a in plan.assignments] == priced(meta, plan, nodes, links, "prefill", batch, context)
@@ -304,17 +310,11 @@ def test_links_that_price_like_the_own_links_give_the_link_free_optimum(objectiv
     nodes = [dataclasses.replace(v, network_gbps=speed, latency_ms=latency) for v in nodes]
     links = [Link(x.between, speed, latency if speed is None else None) for x in links]
     try:
-        today = make_plan(meta, nodes, objective=objective, batch_size=batch, context_length=context)
+        today = make_plan(meta, nodes, objective=objective, batch_size=batch, context_length=context).bottleneck_s
     except InfeasiblePlan:  # the message may differ: it names the candidates, which dominance changes
-        with pytest.raises(InfeasiblePlan):
-            make_plan(meta, nodes, objective=objective, batch_size=batch, context_length=context, links=links)
-        return
-    plan = make_plan(meta, nodes, objective=objective, batch_size=batch, context_length=context, links=links)
-    assert plan.exact is True
-    if objective == "latency":
-        assert plan.bottleneck_s == pytest.approx(today.bottleneck_s, rel=1e-12, abs=1e-300)
-    else:
-        assert plan.bottleneck_s == today.bottleneck_s
+        today = None
+    _exact_optimum(objective, today, lambda: make_plan(
+        meta, nodes, objective=objective, batch_size=batch, context_length=context, links=links))
 
 
 @pytest.mark.parametrize("objective", ["prefill", "latency"])

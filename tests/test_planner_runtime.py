@@ -31,15 +31,20 @@ def runtime_meta(blocks: list[tuple[int, int, int, int, int, int]], hidden: int 
     return dataclasses.replace(meta, blocks=metas, hidden_size=hidden or None, sequence_length=seq)
 
 
-@st.composite
-def runtime_instances(draw, max_nodes: int = 8, max_blocks: int = 8):
+def draw_runtime_meta(draw, max_blocks: int) -> ModelMetadata:
+    """A model of 1 to ``max_blocks`` blocks with run-time figures (KV cache, activations), drawn with ``draw``."""
     n = draw(st.integers(1, max_blocks))
     blocks = draw(st.lists(st.tuples(st.integers(0, 20), st.integers(1, 9), st.integers(0, 3), st.integers(0, 6),
                                      st.integers(0, 5), st.integers(0, 2)), min_size=n, max_size=n))
-    meta = runtime_meta(blocks, hidden=draw(st.integers(0, 4)), seq=draw(st.integers(1, 4)),
+    return runtime_meta(blocks, hidden=draw(st.integers(0, 4)), seq=draw(st.integers(1, 4)),
                         first=draw(st.tuples(st.integers(0, 3), st.integers(0, 6))),
                         last=draw(st.tuples(st.integers(0, 6), st.integers(0, 6))),
                         tied=draw(st.none() | st.tuples(st.integers(0, 6), st.integers(1, 6))))
+
+
+@st.composite
+def runtime_instances(draw, max_nodes: int = 8, max_blocks: int = 8):
+    meta = draw_runtime_meta(draw, max_blocks)
     k = draw(st.integers(1, max_nodes))
     nodes = [Node(f"n{i}", float(draw(st.integers(1, 8))), draw(st.integers(1, 90)) / 1e9,
                   float(draw(st.integers(1, 8))),

@@ -89,6 +89,14 @@ def literal_fewest_bytes(meta: ModelMetadata, nodes: list[Node], held: dict[str,
     return out
 
 
+def leave_or_join(draw, current: Plan, nodes: list[Node], newcomer) -> list[Node]:
+    """The fleet after one of ``current``'s nodes left (when it has two or more) or ``newcomer()`` joined."""
+    if draw(st.booleans()) and len(current.assignments) > 1:
+        gone = draw(st.sampled_from(current.node_ids))
+        return [v for v in nodes if v.node_id != gone]
+    return [*nodes, newcomer()]
+
+
 @st.composite
 def changes(draw, max_nodes: int = 6, max_blocks: int = 12, tied: bool = True):
     """A model, a fleet and its plan, and the fleet after one node left (a stage) or joined."""
@@ -99,12 +107,8 @@ def changes(draw, max_nodes: int = 6, max_blocks: int = 12, tied: bool = True):
         current = make_plan(meta, nodes, objective=objective)
     except InfeasiblePlan:
         assume(False)
-    if draw(st.booleans()) and len(current.assignments) > 1:
-        gone = draw(st.sampled_from(current.node_ids))
-        after = [v for v in nodes if v.node_id != gone]
-    else:
-        after = [*nodes, Node("new", float(draw(st.integers(1, 8))), draw(st.integers(1, 45)) / 1e9,
-                              float(draw(st.integers(1, 8))))]
+    after = leave_or_join(draw, current, nodes, lambda: Node(
+        "new", float(draw(st.integers(1, 8))), draw(st.integers(1, 45)) / 1e9, float(draw(st.integers(1, 8)))))
     slowdown = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
     return meta, current, after, objective, slowdown
 

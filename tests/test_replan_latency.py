@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from test_planner_pipeline import build_meta, stage_cost
 from test_planner_runtime import runtime_instances
-from test_replan import held_now, moved, stage_tensors
+from test_replan import held_now, leave_or_join, moved, stage_tensors
 from williw.errors import InfeasiblePlan
 from williw.fleet import Node
 from williw.metadata import ModelMetadata
@@ -51,12 +51,9 @@ def latency_changes(draw):
         current = make_plan(meta, nodes, objective="latency", batch_size=batch, context_length=context)
     except InfeasiblePlan:
         assume(False)
-    if draw(st.booleans()) and len(current.assignments) > 1:
-        gone = draw(st.sampled_from(current.node_ids))
-        after = [v for v in nodes if v.node_id != gone]
-    else:
-        after = [*nodes, Node("new", 1.0, draw(st.integers(1, 90)) / 1e9, float(draw(st.integers(1, 8))),
-                              latency_ms=draw(st.none() | st.sampled_from([0.0, 0.01])))]
+    after = leave_or_join(draw, current, nodes, lambda: Node(
+        "new", 1.0, draw(st.integers(1, 90)) / 1e9, float(draw(st.integers(1, 8))),
+        latency_ms=draw(st.none() | st.sampled_from([0.0, 0.01]))))
     return meta, current, after, batch, context, draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
 
 

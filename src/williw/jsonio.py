@@ -38,8 +38,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # was node b without a word.
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        seen: set[str] = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        key = next(k for i, (k, _) in enumerate(pairs) if any(k == j for j, _ in pairs[:i]))  # only when one repeats
         raise JsonInputError(f"not valid JSON (the key {json.dumps(key)[:80]} appears twice in one object)")
     return obj
 

@@ -201,10 +201,10 @@ class StageService:
                 future = self.hosts[key] = Future()
         if mine:
             try:
-                began = time.perf_counter()
                 with _BUILD_LOCK:
+                    began = time.perf_counter()
                     future.set_result(self._load(request_id, version, shard_dir))
-                self.load_s[key] = round(time.perf_counter() - began, 3)
+                    self.load_s[key] = round(time.perf_counter() - began, 3)
                 self.failures.pop(key, None)
             except BaseException as exc:
                 with self.lock:  # the next request tries again

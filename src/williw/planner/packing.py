@@ -49,6 +49,7 @@ def pack(c: _Costs, t: float, deadline: float = float("inf"),
     least = min(c.amount(q, q + 1, False) for q in range(n)) if n else 0.0
     free = sorted((cap[v], v) for v in range(k) if t * c.rate[v] * (1 + 1e-9) >= least)  # the others hold nothing
     slack = _least_waste(c, cap, free)
+    noise = NOISE if rng is not None else 0.0
     p = 0
     stages: list[Stage] = []
     while True:
@@ -76,15 +77,14 @@ def pack(c: _Costs, t: float, deadline: float = float("inf"),
                     hopeful.append((_waste_at_least(c, v, p, cap[v]) - slack[v], v))
         hopeful.sort()
         best: tuple[float, int, int, int] | None = None  # (-excess waste, end, -index, node)
-        noise = NOISE if rng is not None else 0.0
         for least_excess, v in hopeful:  # exact wastes, until no estimate can beat the best
             if best is not None and least_excess > -best[0] + (1e-9 + noise) * cap[v]:
                 break
             end = c.ext(v, p, t)
             if end > p:
                 waste = (t - c.cost(v, p, end, False)) * c.rate[v]
-                if rng is not None:
-                    waste -= rng.random() * noise * cap[v]
+                if noise:
+                    waste -= rng.random() * noise * cap[v]  # type: ignore[union-attr]
                 key = (slack[v] - waste, end, -v, v)
                 if best is None or key > best:
                     best = key
@@ -150,15 +150,9 @@ def repack(c: _Costs, plan: tuple[Stage, ...], lower: float, deadline: float,
     hi = c.bottleneck(plan)
     rng = random.Random(0)
     shrink, failed = 1 / 256, 0
-    while hi * (1 - shrink) > lower and time.monotonic() < deadline:
-        if shrink <= REL_TOL:  # every step down failed: start again from the largest (new random draws)
-            if tries is None and math.isinf(deadline):
-                break
-            shrink = 1 / 256
-        if tries is not None:
-            if tries <= 0:
-                break
-            tries -= 1
+    left = math.inf if tries is None else tries
+    while left > 0 and hi * (1 - shrink) > lower and time.monotonic() < deadline:
+        left -= 1
         found = pack(c, hi * (1 - shrink), deadline, rng)
         if found is not None and c.bottleneck(found) < hi:
             plan, hi, failed = found, c.bottleneck(found), 0
@@ -166,6 +160,10 @@ def repack(c: _Costs, plan: tuple[Stage, ...], lower: float, deadline: float,
         failed += 1
         if failed >= TRIES_PER_LEVEL:
             shrink, failed = shrink / 2, 0
+            if shrink <= REL_TOL:  # every step down failed: start again from the largest (new random draws)
+                if math.isinf(left) and math.isinf(deadline):  # unbounded: stop here instead
+                    break
+                shrink = 1 / 256
     return plan
 
 

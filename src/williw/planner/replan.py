@@ -128,8 +128,9 @@ def replan(metadata: ModelMetadata, current_plan: Plan, nodes: Sequence[Node], m
         raise PlanError(f"max_slowdown must be a finite number >= 0 (0.05 = 5% slower), got {max_slowdown!r}")
     check_step_bytes(max_step_bytes)
     objective = objective or (current_plan.objective if current_plan.objective in OBJECTIVES else "prefill")
-    batch_size = batch_size or _recorded(current_plan, "batch_size")
-    context_length = context_length or _recorded(current_plan, "context_length")
+    # The plan's recorded workload: null or a positive integer (`plan.check_head` refuses anything else).
+    batch_size = batch_size or current_plan.extra.get("batch_size")
+    context_length = context_length or current_plan.extra.get("context_length")
     known = {x.name for x in metadata.layers}
     for a in current_plan.assignments:
         unknown = next((t for t in a.tensor_names if t not in known), None)
@@ -187,11 +188,6 @@ def replan(metadata: ModelMetadata, current_plan: Plan, nodes: Sequence[Node], m
                   moved_lower_bound=sum(b for t, b in size.items() if t not in anywhere),
                   departed=tuple(u for u in current_plan.node_ids if u not in live),
                   joined=tuple(v.node_id for v in nodes if v.node_id not in current_plan.node_ids))
-
-
-def _recorded(plan: Plan, key: str) -> int | None:
-    value = plan.extra.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def _stages_of(model: PipelineModel, plan: Plan, candidates: list[str]) -> tuple[Stage, ...]:

@@ -20,7 +20,7 @@ import time
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from williw.fleet import check_node_id
@@ -30,7 +30,7 @@ from williw.worker import assignment_store as db
 from williw.worker import migration_store
 from williw.worker.deps import AuthDep, NodeIdPath, RequestIdPath, SettingsDep, StoreDep, TokenDep
 from williw.worker.replanning import node_pulls, switch_if_ready
-from williw.worker.schemas import REPO_ID_PATTERN
+from williw.worker.schemas import REPO_ID_PATTERN, StrictBody
 from williw.worker.service import Conflict, WorkerSettings, is_online
 from williw.worker.store import NotFound, Store
 
@@ -40,8 +40,7 @@ router = APIRouter()
 SOURCE_PATTERN = rf"^(https?://[A-Za-z0-9._~:/?#\[\]@!$&()*+,;=%-]{{1,2000}}|{REPO_ID_PATTERN[1:-1]})$"
 
 
-class DistributeIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # no coercion, as `schemas._Body`
+class DistributeIn(StrictBody):
     source: str = Field(pattern=SOURCE_PATTERN, description="serve-model URL or Hub repo id the nodes pull from")
     revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._/-]{1,128}$")
     auto_replan: bool | None = Field(default=None, description="re-plan when nodes leave or join")
@@ -49,8 +48,7 @@ class DistributeIn(BaseModel):
     max_step_bytes: int | None = Field(default=None, ge=1, le=INT64_MAX)
 
 
-class AssignmentIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # no coercion, as `schemas._Body`
+class AssignmentIn(StrictBody):
     state: Literal["pulling", "ready", "failed"]
     plan_version: int | None = Field(default=None, ge=1, le=INT64_MAX)
     shard_path: str | None = Field(default=None, min_length=1, max_length=4096)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from williw.fleet import check_node_id
@@ -22,6 +22,7 @@ from williw.planner.plan import PLAN_KEY
 from williw.worker import assignment_store, migration_store
 from williw.worker.deps import AuthDep, NodeIdPath, RequestIdPath, SettingsDep, StoreDep, TokenDep
 from williw.worker.replanning import replan_request
+from williw.worker.schemas import StrictBody
 from williw.worker.service import Conflict
 from williw.worker.store import Store
 
@@ -31,14 +32,12 @@ router = APIRouter()
 _PULL_STATE = {"assigned": "pending", "pulling": "pulling", "ready": "done", "failed": "failed"}
 
 
-class ReplanIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # no coercion, as `schemas._Body`
+class ReplanIn(StrictBody):
     max_slowdown: float | None = Field(default=None, ge=0, le=10, allow_inf_nan=False)
     max_step_bytes: int | None = Field(default=None, ge=1, le=INT64_MAX)
 
 
-class ServeUrlIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # no coercion, as `schemas._Body`
+class ServeUrlIn(StrictBody):
     serve_url: str | None = Field(pattern=r"^https?://[A-Za-z0-9._~:/\[\]@%-]{1,2000}$")
 
 

@@ -26,13 +26,15 @@ def _range(field: str) -> AfterValidator:
 _Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
-class _Body(BaseModel):
+class StrictBody(BaseModel):
+    """Every request body's base: unknown fields and coerced values are 422s."""
+
     # strict: no coercion, as in a nodes file (`williw.fleet.check_number` refuses true and "5"); lax pydantic
     # registered {"latency_ms": true} as 1.0 ms and took {"batch_size": true, "sequence_length": "64"}.
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class RequestIn(_Body):
+class RequestIn(StrictBody):
     model_name: str = Field(pattern=REPO_ID_PATTERN, description="Hugging Face model id, e.g. owner/name")
     node_id: str | None = Field(default=None, min_length=1, max_length=NODE_ID_MAX,
                                 description="the user node that asks")
@@ -40,7 +42,7 @@ class RequestIn(_Body):
     sequence_length: int = Field(default=512, ge=1, le=10_000_000)
 
 
-class ProcessIn(_Body):
+class ProcessIn(StrictBody):
     request_id: str = Field(min_length=1, max_length=ID_MAX)
     metadata_repo: str | None = Field(default=None, pattern=REPO_ID_PATTERN)
     metadata: dict[str, Any] | None = None
@@ -68,13 +70,13 @@ class ProcessIn(_Body):
         return self
 
 
-class GetPlanIn(_Body):
+class GetPlanIn(StrictBody):
     request_id: str = Field(min_length=1, max_length=ID_MAX)
     node_id: str | None = Field(default=None, min_length=1, max_length=NODE_ID_MAX)
     version: int | None = Field(default=None, ge=1, le=INT64_MAX)
 
 
-class NodeIn(_Body):
+class NodeIn(StrictBody):
     """The fields of one entry of the planner's nodes file."""
 
     node_id: str = Field(min_length=1, max_length=NODE_ID_MAX)
