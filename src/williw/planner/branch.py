@@ -12,8 +12,9 @@ each taking its longest run (``ext``; runs nest, so longer is never worse). It i
 * **dominance between states:** a failed state (``p``, used set ``U``) fails for every ``p' <= p`` with the same
   ``U`` (``ext`` is non-decreasing in ``p``), so each used set keeps the largest failed ``p``.
 
-The outer loop bisects ``T`` between a certified lower bound (`bound.certified_lower_bound`, raised by every
-threshold the search proves infeasible) and the best plan found (at first the heuristic's), and ends, as the
+The outer loop bisects ``T`` between a certified lower bound (`bound.certified_lower_bound`, then the LP
+relaxation's `relaxation.lp_lower_bound` when highspy is installed, raised by every threshold the search proves
+infeasible) and the best plan found (at first the heuristic's), and ends, as the
 subset DP does, on the stage costs left in the interval: the plan is then the exact optimum. When the time limit
 runs out the best plan is returned with the certified bound, so the gap ``bottleneck / bound - 1`` is a proof.
 """
@@ -27,11 +28,15 @@ from williw.planner.bound import NONE, Caps, Windows, certified_lower_bound
 from williw.planner.lagrange import prices
 from williw.planner.packing import best_fit, repack
 from williw.planner.pipeline import Stage, _candidates, _Costs
+from williw.planner.relaxation import lp_lower_bound, refutes_at
 
 CHECK_EVERY = 256  # search steps between looks at the clock
 PRICE_ROUNDS = 40  # subgradient steps for the node prices of each threshold (`lagrange.prices`)
 BISECT_REL_TOL = 1e-6  # bisect to here, then over the stage costs left (as `pipeline._minimise`)
 BOUND_SHARE = 0.3  # of the time limit: the window bound's bisection (it stops early with a weaker, valid bound)
+# Of the time limit: the LP bound (`relaxation.lp_lower_bound`) after the window bound; 1,000 blocks over 1,000
+# nodes take about 4 s to reach it within 1e-4 (0.38% above the window bound), most instances far less.
+LP_SHARE = 0.3
 PACK_SHARE = 0.3  # of the time left after it: best-fit packing (`packing.best_fit`), before the exact probes
 # A probe first tabulates every node's run from every block (k·n runs, ~3 µs each in CPython): beyond this many it
 # cannot finish in any sensible limit (1,000 x 1,000: 3 s for each probe's table), so packing gets all the time.
@@ -183,11 +188,12 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
         c: the model, candidate nodes and objective.
         start: a plan to improve on (the heuristic's), or None.
         lower: a valid lower bound on every plan's bottleneck (`pipeline.lower_bound`).
-        time_limit_s: wall-clock seconds for the whole search: 30% for the window bound's bisection; of the rest
-            but the last 15%, 30% for best-fit packing and the rest for the exact probes; the last 15% for
-            randomised re-packing when the probes did not prove the plan optimal (one round of the bound and the
-            start plan are always computed); all after the bound to packing when a probe could not tabulate its
-            runs.
+        time_limit_s: wall-clock seconds for the whole search: 30% for the window bound's bisection, then up to
+            30% for the LP bound (`relaxation`, with highspy; most instances take far less); of the rest but the
+            last 15%, 30% for best-fit packing and the rest for the exact probes; the last 15% for randomised
+            re-packing when the probes did not prove the plan optimal (one round of the bound and the start plan
+            are always computed); all after the bounds to packing when a probe could not tabulate its runs. The
+            exact phase tries the LP's proof at each stage cost before the search's.
 
     Returns:
         The plan, whether it is proven optimal, and the certified lower bound; None when no plan fits (proven)
@@ -207,6 +213,7 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
     hi = c.bottleneck(plan)
     # Proven: every plan's bottleneck is above lo.
     lo = certified_lower_bound(w, lower * (1 - 1e-9), hi, deadline=now + time_limit_s * BOUND_SHARE)
+    lo = lp_lower_bound(c, lo, hi, deadline=time.monotonic() + time_limit_s * LP_SHARE)
     now = time.monotonic()
     if len(c.nodes) * c.m.n > PROBE_MAX_RUNS:  # no probe could tabulate its runs: packing gets all the time
         packed = best_fit(c, lo, hi, deadline)
@@ -237,7 +244,8 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
             i, j = 0, len(values)
             while i < j:  # the optimum is one of values[i:j], or hi itself
                 mid_i = (i + j) // 2
-                found = _dfs(c, w, values[mid_i], probes_until)
+                # the LP's proof is one solve; the search's may take long where the LP is tight (few blocks a node)
+                found = None if refutes_at(c, values[mid_i]) else _dfs(c, w, values[mid_i], probes_until)
                 if found is None:
                     i, lo = mid_i + 1, max(lo, values[mid_i])
                 else:

@@ -1,0 +1,264 @@
+"""The linear-programming bound: stronger than the window bound where nodes hold few blocks each.
+
+Why: the window bound (`bound.py`) only counts what the nodes can hold in total. With a few blocks per node the
+blocks' granularity decides: 40 uneven blocks over 40 nodes, its bound is 1.3-5.9% below the proven optimum, while
+this relaxation equals the optimum on all six instances measured (`bench/planner.py certified`).
+
+The relaxation, at a threshold ``T``: a plan is a partition of the blocks into runs (a path from block 0 to ``n``)
+and distinct nodes that hold them. Order the candidates by their middle-stage capacity ``(T - transfers) · rate``
+(largest first) and let a run's **reach** be the worst rank of a node that can hold it (its amount within the
+node's capacity for the run's role; memory is left out, which only loosens the bound). Runs of reach ``<= j`` need
+distinct nodes among the ``N_j`` of rank ``<= j``, so every plan is a path with, for each ``j``::
+
+    #{runs of reach <= j} <= N_j.
+
+The fractional version (a unit flow over runs) is a small LP: one variable per run, ``n`` flow rows and one row per
+rank. HiGHS (`highspy`, an optional dependency) solves it; its duals ``λ_j >= 0`` give every run the price
+``Σ_{j >= reach} λ_j``. When the cheapest path under those prices costs more than ``Σ_j N_j λ_j``, no plan exists at
+``T`` (the Lagrangian argument of `lagrange.py`, with ranks in place of nodes). That last check is done here, in
+exact arithmetic on the solver's numbers, so a solver's rounding can weaken the bound but never make it wrong.
+Without highspy the planner keeps the window bound.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from bisect import bisect_left
+
+from williw.planner.bound import SLACK
+from williw.planner.pipeline import _Costs
+
+# Runs in one LP beyond which the bound is skipped: 1,000 blocks over 1,000 nodes have 7,600 (0.3 s a solve);
+# over 96 nodes 73,000 (3.5 s a solve, with a bound 0.15% above the window bound), measured with HiGHS 1.16.
+MAX_RUNS = 30_000
+REL_TOL = 1e-4  # the bound's bisection stops once hi / lo - 1 is below this
+# One LP's seconds per run (HiGHS's interior point, measured 55-90 µs on 7,600 runs): a solve that cannot end
+# before the deadline is not started, since it cannot be interrupted and its time is the packing's.
+SECONDS_PER_RUN = 1e-4
+
+
+def available() -> bool:
+    """Whether the LP solver (``highspy``) can be imported."""
+    try:
+        import highspy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Runs:
+    """Every run a node could hold at one threshold, with its reach; ``count`` is None when there are too many.
+
+    ``runs[i] = (p, e, reach)``: blocks ``[p, e)``; ``limit[j - 1] = N_j``, how many nodes have rank ``<= j``.
+    ``single`` is True when one node can hold the whole model (the relaxation then proves nothing).
+    """
+
+    def __init__(self, c: _Costs, t: float, max_runs: int = MAX_RUNS) -> None:
+        n = c.m.n
+        k = len(c.nodes)
+        top = t * (1 + SLACK)
+        self.single = False
+        mid = [(top - c.hop(v, 1, False)) * c.rate[v] for v in range(k)]
+        asc = sorted(mid)
+        m = k
+        # rank(v): how many nodes are at least as large as v (ties share the worst rank: a node may be any of them)
+        rank = [m - bisect_left(asc, x) for x in mid]
+        limit = [0] * m
+        for r in rank:
+            limit[r - 1] += 1
+        for j in range(1, m):
+            limit[j] += limit[j - 1]
+        # The first and last roles' transfers differ by node: their runs take the worst rank of a node able to
+        # hold them. Per role, nodes sorted by role capacity, with the running maximum of their ranks.
+        roles = {}
+        for role, (p_role, last) in (("first", (0, False)), ("last", (1, True))):
+            caps = sorted(((top - c.hop(v, p_role, last)) * c.rate[v], rank[v]) for v in range(k))
+            worst = [0] * k
+            acc = 0
+            for i in range(k - 1, -1, -1):
+                acc = max(acc, caps[i][1])
+                worst[i] = acc
+            roles[role] = ([x for x, _ in caps], worst)
+        biggest = max(max(mid), max(roles["first"][0][-1], roles["last"][0][-1]))
+        self.n, self.m, self.limit = n, m, limit
+        self.runs: list[tuple[int, int, int]] = []
+        # Count first (the longest run from p only grows with p): a threshold with too many runs costs O(n) here.
+        count, e = 0, 1
+        for p in range(n):
+            e = max(e, p + 1)
+            while e <= n and c.amount(p, e, e == n) <= biggest:
+                e += 1
+            count += e - 1 - p
+        self.count: int | None = count if count <= max_runs else None
+        if self.count is None:
+            return
+        self.single = any(c.finish(v, 0, t) for v in range(k))
+        for p in range(n):
+            for e in range(p + 1, n + 1):
+                if p == 0 and e == n:
+                    break  # one node for everything: `single`
+                a = c.amount(p, e, e == n)
+                if a > biggest:
+                    break
+                if p == 0 or e == n:
+                    caps, worst = roles["first" if p == 0 else "last"]
+                    i = bisect_left(caps, a)
+                    reach = worst[i] if i < k else 0
+                else:
+                    reach = m - bisect_left(asc, a)
+                if reach:
+                    self.runs.append((p, e, reach))
+
+
+def refutes(r: Runs, prices: list[float]) -> bool:
+    """True when the prices prove that no plan exists: the cheapest path over the runs, each priced
+    ``Σ_{j >= reach} λ_j``, costs more than ``Σ_j N_j λ_j`` (exact check; ``prices[j - 1] = λ_j``, clipped at 0)."""
+    lam = [max(0.0, x) if math.isfinite(x) else 0.0 for x in prices]
+    m = r.m
+    tail = [0.0] * (m + 2)
+    for j in range(m, 0, -1):
+        tail[j] = tail[j + 1] + lam[j - 1]
+    budget = sum(n_j * x for n_j, x in zip(r.limit, lam, strict=True))
+    inf = math.inf
+    f = [inf] * (r.n + 1)  # f[p]: the cheapest path from block p to the end
+    f[r.n] = 0.0
+    by_start: list[list[tuple[int, int]]] = [[] for _ in range(r.n)]
+    for p, e, reach in r.runs:
+        by_start[p].append((e, reach))
+    for p in range(r.n - 1, -1, -1):
+        best = inf
+        for e, reach in by_start[p]:
+            x = tail[reach] + f[e]
+            if x < best:
+                best = x
+        f[p] = best
+    # Sums of non-negative terms: each rounds by under 1e-15 relative, far inside the margin below.
+    return f[0] > budget * (1 + 1e-9) and f[0] > 0
+
+
+def solve(r: Runs) -> tuple[float, list[float]]:
+    """The LP's largest flow (1 when a fractional plan exists) and its rank prices ``λ_j`` (``[j - 1]``)."""
+    highspy = _solver()
+    import numpy as np
+
+    n, m, runs = r.n, r.m, r.runs
+    nx = len(runs)
+    # Columns: x (one per run), z_j (runs of reach <= j, cumulated; 0 <= z_j <= N_j), F (the flow).
+    # Rows: n flow rows (out - in - [p == 0] F = 0), then m rank rows (z_j - z_{j-1} - Σ_{reach = j} x = 0).
+    starts, index, value = [0], [], []
+    for p, e, reach in runs:
+        index += [p, n + reach - 1] if e == n else [p, e, n + reach - 1]
+        value += [1.0, -1.0] if e == n else [1.0, -1.0, -1.0]
+        starts.append(len(index))
+    for j in range(m):
+        index += [n + j, n + j + 1] if j + 1 < m else [n + j]
+        value += [1.0, -1.0] if j + 1 < m else [1.0]
+        starts.append(len(index))
+    index.append(0)
+    value.append(-1.0)
+    starts.append(len(index))
+    lp = highspy.HighsLp()
+    lp.num_col_ = nx + m + 1
+    lp.num_row_ = n + m
+    lp.col_cost_ = np.concatenate([np.zeros(nx + m), [-1.0]])  # maximise F
+    lp.col_lower_ = np.zeros(nx + m + 1)
+    lp.col_upper_ = np.concatenate([np.full(nx, highspy.kHighsInf), np.array(r.limit, dtype=float), [1.0]])
+    lp.row_lower_ = np.zeros(n + m)
+    lp.row_upper_ = np.zeros(n + m)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = np.array(starts, dtype=np.int32)
+    lp.a_matrix_.index_ = np.array(index, dtype=np.int32)
+    lp.a_matrix_.value_ = np.array(value)
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    # The interior-point method without crossover: the simplex method took 250 s on the 1,000 x 1,000 LP
+    # (degenerate), this 0.4-0.6 s; its duals are checked by `refutes` anyway.
+    h.setOptionValue("solver", "ipm")
+    h.setOptionValue("run_crossover", "off")
+    h.setOptionValue("threads", 1)
+    h.passModel(lp)
+    h.run()
+    duals = h.getSolution().col_dual
+    return -h.getInfo().objective_function_value, [-float(duals[nx + j]) for j in range(m)]
+
+
+_quiet = threading.Lock()
+_started = False
+
+
+def _solver():
+    """highspy, imported; its first solver object prints a banner on standard output, which goes to /dev/null."""
+    global _started
+    import highspy
+
+    with _quiet:
+        if not _started:
+            sys.stdout.flush()
+            saved = os.dup(1)
+            try:
+                with open(os.devnull, "wb") as null:
+                    os.dup2(null.fileno(), 1)
+                    highspy.Highs()
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+            _started = True
+    return highspy
+
+
+def lp_lower_bound(c: _Costs, lo: float, hi: float, deadline: float) -> float:
+    """Raise a certified lower bound ``lo`` (a threshold no plan meets) towards ``hi`` with the LP relaxation.
+
+    Each LP at a refuted threshold also gives its flow ``F < 1``; ``F`` grows about linearly to 1 at the LP's
+    bound, so the next threshold is the line through the last two refuted ones, aimed a little short of ``F = 1``
+    (kept inside the bracket); the first steps gallop up from ``lo`` (1/512, doubling). Stops at `REL_TOL`, past
+    ``deadline`` (monotonic seconds) or before a solve that would end after it, without highspy, or beyond
+    `MAX_RUNS` runs. Returns the largest threshold
+    `refutes` confirmed (``lo`` if none).
+    """
+    if not 0 < lo < hi:
+        return lo
+    step = 1 / 512
+    top = hi
+    seen: list[tuple[float, float]] = []  # (threshold, flow) of refuted thresholds
+    while top > lo * (1 + REL_TOL) and time.monotonic() < deadline:
+        mid = lo * (1 + step)
+        if len(seen) >= 2 and seen[-1][1] > seen[-2][1]:
+            (t1, f1), (t2, f2) = seen[-2:]
+            mid = t2 + (t2 - t1) * (1 - 1e-4 - f2) / (f2 - f1)
+        if not lo < mid < top:
+            mid = math.sqrt(lo) * math.sqrt(top)
+        if top < hi:  # a bracket: stay inside its middle three quarters, so it shrinks by an eighth at least
+            mid = min(max(mid, lo + (top - lo) / 8), top - (top - lo) / 8)
+        if not lo < mid < top:
+            break
+        r = Runs(c, mid)
+        if r.count is None or time.monotonic() + r.count * SECONDS_PER_RUN > deadline or not available():
+            return lo
+        if r.single:
+            top = mid
+            continue
+        flow, lam = solve(r) if r.runs else (0.0, [0.0] * r.m)
+        if flow < 1 - 1e-7 and (not r.runs or refutes(r, lam)):
+            lo, step = mid, step * 2
+            seen.append((mid, flow))
+        else:
+            top = mid
+    return lo
+
+
+def refutes_at(c: _Costs, t: float) -> bool:
+    """Whether the LP relaxation proves that no plan meets ``t`` (False without highspy or beyond `MAX_RUNS`)."""
+    if not available():
+        return False
+    r = Runs(c, t)
+    if r.count is None or r.single:
+        return False
+    if not r.runs:
+        return True
+    flow, lam = solve(r)
+    return flow < 1 - 1e-7 and refutes(r, lam)

@@ -1,0 +1,96 @@
+"""The LP bound (`planner.relaxation`): it never refutes a threshold some plan meets (exhaustive optimum, with memory,
+KV cache and transfers), it is tight where the window bound is not, its proof is checked outside the solver, and
+the planner works without highspy."""
+
+from __future__ import annotations
+
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from test_planner_pipeline import brute_force, build_meta
+from test_planner_runtime import runtime_instances
+from williw.fleet import Node
+from williw.planner.bound import Windows, certified_lower_bound
+from williw.planner.branch import certify
+from williw.planner.costs import pipeline_model
+from williw.planner.pipeline import _Costs, lower_bound
+from williw.planner.relaxation import Runs, lp_lower_bound, refutes, refutes_at, solve
+
+
+@pytest.mark.parametrize("objective", ["prefill", "decode"])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=runtime_instances())
+def test_the_lp_never_refutes_a_threshold_that_a_plan_meets(objective: str, case) -> None:
+    meta, nodes, batch, context = case
+    expected = brute_force(meta, nodes, objective, batch, context)
+    model = pipeline_model(meta, batch, context)
+    usable = [v for v in nodes if objective == "prefill" or v.memory_bandwidth_gbps]
+    if expected is None or expected <= 0 or not usable or model.n == 0:
+        return
+    c = _Costs(model, usable, objective)
+    assert refutes_at(c, expected) is False
+    bound = lp_lower_bound(c, expected * 1e-3, expected, math.inf)
+    assert bound < expected
+    assert bound == expected * 1e-3 or refutes_at(c, bound)
+
+
+def _forty(seed: int) -> tuple[_Costs, float]:
+    """40 blocks of 40-60 GFLOPs over 40 nodes of 1-1000 TFLOPS (bench/planner.py's shapes): a few blocks a node."""
+    rng = random.Random(seed)
+    meta = build_meta([(rng.randint(40, 60), rng.randint(80, 120)) for _ in range(40)], (0, 200), (30, 200))
+    fleet = random.Random(100 + seed)
+    nodes = [Node(f"n{i}", round(10 ** fleet.uniform(0, 3), 3), 80.0) for i in range(40)]
+    model = pipeline_model(meta)
+    return _Costs(model, nodes, "prefill"), lower_bound(model, nodes, "prefill")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 8])  # the window bound 4.0%, 3.0% and 5.6% below the optimum
+def test_the_lp_bound_proves_the_optimum_where_the_window_bound_is_percent_below(seed: int) -> None:
+    c, lower = _forty(seed)
+    found = certify(c, None, lower, 60.0)
+    assert found is not None and found.exact is True
+    optimum = c.bottleneck(found.stages)
+    window = certified_lower_bound(Windows(c), lower * (1 - 1e-9), optimum)
+    lp = lp_lower_bound(c, window, optimum, math.inf)
+    assert window < optimum * (1 - 0.01)  # the window bound: more than 1% below
+    assert optimum * (1 - 2e-4) < lp < optimum  # the LP's: within its bisection's tolerance
+
+
+def test_a_proof_is_checked_outside_the_solver() -> None:
+    c, lower = _forty(0)
+    found = certify(c, None, lower, 60.0)
+    below = c.bottleneck(found.stages) * (1 - 1e-3)
+    r = Runs(c, below)
+    flow, prices = solve(r)
+    assert flow < 1 and refutes(r, prices) is True
+    assert refutes(r, [0.0] * r.m) is False  # no prices, no proof
+    assert refutes(r, [x * 0.5 for x in prices]) is True  # a proof scales
+    assert refutes(r, [-x for x in prices]) is False  # negative prices are clipped to 0
+    r_above = Runs(c, c.bottleneck(found.stages))
+    assert refutes(r_above, solve(r_above)[1]) is False  # at the optimum nothing refutes
+
+
+def test_planning_works_without_highspy_and_prints_nothing() -> None:
+    script = (
+        "import sys, random\n"
+        "{block}"
+        "from test_planner_relaxation import _forty\n"
+        "from williw.planner.relaxation import available, lp_lower_bound\n"
+        "from williw.planner.branch import certify\n"
+        "c, lower = _forty(0)\n"
+        "found = certify(c, None, lower, 30.0)\n"
+        "print(available(), found.exact, lp_lower_bound(c, lower, 2 * lower, 1e18) > lower)\n"
+    )
+    tests = str(__import__("pathlib").Path(__file__).parent)
+    for block, expected in (("sys.modules['highspy'] = None\n", "False True False"), ("", "True True True")):
+        out = subprocess.run([sys.executable, "-c", script.format(block=block)], capture_output=True, text=True,
+                             cwd=tests, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == expected  # no solver banner on standard output
+        assert out.stderr == ""
+
