@@ -98,6 +98,9 @@ class Runs:
             return
         self.single = any(c.finish(v, 0, t) for v in range(k))
         for p in range(n):
+            # Only runs that one more block would make harder to place (a smaller reach) are kept: a plan's run can
+            # grow to the last block of its reach, and the next run, now shorter, only gains reach.
+            held = (0, 0)  # the last run from p with a reach: (end, reach)
             for e in range(p + 1, n + 1):
                 if p == 0 and e == n:
                     break  # one node for everything: `single`
@@ -110,9 +113,11 @@ class Runs:
                     reach = worst[i] if i < k else 0
                 else:
                     reach = m - bisect_left(asc, a)
-                if reach:
-                    self.runs.append((p, e, reach))
-
+                if held[1] > reach:
+                    self.runs.append((p, *held))
+                held = (e, reach)
+            if held[1]:
+                self.runs.append((p, *held))
 
 def refutes(r: Runs, prices: list[float]) -> bool:
     """True when the prices prove that no plan exists: the cheapest path over the runs, each priced
