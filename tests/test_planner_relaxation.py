@@ -94,3 +94,38 @@ def test_planning_works_without_highspy_and_prints_nothing() -> None:
         assert out.stdout.strip() == expected  # no solver banner on standard output
         assert out.stderr == ""
 
+
+
+def _run(script: str) -> subprocess.CompletedProcess:
+    tests = str(__import__("pathlib").Path(__file__).parent)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tests, timeout=120)
+
+
+def test_planning_with_standard_output_closed() -> None:
+    out = _run("import os, sys\n"
+               "os.close(1); sys.stdout = None\n"
+               "from test_planner_relaxation import _forty\n"
+               "from williw.planner.branch import certify\n"
+               "c, lower = _forty(0)\n"
+               "sys.stderr.write(str(certify(c, None, lower, 30.0).exact))\n")
+    assert (out.returncode, out.stderr) == (0, "True")
+
+
+def test_the_lp_and_the_applications_own_highspy_solves_leave_each_other_working() -> None:
+    # HiGHS has one thread scheduler per process: a solve that asks another thread count than the first fails.
+    out = _run("import math, highspy, numpy as np\n"
+               "from test_planner_relaxation import _forty\n"
+               "from williw.planner.bound import Windows, certified_lower_bound\n"
+               "from williw.planner.relaxation import lp_lower_bound\n"
+               "def own():\n"
+               "    h = highspy.Highs(); h.setOptionValue('output_flag', False)\n"
+               "    h.addVars(2, np.zeros(2), np.ones(2)); h.changeColsCost(2, np.arange(2, dtype=np.int32),"
+               " np.array([-1.0, -2.0]))\n"
+               "    h.addRow(0.0, 1.0, 2, np.arange(2, dtype=np.int32), np.ones(2))\n"
+               "    return str(h.run())\n"
+               "first = own()\n"
+               "c, lower = _forty(0)\n"
+               "window = certified_lower_bound(Windows(c), lower * (1 - 1e-9), 1.0)\n"
+               "print(first, lp_lower_bound(c, window, 1.0, math.inf) > window * 1.01, own())\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].split() == ["HighsStatus.kOk", "True", "HighsStatus.kOk"]  # after its banner

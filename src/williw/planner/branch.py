@@ -245,7 +245,7 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
             while i < j:  # the optimum is one of values[i:j], or hi itself
                 mid_i = (i + j) // 2
                 # the LP's proof is one solve; the search's may take long where the LP is tight (few blocks a node)
-                found = None if refutes_at(c, values[mid_i]) else _dfs(c, w, values[mid_i], probes_until)
+                found = None if refutes_at(c, values[mid_i], probes_until) else _dfs(c, w, values[mid_i], probes_until)
                 if found is None:
                     i, lo = mid_i + 1, max(lo, values[mid_i])
                 else:

@@ -39,6 +39,7 @@ REL_TOL = 1e-4  # the bound's bisection stops once hi / lo - 1 is below this
 # One LP's seconds per run (HiGHS's interior point, measured 55-90 µs on 7,600 runs): a solve that cannot end
 # before the deadline is not started, since it cannot be interrupted and its time is the packing's.
 SECONDS_PER_RUN = 1e-4
+IMPORT_S = 0.3  # the first import of highspy and numpy: 0.12 s on an idle 2-core machine, ~1 s at load average 11
 
 
 def available() -> bool:
@@ -184,9 +185,11 @@ def solve(r: Runs) -> tuple[float, list[float]]:
     # (degenerate), this 0.4-0.6 s; its duals are checked by `refutes` anyway.
     h.setOptionValue("solver", "ipm")
     h.setOptionValue("run_crossover", "off")
-    h.setOptionValue("threads", 1)
+    # Threads: HiGHS's default. Its scheduler is one per process, and a solve asking another thread count than the
+    # first solve's fails: so williw's solves and the application's own highspy ones must both leave it alone.
     h.passModel(lp)
-    h.run()
+    if h.run() != highspy.HighsStatus.kOk:  # e.g. the application set another thread count first
+        return 1.0, [0.0] * m  # proves nothing
     duals = h.getSolution().col_dual
     return -h.getInfo().objective_function_value, [-float(duals[nx + j]) for j in range(m)]
 
@@ -196,21 +199,29 @@ _started = False
 
 
 def _solver():
-    """highspy, imported; its first solver object prints a banner on standard output, which goes to /dev/null."""
+    """highspy, imported; its first solver object prints a banner on standard output, which goes to /dev/null
+    (file descriptor 1 points there for that moment: another thread's write to it then is lost; a process whose
+    standard output is closed gets no banner anyway)."""
     global _started
     import highspy
 
     with _quiet:
         if not _started:
-            sys.stdout.flush()
-            saved = os.dup(1)
             try:
-                with open(os.devnull, "wb") as null:
-                    os.dup2(null.fileno(), 1)
-                    highspy.Highs()
+                if sys.stdout is not None:
+                    sys.stdout.flush()
+                saved = os.dup(1)
+            except (OSError, ValueError):  # standard output closed: nothing to protect
+                saved = -1
+            try:
+                if saved >= 0:
+                    with open(os.devnull, "wb") as null:
+                        os.dup2(null.fileno(), 1)
+                highspy.Highs()
             finally:
-                os.dup2(saved, 1)
-                os.close(saved)
+                if saved >= 0:
+                    os.dup2(saved, 1)
+                    os.close(saved)
             _started = True
     return highspy
 
@@ -242,7 +253,9 @@ def lp_lower_bound(c: _Costs, lo: float, hi: float, deadline: float) -> float:
         if not lo < mid < top:
             break
         r = Runs(c, mid)
-        if r.count is None or time.monotonic() + r.count * SECONDS_PER_RUN > deadline or not available():
+        # The first solve also pays the import: both count against the deadline, which is other phases' time.
+        cold = 0.0 if "highspy" in sys.modules else IMPORT_S
+        if r.count is None or time.monotonic() + r.count * SECONDS_PER_RUN + cold > deadline or not available():
             return lo
         if r.single:
             top = mid
@@ -256,14 +269,16 @@ def lp_lower_bound(c: _Costs, lo: float, hi: float, deadline: float) -> float:
     return lo
 
 
-def refutes_at(c: _Costs, t: float) -> bool:
-    """Whether the LP relaxation proves that no plan meets ``t`` (False without highspy or beyond `MAX_RUNS`)."""
-    if not available():
-        return False
+def refutes_at(c: _Costs, t: float, deadline: float = math.inf) -> bool:
+    """Whether the LP relaxation proves that no plan meets ``t``; False without highspy, beyond `MAX_RUNS` runs, or
+    when the solve would end after ``deadline`` (monotonic seconds)."""
     r = Runs(c, t)
     if r.count is None or r.single:
         return False
     if not r.runs:
         return True
+    cold = 0.0 if "highspy" in sys.modules else IMPORT_S
+    if time.monotonic() + r.count * SECONDS_PER_RUN + cold > deadline or not available():
+        return False
     flow, lam = solve(r)
     return flow < 1 - 1e-7 and refutes(r, lam)
