@@ -54,6 +54,14 @@ def fleet(n: int, rng: random.Random) -> list[Node]:
                  round(rng.uniform(50, 3000), 1)) for i in range(n)]
 
 
+def candidates(nodes: list[Node], n_blocks: int) -> list[Node]:
+    """The search's candidates, as make_plan prunes them: nodes that ``n_blocks`` others dominate are left out."""
+    from williw.planner.dominance import dominated
+
+    drop = set(dominated(nodes, n_blocks, "prefill"))
+    return [v for i, v in enumerate(nodes) if i not in drop]
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -117,7 +125,6 @@ def llama() -> None:
 def certified() -> None:
     from _models import llama_1b
     from williw.planner.costs import pipeline_model
-    from williw.planner.dominance import dominated
     from williw.planner.pipeline import _Costs, search
 
     rows = []
@@ -127,9 +134,7 @@ def certified() -> None:
         for size, limit in ((12, 10.0), (24, 10.0), (48, 10.0), (96, 10.0), (1000, 10.0), (10_000, 0.5)):
             if size == 10_000 and label != "1,000 blocks":
                 continue
-            fleet_nodes = fleet(size, random.Random(size))
-            drop = set(dominated(fleet_nodes, model.n, "prefill"))  # the search's candidates: as make_plan prunes
-            nodes = [v for i, v in enumerate(fleet_nodes) if i not in drop]
+            nodes = candidates(fleet(size, random.Random(size)), model.n)
             plan, secs = timed(lambda m=meta, v=nodes, t=limit: make_plan(m, v, time_limit_s=t))
             heuristic = search(model, nodes, "prefill")
             h = _Costs(model, nodes, "prefill").bottleneck(heuristic.stages)
@@ -152,7 +157,6 @@ def relaxation() -> None:
     from williw.planner.bound import Windows, certified_lower_bound
     from williw.planner.branch import certify
     from williw.planner.costs import pipeline_model
-    from williw.planner.dominance import dominated
     from williw.planner.pipeline import _Costs, lower_bound
     from williw.planner.relaxation import available, lp_lower_bound
 
@@ -163,9 +167,7 @@ def relaxation() -> None:
     for seed in range(6):
         meta = synthetic(40, random.Random(seed))
         model = pipeline_model(meta)
-        nodes = fleet(40, random.Random(100 + seed))
-        drop = set(dominated(nodes, model.n, "prefill"))
-        nodes = [v for i, v in enumerate(nodes) if i not in drop]
+        nodes = candidates(fleet(40, random.Random(100 + seed)), model.n)
         c = _Costs(model, nodes, "prefill")
         lower = lower_bound(model, nodes, "prefill")
         found, secs = timed(lambda c=c, lower=lower: certify(c, None, lower, 60.0))

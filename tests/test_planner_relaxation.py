@@ -8,6 +8,7 @@ import math
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -86,10 +87,8 @@ def test_planning_works_without_highspy_and_prints_nothing() -> None:
         "found = certify(c, None, lower, 30.0)\n"
         "print(available(), found.exact, lp_lower_bound(c, lower, 2 * lower, 1e18) > lower)\n"
     )
-    tests = str(__import__("pathlib").Path(__file__).parent)
     for block, expected in (("sys.modules['highspy'] = None\n", "False True False"), ("", "True True True")):
-        out = subprocess.run([sys.executable, "-c", script.format(block=block)], capture_output=True, text=True,
-                             cwd=tests, timeout=120)
+        out = _run(script.format(block=block))
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == expected  # no solver banner on standard output
         assert out.stderr == ""
@@ -97,8 +96,9 @@ def test_planning_works_without_highspy_and_prints_nothing() -> None:
 
 
 def _run(script: str) -> subprocess.CompletedProcess:
-    tests = str(__import__("pathlib").Path(__file__).parent)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tests, timeout=120)
+    """``script`` in a fresh Python process (its own HiGHS scheduler and banner), from the tests folder."""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parent,
+                          timeout=120)
 
 
 def test_planning_with_standard_output_closed() -> None:

@@ -1,8 +1,8 @@
 """The linear-programming bound: stronger than the window bound where nodes hold few blocks each.
 
 Why: the window bound (`bound.py`) only counts what the nodes can hold in total. With a few blocks per node the
-blocks' granularity decides: 40 uneven blocks over 40 nodes, its bound is 1.3-5.9% below the proven optimum, while
-this relaxation equals the optimum on all six instances measured (`bench/planner.py certified`).
+blocks' granularity decides: 40 uneven blocks over 40 nodes, its bound is 1.3-5.6% below the proven optimum, while
+this relaxation is within 0.01% of it on all six instances measured (`bench/planner.py certified`).
 
 The relaxation, at a threshold ``T``: a plan is a partition of the blocks into runs (a path from block 0 to ``n``)
 and distinct nodes that hold them. Order the candidates by their middle-stage capacity ``(T - transfers) · rate``
@@ -32,8 +32,9 @@ from bisect import bisect_left
 from williw.planner.bound import SLACK
 from williw.planner.pipeline import _Costs
 
-# Runs in one LP beyond which the bound is skipped: 1,000 blocks over 1,000 nodes have 7,600 (0.3 s a solve);
-# over 96 nodes 73,000 (3.5 s a solve, with a bound 0.15% above the window bound), measured with HiGHS 1.16.
+# Runs at one threshold (all of them, before `Runs` keeps the maximal ones) beyond which the bound is skipped:
+# 1,000 blocks over 1,000 nodes have 7,600 (0.4-0.6 s a solve); over 96 nodes 73,000 (3.5 s a solve of them all,
+# for a bound 0.15% above the window bound), measured with HiGHS 1.16.
 MAX_RUNS = 30_000
 REL_TOL = 1e-4  # the bound's bisection stops once hi / lo - 1 is below this
 # One LP's seconds per run (HiGHS's interior point, measured 55-90 µs on 7,600 runs): a solve that cannot end
@@ -119,6 +120,7 @@ class Runs:
                 held = (e, reach)
             if held[1]:
                 self.runs.append((p, *held))
+
 
 def refutes(r: Runs, prices: list[float]) -> bool:
     """True when the prices prove that no plan exists: the cheapest path over the runs, each priced
@@ -232,9 +234,8 @@ def lp_lower_bound(c: _Costs, lo: float, hi: float, deadline: float) -> float:
     Each LP at a refuted threshold also gives its flow ``F < 1``; ``F`` grows about linearly to 1 at the LP's
     bound, so the next threshold is the line through the last two refuted ones, aimed a little short of ``F = 1``
     (kept inside the bracket); the first steps gallop up from ``lo`` (1/512, doubling). Stops at `REL_TOL`, past
-    ``deadline`` (monotonic seconds) or before a solve that would end after it, without highspy, or beyond
-    `MAX_RUNS` runs. Returns the largest threshold
-    `refutes` confirmed (``lo`` if none).
+    ``deadline`` (monotonic seconds), or where `_verdict` cannot answer. Returns the largest threshold `refutes`
+    confirmed (``lo`` if none).
     """
     if not 0 < lo < hi:
         return lo
@@ -252,16 +253,11 @@ def lp_lower_bound(c: _Costs, lo: float, hi: float, deadline: float) -> float:
             mid = min(max(mid, lo + (top - lo) / 8), top - (top - lo) / 8)
         if not lo < mid < top:
             break
-        r = Runs(c, mid)
-        # The first solve also pays the import: both count against the deadline, which is other phases' time.
-        cold = 0.0 if "highspy" in sys.modules else IMPORT_S
-        if r.count is None or time.monotonic() + r.count * SECONDS_PER_RUN + cold > deadline or not available():
+        verdict = _verdict(c, mid, deadline)
+        if verdict is None:
             return lo
-        if r.single:
-            top = mid
-            continue
-        flow, lam = solve(r) if r.runs else (0.0, [0.0] * r.m)
-        if flow < 1 - 1e-7 and (not r.runs or refutes(r, lam)):
+        refuted, flow = verdict
+        if refuted:
             lo, step = mid, step * 2
             seen.append((mid, flow))
         else:
@@ -270,15 +266,24 @@ def lp_lower_bound(c: _Costs, lo: float, hi: float, deadline: float) -> float:
 
 
 def refutes_at(c: _Costs, t: float, deadline: float = math.inf) -> bool:
-    """Whether the LP relaxation proves that no plan meets ``t``; False without highspy, beyond `MAX_RUNS` runs, or
-    when the solve would end after ``deadline`` (monotonic seconds)."""
+    """Whether the LP relaxation proves that no plan meets ``t``; False where `_verdict` cannot answer."""
+    verdict = _verdict(c, t, deadline)
+    return verdict is not None and verdict[0]
+
+
+def _verdict(c: _Costs, t: float, deadline: float) -> tuple[bool, float] | None:
+    """(whether the LP proves that no plan meets ``t``, its flow); None beyond `MAX_RUNS` runs, without highspy, or
+    when the solve (and the first import, which counts too: it is other phases' time) would end after
+    ``deadline`` (monotonic seconds)."""
     r = Runs(c, t)
-    if r.count is None or r.single:
-        return False
-    if not r.runs:
-        return True
+    if r.count is None:
+        return None
+    if r.single:  # one node can hold everything: a plan exists
+        return False, 1.0
+    if not r.runs:  # and no node can hold any part: none does
+        return True, 0.0
     cold = 0.0 if "highspy" in sys.modules else IMPORT_S
     if time.monotonic() + r.count * SECONDS_PER_RUN + cold > deadline or not available():
-        return False
+        return None
     flow, lam = solve(r)
-    return flow < 1 - 1e-7 and refutes(r, lam)
+    return flow < 1 - 1e-7 and refutes(r, lam), flow
