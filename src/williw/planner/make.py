@@ -133,27 +133,36 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
     table = {pair: x for pair, x in table.items() if pair[0] in ids and pair[1] in ids}
     exact_links = bool(table) and len(candidates) <= links_exact_limit(objective)
     start = time.monotonic()
+    # Beyond the link search's exact limit the link-free plan seeds it. It is made over the candidates a call without
+    # links keeps (linked nodes escape pruning only for the link search), so the seed is that call's plan, ties
+    # broken alike, and the result is never worse than it priced with the links.
+    pool = candidates
+    if table and not exact_links:
+        plain = set(dominated(usable, model.n, objective))
+        pool = [v for i, v in enumerate(usable) if i not in plain]
     if exact_links:
         found = search_links(model, candidates, objective, table)
     else:
-        found = search_latency(model, candidates, start + time_limit_s) if objective == "latency" else \
-            search(model, candidates, objective, deadline=start + time_limit_s * HEURISTIC_SHARE)
-    lower = lower_bound(model, candidates, objective)
+        found = search_latency(model, pool, start + time_limit_s) if objective == "latency" else \
+            search(model, pool, objective, deadline=start + time_limit_s * HEURISTIC_SHARE)
+    lower = lower_bound(model, pool, objective)
     exact = found is not None and found.exact
     stages = found.stages if found is not None else None
-    if len(candidates) > EXACT_MAX_NODES and objective != "latency" and not exact_links:
-        c = _Costs(model, candidates, objective)
+    if len(pool) > EXACT_MAX_NODES and objective != "latency" and not exact_links:
+        c = _Costs(model, pool, objective)
         certified = certify(c, stages, lower, max(start + time_limit_s - time.monotonic(), 1e-3))
         stages, exact = (certified.stages, certified.exact) if certified else (None, False)
         lower = certified.lower_s if certified else lower
         if stages is not None and not exact:  # never worse than the unhurried heuristic: cheap when packing won
-            rest = search(model, candidates, objective, below=c.bottleneck(stages))
+            rest = search(model, pool, objective, below=c.bottleneck(stages))
             stages = rest.stages if rest is not None else stages
     if table and not exact_links and stages is not None:
         # Beyond the link search's exact limit: the link-free plan's order seeds its fixed-order search; the bound
         # is the one without transfers (a pair's link may be faster than the own links the certified bound priced).
-        seeded = search_links(model, candidates, objective, table, seed=stages, deadline=start + time_limit_s)
-        stages, exact, lower = seeded.stages if seeded else stages, False, lower_bound(model, candidates, objective)
+        index = {v.node_id: i for i, v in enumerate(candidates)}
+        seed = tuple(Stage(index[pool[x.node].node_id], x.start, x.end) for x in stages)
+        seeded = search_links(model, candidates, objective, table, seed=seed, deadline=start + time_limit_s)
+        stages, exact, lower = seeded.stages if seeded else seed, False, lower_bound(model, candidates, objective)
     if stages is None:
         raise InfeasiblePlan(why_infeasible(model, candidates))
     plan_nodes = [candidates[s.node] for s in stages]
