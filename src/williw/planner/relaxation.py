@@ -36,7 +36,9 @@ from williw.planner.pipeline import _Costs
 # 1,000 blocks over 1,000 nodes have 7,600 (0.4-0.6 s a solve); over 96 nodes 73,000 (3.5 s a solve of them all,
 # for a bound 0.15% above the window bound), measured with HiGHS 1.16.
 MAX_RUNS = 30_000
-REL_TOL = 1e-4  # the bound's bisection stops once hi / lo - 1 is below this
+# The bound's bisection stops once hi / lo - 1 is below this: its last solves (0.3 s each on 1,000 x 1,000) would
+# gain 0.01-0.02%, and that time is what rounding (`rounding`) needs to bring the plan to 0.9%.
+REL_TOL = 3e-4
 # One LP's seconds per run (HiGHS's interior point, measured 55-90 µs on 7,600 runs): a solve that cannot end
 # before the deadline is not started, since it cannot be interrupted and its time is the packing's.
 SECONDS_PER_RUN = 1e-4
@@ -55,7 +57,8 @@ def available() -> bool:
 class Runs:
     """Every run a node could hold at one threshold, with its reach; ``count`` is None when there are too many.
 
-    ``runs[i] = (p, e, reach)``: blocks ``[p, e)``; ``limit[j - 1] = N_j``, how many nodes have rank ``<= j``.
+    ``runs[i] = (p, e, reach)``: blocks ``[p, e)``; ``limit[j - 1] = N_j``, how many nodes have rank ``<= j``;
+    ``capacity[j - 1]``: the middle-stage capacity (amount, GFLOPs or bytes) of the node of rank ``j``.
     ``single`` is True when one node can hold the whole model (the relaxation then proves nothing).
     """
 
@@ -87,6 +90,7 @@ class Runs:
             roles[role] = ([x for x, _ in caps], worst)
         biggest = max(max(mid), max(roles["first"][0][-1], roles["last"][0][-1]))
         self.n, self.m, self.limit = n, m, limit
+        self.capacity = asc[::-1]  # capacity[j - 1]: the middle-stage capacity of rank j (amount)
         self.runs: list[tuple[int, int, int]] = []
         # Count first (the longest run from p only grows with p): a threshold with too many runs costs O(n) here.
         count, e = 0, 1
@@ -153,10 +157,36 @@ def solve(r: Runs) -> tuple[float, list[float]]:
     highspy = _solver()
     import numpy as np
 
+    nx, m = len(r.runs), r.m
+    lp = model(r)
+    lp.col_cost_ = np.concatenate([np.zeros(nx + m), [-1.0]])  # maximise F
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    # The interior-point method without crossover: the simplex method took 250 s on the 1,000 x 1,000 LP
+    # (degenerate), this 0.4-0.6 s; its duals are checked by `refutes` anyway.
+    h.setOptionValue("solver", "ipm")
+    h.setOptionValue("run_crossover", "off")
+    # Threads: HiGHS's default. Its scheduler is one per process, and a solve asking another thread count than the
+    # first solve's fails: so williw's solves and the application's own highspy ones must both leave it alone.
+    h.passModel(lp)
+    if h.run() != highspy.HighsStatus.kOk:  # e.g. the application set another thread count first
+        return 1.0, [0.0] * m  # proves nothing
+    duals = h.getSolution().col_dual
+    return -h.getInfo().objective_function_value, [-float(duals[nx + j]) for j in range(m)]
+
+
+def model(r: Runs):
+    """The relaxation as a ``highspy.HighsLp`` with no objective (set ``col_cost_``).
+
+    Columns: ``x`` (one per run, ``>= 0``), ``z_j`` (runs of reach ``<= j``, cumulated; ``0 <= z_j <= N_j``), ``F``
+    (the flow, ``0 <= F <= 1``). Rows: ``n`` flow rows (out - in - ``[p == 0] F`` = 0), then ``m`` rank rows
+    (``z_j - z_{j-1} - Σ_{reach = j} x = 0``).
+    """
+    highspy = _solver()
+    import numpy as np
+
     n, m, runs = r.n, r.m, r.runs
     nx = len(runs)
-    # Columns: x (one per run), z_j (runs of reach <= j, cumulated; 0 <= z_j <= N_j), F (the flow).
-    # Rows: n flow rows (out - in - [p == 0] F = 0), then m rank rows (z_j - z_{j-1} - Σ_{reach = j} x = 0).
     starts, index, value = [0], [], []
     for p, e, reach in runs:
         index += [p, n + reach - 1] if e == n else [p, e, n + reach - 1]
@@ -172,7 +202,7 @@ def solve(r: Runs) -> tuple[float, list[float]]:
     lp = highspy.HighsLp()
     lp.num_col_ = nx + m + 1
     lp.num_row_ = n + m
-    lp.col_cost_ = np.concatenate([np.zeros(nx + m), [-1.0]])  # maximise F
+    lp.col_cost_ = np.zeros(nx + m + 1)
     lp.col_lower_ = np.zeros(nx + m + 1)
     lp.col_upper_ = np.concatenate([np.full(nx, highspy.kHighsInf), np.array(r.limit, dtype=float), [1.0]])
     lp.row_lower_ = np.zeros(n + m)
@@ -181,19 +211,7 @@ def solve(r: Runs) -> tuple[float, list[float]]:
     lp.a_matrix_.start_ = np.array(starts, dtype=np.int32)
     lp.a_matrix_.index_ = np.array(index, dtype=np.int32)
     lp.a_matrix_.value_ = np.array(value)
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    # The interior-point method without crossover: the simplex method took 250 s on the 1,000 x 1,000 LP
-    # (degenerate), this 0.4-0.6 s; its duals are checked by `refutes` anyway.
-    h.setOptionValue("solver", "ipm")
-    h.setOptionValue("run_crossover", "off")
-    # Threads: HiGHS's default. Its scheduler is one per process, and a solve asking another thread count than the
-    # first solve's fails: so williw's solves and the application's own highspy ones must both leave it alone.
-    h.passModel(lp)
-    if h.run() != highspy.HighsStatus.kOk:  # e.g. the application set another thread count first
-        return 1.0, [0.0] * m  # proves nothing
-    duals = h.getSolution().col_dual
-    return -h.getInfo().objective_function_value, [-float(duals[nx + j]) for j in range(m)]
+    return lp
 
 
 _quiet = threading.Lock()
