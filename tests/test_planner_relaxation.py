@@ -20,7 +20,7 @@ from williw.planner.bound import Windows, certified_lower_bound
 from williw.planner.branch import certify
 from williw.planner.costs import pipeline_model
 from williw.planner.pipeline import _Costs, lower_bound
-from williw.planner.relaxation import Runs, lp_lower_bound, refutes, refutes_at, solve
+from williw.planner.relaxation import REL_TOL, Runs, lp_bracket, lp_lower_bound, refutes, refutes_at, solve
 
 
 @pytest.mark.parametrize("objective", ["prefill", "decode"])
@@ -60,6 +60,19 @@ def test_the_lp_bound_proves_the_optimum_where_the_window_bound_is_percent_below
     lp = lp_lower_bound(c, window, optimum, math.inf)
     assert window < optimum * (1 - 0.01)  # the window bound: more than 1% below
     assert optimum * (1 - 4e-4) < lp < optimum  # the LP's: within its bisection's tolerance (3e-4)
+
+
+def test_a_coarse_bracket_goes_on_where_it_stopped() -> None:
+    c, lower = _forty(0)
+    found = certify(c, None, lower, 60.0)
+    optimum = c.bottleneck(found.stages)
+    window = certified_lower_bound(Windows(c), lower * (1 - 1e-9), optimum)
+    lo, top = lp_bracket(c, window, optimum, math.inf, rel_tol=2e-3)
+    assert window < lo < top <= lo * (1 + 2e-3) and top <= optimum
+    assert refutes_at(c, lo) is True and refutes_at(c, top) is False
+    lo2, top2 = lp_bracket(c, lo, top, math.inf)
+    assert lo <= lo2 < top2 <= lo2 * (1 + REL_TOL) and top2 <= top
+    assert optimum * (1 - 4e-4) < lo2 < optimum
 
 
 def test_a_proof_is_checked_outside_the_solver() -> None:

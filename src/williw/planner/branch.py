@@ -13,7 +13,7 @@ each taking its longest run (``ext``; runs nest, so longer is never worse). It i
   ``U`` (``ext`` is non-decreasing in ``p``), so each used set keeps the largest failed ``p``.
 
 The outer loop bisects ``T`` between a certified lower bound (`bound.certified_lower_bound`, then the LP
-relaxation's `relaxation.lp_lower_bound` when highspy is installed, raised by every threshold the search proves
+relaxation's `relaxation.lp_bracket` when highspy is installed, raised by every threshold the search proves
 infeasible) and the best plan found (at first the heuristic's), and ends, as the
 subset DP does, on the stage costs left in the interval: the plan is then the exact optimum. When the time limit
 runs out the best plan is returned with the certified bound, so the gap ``bottleneck / bound - 1`` is a proof.
@@ -28,15 +28,15 @@ from williw.planner.bound import NONE, Caps, Windows, certified_lower_bound
 from williw.planner.lagrange import prices
 from williw.planner.packing import best_fit, repack
 from williw.planner.pipeline import Stage, _candidates, _Costs
-from williw.planner.relaxation import lp_lower_bound, refutes_at
+from williw.planner.relaxation import lp_bracket, refutes_at
 from williw.planner.rounding import improve
 
 CHECK_EVERY = 256  # search steps between looks at the clock
 PRICE_ROUNDS = 40  # subgradient steps for the node prices of each threshold (`lagrange.prices`)
 BISECT_REL_TOL = 1e-6  # bisect to here, then over the stage costs left (as `pipeline._minimise`)
 BOUND_SHARE = 0.3  # of the time limit: the window bound's bisection (it stops early with a weaker, valid bound)
-# Of the time limit: the LP bound (`relaxation.lp_lower_bound`) after the window bound; 1,000 blocks over 1,000
-# nodes take about 4 s to reach it within 1e-4 (0.38% above the window bound), most instances far less.
+# Of the time limit: the LP bound (`relaxation.lp_bracket`) after the window bound; 1,000 blocks over 1,000 nodes
+# take 2-2.5 s to reach it within `relaxation.REL_TOL` (0.27-0.38% above the window bound), most instances far less.
 LP_SHARE = 0.3
 PACK_SHARE = 0.3  # of the time left after it: best-fit packing (`packing.best_fit`), before the exact probes
 # A probe first tabulates every node's run from every block (k·n runs, ~3 µs each in CPython): beyond this many it
@@ -48,8 +48,8 @@ PROBE_MAX_RUNS = 250_000
 REPACK_SHARE = 0.15
 # Of the time left after packing, before the probes: plans rounded from the LP (`rounding.improve`, with highspy,
 # where nodes hold a few blocks each). The probes start from its plan; where they cannot run (1,000 x 1,000) it has
-# all the time until re-packing, before packing: one threshold there takes 4-6 s and brings the plan from 1.6-1.9%
-# to 0.9% above the bound.
+# all the time until re-packing, before packing: one threshold there takes 3-4 s and brings the plan from 1.6-1.9%
+# to 0.8% above the bound.
 ROUND_SHARE = 0.5
 
 
@@ -221,14 +221,15 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
     hi = c.bottleneck(plan)
     # Proven: every plan's bottleneck is above lo.
     lo = certified_lower_bound(w, lower * (1 - 1e-9), hi, deadline=now + time_limit_s * BOUND_SHARE)
-    lo = lp_lower_bound(c, lo, hi, deadline=time.monotonic() + time_limit_s * LP_SHARE)
+    lo, top = lp_bracket(c, lo, hi, deadline=time.monotonic() + time_limit_s * LP_SHARE)
+    base = top if top < hi else lo  # rounding's thresholds are ratios to the LP's value: at most top
     now = time.monotonic()
-    if len(c.nodes) * c.m.n > PROBE_MAX_RUNS:  # no probe could tabulate its runs: packing gets all the time
-        # Rounding first: on 1,000 x 1,000 its one threshold takes 4-6 s of the 7 left after the bounds. When it
-        # gives nothing, packing (0.5 s) and re-packing take what is left.
-        rounded = improve(c, lo, hi, deadline - time_limit_s * REPACK_SHARE)
-        if rounded is not None and c.bottleneck(rounded) < hi:
-            return Certified(rounded, False, lo)  # packing from scratch does not come near it
+    if len(c.nodes) * c.m.n > PROBE_MAX_RUNS:  # no probe could tabulate its runs: no proof, the plan matters
+        # Rounding first (1,000 x 1,000: 3-4 s a threshold). When it gives nothing, packing (0.5 s) and re-packing
+        # take what is left.
+        rounded = improve(c, base, hi, deadline - time_limit_s * REPACK_SHARE)
+        if rounded is not None and c.bottleneck(rounded) < hi:  # packing from scratch does not come near it
+            return Certified(rounded, False, lo)
         packed = best_fit(c, lo, hi, deadline)
         if packed is not None and c.bottleneck(packed) < hi:
             plan = packed
@@ -238,7 +239,7 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
     if packed is not None and c.bottleneck(packed) < hi:
         plan, hi = packed, c.bottleneck(packed)
     now = time.monotonic()
-    rounded = improve(c, lo, hi, now + (probes_until - now) * ROUND_SHARE)
+    rounded = improve(c, base, hi, now + (probes_until - now) * ROUND_SHARE)
     if rounded is not None and c.bottleneck(rounded) < hi:
         plan, hi = rounded, c.bottleneck(rounded)
     top = hi  # probes stay below this: above it a probe ran out of time (and hi is the best plan)

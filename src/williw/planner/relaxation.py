@@ -246,21 +246,27 @@ def _solver():
     return highspy
 
 
-def lp_lower_bound(c: _Costs, lo: float, hi: float, deadline: float) -> float:
+def lp_lower_bound(c: _Costs, lo: float, hi: float, deadline: float, rel_tol: float = REL_TOL) -> float:
     """Raise a certified lower bound ``lo`` (a threshold no plan meets) towards ``hi`` with the LP relaxation.
 
     Each LP at a refuted threshold also gives its flow ``F < 1``; ``F`` grows about linearly to 1 at the LP's
     bound, so the next threshold is the line through the last two refuted ones, aimed a little short of ``F = 1``
-    (kept inside the bracket); the first steps gallop up from ``lo`` (1/512, doubling). Stops at `REL_TOL`, past
-    ``deadline`` (monotonic seconds), or where `_verdict` cannot answer. Returns the largest threshold `refutes`
-    confirmed (``lo`` if none).
+    (kept inside the bracket); the first steps gallop up from ``lo`` (1/512, doubling). Stops once the bracket is
+    within ``rel_tol``, past ``deadline`` (monotonic seconds), or where `_verdict` cannot answer. Returns the largest
+    threshold `refutes` confirmed (``lo`` if none).
     """
+    return lp_bracket(c, lo, hi, deadline, rel_tol)[0]
+
+
+def lp_bracket(c: _Costs, lo: float, hi: float, deadline: float, rel_tol: float = REL_TOL) -> tuple[float, float]:
+    """`lp_lower_bound`, with the bracket's top: the least threshold at which the LP was feasible (``hi`` if none).
+    Passing both back as ``lo`` and ``hi`` goes on where it stopped."""
     if not 0 < lo < hi:
-        return lo
+        return lo, hi
     step = 1 / 512
     top = hi
     seen: list[tuple[float, float]] = []  # (threshold, flow) of refuted thresholds
-    while top > lo * (1 + REL_TOL) and time.monotonic() < deadline:
+    while top > lo * (1 + rel_tol) and time.monotonic() < deadline:
         mid = lo * (1 + step)
         if len(seen) >= 2 and seen[-1][1] > seen[-2][1]:
             (t1, f1), (t2, f2) = seen[-2:]
@@ -273,14 +279,14 @@ def lp_lower_bound(c: _Costs, lo: float, hi: float, deadline: float) -> float:
             break
         verdict = _verdict(c, mid, deadline)
         if verdict is None:
-            return lo
+            return lo, top
         refuted, flow = verdict
         if refuted:
             lo, step = mid, step * 2
             seen.append((mid, flow))
         else:
             top = mid
-    return lo
+    return lo, top
 
 
 def refutes_at(c: _Costs, t: float, deadline: float = math.inf) -> bool:

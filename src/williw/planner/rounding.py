@@ -8,10 +8,12 @@ ill-fitting nodes for the last ones. The LP plans all the stages at once.
 At a threshold ``T`` (`at`):
 
 1. the LP of `relaxation` with the flow fixed to 1 and each run priced by the capacity it leaves unused on a node
-   of its reach (its waste), solved by the simplex method: the price keeps the vertex close to an integer plan and
-   the simplex method out of the degenerate pivots a zero objective gets (250 s against 1.3 s, 1,000 x 1,000);
-2. the integer program over the runs between two of the vertex's cuts (1,600 of 7,600 on 1,000 x 1,000 at 0.9% above
-   the bound), solved by HiGHS's branch and cut up to its first solution: a path whose runs meet every rank count;
+   of its reach (its waste), solved by the dual simplex method: the price keeps the vertex close to an integer plan
+   and the simplex method out of the degenerate pivots a zero objective gets (no answer in 120 s against 0.4-0.6 s
+   on 1,000 x 1,000);
+2. the integer program over the runs between two of the vertex's cuts (1,600-1,900 of 7,600 on 1,000 x 1,000 at
+   0.8% above the bound), solved by HiGHS's branch and cut up to its first solution: a path whose runs meet every
+   rank count;
 3. nodes for its runs: the first and last runs first (their transfers differ by node), then the others by amount,
    largest first, each on the smallest free node that holds it (`_Costs.fits`: memory and transfers count). With
    the rank counts met and memory not binding, the nodes able to hold a middle run nest, and this finds one for
@@ -28,31 +30,32 @@ from bisect import bisect_left
 from williw.planner.pipeline import Stage, _Costs
 from williw.planner.relaxation import Runs, _solver, available, model
 
-# Thresholds tried, as ratios to the certified bound: on 1,000 x 1,000 rounding gives a plan at 1.009 and 1.005
-# (4.7-8 s each), on 200 x 200 down to 1.001 (under 1 s each). A step that fails ends the search (the next lower
-# one would fail too, mostly); one that succeeds is followed by the next.
-STEPS = (1.009, 1.005, 1.0025, 1.001, 1.0005)
-# Seconds a threshold takes per run of the relaxation (LP and integer program; 1,000 x 1,000: 4.7-8 s for 7,600
+# Thresholds tried, as ratios to the LP's value: on 1,000 x 1,000 rounding gives a plan at 1.008 (3-4 s) and
+# mostly not at 1.005; on 200 x 200 down to 1.001 (under 1 s each). A step that fails ends the search (the next
+# lower one would fail too, mostly); one that succeeds is followed by the next.
+STEPS = (1.008, 1.005, 1.0025, 1.001, 1.0005)
+# Seconds a threshold takes per run of the relaxation (LP and integer program; 1,000 x 1,000: 2.6-3.9 s for 7,600
 # runs on a 2-core machine): a threshold that cannot end before the deadline is not started, its time is packing's.
-SECONDS_PER_RUN = 7e-4
+SECONDS_PER_RUN = 5e-4
 
 
-def improve(c: _Costs, lo: float, hi: float, deadline: float) -> tuple[Stage, ...] | None:
-    """The best plan `at` finds at the thresholds ``lo · STEPS`` below ``hi`` (from the largest), or None.
+def improve(c: _Costs, base: float, hi: float, deadline: float) -> tuple[Stage, ...] | None:
+    """The best plan `at` finds at the thresholds ``base · STEPS`` below ``hi`` (from the largest), or None.
 
     Args:
         c: the model, candidate nodes and objective.
-        lo: a certified lower bound (seconds); hi: the bottleneck of the best plan known (seconds).
+        base: the LP's value, or a threshold at or above it (`relaxation.lp_bracket`'s top), seconds.
+        hi: the bottleneck of the best plan known (seconds).
         deadline: monotonic seconds; a solve running past it is stopped.
     """
-    if not available() or not 0 < lo < hi:
+    if not available() or not 0 < base < hi:
         return None
     best = None
-    steps = [x for x in STEPS if lo * x < hi] or [(hi / lo) ** 0.5]
+    steps = [x for x in STEPS if base * x < hi] or [(hi / base) ** 0.5]
     for x in steps:
         if time.monotonic() >= deadline:
             break
-        found = at(c, lo * x, deadline)
+        found = at(c, base * x, deadline)
         if found is None:
             break
         best = found
@@ -84,6 +87,9 @@ def _path(r: Runs, c: _Costs, deadline: float) -> list[tuple[int, int]] | None:
     lp.col_lower_ = lower
     h = _highs(highspy, deadline)
     h.setOptionValue("solver", "simplex")
+    # Dantzig's pricing: 3,800 iterations and 0.4 s where the default's dual steepest edge took 19,700 and 2.9 s
+    # (1,000 x 1,000, HiGHS 1.16).
+    h.setOptionValue("simplex_dual_edge_weight_strategy", 0)
     h.passModel(lp)
     if h.run() != highspy.HighsStatus.kOk or h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return None
@@ -99,8 +105,10 @@ def _path(r: Runs, c: _Costs, deadline: float) -> list[tuple[int, int]] | None:
     upper[:nx] = [1.0 if cuts[p] and cuts[e] else 0.0 for p, e, _ in r.runs]
     lp.col_upper_ = upper
     lp.integrality_ = [highspy.HighsVarType.kInteger] * nx + [highspy.HighsVarType.kContinuous] * (m + 1)
+    # Any integer path will do: no objective, so the first one found is optimal (2.1-3.4 s on 1,000 x 1,000
+    # where the waste prices took 3.1-4.6 s).
+    lp.col_cost_ = np.zeros(nx + m + 1)
     h = _highs(highspy, deadline)
-    h.setOptionValue("mip_rel_gap", 1.0)  # any plan: stop at the first solution
     h.passModel(lp)
     if h.run() != highspy.HighsStatus.kOk or h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return None
