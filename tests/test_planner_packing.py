@@ -78,8 +78,9 @@ def test_make_plan_keeps_to_the_time_limit_on_a_large_fleet() -> None:
     assert plan.extra["gap_to_lower_bound"] == plan.bottleneck_s / plan.lower_bound_s - 1 < 0.05
 
 
-def test_randomised_repacking_beats_best_fit_stays_valid_and_repeats() -> None:
-    # Random blocks and a log-uniform fleet (bench/planner.py's shape, smaller): best-fit ends on ill-fitting nodes.
+def two_hundred():
+    """200 random blocks over a log-uniform fleet of 200 nodes (bench/planner.py's shapes, smaller): (metadata,
+    nodes, costs, the fixed orders' bottleneck, the window bound)."""
     rng = random.Random(1)
     meta = build_meta([(rng.uniform(40, 60), rng.randint(80, 120)) for _ in range(200)], (0, 10), (30, 10))
     nodes = [Node(f"n{i}", round(10 ** rng.uniform(0, 3), 3), 1e-5) for i in range(200)]
@@ -87,6 +88,12 @@ def test_randomised_repacking_beats_best_fit_stays_valid_and_repeats() -> None:
     c = _Costs(model, nodes, "prefill")
     heuristic = c.bottleneck(search(model, nodes, "prefill").stages)
     bound = certified_lower_bound(Windows(c), lower_bound(model, nodes, "prefill") * (1 - 1e-9), heuristic)
+    return meta, nodes, c, heuristic, bound
+
+
+def test_randomised_repacking_beats_best_fit_stays_valid_and_repeats() -> None:
+    # Best-fit ends on ill-fitting nodes.
+    meta, nodes, c, heuristic, bound = two_hundred()
     packed = best_fit(c, bound, heuristic, float("inf"))
     assert repack(c, packed, bound, float("inf"), tries=0) == packed
     repacked = repack(c, packed, bound, float("inf"), tries=100)

@@ -23,17 +23,26 @@ from williw.planner.pipeline import _Costs, lower_bound
 from williw.planner.relaxation import REL_TOL, Runs, lp_bracket, lp_lower_bound, refutes, refutes_at, solve
 
 
-@pytest.mark.parametrize("objective", ["prefill", "decode"])
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=runtime_instances())
-def test_the_lp_never_refutes_a_threshold_that_a_plan_meets(objective: str, case) -> None:
+def with_optimum(objective: str, case) -> tuple[_Costs, float, list[Node]] | None:
+    """A `runtime_instances` case's costs over its usable nodes, its exhaustive optimum (> 0) and those nodes; None
+    when no plan fits, it costs nothing, or no node or block is left."""
     meta, nodes, batch, context = case
     expected = brute_force(meta, nodes, objective, batch, context)
     model = pipeline_model(meta, batch, context)
     usable = [v for v in nodes if objective == "prefill" or v.memory_bandwidth_gbps]
     if expected is None or expected <= 0 or not usable or model.n == 0:
+        return None
+    return _Costs(model, usable, objective), expected, usable
+
+
+@pytest.mark.parametrize("objective", ["prefill", "decode"])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=runtime_instances())
+def test_the_lp_never_refutes_a_threshold_that_a_plan_meets(objective: str, case) -> None:
+    found = with_optimum(objective, case)
+    if found is None:
         return
-    c = _Costs(model, usable, objective)
+    c, expected, _ = found
     assert refutes_at(c, expected) is False
     bound = lp_lower_bound(c, expected * 1e-3, expected, math.inf)
     assert bound < expected

@@ -5,20 +5,19 @@ hold a few blocks each it comes within 0.1-0.2% of the LP bound, where packing s
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from test_planner_pipeline import brute_force, build_meta, stage_cost
-from test_planner_relaxation import _forty
+from test_planner_packing import two_hundred
+from test_planner_pipeline import build_meta, stage_cost
+from test_planner_relaxation import _forty, with_optimum
 from test_planner_runtime import runtime_instances
 from williw.fleet import Node
-from williw.planner.bound import Windows, certified_lower_bound
 from williw.planner.branch import certify
 from williw.planner.costs import pipeline_model
 from williw.planner.packing import best_fit, repack
-from williw.planner.pipeline import Stage, _Costs, lower_bound, search
+from williw.planner.pipeline import Stage, _Costs
 from williw.planner.relaxation import lp_lower_bound
 from williw.planner.rounding import _assign, at, improve
 
@@ -41,13 +40,11 @@ def _check(meta, nodes, stages, t: float, objective: str, batch: int | None = No
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=runtime_instances())
 def test_a_rounded_plan_is_valid_meets_its_threshold_and_never_beats_the_optimum(objective: str, case) -> None:
-    meta, nodes, batch, context = case
-    expected = brute_force(meta, nodes, objective, batch, context)
-    model = pipeline_model(meta, batch, context)
-    usable = [v for v in nodes if objective == "prefill" or v.memory_bandwidth_gbps]
-    if expected is None or expected <= 0 or not usable or model.n == 0:
+    found = with_optimum(objective, case)
+    if found is None:
         return
-    c = _Costs(model, usable, objective)
+    c, expected, usable = found
+    meta, _, batch, context = case
     assert at(c, math.nextafter(expected, 0.0), math.inf) is None
     for t in (expected, expected * 1.01, expected * 1.5):
         found = at(c, t, math.inf)
@@ -67,14 +64,7 @@ def test_on_forty_blocks_a_plan_is_rounded_at_the_proven_optimum(seed: int) -> N
 
 
 def test_rounding_comes_within_a_fifth_of_a_percent_of_the_lp_bound_where_packing_does_not() -> None:
-    # bench/planner.py's shapes at 200 blocks over 200 nodes (the packing test's instance).
-    rng = random.Random(1)
-    meta = build_meta([(rng.uniform(40, 60), rng.randint(80, 120)) for _ in range(200)], (0, 10), (30, 10))
-    nodes = [Node(f"n{i}", round(10 ** rng.uniform(0, 3), 3), 1e-5) for i in range(200)]
-    model = pipeline_model(meta)
-    c = _Costs(model, nodes, "prefill")
-    heuristic = c.bottleneck(search(model, nodes, "prefill").stages)
-    window = certified_lower_bound(Windows(c), lower_bound(model, nodes, "prefill") * (1 - 1e-9), heuristic)
+    meta, nodes, c, heuristic, window = two_hundred()  # the packing test's instance
     bound = lp_lower_bound(c, window, heuristic, math.inf)
     packed = repack(c, best_fit(c, bound, heuristic, math.inf), bound, math.inf, tries=100)
     rounded = improve(c, bound, c.bottleneck(packed), math.inf)
