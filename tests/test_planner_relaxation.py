@@ -117,6 +117,29 @@ def test_planning_works_without_highspy_and_prints_nothing() -> None:
 
 
 
+@pytest.mark.parametrize("fake", [
+    "class Highs:  # an old or odd build: it imports, but has no HighsLp\n    pass\n",
+    "raise OSError('libhighs.so: cannot open shared object file')  # a broken build\n",
+])
+def test_planning_works_with_a_broken_highspy(tmp_path: Path, fake: str) -> None:
+    (tmp_path / "highspy.py").write_text(fake)
+    out = _run(f"import sys, math\nsys.path.insert(0, {str(tmp_path)!r})\n"
+               "from test_planner_relaxation import _forty\n"
+               "from williw.planner.branch import certify\n"
+               "from williw.planner.rounding import at\n"
+               "c, lower = _forty(0)\n"
+               "found = certify(c, None, lower, 30.0)\n"
+               "print(found.exact, at(c, c.bottleneck(found.stages), math.inf))\n")
+    assert (out.returncode, out.stdout, out.stderr) == (0, "True None\n", "")
+
+
+def test_no_time_limit_means_no_limit() -> None:
+    c, lower = _forty(0)  # proven optimal in 0.1-0.5 s; with an infinite limit every phase once got no time at all
+    found = certify(c, None, lower, math.inf)
+    assert found is not None and found.exact is True
+    assert found.lower_s == c.bottleneck(found.stages)
+
+
 def _run(script: str) -> subprocess.CompletedProcess:
     """``script`` in a fresh Python process (its own HiGHS scheduler and banner), from the tests folder."""
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parent,

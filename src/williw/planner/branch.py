@@ -21,6 +21,7 @@ runs out the best plan is returned with the certified bound, so the gap ``bottle
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -209,6 +210,8 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
     """
     now = time.monotonic()
     deadline = now + time_limit_s
+    # Re-packing's reserve at the end: none without a limit (inf - inf would be nan, and every phase after it lost).
+    reserve = time_limit_s * REPACK_SHARE if math.isfinite(time_limit_s) else 0.0
     w = Windows(c)
     plan = start
     if plan is None:
@@ -227,14 +230,14 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
     if len(c.nodes) * c.m.n > PROBE_MAX_RUNS:  # no probe could tabulate its runs: no proof, the plan matters
         # Rounding first (1,000 x 1,000: 3-4 s a threshold). When it gives nothing, packing (0.5 s) and re-packing
         # take what is left.
-        rounded = improve(c, base, hi, deadline - time_limit_s * REPACK_SHARE)
+        rounded = improve(c, base, hi, deadline - reserve)
         if rounded is not None and c.bottleneck(rounded) < hi:  # packing from scratch does not come near it
             return Certified(rounded, False, lo)
         packed = best_fit(c, lo, hi, deadline)
         if packed is not None and c.bottleneck(packed) < hi:
             plan = packed
         return Certified(repack(c, plan, lo, deadline), False, lo)
-    probes_until = max(now, deadline - time_limit_s * REPACK_SHARE)
+    probes_until = max(now, deadline - reserve)
     packed = best_fit(c, lo, hi, now + (probes_until - now) * PACK_SHARE)
     if packed is not None and c.bottleneck(packed) < hi:
         plan, hi = packed, c.bottleneck(packed)

@@ -46,10 +46,10 @@ IMPORT_S = 0.3  # the first import of highspy and numpy: 0.12 s on an idle 2-cor
 
 
 def available() -> bool:
-    """Whether the LP solver (``highspy``) can be imported."""
+    """Whether the LP solver (``highspy``) can be imported (a broken install, e.g. a missing library, cannot)."""
     try:
         import highspy  # noqa: F401
-    except ImportError:
+    except Exception:  # noqa: BLE001 (ImportError, and OSError or worse from a broken build: all mean "no solver")
         return False
     return True
 
@@ -296,9 +296,9 @@ def refutes_at(c: _Costs, t: float, deadline: float = math.inf) -> bool:
 
 
 def _verdict(c: _Costs, t: float, deadline: float) -> tuple[bool, float] | None:
-    """(whether the LP proves that no plan meets ``t``, its flow); None beyond `MAX_RUNS` runs, without highspy, or
-    when the solve (and the first import, which counts too: it is other phases' time) would end after
-    ``deadline`` (monotonic seconds)."""
+    """(whether the LP proves that no plan meets ``t``, its flow); None beyond `MAX_RUNS` runs, without highspy (or
+    when it fails: an old or broken build), or when the solve (and the first import, which counts too: it is other
+    phases' time) would end after ``deadline`` (monotonic seconds)."""
     r = Runs(c, t)
     if r.count is None:
         return None
@@ -309,5 +309,8 @@ def _verdict(c: _Costs, t: float, deadline: float) -> tuple[bool, float] | None:
     cold = 0.0 if "highspy" in sys.modules else IMPORT_S
     if time.monotonic() + r.count * SECONDS_PER_RUN + cold > deadline or not available():
         return None
-    flow, lam = solve(r)
+    try:
+        flow, lam = solve(r)
+    except Exception:  # noqa: BLE001 (an old or broken highspy: its failure proves nothing, the planner goes on)
+        return None
     return flow < 1 - 1e-7 and refutes(r, lam), flow

@@ -64,11 +64,15 @@ def improve(c: _Costs, base: float, hi: float, deadline: float) -> tuple[Stage, 
 
 def at(c: _Costs, t: float, deadline: float) -> tuple[Stage, ...] | None:
     """A plan with every stage at most ``t`` (seconds) rounded from the LP, or None (not a proof): also beyond
-    `relaxation.MAX_RUNS` runs, or when the threshold's estimated time (`SECONDS_PER_RUN`) runs past ``deadline``."""
+    `relaxation.MAX_RUNS` runs, when the threshold's estimated time (`SECONDS_PER_RUN`) runs past ``deadline``, or
+    when highspy fails."""
     r = Runs(c, t)
     if r.count is None or r.single or not r.runs or time.monotonic() + r.count * SECONDS_PER_RUN > deadline:
         return None
-    path = _path(r, c, deadline)
+    try:
+        path = _path(r, c, deadline)
+    except Exception:  # noqa: BLE001 (an old or broken highspy: no plan from it, the planner goes on)
+        return None
     return _assign(c, path, t) if path is not None else None
 
 
