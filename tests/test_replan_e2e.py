@@ -60,7 +60,9 @@ def _verify(model: Path, tmp: Path, rid: str, version: int, plan: dict) -> None:
 
 
 def test_a_killed_node_is_replanned_and_survivors_pull_only_what_they_lacked(tmp_path: Path, model: Path) -> None:
-    worker = WorkerProcess(f"sqlite:///{tmp_path / 'worker.db'}", node_ttl=2.0,
+    # A TTL of 4 s (heartbeats every 0.3 s): at 2 s a newcomer's run beside other jobs (load average 4 on 2 cores)
+    # once lost node-a's version-3 shard before its check, as a lapsed heartbeat's re-plan would (not reproduced).
+    worker = WorkerProcess(f"sqlite:///{tmp_path / 'worker.db'}", node_ttl=4.0,
                            log_path=tmp_path / "worker.log").start()
     server = ModelServer(model).start()
     agents: dict[str, subprocess.Popen] = {}
@@ -146,6 +148,8 @@ def test_a_killed_node_is_replanned_and_survivors_pull_only_what_they_lacked(tmp
             served = sum(_stats(f"http://127.0.0.1:{ports[peer]}").values())
             asked = sum(s["bytes"] for s in steps if s["source"] == peer)
             assert asked <= served <= asked + (2 * 100_000 if asked else 0), (peer, served, asked)
+        plans = c.request_plans(rid)  # a re-plan since (a heartbeat lapsed under load) would drop version 3
+        assert plans["plan_version"] == 3, [(m["to_version"], m["reason"]) for m in plans.get("migrations", [])]
         _verify(model, tmp_path, rid, 3, v3)
         c.close()
     finally:
