@@ -19,7 +19,8 @@ At a threshold ``T`` (`at`):
    the rank counts met and memory not binding, the nodes able to hold a middle run nest, and this finds one for
    every run; otherwise the threshold yields no plan (not a proof of anything).
 
-`improve` tries thresholds from the bound up (`STEPS`) and keeps the lowest that gives a plan.
+`improve` tries thresholds from 1.008 times the LP's value down (`STEPS`) while they give a plan, and keeps the
+lowest.
 """
 
 from __future__ import annotations
