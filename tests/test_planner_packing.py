@@ -19,14 +19,18 @@ from williw.planner.packing import best_fit, pack, repack
 from williw.planner.pipeline import _Costs, lower_bound, search
 
 
-def _check(meta, nodes: list[Node], stages, t: float, objective: str) -> None:
+def check_plan(meta, nodes: list[Node], stages, t: float, objective: str, batch: int | None = None,
+               context: int | None = None) -> None:
+    """A plan from the definitions: contiguous stages from block 0 to the end, distinct nodes, each within ``t``
+    and within its node's memory less the reserve."""
     n = len(meta.blocks)
     assert stages[0].start == 0 and stages[-1].end == n
     assert all(a.end == b.start and a.start < a.end for a, b in zip(stages, stages[1:], strict=False))
     assert len({s.node for s in stages}) == len(stages)
     for s in stages:
-        cost, nbytes = stage_cost(meta, nodes[s.node], s.start, s.end, objective)
-        assert cost <= t and nbytes <= nodes[s.node].memory_bytes
+        node = nodes[s.node]
+        cost, nbytes = stage_cost(meta, node, s.start, s.end, objective, batch, context)
+        assert cost <= t and nbytes <= node.memory_bytes - node.reserve_bytes
 
 
 @pytest.mark.parametrize("objective", ("prefill", "decode"))
@@ -42,10 +46,10 @@ def test_packed_plans_fit_and_never_beat_the_optimum(objective: str, case) -> No
     for t in (expected, expected * 1.5, expected * 4, 1e9):
         found = pack(c, t) if t > 0 else None
         if found is not None:
-            _check(meta, nodes, found, t, objective)
+            check_plan(meta, nodes, found, t, objective)
     plan = best_fit(c, 0.0, 1e9, float("inf"))
     if plan is not None:
-        _check(meta, nodes, plan, c.bottleneck(plan), objective)
+        check_plan(meta, nodes, plan, c.bottleneck(plan), objective)
         assert c.bottleneck(plan) >= expected
 
 
@@ -98,7 +102,7 @@ def test_randomised_repacking_beats_best_fit_stays_valid_and_repeats() -> None:
     assert repack(c, packed, bound, float("inf"), tries=0) == packed
     repacked = repack(c, packed, bound, float("inf"), tries=100)
     # The tests' cost reference sums in another order: allow its last bits.
-    _check(meta, nodes, repacked, c.bottleneck(repacked) * (1 + 1e-12), "prefill")
+    check_plan(meta, nodes, repacked, c.bottleneck(repacked) * (1 + 1e-12), "prefill")
     # Measured: 2.83% above the bound packed, 2.43% re-packed (100 tries).
     assert bound < c.bottleneck(repacked) < c.bottleneck(packed) * (1 - 0.002)
     assert repack(c, packed, bound, float("inf"), tries=100) == repacked

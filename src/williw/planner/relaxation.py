@@ -37,7 +37,7 @@ from williw.planner.pipeline import _Costs
 # for a bound 0.15% above the window bound), measured with HiGHS 1.16.
 MAX_RUNS = 30_000
 # The bound's bisection stops once hi / lo - 1 is below this: its last solves (0.3 s each on 1,000 x 1,000) would
-# gain 0.01-0.02%, and that time is what rounding (`rounding`) needs to bring the plan to 0.9%.
+# gain 0.01-0.02%, and that time is what rounding (`rounding`) needs to bring the plan to 0.8%.
 REL_TOL = 3e-4
 # One LP's seconds per run (HiGHS's interior point, measured 55-90 µs on 7,600 runs): a solve that cannot end
 # before the deadline is not started, since it cannot be interrupted and its time is the packing's.

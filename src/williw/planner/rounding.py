@@ -99,7 +99,7 @@ def _path(r: Runs, c: _Costs, deadline: float) -> list[tuple[int, int]] | None:
     if h.run() != highspy.HighsStatus.kOk or h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return None
     x = np.asarray(h.getSolution().col_value[:nx])
-    upper = np.asarray(lp.col_upper_).copy()
+    upper = np.asarray(lp.col_upper_)  # a copy, as above
     # The integer program's runs: those between two of the vertex's cuts. Its own runs alone are too few (on
     # 1,000 x 1,000 they hold a plan at 1.01 times the bound, not at 1.009); every run between the blocks of its
     # regions is too many (4,300 runs: 8.9 s to a plan at 1.008).
