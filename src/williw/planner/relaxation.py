@@ -32,16 +32,20 @@ from bisect import bisect_left
 from williw.planner.bound import SLACK
 from williw.planner.pipeline import _Costs
 
-# Runs at one threshold (all of them, before `Runs` keeps the maximal ones) beyond which the bound is skipped:
-# 1,000 blocks over 1,000 nodes have 7,600 (0.4-0.6 s a solve); over 96 nodes 73,000 (3.5 s a solve of them all,
-# for a bound 0.15% above the window bound), measured with HiGHS 1.16.
+# Runs the relaxation keeps (the maximal ones: the LP's columns) beyond which it is skipped. 1,000 blocks: over
+# 1,000 nodes 7,500 (0.24-0.34 s a solve), over 96 nodes 23,400 (0.57 s), over 48 nodes 20,800 (0.44 s); measured
+# with HiGHS 1.16 on an idle 2-core machine.
 MAX_RUNS = 30_000
+# Runs looked at before keeping the maximal ones (`Runs` builds them in CPython, ~0.3 µs each): 48 nodes have
+# 168,000 (0.05 s), 96 nodes 73,000. Beyond this the bound is skipped without building them.
+MAX_SCAN = 1_000_000
 # The bound's bisection stops once hi / lo - 1 is below this: its last solves (0.3 s each on 1,000 x 1,000) would
 # gain 0.01-0.02%, and that time is what rounding (`rounding`) needs to bring the plan to 0.8%.
 REL_TOL = 3e-4
-# One LP's seconds per run (HiGHS's interior point, measured 55-90 µs on 7,600 runs): a solve that cannot end
-# before the deadline is not started, since it cannot be interrupted and its time is the packing's.
-SECONDS_PER_RUN = 1e-4
+# One LP's seconds per kept run (HiGHS's interior point, measured 24-45 µs: 0.57 s for 23,400 runs, 0.34 s for
+# 7,500): a solve that cannot end before the deadline is not started, since it cannot be interrupted and its time
+# is the packing's.
+SECONDS_PER_RUN = 5e-5
 IMPORT_S = 0.3  # the first import of highspy and numpy: 0.12 s on an idle 2-core machine, ~1 s at load average 11
 
 
@@ -55,7 +59,8 @@ def available() -> bool:
 
 
 class Runs:
-    """Every run a node could hold at one threshold, with its reach; ``count`` is None when there are too many.
+    """Every run a node could hold at one threshold, with its reach; ``count`` is how many were kept (the LP's
+    columns), None when there are too many (beyond ``max_runs`` kept or `MAX_SCAN` looked at).
 
     ``runs[i] = (p, e, reach)``: blocks ``[p, e)``; ``limit[j - 1] = N_j``, how many nodes have rank ``<= j``;
     ``capacity[j - 1]``: the middle-stage capacity (amount, GFLOPs or bytes) of the node of rank ``j``.
@@ -93,14 +98,14 @@ class Runs:
         self.capacity = asc[::-1]  # capacity[j - 1]: the middle-stage capacity of rank j (amount)
         self.runs: list[tuple[int, int, int]] = []
         # Count first (the longest run from p only grows with p): a threshold with too many runs costs O(n) here.
+        self.count: int | None = None
         count, e = 0, 1
         for p in range(n):
             e = max(e, p + 1)
             while e <= n and c.amount(p, e, e == n) <= biggest:
                 e += 1
             count += e - 1 - p
-        self.count: int | None = count if count <= max_runs else None
-        if self.count is None:
+        if count > MAX_SCAN:
             return
         self.single = any(c.finish(v, 0, t) for v in range(k))
         for p in range(n):
@@ -124,6 +129,8 @@ class Runs:
                 held = (e, reach)
             if held[1]:
                 self.runs.append((p, *held))
+        if len(self.runs) <= max_runs:
+            self.count = len(self.runs)
 
 
 def refutes(r: Runs, prices: list[float]) -> bool:
