@@ -48,7 +48,7 @@ def pack(c: _Costs, t: float, deadline: float = float("inf"),
     cap = [max(0.0, (t - c.hop(v, 1, False)) * c.rate[v]) for v in range(k)]
     least = min(c.amount(q, q + 1, False) for q in range(n)) if n else 0.0
     free = sorted((cap[v], v) for v in range(k) if t * c.rate[v] * (1 + 1e-9) >= least)  # the others hold nothing
-    slack = _least_waste(c, cap, free)
+    slack = least_waste_per_node(c, cap, free)
     noise = NOISE if rng is not None else 0.0
     p = 0
     stages: list[Stage] = []
@@ -144,14 +144,20 @@ def repack(c: _Costs, plan: tuple[Stage, ...], lower: float, deadline: float,
            tries: int | None = None) -> tuple[Stage, ...]:
     """Randomised re-packing until ``deadline`` (monotonic seconds) or after ``tries`` packs: `pack` with a seeded
     ``rng`` at thresholds below ``plan``'s bottleneck (1/256 below it, halving the step after `TRIES_PER_LEVEL`
-    failures, and from 1/256 again once the step is below `REL_TOL`), never below ``lower``. Returns the best plan
+    failures, and from 1/256 again once the step is below `REL_TOL`), never below ``lower`` (a step that would go
+    below it is halved; the search ends when it is below `REL_TOL`). Returns the best plan
     found, ``plan`` if none is better. Seeded: the same number of tries gives the same plan.
     """
     hi = c.bottleneck(plan)
     rng = random.Random(0)
     shrink, failed = 1 / 256, 0
     left = math.inf if tries is None else tries
-    while left > 0 and hi * (1 - shrink) > lower and time.monotonic() < deadline:
+    while left > 0 and time.monotonic() < deadline:
+        if hi * (1 - shrink) <= lower:  # a step that would go below the bound: a smaller one (48 x 1,000 blocks
+            shrink /= 2  # end 0.3% above it, under the first step: re-packing did nothing there)
+            if shrink <= REL_TOL:
+                break
+            continue
         left -= 1
         found = pack(c, hi * (1 - shrink), deadline, rng)
         if found is not None and c.bottleneck(found) < hi:
@@ -176,7 +182,8 @@ def _waste_at_least(c: _Costs, v: int, p: int, cap: float) -> float:
     return cap - (c.prefix[e] - c.prefix[p])
 
 
-def _least_waste(c: _Costs, cap: list[float], free: list[tuple[float, int]]) -> dict[int, float]:
+def least_waste_per_node(c: _Costs, cap: list[float],
+                         free: list[tuple[float, int]]) -> dict[int, float]:
     """Per node, the least capacity any run of up to three blocks leaves unused (0 for larger nodes: many runs)."""
     n = c.m.n
     prefix = c.prefix
