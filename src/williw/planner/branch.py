@@ -2,7 +2,8 @@
 
 For a threshold ``T`` the question "can some nodes, in some order, cover the blocks with every stage at most ``T``
 and within memory?" is answered by a depth-first search that builds the pipeline from block 0, one node per step,
-each taking its longest run (``ext``; runs nest, so longer is never worse). It is exact, and kept small by:
+each taking its longest run (``ext``; runs nest, so longer is never worse), the nodes that waste least of their
+threshold first (as best-fit packing chooses). It is exact, and kept small by:
 
 * **bounds:** at block ``p`` with the nodes ``R`` still free, the conditions of `bound` on the blocks ``[p, n)``
   must hold (count, amount and bytes of what ``R`` can still hold), else the branch is cut;
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 from williw.planner.bound import NONE, Caps, Windows, certified_lower_bound
 from williw.planner.lagrange import prices
-from williw.planner.packing import best_fit, repack
+from williw.planner.packing import best_fit, least_waste_per_node, repack
 from williw.planner.pipeline import Stage, _candidates, _Costs
 from williw.planner.relaxation import lp_bracket, refutes_at
 from williw.planner.rounding import improve
@@ -52,6 +53,10 @@ REPACK_SHARE = 0.15
 # all the time until re-packing, before packing: one threshold there takes 3-4 s and brings the plan from 1.6-1.9%
 # to 0.8% above the bound.
 ROUND_SHARE = 0.5
+# Where the probes look while none has found a plan below the best one: this share of the interval below its top,
+# not its middle. Plans are likelier there and each lowers the top; a probe that runs out of time moves the top
+# down as before. 48 nodes x 1,000 blocks, 10 s: certified gap 0.30% (0.45% at 0.1, 0.78% at the middle).
+PROBE_UP = 0.25
 
 
 class _OutOfTime(Exception):
@@ -86,6 +91,8 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
                 return v
         return -1
 
+    cap = [max(0.0, (t - c.hop(v, 1, False)) * c.rate[v]) if t < math.inf else 0.0 for v in range(k)]
+    least_waste = least_waste_per_node(c, cap, sorted((cap[v], v) for v in range(k)))
     by_last = [sorted(range(k), key=lambda v, i=i: -caps.last[i][v]) for i in range(3)]
     by_first = [sorted(range(k), key=lambda v, i=i: -caps.first[i][v]) for i in range(3)]
     whole = [sum(col) for col in caps.mid]
@@ -120,6 +127,10 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
         for e in sorted(groups, reverse=True):
             g = groups[e]
             out += [(v, e) for v in g if not any(u != v and weaker(u, v) for u in g)]
+        # Least excess waste first (packing's choice): the first dive is a best-fit pack, and backtracking then
+        # revisits the last stages first, where best fit fails (48 nodes x 1,000 blocks: a plan at 1.005 times the
+        # window bound in 5 s, none in 10 s with the longest run first). Ties keep the longest run first.
+        out.sort(key=lambda ve: (t - c.cost(ve[0], p, ve[1], False)) * c.rate[ve[0]] - least_waste[ve[0]])
         return out
 
     v = finisher(0, 0)
@@ -249,6 +260,8 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
     try:
         while top > lo * (1 + BISECT_REL_TOL):
             mid = (lo + top) / 2 if lo > 0 else top / 2
+            if top >= hi and lo > 0:  # no probe has found a plan yet: look near the best one (`PROBE_UP`)
+                mid = top - (top - lo) * PROBE_UP
             if not lo < mid < top:
                 break
             found = _probe(c, w, mid, probes_until)
