@@ -149,3 +149,47 @@ def test_window_bound_counts_each_stage_s_transfers() -> None:
     nodes = [Node(f"n{i}", 100.0, 7e-9, latency_ms=5.0) for i in range(3)]
     c = _Costs(pipeline_model(meta), nodes, "prefill")
     assert 0.010 <= certified_lower_bound(Windows(c), 0.0, 1.0) < brute_force(meta, nodes, "prefill")
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_runs_of_identical_blocks_are_decided_by_counts_and_stay_exact(objective: str, data) -> None:
+    # A few different blocks, then identical ones (a mixture of experts' dense first blocks; or all identical): the
+    # search's counting close and the runs' own count bound meet brute force, with memory and latency binding.
+    head = data.draw(st.lists(st.tuples(st.integers(1, 20), st.integers(1, 9)), max_size=3))
+    block = data.draw(st.tuples(st.integers(1, 20), st.integers(1, 9)))
+    blocks = head + [block] * data.draw(st.integers(1, 7))
+    first = data.draw(st.tuples(st.integers(0, 3), st.integers(0, 6)))
+    last = data.draw(st.tuples(st.integers(0, 30), st.integers(0, 12)))
+    nodes = [Node(f"n{i}", float(data.draw(st.integers(1, 30))), data.draw(st.integers(3, 50)) / 1e9,
+                  float(data.draw(st.integers(1, 30))), latency_ms=data.draw(st.sampled_from([None, 0.5, 2.0])))
+             for i in range(data.draw(st.integers(2, 7)))]
+    meta = build_meta(blocks, first, last)
+    expected = brute_force(meta, nodes, objective)
+    c, found = _solve(meta, nodes, objective)
+    if expected is None:
+        assert found is None
+        return
+    assert found is not None and found.exact is True
+    assert c.bottleneck(found.stages) == expected
+    model = pipeline_model(meta)
+    # The window bound with the runs' count condition stays below every plan.
+    assert certified_lower_bound(Windows(c), lower_bound(model, c.nodes, objective) * (1 - 1e-9),
+                                 2 * expected) < expected
+
+
+def test_a_mixture_of_experts_is_proven_optimal_where_its_expert_blocks_decide() -> None:
+    # 3 dense blocks (900 GFLOPs, 1.7 GB) and 58 expert blocks (400 GFLOPs, 11 GB), a 1,100-GFLOP head: memory binds
+    # and the whole model's windows let every node take the dense blocks' cheap windows. Before the runs' own count
+    # condition and the counting close: certified gap 61% after 10 s (64 nodes, bench/planner.py's fleet shapes).
+    import random
+
+    meta = build_meta([(900, 1_700_000_000)] * 3 + [(400, 11_000_000_000)] * 58, (0, 2_000_000_000),
+                      (1100, 2_000_000_000))
+    rng = random.Random(9000 * 64 + 2)
+    nodes = [Node(f"n{i}", round(10 ** rng.uniform(0, 3), 3), round(rng.uniform(0.5, 80), 2),
+                  round(rng.uniform(50, 3000), 1)) for i in range(64)]
+    plan = make_plan(meta, nodes, time_limit_s=60.0)
+    assert plan.exact is True and plan.bottleneck_s == plan.lower_bound_s
+    assert validate_split_plan([x.name for x in meta.layers], plan, metadata=meta, nodes=nodes) == []

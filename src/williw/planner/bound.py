@@ -34,6 +34,7 @@ from williw.planner.pipeline import _Costs
 
 SLACK = 1e-12  # relative: a stage that fits ``amount / rate + transfers <= T`` has
 # ``amount <= (T · (1 + SLACK) - transfers) · rate`` (the cost's sums round by far less than 1e-12 · T)
+MAX_REGIONS = 8  # runs of identical blocks whose own count condition `Windows.necessary` checks
 NONE = -(1 << 62)  # a role the node cannot take (the first or last group alone overflows it)
 
 
@@ -66,6 +67,10 @@ class Windows:
         self.total = (self.pa[-1] + self.first_a + self.last_a, self.pb[-1] + self.first_b + self.last_b)
         # The lightest block's amount: a node whose threshold allows less holds nothing (most of a large fleet).
         self.least = min(map(sub, self.pa[1:], self.pa[:-1]), default=0.0)
+        runs = _identical_runs(m, c.decode)
+        self.regions = _uniform_regions(runs, m.n)
+        # Where the model's last run of identical blocks starts: from there on only counts matter (`branch`).
+        self.uniform_from = runs[-1][0] if runs else m.n
 
     def _extend(self, a: float, b: float) -> None:
         """Grow the tables until ``a`` or ``b`` is exceeded by a window, or they cover every length."""
@@ -133,7 +138,76 @@ class Windows:
             have = sum(top) + max(caps.first[i]) + max(caps.last[i])
             if have < totals[i]:
                 return False
+        return self._region_holds(t)
+
+    def region_counts(self, t: float) -> list[tuple[int, int, list[int], list[int] | None]]:
+        """Per run of identical blocks ``[s, e)`` (`_uniform_regions`): ``(s, e, other, end)``, the most of its
+        blocks each node can hold in one stage (``other``: the loosest of the roles its stage may have, all its
+        memory) and, where the run starts or ends the model, as the stage that also holds the first or last
+        group (``end``; None elsewhere).
+
+        Every stage meets the run in a run of its blocks (maybe empty) that fits the stage's node, so with the
+        node of the end stage counted by ``end``, the nodes' counts must add up to ``e - s`` (`_region_holds`).
+        """
+        c = self.c
+        top = t * (1 + SLACK)
+        out = []
+        for s, e in self.regions:
+            size = e - s
+            ra = [x - self.pa[s] for x in self.pa[s:e + 1]]
+            rb = [x - self.pb[s] for x in self.pb[s:e + 1]]
+
+            def count(a: float, b: float, size=size, ra=ra, rb=rb) -> int:
+                if a < ra[1] or b < rb[1]:
+                    return 0
+                return min(size, bisect_right(ra, a) - 1, bisect_right(rb, b) - 1)
+
+            other, end = [], []
+            for v in range(len(c.nodes)):
+                first, mid, last = ((top - c.hop(v, p, fin)) * c.rate[v] for p, fin in ((0, False), (1, False),
+                                                                                         (1, True)))
+                if s == 0:  # the first stage meets these blocks: the others are middle or last stages
+                    other.append(count(max(mid, last), c.mem[v]))
+                    end.append(count(first - self.first_a, c.mem[v] - self.first_b))
+                elif e == c.m.n:
+                    other.append(count(max(first, mid), c.mem[v]))
+                    end.append(count(last - self.last_a, c.mem[v] - self.last_b))
+                else:
+                    other.append(count(max(first, mid, last), c.mem[v]))
+            out.append((s, e, other, end if s == 0 or e == c.m.n else None))
+        return out
+
+    def _region_holds(self, t: float) -> bool:
+        for s, e, other, end in self.region_counts(t):
+            # The end stage's node: what it holds there minus its count in the other roles, at best (often < 0).
+            gain = 0 if end is None else max((x - y for x, y in zip(end, other, strict=True)), default=s - e)
+            if sum(other) + gain < e - s:
+                return False
         return True
+
+
+def _identical_runs(m, decode: bool) -> list[tuple[int, int]]:
+    """The maximal runs ``[i, j)`` of identical blocks (same amount and bytes), in model order."""
+    n = m.n
+    keys = [(0.0 if decode else m.block_compute[i], m.prefix_mem[i + 1] - m.prefix_mem[i]) for i in range(n)]
+    out = []
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and keys[j] == keys[i]:
+            j += 1
+        out.append((i, j))
+        i = j
+    return out
+
+
+def _uniform_regions(runs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The longest runs of identical blocks (two or more, not the whole model), at most `MAX_REGIONS`: where
+    blocks differ in size (a mixture of experts' dense first blocks, hybrid models) the condition on the whole
+    model lets every node take the lightest blocks' windows, and these runs' own count condition is what binds
+    (3 dense and 58 expert blocks over 64 nodes: certified gap 61% -> 0)."""
+    out = [(i, j) for i, j in runs if 2 <= j - i < n]
+    return sorted(out, key=lambda r: r[0] - r[1])[:MAX_REGIONS]
 
 
 def certified_lower_bound(w: Windows, lo: float, hi: float, rel_tol: float = 1e-6,
