@@ -193,3 +193,16 @@ def test_a_mixture_of_experts_is_proven_optimal_where_its_expert_blocks_decide()
     plan = make_plan(meta, nodes, time_limit_s=60.0)
     assert plan.exact is True and plan.bottleneck_s == plan.lower_bound_s
     assert validate_split_plan([x.name for x in meta.layers], plan, metadata=meta, nodes=nodes) == []
+
+
+def test_the_counting_close_refutes_a_state_no_free_node_can_finish() -> None:
+    # Found by a random search: where no free node could be the last stage, the close once took the many blocks the
+    # others hold as enough and failed choosing a last stage (ValueError) instead of refuting the state.
+    meta = build_meta([(18, 1), (20, 1)] + [(2, 7)] * 6, (0, 1), (26, 7))
+    nodes = [Node(f"n{i}", rate, mem) for i, (rate, mem) in enumerate(
+        [(1.0, 1.3e-08), (1.0, 1.6e-08), (22.0, 2.1e-08), (7.0, 2.8e-08), (16.0, 2.1e-08), (27.0, 5e-09),
+         (19.0, 6e-09), (9.0, 3e-08), (20.0, 1.6e-08), (5.0, 2.5e-08), (10.0, 9e-09), (23.0, 3e-09),
+         (24.0, 2.6e-08), (6.0, 1.6e-08)])]
+    expected = brute_force(meta, nodes, "prefill")
+    c, found = _solve(meta, nodes, "prefill")
+    assert found is not None and found.exact is True and c.bottleneck(found.stages) == expected

@@ -154,17 +154,17 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
     loose_fin: dict[int, int] = {}
     exact_fin: dict[int, int] = {}
 
-    def counts(p: int, used: int, tt: float, ext_of, fin_of) -> tuple[int, int, dict[int, int]]:
+    def counts(p: int, used: int, tt: float, ext_of, fin_of) -> tuple[int, int | None, dict[int, int]]:
         """Blocks of [p, n) the free nodes hold as middle stages (summed), the most one of them adds by being the
-        last stage instead (below 0 when the last group costs it blocks; -n if none can), and the counts."""
-        held, gain, cnt = 0, -n, {}
+        last stage instead (below 0 when the last group costs it blocks; None if none can), and the counts."""
+        held, gain, cnt = 0, None, {}
         for u in range(k):
             if not used >> u & 1:
                 cnt[u] = ext_of(u, p) - p
                 held += cnt[u]
                 finish = n - max(p, fin_of(u, tt))
-                if finish >= 1:
-                    gain = max(gain, finish - cnt[u])
+                if finish >= 1 and (gain is None or finish - cnt[u] > gain):
+                    gain = finish - cnt[u]
         return held, gain, cnt
 
     def close(p: int, used: int) -> tuple[Stage, ...] | None | bool:
@@ -186,10 +186,10 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
             return of
 
         held, gain, _ = counts(p, used, loose, loose_ext_of, first_finish(loose_fin))
-        if held + gain < n - p:
+        if gain is None or held + gain < n - p:  # no free node can be the last stage, or too few blocks held
             return None
         held, gain, cnt = counts(p, used, t, ext, first_finish(exact_fin))
-        if held + gain < n - p:
+        if gain is None or held + gain < n - p:
             return False
         last = max((u for u in cnt if n - max(p, exact_fin[u]) >= 1),
                    key=lambda u: (n - max(p, exact_fin[u]) - cnt[u], -u))
