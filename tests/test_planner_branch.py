@@ -33,7 +33,11 @@ def _solve(meta, nodes, objective, limit=60.0):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=instances(max_nodes=8, max_blocks=8))
 def test_branch_and_bound_is_the_exhaustive_optimum(objective: str, case) -> None:
-    meta, nodes = case
+    assert_exhaustive_optimum(*case, objective)
+
+
+def assert_exhaustive_optimum(meta, nodes: list[Node], objective: str) -> None:
+    """`certify` proves brute force's optimum, and the window bound alone stays below it."""
     expected = brute_force(meta, nodes, objective)
     c, found = _solve(meta, nodes, objective)
     if expected is None:
@@ -165,18 +169,8 @@ def test_runs_of_identical_blocks_are_decided_by_counts_and_stay_exact(objective
     nodes = [Node(f"n{i}", float(data.draw(st.integers(1, 30))), data.draw(st.integers(3, 50)) / 1e9,
                   float(data.draw(st.integers(1, 30))), latency_ms=data.draw(st.sampled_from([None, 0.5, 2.0])))
              for i in range(data.draw(st.integers(2, 7)))]
-    meta = build_meta(blocks, first, last)
-    expected = brute_force(meta, nodes, objective)
-    c, found = _solve(meta, nodes, objective)
-    if expected is None:
-        assert found is None
-        return
-    assert found is not None and found.exact is True
-    assert c.bottleneck(found.stages) == expected
-    model = pipeline_model(meta)
-    # The window bound with the runs' count condition stays below every plan.
-    assert certified_lower_bound(Windows(c), lower_bound(model, c.nodes, objective) * (1 - 1e-9),
-                                 2 * expected) < expected
+    # The window bound now includes the runs' count condition: it must stay below the optimum too.
+    assert_exhaustive_optimum(build_meta(blocks, first, last), nodes, objective)
 
 
 def test_a_mixture_of_experts_is_proven_optimal_where_its_expert_blocks_decide() -> None:
