@@ -19,6 +19,11 @@ for amount and bytes. Each is the linear-programming dual of the covering relaxa
 blocks' amounts, or their bytes (Pinar and Aykanat 2004 use the same window reasoning for fixed orders). A
 threshold that fails one condition, and that no single node can hold the whole model under, is infeasible; so
 every plan's bottleneck is above it, a **certified** lower bound.
+
+Windows over the whole model let every node take the lightest blocks' windows: where blocks differ (a mixture of
+experts' dense first blocks, then expert blocks six times their bytes) that says little. So each run of identical
+blocks also gets its own count condition (`Windows.region_counts`): every stage meets the run in a run of its
+blocks, which fits the stage's node, so the nodes' longest such runs must add up to its length.
 """
 
 from __future__ import annotations
