@@ -192,9 +192,11 @@ class Windows:
 
 
 def _identical_runs(m, decode: bool) -> list[tuple[int, int]]:
-    """The maximal runs ``[i, j)`` of identical blocks (same amount and bytes), in model order."""
+    """The maximal runs ``[i, j)`` of identical blocks, in model order: the same amount, bytes (weights and KV
+    cache) and transient (activations), everything a stage's cost and memory take from its blocks (`_Costs`)."""
     n = m.n
-    keys = [(0.0 if decode else m.block_compute[i], m.prefix_mem[i + 1] - m.prefix_mem[i]) for i in range(n)]
+    act = m.block_act or (0,) * n
+    keys = [(0.0 if decode else m.block_compute[i], m.prefix_mem[i + 1] - m.prefix_mem[i], act[i]) for i in range(n)]
     out = []
     i = 0
     while i < n:
