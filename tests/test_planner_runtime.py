@@ -13,7 +13,7 @@ from test_planner_pipeline import brute_force, build_meta, stage_cost
 from williw.errors import InfeasiblePlan
 from williw.fleet import Node
 from williw.metadata import ModelMetadata
-from williw.planner import make_plan
+from williw.planner import make_plan, validate_split_plan
 from williw.planner.bound import Windows, certified_lower_bound
 from williw.planner.branch import certify
 from williw.planner.costs import pipeline_model
@@ -213,3 +213,18 @@ def test_the_latency_search_keeps_to_the_time_limit_on_a_long_model() -> None:
     assert plan.assignments[0].blocks[0] == 0 and plan.assignments[-1].blocks[1] == 600
     assert all(a.blocks[1] == b.blocks[0] for a, b in zip(plan.assignments, plan.assignments[1:], strict=False))
     assert all(0 <= a.headroom_bytes < 100 for a in plan.assignments[:-1])
+
+
+def test_latency_beyond_the_exact_limit_finds_a_plan_where_memory_allows_one() -> None:
+    # Found by the session's breaker: 13 nodes, where the latency search follows fixed orders. It missed the only
+    # splits that fit and said the blocks do not pack, though a decode plan existed on the same fleet.
+    meta = runtime_meta([(6, 1, 1, 1, 1, 0), (1, 8, 1, 5, 4, 1), (4, 3, 0, 6, 3, 2), (19, 3, 3, 4, 3, 1),
+                         (19, 3, 3, 4, 3, 1)], hidden=2, seq=1, first=(1, 2), last=(7, 5))
+    spec = [(13, 21, 11, 0.0), (12, 35, 1, 2.0), (19, 23, 20, 1e-06), (6, 25, 10, 2.0), (19, 53, 11, 2.0),
+            (21, 22, 14, 0.0), (27, 25, 2, None), (8, 35, 15, 0.5), (24, 22, 5, None), (29, 15, 30, 0.0),
+            (14, 33, 30, 0.0), (2, 49, 17, 0.0), (25, 60, 16, 0.5)]
+    nodes = [Node(f"n{i}", float(t), m / 1e9, float(bw), latency_ms=lat) for i, (t, m, bw, lat) in enumerate(spec)]
+    assert brute_force(meta, nodes, "latency", 3, 8) is not None
+    plan = make_plan(meta, nodes, objective="latency", batch_size=3, context_length=8, time_limit_s=5.0)
+    assert plan.exact is False
+    assert validate_split_plan([x.name for x in meta.layers], plan, metadata=meta, nodes=nodes) == []

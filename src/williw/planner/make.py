@@ -150,6 +150,12 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
     lower = lower_bound(model, pool, objective)
     exact = found is not None and found.exact
     stages = found.stages if found is not None else None
+    if stages is None and objective == "latency" and len(pool) > LATENCY_EXACT_MAX_NODES and not exact_links:
+        # Beyond the exact limit the latency search follows fixed orders and may miss the only splits that fit
+        # (found by the session's breaker: 13 nodes, "the blocks do not pack" where decode found a plan). The
+        # branch and bound's search at no threshold finds one whenever memory allows (or proves there is none).
+        fits = certify(_Costs(model, pool, "decode"), None, 0.0, max(start + time_limit_s - time.monotonic(), 1e-3))
+        stages = fits.stages if fits is not None else None
     if len(pool) > EXACT_MAX_NODES and objective != "latency" and not exact_links:
         c = _Costs(model, pool, objective)
         certified = certify(c, stages, lower, max(start + time_limit_s - time.monotonic(), 1e-3))
