@@ -10,7 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from williw.cli import cli
+from williw.errors import PlanError
+from williw.fleet import Node
 from williw.metadata import generate_metadata, save_metadata
+from williw.planner import make_plan
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +107,14 @@ def test_plan_command_does_not_import_torch() -> None:
             "print(sorted(m for m in ('torch', 'transformers', 'fastapi') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_context_length_beyond_int64_is_one_line(files, williw) -> None:
+    # Found by the session's breaker: 10**400 tokens passed the option's check and overflowed a float in the
+    # planner's messages (a traceback, exit 1). The same bound as the metadata's integers.
+    d, meta = files
+    bad = williw("plan", str(d / "meta.json"), "--nodes", str(d / "nodes.json"), "--context-length", str(10**400))
+    assert (bad.returncode, bad.stdout) == (2, "")
+    assert "Invalid value for '--context-length'" in bad.stderr and "Traceback" not in bad.stderr
+    with pytest.raises(PlanError, match=r"^the batch size must be an integer in \[1, 9223372036854775807\], got 1"):
+        make_plan(meta, [Node("a", 1.0, 1.0)], batch_size=10**19)

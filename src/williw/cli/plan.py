@@ -8,6 +8,7 @@ import click
 
 from williw.cli import cli
 from williw.cli._output import EXIT_USER_ERROR, emit, json_option, set_json_mode, table
+from williw.jsonio import INT64_MAX
 
 
 @cli.command("plan")
@@ -21,8 +22,9 @@ from williw.cli._output import EXIT_USER_ERROR, emit, json_option, set_json_mode
               show_default=True, help="What the plan minimises: the slowest stage's GFLOPs / TFLOPS (prefill) or "
                                       "bytes / memory bandwidth (decode), or the sum of the stages' decode times "
                                       "(latency of one request); transfers included.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences served at once (default: the metadata's).")
-@click.option("--context-length", type=click.IntRange(min=1),
+@click.option("--batch-size", type=click.IntRange(min=1, max=INT64_MAX),
+              help="Sequences served at once (default: the metadata's).")
+@click.option("--context-length", type=click.IntRange(min=1, max=INT64_MAX),
               help="Tokens of KV cache per sequence each stage must hold (default: the metadata's sequence length).")
 @click.option("--time-limit", "time_limit", type=click.FloatRange(min=0.0, min_open=True, max=86_400.0), default=5.0,
               show_default=True, help="Seconds for the exact search over more than 12 candidate nodes; when they run "

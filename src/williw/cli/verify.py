@@ -6,6 +6,7 @@ import click
 
 from williw.cli import cli
 from williw.cli._output import emit, json_option, set_json_mode, table
+from williw.jsonio import INT64_MAX
 
 
 @cli.command("verify")
@@ -18,10 +19,10 @@ from williw.cli._output import emit, json_option, set_json_mode, table
               default="float32", show_default=True, help="Compute dtype; auto = the checkpoint's.")
 @click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance (default: 0 in float32).")
 @click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance (default: 0 in float32).")
-@click.option("--batch-size", type=click.IntRange(min=1),
+@click.option("--batch-size", type=click.IntRange(min=1, max=INT64_MAX),
               help="Also run each stage on this many sequences with its KV cache filled to --context-length, and "
                    "report its measured peak memory next to the planner's prediction (default 1 with a context).")
-@click.option("--context-length", type=click.IntRange(min=1),
+@click.option("--context-length", type=click.IntRange(min=1, max=INT64_MAX),
               help="Tokens of KV cache per sequence for the memory check (default 512 with a batch size).")
 @json_option
 def verify_cmd(model_dir: str, plan_path: str, shards_dir: str, prompt: str | None, dtype: str,

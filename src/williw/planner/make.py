@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from williw.errors import InfeasiblePlan, PlanError
 from williw.fleet import Link, Node, link_table
+from williw.jsonio import INT64_MAX
 from williw.metadata import ModelMetadata
 from williw.planner.branch import certify
 from williw.planner.capacity import capacity, context_tail, short, why_infeasible
@@ -86,8 +87,9 @@ def make_plan(metadata: ModelMetadata, nodes: Sequence[Node], strategy: str = "p
     if not time_limit_s > 0:
         raise PlanError(f"the time limit must be a number of seconds > 0, got {time_limit_s!r}")
     for name, value in (("batch size", batch_size), ("context length", context_length)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise PlanError(f"the {name} must be an integer >= 1, got {value!r}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 1 <= value <= INT64_MAX):
+            raise PlanError(f"the {name} must be an integer in [1, {INT64_MAX}], got {value!r}")
     ids = [v.node_id for v in nodes]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
