@@ -74,6 +74,9 @@ class Windows:
         self.least = min(map(sub, self.pa[1:], self.pa[:-1]), default=0.0)
         runs = _identical_runs(m, c.decode)
         self.regions = _uniform_regions(runs, m.n)
+        # Per region, the amount and bytes of its first L blocks (any L of them: they are identical).
+        self.region_sums = [([x - self.pa[s] for x in self.pa[s:e + 1]], [x - self.pb[s] for x in self.pb[s:e + 1]])
+                            for s, e in self.regions]
         # Where the model's last run of identical blocks starts: from there on only counts matter (`branch`).
         self.uniform_from = runs[-1][0] if runs else m.n
 
@@ -157,10 +160,8 @@ class Windows:
         c = self.c
         top = t * (1 + SLACK)
         out = []
-        for s, e in self.regions:
+        for (s, e), (ra, rb) in zip(self.regions, self.region_sums, strict=True):
             size = e - s
-            ra = [x - self.pa[s] for x in self.pa[s:e + 1]]
-            rb = [x - self.pb[s] for x in self.pb[s:e + 1]]
 
             def count(a: float, b: float, size=size, ra=ra, rb=rb) -> int:
                 if a < ra[1] or b < rb[1]:

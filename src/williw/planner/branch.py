@@ -152,48 +152,44 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
     loose = t * (1 + SLACK)
     loose_ext: dict[int, int] = {}
     loose_fin: dict[int, int] = {}
-    exact_fin: dict[int, int] = {}
 
-    def counts(p: int, used: int, tt: float, ext_of, fin_of) -> tuple[int, int | None, dict[int, int]]:
+    def ext_loose(u: int, q: int) -> int:
+        key = u * (n + 1) + q
+        if key not in loose_ext:
+            loose_ext[key] = c.ext(u, q, loose)
+        return loose_ext[key]
+
+    def fin_loose(u: int) -> int:
+        if u not in loose_fin:
+            loose_fin[u] = _first_finish(c, u, loose)
+        return loose_fin[u]
+
+    def counts(p: int, used: int, ext_of, fin_of) -> tuple[int, int, int, dict[int, int]]:
         """Blocks of [p, n) the free nodes hold as middle stages (summed), the most one of them adds by being the
-        last stage instead (below 0 when the last group costs it blocks; None if none can), and the counts."""
-        held, gain, cnt = 0, None, {}
+        last stage instead (below 0 when the last group costs it blocks), that node (-1 if none can finish),
+        and the counts."""
+        held, gain, last, cnt = 0, 0, -1, {}
         for u in range(k):
             if not used >> u & 1:
                 cnt[u] = ext_of(u, p) - p
                 held += cnt[u]
-                finish = n - max(p, fin_of(u, tt))
-                if finish >= 1 and (gain is None or finish - cnt[u] > gain):
-                    gain = finish - cnt[u]
-        return held, gain, cnt
+                finish = n - max(p, fin_of(u))
+                if finish >= 1 and (last < 0 or finish - cnt[u] > gain):
+                    gain, last = finish - cnt[u], u
+        return held, gain, last, cnt
 
     def close(p: int, used: int) -> tuple[Stage, ...] | None | bool:
         """At ``p >= 1`` inside the model's last run of identical blocks only counts matter: the free nodes'
         middle counts and the best last stage decide. Stages for [p, n); None when even at ``t · (1 + SLACK)``
         they fall short (a proof: a run's cost depends on its position only through rounding); False when
         undecided (rounding between positions)."""
-        def loose_ext_of(u: int, q: int) -> int:
-            key = u * (n + 1) + q
-            if key not in loose_ext:
-                loose_ext[key] = c.ext(u, q, loose)
-            return loose_ext[key]
-
-        def first_finish(memo: dict[int, int]):
-            def of(u: int, tt: float) -> int:
-                if u not in memo:
-                    memo[u] = _first_finish(c, u, tt)
-                return memo[u]
-            return of
-
-        held, gain, _ = counts(p, used, loose, loose_ext_of, first_finish(loose_fin))
-        if gain is None or held + gain < n - p:  # no free node can be the last stage, or too few blocks held
+        held, gain, last, _ = counts(p, used, ext_loose, fin_loose)
+        if last < 0 or held + gain < n - p:  # no free node can be the last stage, or too few blocks held
             return None
-        held, gain, cnt = counts(p, used, t, ext, first_finish(exact_fin))
-        if gain is None or held + gain < n - p:
+        held, gain, last, cnt = counts(p, used, ext, fin.__getitem__)  # `fin`: the search's, at t
+        if last < 0 or held + gain < n - p:
             return False
-        last = max((u for u in cnt if n - max(p, exact_fin[u]) >= 1),
-                   key=lambda u: (n - max(p, exact_fin[u]) - cnt[u], -u))
-        split = max(p, exact_fin[last])  # the last stage holds [split, n); the others cover [p, split)
+        split = max(p, fin[last])  # the last stage holds [split, n); the others cover [p, split)
         stages, q = [], p
         for u in sorted((u for u in cnt if u != last and cnt[u] > 0), key=lambda u: (-cnt[u], u)):
             if q >= split:
@@ -267,6 +263,15 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
         path.append(Stage(v, p, e))
         stack.append((e, used2, sums2, children(e, used2), 0))
     return None
+
+
+def any_plan(c: _Costs, deadline: float) -> tuple[Stage, ...] | None:
+    """A plan that fits memory, found by the search at no threshold; None when there is none (proven) or when
+    ``deadline`` (monotonic seconds) passes first."""
+    try:
+        return _dfs(c, Windows(c), float("inf"), deadline)
+    except _OutOfTime:
+        return None
 
 
 def _first_finish(c: _Costs, v: int, t: float) -> int:

@@ -26,7 +26,7 @@ from williw.errors import InfeasiblePlan, PlanError
 from williw.fleet import Link, Node, link_table
 from williw.jsonio import INT64_MAX
 from williw.metadata import ModelMetadata
-from williw.planner.branch import certify
+from williw.planner.branch import any_plan, certify
 from williw.planner.capacity import capacity, context_tail, short, why_infeasible
 from williw.planner.costs import OBJECTIVES, PipelineModel, pipeline_model, stage_times, stage_transfers, usable_bytes
 from williw.planner.dominance import dominated
@@ -156,8 +156,7 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
         # Beyond the exact limit the latency search follows fixed orders and may miss the only splits that fit
         # (found by the session's breaker: 13 nodes, "the blocks do not pack" where decode found a plan). The
         # branch and bound's search at no threshold finds one whenever memory allows (or proves there is none).
-        fits = certify(_Costs(model, pool, "decode"), None, 0.0, max(start + time_limit_s - time.monotonic(), 1e-3))
-        stages = fits.stages if fits is not None else None
+        stages = any_plan(_Costs(model, pool, "decode"), start + time_limit_s)
     if len(pool) > EXACT_MAX_NODES and objective != "latency" and not exact_links:
         c = _Costs(model, pool, objective)
         certified = certify(c, stages, lower, max(start + time_limit_s - time.monotonic(), 1e-3))

@@ -29,6 +29,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 from williw.fleet import GB, TFLOPS_IN_GFLOPS, Node
 from williw.planner.costs import PipelineModel, transfer_time, usable_bytes
@@ -327,7 +328,7 @@ def search(model: PipelineModel, nodes: Sequence[Node], objective: str, deadline
     # (norm and head) is often heavier than a block, and fastest-first leaves only slow nodes at the end.
     # Llama-3-70B's shape over 256 nodes: 1.2-3.6% above the window bound without these orders, within 1e-6 of it
     # with them.
-    enders = [v for v in fastest if c.fits(v, model.n - 1, model.n, True, math.inf)][:LAST_STAGE_ORDERS]
+    enders = islice((v for v in fastest if c.fits(v, model.n - 1, model.n, True, math.inf)), LAST_STAGE_ORDERS)
     orders += [[v for v in fastest if v != last] + [last] for last in enders]
     least = min(c.amount(p, p + 1, False) for p in range(model.n)) if model.n else 0.0
     best: tuple[Stage, ...] | None = None
