@@ -22,11 +22,13 @@ runs out the best plan is returned with the certified bound, so the gap ``bottle
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
 
 from williw.planner.bound import NONE, SLACK, Caps, Windows, certified_lower_bound
+from williw.planner.counting import CountingClose, first_finish
 from williw.planner.lagrange import prices
 from williw.planner.packing import best_fit, least_waste_per_node, repack
 from williw.planner.pipeline import Stage, _candidates, _Costs
@@ -57,6 +59,7 @@ ROUND_SHARE = 0.5
 # not its middle. Plans are likelier there and each lowers the top; a probe that runs out of time moves the top
 # down as before. 48 nodes x 1,000 blocks, 10 s: certified gap 0.30% (0.45% at 0.1, 0.78% at the middle).
 PROBE_UP = 0.25
+TWIN_PROBE_S = 0.2  # seconds for the stage costs within `SLACK` below the plan (`certify`)
 
 
 class _OutOfTime(Exception):
@@ -149,60 +152,6 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
         out.sort(key=lambda ve: (t - c.cost(ve[0], p, ve[1], False)) * c.rate[ve[0]] - least_waste[ve[0]])
         return out
 
-    loose = t * (1 + SLACK)
-    loose_ext: dict[int, int] = {}
-    loose_fin: dict[int, int] = {}
-
-    def ext_loose(u: int, q: int) -> int:
-        key = u * (n + 1) + q
-        if key not in loose_ext:
-            loose_ext[key] = c.ext(u, q, loose)
-        return loose_ext[key]
-
-    def fin_loose(u: int) -> int:
-        if u not in loose_fin:
-            loose_fin[u] = _first_finish(c, u, loose)
-        return loose_fin[u]
-
-    def counts(p: int, used: int, ext_of, fin_of) -> tuple[int, int, int, dict[int, int]]:
-        """Blocks of [p, n) the free nodes hold as middle stages (summed), the most one of them adds by being the
-        last stage instead (below 0 when the last group costs it blocks), that node (-1 if none can finish),
-        and the counts."""
-        held, gain, last, cnt = 0, 0, -1, {}
-        for u in range(k):
-            if not used >> u & 1:
-                cnt[u] = ext_of(u, p) - p
-                held += cnt[u]
-                finish = n - max(p, fin_of(u))
-                if finish >= 1 and (last < 0 or finish - cnt[u] > gain):
-                    gain, last = finish - cnt[u], u
-        return held, gain, last, cnt
-
-    def close(p: int, used: int) -> tuple[Stage, ...] | None | bool:
-        """At ``p >= 1`` inside the model's last run of identical blocks only counts matter: the free nodes'
-        middle counts and the best last stage decide. Stages for [p, n); None when even at ``t · (1 + SLACK)``
-        they fall short (a proof: a run's cost depends on its position only through rounding); False when
-        undecided (rounding between positions)."""
-        held, gain, last, _ = counts(p, used, ext_loose, fin_loose)
-        if last < 0 or held + gain < n - p:  # no free node can be the last stage, or too few blocks held
-            return None
-        held, gain, last, cnt = counts(p, used, ext, fin.__getitem__)  # `fin`: the search's, at t
-        if last < 0 or held + gain < n - p:
-            return False
-        split = max(p, fin[last])  # the last stage holds [split, n); the others cover [p, split)
-        stages, q = [], p
-        for u in sorted((u for u in cnt if u != last and cnt[u] > 0), key=lambda u: (-cnt[u], u)):
-            if q >= split:
-                break
-            e = min(q + cnt[u], split)
-            if not c.fits(u, q, e, False, t):
-                return False
-            stages.append(Stage(u, q, e))
-            q = e
-        if q < split or not c.finish(last, q, t):
-            return False
-        return (*stages, Stage(last, q, n))
-
     v = finisher(0, 0)
     if v >= 0:
         return (Stage(v, 0, n),)
@@ -214,7 +163,8 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
         if time.monotonic() > deadline:
             raise _OutOfTime
         ext_all.append([ext(v, p) for p in range(n)])
-    fin = [_first_finish(c, v, t) for v in range(k)]
+    fin = [first_finish(c, v, t) for v in range(k)]
+    closing = CountingClose(c, t, ext, fin)
     vectors = prices(ext_all, fin, n, PRICE_ROUNDS, lambda: time.monotonic() > deadline)
     mus = [mu for mu, _ in vectors]
     fs = [f for _, f in vectors]
@@ -247,7 +197,7 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
         if last >= 0:
             return (*path, Stage(v, p, e), Stage(last, e, n))
         if e >= w.uniform_from:  # only counts matter from here: decided without branching, mostly
-            rest = close(e, used2)
+            rest = closing(e, used2)
             if rest is None:
                 fail[used2] = max(fail.get(used2, -1), e)
                 continue
@@ -272,19 +222,6 @@ def any_plan(c: _Costs, deadline: float) -> tuple[Stage, ...] | None:
         return _dfs(c, Windows(c), float("inf"), deadline)
     except _OutOfTime:
         return None
-
-
-def _first_finish(c: _Costs, v: int, t: float) -> int:
-    """The first ``p >= 1`` from which ``v`` can hold ``[p, n)`` and the last group (``n`` if none)."""
-    n = c.m.n
-    lo, hi = 1, n  # finish(v, p) is monotone for p >= 1: the runs nest
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if c.finish(v, mid, t):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit_s: float) -> Certified | None:
@@ -361,24 +298,36 @@ def certify(c: _Costs, start: tuple[Stage, ...] | None, lower: float, time_limit
                 plan, hi = found, min(hi, c.bottleneck(found))
                 top = min(top, hi)
         if top >= hi:
-            # Stage costs within `SLACK` of the plan's are its cost summed in another order (identical blocks at
-            # other positions: Llama-3-70B's shape over 256 nodes left a value 2e-15 below the plan, and the search
-            # spent the whole limit on it). The bounds are certified to that precision, and so is the optimum.
-            values = [x for x in _candidates(c, lo, hi) if x < hi * (1 - SLACK)]
-            i, j = 0, len(values)
-            while i < j:  # the optimum is one of values[i:j], or hi itself
-                mid_i = (i + j) // 2
-                # the LP's proof is one solve; the search's may take long where the LP is tight (few blocks a node)
-                found = None if refutes_at(c, values[mid_i], probes_until) else _dfs(c, w, values[mid_i], probes_until)
-                if found is None:
-                    i, lo = mid_i + 1, max(lo, values[mid_i])
-                else:
-                    j, plan = mid_i, found
-                    hi = min(hi, c.bottleneck(found))
+            values = [x for x in _candidates(c, lo, hi) if x < hi]
+            # Stage costs within `SLACK` below the plan's are mostly its cost summed in another order (identical
+            # blocks at other positions: Llama-3-70B's shape over 256 nodes left one 2e-15 below the plan, and the
+            # search spent the whole limit on it). They are tried last, for `TWIN_PROBE_S` at most: past that the
+            # plan stands as the optimum to the bounds' precision.
+            twins = [x for x in values if x >= hi * (1 - SLACK)]
+            plan = _lowest(c, w, values[:len(values) - len(twins)], plan, probes_until)
+            if c.bottleneck(plan) >= hi and twins:
+                with contextlib.suppress(_OutOfTime):
+                    plan = _lowest(c, w, twins, plan, min(probes_until, time.monotonic() + TWIN_PROBE_S))
             return Certified(plan, True, c.bottleneck(plan))
     except _OutOfTime:
         pass
     return Certified(repack(c, plan, lo, deadline), False, lo)
+
+
+def _lowest(c: _Costs, w: Windows, values: list[float], plan: tuple[Stage, ...],
+            deadline: float) -> tuple[Stage, ...]:
+    """The plan at the least of ``values`` (ascending stage costs below ``plan``'s) that has one, else ``plan``:
+    a bisection, each threshold decided by the LP's proof (one solve) or else the search (which may take long where
+    the LP is tight, few blocks a node). Raises _OutOfTime past ``deadline``."""
+    i, j = 0, len(values)
+    while i < j:  # the optimum is one of values[i:j], or plan's
+        mid = (i + j) // 2
+        found = None if refutes_at(c, values[mid], deadline) else _dfs(c, w, values[mid], deadline)
+        if found is None:
+            i = mid + 1
+        else:
+            j, plan = mid, found
+    return plan
 
 
 def _probe(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] | None | bool:
