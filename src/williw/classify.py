@@ -81,3 +81,23 @@ def is_embedding_side(name: str) -> bool:
     """Outside the blocks, tensors of the embedding module run before the first block; the rest after the last."""
     modules = name.lower().split(".")[:-1]
     return any(k in m for m in modules for k in _EMBEDDING) or "shared" in modules[:2]
+
+
+# Embedding tables that are not the token table: positions (GPT-2's and GPT-BigCode's ``wpe``, OPT's and BART's
+# ``embed_positions``, BERT's ``position_embeddings``) and token types or segments (BERT's ``token_type_embeddings``).
+_NOT_TOKEN_TABLES = ("wpe", "position", "pos_emb", "pos_embed", "token_type", "segment")
+# The module that transformers' ``get_input_embeddings()`` returns, as the families name it: Llama's
+# ``embed_tokens``, GPT-2's ``wte``, BLOOM's and Falcon's ``word_embeddings``, GPT-NeoX's ``embed_in``, T5's and
+# BART's ``shared``, Mamba's ``embeddings``.
+_TOKEN_TABLES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "shared", "tok_embeddings", "token_embedding",
+                 "embeddings")
+
+
+def table_kind(name: str) -> str:
+    """What an embedding table holds, from its module path: ``position`` (positions or token types: indexed by
+    something other than the token ids), ``token`` (a module named as families name their input embedding), or
+    ``unknown``."""
+    modules = name.lower().split(".")[:-1]
+    if any(k in m for m in modules for k in _NOT_TOKEN_TABLES):
+        return "position"
+    return "token" if modules and modules[-1] in _TOKEN_TABLES else "unknown"

@@ -15,8 +15,8 @@ it is (quantized weights at their logical shape, buffers free, experts at the ac
 adds its cores, which belong to no tensor: the attention core of a block with attention, ``QKᵀ`` and ``A·V``,
 ``2·B·S²·hidden`` each, so ``4·B·S²·hidden`` per attention (self, and cross in a decoder; the PaLM paper,
 appendix B, counts the same ``6·L·H·Q·T`` term for training = 3× forward), and the selective scan of a
-state-space block (`williw.compute.ssm_core_flops`). A tied LM head (no ``lm_head`` tensor stored, the embedding
-reused) costs ``2·B·S·vocab·hidden`` on the last stage. Run-time memory per block (KV cache, state,
+state-space block (`williw.compute.ssm_core_flops`). A tied LM head (the input token table reused,
+`tied_head_tensors`) costs ``2·B·S·vocab·hidden`` on the last stage. Run-time memory per block (KV cache, state,
 activations): `williw.memory`.
 """
 
@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from williw.checkpoint import Checkpoint, open_checkpoint
 from williw.classify import layer_type
-from williw.compute import CROSS_ATTENTION, CostModel, keys_attended, ssm_core_flops, stack_hidden
+from williw.compute import CROSS_ATTENTION, CostModel, TensorCost, keys_attended, ssm_core_flops, stack_hidden
+from williw.config import ModelConfig
 from williw.errors import MetadataError
 from williw.fsutil import read_json, write_json
 from williw.memory import block_memory, element_bytes
-from williw.structure import Structure, find_structure
+from williw.structure import Structure, find_structure, token_table
 
 FORMAT_VERSION = 1
 GIGA = 1e9
@@ -58,7 +60,7 @@ class LayerMeta:
     stack: str | None = None  # the stack of a block (or of a module between stacks)
     stack_index: int | None = None  # the block's index within its stack
     role: str | None = None  # first, block, between, last, mtp (None in files written before stacks)
-    note: str | None = None  # quantized, quant_state, buffer, experts: why params/compute are not shape-based
+    note: str | None = None  # quantized, quant_state, buffer, experts, tied: why params/compute are not shape-based
 
 
 @dataclass(frozen=True)
@@ -155,20 +157,22 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
     raw = cfg.raw if cfg else {}
     tokens = batch_size * sequence_length
     names = [t.name for t in ckpt.tensors]
-    structure = find_structure(names, raw or None, ckpt.label("config.json"))
+    shapes = {t.name: t.shape for t in ckpt.tensors}
+    structure = find_structure(names, raw or None, ckpt.label("config.json"), shapes)
+    table, copies = tied_head_tensors(cfg, structure, shapes)
     costs = CostModel(raw, set(names), tokens)
     ssm_mixers = {n.rsplit(".", 1)[0] + "." for n in names if n.endswith(".A_log")}
     layers, flops = [], {}
     for t in ckpt.tensors:
         kind = "ssm" if any(t.name.startswith(m) for m in ssm_mixers) else layer_type(t.name)
-        cost = costs.cost(t.name, t.shape, t.dtype, kind)
+        cost = TensorCost(0, 0, "tied") if t.name in copies else costs.cost(t.name, t.shape, t.dtype, kind)
         flops[t.name] = cost.flops
         layers.append(_layer(t, kind, cost.params, cost.flops, cost.note, structure))
     layers.sort(key=_model_order)
 
     hidden = cfg.hidden_size if cfg and cfg.hidden_size else _guess_hidden(layers)
     blocks, block_flops = _blocks(layers, flops, hidden, batch_size, sequence_length, raw, structure)
-    tied, tied_flops = _tied_head(ckpt, layers, tokens)
+    tied, tied_flops = _tied_head(table, layers, tokens)
     total_compute = (sum(flops.values()) + block_flops + tied_flops) / GIGA
     return ModelMetadata(
         format_version=FORMAT_VERSION,
@@ -246,20 +250,36 @@ def _blocks(layers: list[LayerMeta], flops: dict[str, int], hidden: int | None, 
     return blocks, cores
 
 
-def _tied_head(ckpt: Checkpoint, layers: list[LayerMeta], tokens: int) -> tuple[TiedHead | None, int]:
-    cfg = ckpt.config
+def tied_head_tensors(cfg: ModelConfig | None, structure: Structure,
+                      shapes: Mapping[str, tuple[int, ...]]) -> tuple[str | None, tuple[str, ...]]:
+    """The input token table that the output head reuses when the config ties them (`williw.structure.token_table`),
+    and the stored heads that are copies of it; ``(None, ())`` when the head is not tied.
+
+    With ``tie_word_embeddings`` true, transformers 5 makes the head's weight the input embedding's
+    (``_tied_weights_keys``); a stored ``lm_head.weight`` of the same shape is loaded, then replaced by the tie when
+    its values equal the table's (``tie_weights`` during ``from_pretrained``, by ``torch.equal``), so the model never
+    uses it: it is a copy, owned by the last stage like a head, neither parameters nor compute (note ``tied``).
+    Headers cannot compare values; the split does, and refuses a stored head that differs, which transformers would
+    run untied (`williw.splitter.check_tied_copies`). A stored head of another shape is not tied.
+    """
     if cfg is None or not cfg.has_lm_head or not cfg.tie_word_embeddings:
+        return None, ()
+    table = token_table(structure, shapes, cfg.raw)
+    if table is None:
+        return None, ()
+    heads = tuple(n for n, s in shapes.items()
+                  if len(s) == 2 and layer_type(n) == "lm_head" and structure.place(n).role == "last")
+    if any(shapes[n] != shapes[table] for n in heads):
+        return None, ()
+    return table, heads
+
+
+def _tied_head(table: str | None, layers: list[LayerMeta], tokens: int) -> tuple[TiedHead | None, int]:
+    if table is None:
         return None, 0
-    if any(x.layer_type == "lm_head" for x in layers):
-        return None, 0
-    emb = [x for x in layers if x.layer_type == "embedding" and len(x.shape) == 2 and x.placement == "first"]
-    if not emb:
-        return None, 0
-    # The output head reuses the token table: the one with vocab_size rows (not, say, GPT-2's position table).
-    vocab = [x for x in emb if cfg.vocab_size and x.shape[0] == cfg.vocab_size]
-    table = max(vocab or emb, key=lambda x: x.num_params)
-    flops = 2 * tokens * table.num_params
-    return TiedHead(tensor=table.name, compute_required=flops / GIGA, bytes=table.bytes), flops
+    x = next(x for x in layers if x.name == table)
+    flops = 2 * tokens * x.num_params
+    return TiedHead(tensor=x.name, compute_required=flops / GIGA, bytes=x.bytes), flops
 
 
 def save_metadata(meta: ModelMetadata, path: str | os.PathLike[str]) -> None:

@@ -9,15 +9,18 @@ are safe folder names, every planned tensor exists, the output is not inside the
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from williw.checkpoint import TensorInfo
+from williw.checkpoint import Checkpoint, TensorInfo
+from williw.classify import layer_type
 from williw.errors import PlanError, SplitError, require_torch
 from williw.fsutil import atomic_writer
+from williw.metadata import tied_head_tensors
 from williw.planner.plan import Plan
 from williw.planner.validate import check_plan
 from williw.shards import (
@@ -40,11 +43,12 @@ from williw.shards import (
     write_shards,
 )
 from williw.shards.manifest import check_free_space, finish_shard, prepare_shard_dir
+from williw.structure import find_structure
 from williw.units import SAFETENSORS_TO_TORCH
 
 # check_shards and its report live in williw.shards; re-exported here for the seed-style API.
 __all__ = ["DEFAULT_OUTPUT", "FORMATS", "ModelSplitter", "NodeCheck", "ShardCheckReport", "SplitConfig",
-           "SplitResult", "check_shards", "read_manifest", "split_all"]
+           "SplitResult", "check_shards", "check_tied_copies", "read_manifest", "split_all"]
 
 FORMATS = ("safetensors", "pth")
 DEFAULT_OUTPUT = "./model_shards"
@@ -74,6 +78,7 @@ class SplitResult:
     shared_tensors: tuple[str, ...] = ()
     file_sha256: str = ""
     skipped: bool = False  # an identical shard was already there (resume)
+
 
 def as_plan(split_plan: Plan | dict[str, Any], source: str = "plan") -> Plan:
     """A `Plan` from a `Plan` or the seed's dict.
@@ -157,6 +162,7 @@ def split_all(model_path: str | os.PathLike[str], plan: Plan | dict[str, Any], o
     # The whole plan, not only the nodes written: shards of a plan that owns a tensor twice or never would not
     # add up to the model (`williw validate` refuses such a plan; so does split, before writing anything).
     check_plan(list(tensors), plan, shown=3)
+    check_tied_copies(checkpoint, tensors, source)
     name = model_name or plan.model_name or checkpoint.path.resolve().name
     source_name = str(checkpoint.path.resolve())
     extra = [checkpoint.path / f for f in COPIED_FILES if (checkpoint.path / f).is_file()]
@@ -167,6 +173,39 @@ def split_all(model_path: str | os.PathLike[str], plan: Plan | dict[str, Any], o
         written = _write_pth(specs, source, out, model_name=name, source_name=source_name,
                              plan_sha256=plan.digest(), extra_files=extra)
     return [_result(plan, w) for w in written]
+
+
+def check_tied_copies(checkpoint: Checkpoint, tensors: dict[str, TensorInfo], source: ByteSource) -> None:
+    """Refuse a stored head that the config ties to the input embedding but whose bytes differ from it.
+
+    The metadata, from headers alone, takes such a head for a copy of the token table that the model ignores
+    (`williw.metadata.tied_head_tensors`); transformers ties the two only when their values are equal, and otherwise
+    runs the stored head untied, so shards cut for the tie would compute another model. Reads both tensors once,
+    in pieces. Heads stored in another dtype than the table are left to ``williw verify`` (transformers compares
+    them after casting both to the load dtype, which bytes cannot show).
+
+    Raises:
+        SplitError: naming the config, both tensors and the fix.
+    """
+    cfg = checkpoint.config
+    if cfg is None or not cfg.tie_word_embeddings or not any(layer_type(n) == "lm_head" for n in tensors):
+        return
+    shapes = {n: t.shape for n, t in tensors.items()}
+    label = checkpoint.label("config.json")
+    table, copies = tied_head_tensors(cfg, find_structure(list(tensors), cfg.raw or None, label, shapes), shapes)
+    for name in copies:
+        a, b = tensors[table], tensors[name]  # type: ignore[index]
+        if a.dtype == b.dtype and _digest(source, a) != _digest(source, b):
+            raise SplitError(f"'{label}': tie_word_embeddings is true, so the output head is '{table}', but the "
+                             f"checkpoint also stores '{name}' with other values, which transformers runs untied; "
+                             "set tie_word_embeddings to false in config.json and make the metadata and plan again")
+
+
+def _digest(source: ByteSource, t: TensorInfo) -> bytes:
+    h = hashlib.sha256()
+    for piece in source.read_range(t.file, t.start, t.end):  # type: ignore[arg-type]
+        h.update(piece)
+    return h.digest()
 
 
 def _result(plan: Plan, w: WrittenShard) -> SplitResult:

@@ -11,20 +11,22 @@ against the config: a disagreement nothing explains is a `CheckpointError`, neve
 
 The execution order is vision tower → language model, encoder → decoder. The pipeline is the chain of every
 stack's blocks in that order; a block's *chain index* is its position in it. Tensors outside the stacks are
-``first`` (embeddings that run before the first stack), ``between`` (a module that runs between two stacks, such
-as a vision merger or an encoder's final norm: it travels with the neighbouring block), ``last`` (final norm,
-heads), or ``mtp`` (multi-token-prediction layers, not in the forward pass: they travel with the last stage).
+``first`` (embeddings, and modules that map the token table's width to the hidden size, such as OPT's
+``project_in``: they run before the first stack), ``between`` (a module that runs between two stacks, such as a
+vision merger or an encoder's final norm: it travels with the neighbouring block), ``last`` (final norm, heads), or
+``mtp`` (multi-token-prediction layers, not in the forward pass: they travel with the last stage).
 Without a config the stack is guessed from names alone (`williw.classify.find_block_prefix`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
-from williw.classify import find_block_prefix, is_embedding_side, layer_type, leftmost_index
+from williw.classify import find_block_prefix, is_embedding_side, layer_type, leftmost_index, table_kind
+from williw.config import parse_config
 from williw.errors import CheckpointError
 
 ROLES = ("first", "block", "between", "last", "mtp")
@@ -65,6 +67,7 @@ class Structure:
     stacks: tuple[Stack, ...]  # in execution order
     mtp_prefix: str | None  # the stack whose indices past its count are multi-token-prediction layers
     mtp_layers: int
+    inputs: tuple[str, ...] = ()  # modules, not embeddings, that run before the first stack (`input_projections`)
 
     @property
     def blocks(self) -> int:
@@ -81,7 +84,7 @@ class Structure:
                 if i >= s.layers:
                     return Place("mtp", None, s.part, i)
                 return Place("block", s.start + i, s.part, i)
-        if is_embedding_side(name) and layer_type(name) != "lm_head":
+        if (is_embedding_side(name) and layer_type(name) != "lm_head") or name.rpartition(".")[0] in self.inputs:
             return Place("first", None, None, None)  # input embeddings: computed from the ids the first stage has
         for k, s in enumerate(self.stacks):
             root = _root(s)
@@ -176,13 +179,16 @@ def _numbered(names: Iterable[str]) -> dict[str, set[int]]:
     return found
 
 
-def find_structure(names: Iterable[str], cfg: dict[str, Any] | None, source: str = "config.json") -> Structure:
+def find_structure(names: Iterable[str], cfg: dict[str, Any] | None, source: str = "config.json",
+                   shapes: Mapping[str, tuple[int, ...]] | None = None) -> Structure:
     """The stacks of a checkpoint in execution order, each checked against the config's layer count.
 
     Args:
         names: every tensor name of the checkpoint.
         cfg: the loaded ``config.json`` (None: guess one stack from the names).
         source: the config's path, for messages.
+        shapes: every tensor's shape, from the headers: with them, modules that map the token table's width to
+            the hidden size run first (`input_projections`).
 
     Raises:
         CheckpointError: one line naming the stack, the config key and both counts when they disagree, or a
@@ -229,7 +235,41 @@ def find_structure(names: Iterable[str], cfg: dict[str, Any] | None, source: str
         stacks.append(Stack(want.part, best, layers, want.key, start, types))
         start += layers
     _check_unclaimed(numbered, deep, claimed, source)
-    return Structure(tuple(stacks), mtp_prefix, mtp_layers)
+    structure = Structure(tuple(stacks), mtp_prefix, mtp_layers)
+    return replace(structure, inputs=input_projections(structure, shapes, cfg)) if shapes else structure
+
+
+def token_table(structure: Structure, shapes: Mapping[str, tuple[int, ...]], cfg: dict[str, Any] | None) -> str | None:
+    """The input token table: the embedding that transformers' ``get_input_embeddings()`` returns, which a tied
+    output head reuses; None when the checkpoint has no 2-D embedding that runs first.
+
+    A position or token-type table is never it, whatever its shape: GPT-BigCode's ``wpe`` has as many rows as its
+    ``wte`` when ``vocab_size == n_positions``, and picking by rows made the position table the head. Among the
+    rest, a table with the config's ``vocab_size`` rows comes first, then one named as the families name their
+    token table, then the one nearest the root (BART's ``model.shared`` before a decoder's copy)."""
+    vocab = parse_config(cfg).vocab_size if cfg else None
+    tables = sorted(n for n, s in shapes.items() if len(s) == 2 and layer_type(n) == "embedding"
+                    and table_kind(n) != "position" and structure.place(n).role == "first")
+    if not tables:
+        return None
+    return max(tables, key=lambda n: (shapes[n][0] == vocab, table_kind(n) == "token", -n.count(".")))
+
+
+def input_projections(structure: Structure, shapes: Mapping[str, tuple[int, ...]],
+                      cfg: dict[str, Any] | None) -> tuple[str, ...]:
+    """Modules outside the embeddings that run before the first block: those whose weight maps the token table's
+    width to the hidden size (``[hidden_size, width]``), as OPT's ``project_in`` does when ``word_embed_proj_dim``
+    != ``hidden_size`` (opt-350m: 512 -> 1024). The first block takes hidden-wide states, so a table of another
+    width reaches it only through such a map; its name says nothing of when it runs (placed by name, it went last, and
+    the first stage lacked it). The map back (``project_out``, ``[width, hidden_size]``) runs after the last block.
+    """
+    hidden = parse_config(cfg).hidden_size if cfg else None
+    table = token_table(structure, shapes, cfg)
+    if not isinstance(hidden, int) or table is None or shapes[table][1] == hidden:
+        return ()
+    wide = (hidden, shapes[table][1])
+    return tuple(sorted({n.rpartition(".")[0] for n, s in shapes.items()
+                         if tuple(s) == wide and layer_type(n) != "lm_head" and structure.place(n).role == "last"}))
 
 
 def _deep(names: list[str], numbered: dict[str, set[int]]) -> set[str]:

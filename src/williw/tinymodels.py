@@ -58,6 +58,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 64},
     "bert": {}, "roberta": {"pad_token_id": 1},
+    # vocab_size == n_positions: the position table has the token table's shape (issue 29).
+    "gpt_bigcode": {"max_position_embeddings": 128},
+    # opt-350m's layout: embeddings narrower than the blocks (project_in/project_out), post-norm, no final norm.
+    "opt": {"word_embed_proj_dim": 32, "ffn_dim": 128, "do_layer_norm_before": False},
+    "bloom": {}, "starcoder2": {}, "olmo2": {}, "stablelm": {}, "cohere": {}, "granite": {},
+    "gptj": {"rotary_dim": 8}, "codegen": {"rotary_dim": 8}, "xglm": {"ffn_dim": 128}, "biogpt": {},
 }
 ENCODERS = ("bert", "roberta")
 
@@ -89,6 +95,21 @@ def build_bert(path: Path, *, layers: int = 3, seed: int = 0) -> Path:
     cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                                   intermediate_size=128, vocab_size=128, max_position_embeddings=128)
     return _save(transformers.BertModel(cfg).eval(), path, None)
+
+
+def build_stored_tied_head(path: Path, *, same: bool = True, seed: int = 0) -> Path:
+    """A tied tiny Llama whose checkpoint also stores ``lm_head.weight``: a copy of the token table, as a tied
+    model's ``torch.save(state_dict())`` or a conversion of one to safetensors holds it, or (``same=False``) other
+    values, as a model untied after training but still configured tied."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    build_causal_lm(path, "llama", tie=True, seed=seed)
+    state = load_file(path / "model.safetensors")
+    table = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = table.clone() if same else torch.flip(table, dims=(0,)).contiguous()
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path
 
 
 def build_bin_copy(src: Path, dst: Path, *, sharded: bool = False) -> Path:
