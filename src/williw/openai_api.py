@@ -6,6 +6,14 @@ fields this server does not use (``top_p``, ``n`` > 1, ``logprobs``) are accepte
 
 One generation runs at a time (the stages' KV budget is the request's batch size); the routes are plain ``def``
 so that FastAPI runs them in its thread pool and the event loop never waits on a node.
+
+Errors come in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, never as a traceback on the
+server's terminal. The caller's mistakes are 400 ``invalid_request_error``: a body that does not validate (FastAPI
+would answer 422 in its own shape; a NaN, or a seed torch cannot take, would have been a bare 500), and what
+`Generator` refuses before asking a node (`GenerationInputError`: an empty prompt, one longer than the context with
+code ``context_length_exceeded``, a lone surrogate, a model without a chat template, messages the template
+refuses). They are all found before the status line, so a streamed call gets them as a 400 too; a node that fails
+later is a 502 ``node_error``, or, once a stream has begun, a ``data: {"error": ...}`` event before ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -18,22 +26,25 @@ from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from williw.errors import GenerateError
-from williw.generation import Generator, Stats
+from williw.errors import GenerateError, WilliwError
+from williw.generation import SEED_MAX, SEED_MIN, GenerationInputError, Generator, Stats
 
 __all__ = ["create_app"]
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # allow_inf_nan: Python's json reads NaN and Infinity, which no range check refuses (NaN compares False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
 
@@ -57,9 +68,20 @@ def create_app(generator: Generator, model_name: str, default_max_tokens: int = 
     app = FastAPI(title="williw OpenAI-compatible API")
     turn = threading.Lock()
 
-    @app.exception_handler(GenerateError)
-    def _failed(_request: Any, exc: GenerateError) -> JSONResponse:
-        return JSONResponse(status_code=502, content={"error": {"message": str(exc), "type": "node_error"}})
+    @app.exception_handler(RequestValidationError)
+    def _invalid(_request: Any, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=400, content=_validation_error(exc.errors()))
+
+    @app.exception_handler(WilliwError)
+    def _failed(_request: Any, exc: WilliwError) -> JSONResponse:
+        return JSONResponse(status_code=400 if isinstance(exc, GenerationInputError) else 502,
+                            content=_library_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    def _http(_request: Any, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(status_code=exc.status_code, content=_error(str(exc.detail), kind),
+                            headers=exc.headers)
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -79,10 +101,11 @@ def create_app(generator: Generator, model_name: str, default_max_tokens: int = 
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": model_name}
-        if not turn.acquire(timeout=600):
-            raise HTTPException(503, "the pipeline is busy")
         stats = Stats()
+        # Checked now, before the status line: a mistake is a 400 even when streamed. The nodes run under the lock.
         chunks = generator.stream(ids, stats, max_new_tokens=limit, temperature=body.temperature, seed=body.seed)
+        if not turn.acquire(timeout=600):
+            raise HTTPException(503, "the pipeline is busy: one generation runs at a time; try again")
         if body.stream:
             return StreamingResponse(_events(chunks, stats, head, kind, chat, turn), media_type="text/event-stream")
         try:
@@ -114,8 +137,37 @@ def _events(chunks: Iterator[str], stats: Stats, head: dict[str, Any], kind: str
         for delta in chunks:
             yield event(delta, None)
         yield event(None, stats.finish_reason)
-    except GenerateError as exc:  # the status line is sent already: the error goes into the stream
-        yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'node_error'}})}\n\n"
+    except WilliwError as exc:  # the status line is sent already: the error goes into the stream
+        yield f"data: {json.dumps(_library_error(exc))}\n\n"
     finally:
         turn.release()
     yield "data: [DONE]\n\n"
+
+
+def _error(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body (platform.openai.com/docs/guides/error-codes)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _library_error(exc: WilliwError) -> dict[str, Any]:
+    if isinstance(exc, GenerationInputError):
+        return _error(str(exc), "invalid_request_error", exc.param, exc.code)
+    return _error(str(exc), "node_error" if isinstance(exc, GenerateError) else "worker_error")
+
+
+def _validation_error(errors: Any) -> dict[str, Any]:
+    """The first of pydantic's errors, one line naming the field as OpenAI does (``messages.[0].role``). The input
+    is never echoed: FastAPI's own 422 echoed it, and a NaN there (which JSON cannot carry) made that a bare 500."""
+    first = errors[0]
+    kind, loc, msg = first["type"], tuple(first["loc"]), first["msg"]
+    if kind == "json_invalid":
+        where = f" at character {loc[-1]}" if isinstance(loc[-1], int) else ""
+        return _error(f"the body is not valid JSON: {first.get('ctx', {}).get('error', msg)}{where}",
+                      "invalid_request_error")
+    parts = loc[1:] if loc[:1] == ("body",) else loc
+    param = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in parts) or None
+    if kind == "missing":
+        return _error(f"'{param}' is required", "invalid_request_error", param, "missing_required_parameter")
+    code = "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value"
+    what = f"'{param}'" if param else "body"
+    return _error(f"invalid {what}: {msg[:1].lower()}{msg[1:]}", "invalid_request_error", param, code)

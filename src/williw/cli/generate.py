@@ -21,13 +21,18 @@ _token = click.option("--token", envvar="WILLIW_TOKEN", help="The worker's admin
 @click.option("--max-new-tokens", type=click.IntRange(1, 32768), default=64, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True,
               help="0: greedy (the most likely token); above 0: sampled from softmax(logits / T).")
-@click.option("--seed", type=int, help="Seed of the sampler (with --temperature > 0).")
+# torch.Generator.manual_seed takes an int64 or a uint64 (williw.generation.SEED_MIN, SEED_MAX)
+@click.option("--seed", type=click.IntRange(-(2**63), 2**64 - 1), help="Seed of the sampler (with --temperature > 0).")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the model's chat template.")
 @_token
 @json_option
 def generate_cmd(worker_url: str, request_id: str, prompt: str, max_new_tokens: int, temperature: float,
                  seed: int | None, chat: bool, token: str | None, as_json: bool) -> None:
-    """Generate from PROMPT through the node stages in plan order, streaming tokens as they come."""
+    """Generate from PROMPT through the node stages in plan order, streaming tokens as they come.
+
+    At most the context left after the prompt (the request's sequence_length) is generated: asked for more, it
+    stops there with finish reason "length" and keeps the text.
+    """
     import sys
 
     set_json_mode(as_json)
@@ -45,6 +50,8 @@ def generate_cmd(worker_url: str, request_id: str, prompt: str, max_new_tokens: 
     line = (f"{stats.new_tokens} tokens on plan version {stats.version} ({' → '.join(stats.nodes)}): prefill "
             f"{stats.prompt_tokens} tokens in {stats.prefill_s:.3f} s ({stats.prefill_tokens_per_s:.1f} tokens/s), "
             f"decode {stats.decode_tokens_per_s:.1f} tokens/s")
+    if stats.finish_reason == "length" and stats.new_tokens < max_new_tokens:
+        line += f"; stopped at the context of {gen.context_tokens} tokens (the request's sequence_length)"
     if as_json:
         emit(True, {"text": "".join(parts), **stats.to_dict()}, "")
     else:
