@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from williw.errors import VerifyError
-from williw.hfmodel import ALIGNMENT, align, block_stack, load_config, model_class, skeleton
+from williw.hfmodel import (
+    ALIGNMENT,
+    align,
+    block_stack,
+    init_buffers,
+    load_config,
+    model_class,
+    refuse_side_inputs,
+    skeleton,
+)
 
 __all__ = ["ALIGNMENT", "Stage", "align", "block_stack", "build_stage", "load_config", "model_class",
            "model_outputs", "run_stage", "skeleton"]
@@ -96,18 +105,7 @@ def _tensors(model: Any) -> Iterator[tuple[Any, dict[str, Any], str, Any]]:
 
 
 def _fill_meta(model: Any) -> None:
-    """Non-persistent buffers (rotary ``inv_freq``) computed by the model's own ``_init_weights``, exactly as
-    ``from_pretrained`` does; every other tensor still on the meta device becomes a placeholder."""
-    import torch
-
-    for sub in model.modules():
-        meta = [n for n, b in sub._buffers.items() if b is not None and b.is_meta
-                and n in sub._non_persistent_buffers_set]
-        if meta:
-            for n in meta:
-                sub._buffers[n] = torch.empty_like(sub._buffers[n], device="cpu")
-            with torch.no_grad():
-                model._init_weights(sub)
+    """Every tensor still on the meta device becomes a placeholder."""
     for module, store, n, t in _tensors(model):
         if t.is_meta:
             store[n] = _placeholder(t, store is module._parameters)
@@ -181,11 +179,13 @@ def build_stage(config: Any, cls: Any, blocks: tuple[int, int], state: Mapping[s
             stage does not run; a tensor has the wrong shape.
     """
     model = skeleton(cls, config, dtype)
+    init_buffers(model)
     path, stack = block_stack(model)
     own_blocks = list(stack)
     for i in range(len(stack)):
         stack[i] = _passthrough(own_blocks[i])
     _fill_meta(model)
+    refuse_side_inputs(model, stack, own_blocks[0])
     phases = _trace_phases(model, stack)
     for module, store, n, t in _tensors(model):  # back to meta: what the loader does not fill stays missing
         if _is_placeholder(t):
@@ -331,7 +331,12 @@ def run_stage(stage: Stage, x: torch.Tensor, forward_kwargs: Mapping[str, Any] |
 
     box: dict[str, Any] = {}
     # A node that never saw the tokens: the embeddings it does not hold see zeros of the right shape.
-    kwargs = {"input_ids": x} if stage.is_first else {"inputs_embeds": torch.zeros((), dtype=x.dtype).expand(x.shape)}
+    # (at the embeddings' width: OPT's project_in maps them to the hidden size before block 0)
+    if stage.is_first:
+        kwargs = {"input_ids": x}
+    else:
+        width = stage.model.get_input_embeddings().weight.shape[-1]
+        kwargs = {"inputs_embeds": torch.zeros((), dtype=x.dtype).expand(*x.shape[:-1], width)}
     with torch.no_grad(), _hooks(stage, None if stage.is_first else x, box):
         try:
             extra: dict[str, Any] = {"use_cache": False}
