@@ -124,6 +124,20 @@ class StageHost:
         params = inspect.signature(stage.model.forward).parameters
         self._cache_arg = cache_argument(stage.model)
         self._keep_last = "logits_to_keep" in params
+        # The first of the stage's blocks whose output holds NaN or Inf in the current step (an isfinite per block:
+        # microseconds next to the block's own arithmetic).
+        self._nonfinite: list[int] = []
+        for i in range(*stage.blocks):
+            stage.stack[i].register_forward_hook(self._finite_hook(i))
+
+    def _finite_hook(self, index: int) -> Any:
+        import torch
+
+        def check(_module: Any, _args: Any, out: Any) -> None:
+            hidden = out[0] if isinstance(out, tuple) else out
+            if not self._nonfinite and isinstance(hidden, torch.Tensor) and not bool(torch.isfinite(hidden).all()):
+                self._nonfinite.append(index)
+        return check
 
     def forward(self, session_id: str, x: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
         """Run the stage on ``x`` at positions ``[start, start + tokens)`` of session ``session_id``.
@@ -138,7 +152,8 @@ class StageHost:
 
         Raises:
             GenerateError: an unknown or expired session, a start that skips or repeats positions, the KV budget
-                (sessions or tokens) exceeded.
+                (sessions or tokens) exceeded; the model's forward raised, or a block computed NaN or Inf (the
+                session is closed: its cache holds that step's state).
         """
         import torch
 
@@ -151,11 +166,22 @@ class StageHost:
             kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: session.cache, "position_ids": positions}
             if self._keep_last:
                 kwargs["logits_to_keep"] = 1
-            out = run_stage(self.stage, x, kwargs)
+            self._nonfinite.clear()
+            try:
+                out = run_stage(self.stage, x, kwargs)
+            except Exception as exc:  # the model's own forward refused: one line, never a dropped connection
+                self.sessions.pop(session_id, None)
+                raise GenerateError(f"{self.where}: the model's forward failed on this stage: "
+                                    f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
+            result = out["hidden"] if "hidden" in out else out["logits"][:, -1, :].float()
+            if self._nonfinite or not bool(torch.isfinite(result).all()):
+                # A token picked from NaN logits is a silent wrong answer: stop the generation and say where.
+                self.sessions.pop(session_id, None)
+                block = f"block {self._nonfinite[0]}" if self._nonfinite else "the stage's head"
+                raise GenerateError(f"{self.where}: {block} computed NaN or Inf at positions [{start}, "
+                                    f"{start + n}); the stage's weights or inputs are not what the model expects")
             session.tokens, session.used = start + n, time.monotonic()
-        if "hidden" in out:
-            return {"hidden": out["hidden"]}
-        return {"logits": out["logits"][:, -1, :].float()}
+        return {"hidden": result} if "hidden" in out else {"logits": result}
 
     def _session(self, session_id: str, start: int, n: int) -> Session:
         now = time.monotonic()
@@ -191,17 +217,20 @@ def load_host(shard_dir: Path, blocks: tuple[int, int], where: str, *, max_sessi
     """Build the stage of ``blocks`` from ``shard_dir`` (its ``model.safetensors`` and ``config.json``) alone.
 
     Raises:
+        GenerateError: the pipeline cannot generate with the model (`williw.decode_rules`).
         VerifyError: the shard does not hold the stage (`williw.stages.build_stage`).
     """
     import torch
 
     from williw import stages as st
+    from williw.decode_rules import decode_rules
     from williw.progress import quiet_transformers
     from williw.shards.reader import ShardReader
 
     shard = shard_dir / "model.safetensors"
     with quiet_transformers():
         config = st.load_config(shard_dir)
+        decode_rules(config)  # refused in generation's words before anything is built
         _, cls = st.model_class(config)
         with ShardReader(shard) as f:
             state = f.read_all()
