@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import httpx
     import torch
 
+    from williw.decode_rules import DecodeRules
+
 __all__ = ["Hop", "Pipeline", "generate_tokens", "load_tokenizer", "not_answered"]
 
 CONNECT_TIMEOUT_S = 3.0
@@ -75,6 +77,7 @@ class Pipeline:
     chained: bool = True
     hop_ms: list[float] = field(default_factory=list)
     compute_ms: list[float] = field(default_factory=list)
+    _rules: DecodeRules | None = field(default=None, repr=False)
 
     def overhead_ms(self) -> list[float]:
         """Each hop's transport cost in the last step (HTTP, safetensors encoding and decoding, the socket): its
@@ -154,6 +157,32 @@ class Pipeline:
             with contextlib.suppress(Exception):  # a dead node holds no session; expiry frees the rest
                 self.http.delete(f"{hop.url}/stage/{self.request_id}/v{self.version}/sessions/{session}")
 
+    def rules(self) -> DecodeRules:
+        """The model's decode rules (`williw.decode_rules`), from the config the first node keeps beside its shard.
+
+        Raises:
+            GenerateError: the node keeps no config.json, or the pipeline cannot generate with the model (one line
+                naming the architecture).
+        """
+        if self._rules is None:
+            from transformers import AutoConfig
+
+            from williw.decode_rules import decode_rules
+            from williw.progress import quiet_transformers
+
+            data = self.fetch("config.json")
+            if data is None:
+                raise GenerateError(f"node '{self.hops[0].node_id}' keeps no config.json beside its shard")
+            with tempfile.TemporaryDirectory(prefix="williw-config-") as tmp, quiet_transformers():
+                (Path(tmp) / "config.json").write_bytes(data)
+                try:
+                    config = AutoConfig.from_pretrained(tmp)
+                except (ValueError, KeyError, OSError) as exc:
+                    raise GenerateError(f"node '{self.hops[0].node_id}': transformers cannot read the model's "
+                                        f"config.json ({' '.join(str(exc).split())})") from None
+            self._rules = decode_rules(config)
+        return self._rules
+
     def fetch(self, name: str) -> bytes | None:
         """A file copied beside the first node's shard (``tokenizer.json``, ``config.json``), or None."""
         hop = self.hops[0]
@@ -184,13 +213,15 @@ def load_tokenizer(pipeline: Pipeline) -> Any:
     """The model's tokenizer, from the files the first node keeps beside its shard (no shared filesystem).
 
     Raises:
-        GenerateError: the node keeps no tokenizer file.
+        GenerateError: the pipeline cannot generate with the model (`Pipeline.rules`), or the node keeps no
+            tokenizer file.
     """
     from transformers import AutoTokenizer
 
     from williw.progress import quiet_transformers
     from williw.shards import COPIED_FILES
 
+    pipeline.rules()  # a model the pipeline cannot generate with is refused first, naming its architecture
     with tempfile.TemporaryDirectory(prefix="williw-tokenizer-") as tmp:
         got = 0
         for name in COPIED_FILES:
@@ -210,24 +241,31 @@ def generate_tokens(pipeline: Pipeline, prompt_ids: list[int], *, max_new_tokens
     after ``max_new_tokens`` or after an end-of-sequence id (yielded, as ``model.generate`` keeps it).
 
     Greedy at ``temperature == 0`` (the argmax, like ``model.generate(do_sample=False)``); otherwise sampled from
-    ``softmax(logits / temperature)`` with a ``torch.Generator`` seeded by ``seed``.
+    ``softmax(logits / temperature)`` with a ``torch.Generator`` seeded by ``seed``. What ``model.generate`` does
+    per model is done here too (`williw.decode_rules`: Phi-3 recomputes the sequence at its long-rope switch), or
+    the model is refused before the first step.
 
     Args:
         renew: ``() -> Pipeline``; when a stage's version is gone (a re-plan switched versions), the prefill starts
             again on the pipeline it returns, with the prompt and the tokens so far. None: the request fails.
 
     Raises:
-        GenerateError: a node failed (one line naming it), or the prompt is empty.
+        GenerateError: a node failed (one line naming it), the prompt is empty, or the pipeline cannot generate
+            with the model (one line naming the architecture).
     """
     import torch
 
     if not prompt_ids:
         raise GenerateError("the prompt gives no tokens")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    rules = pipeline.rules()
     tokens, produced, session = list(prompt_ids), 0, uuid.uuid4().hex
     x, start = torch.tensor([tokens], dtype=torch.long), 0
     try:
         while produced < max_new_tokens:
+            if start and start == rules.recompute_at:
+                # Phi-3's long-rope switch: model.generate drops the cache here and runs the whole sequence again.
+                x, start = torch.tensor([tokens], dtype=torch.long), 0
             try:
                 logits = pipeline.step(session, x, start)
             except StageGone:
