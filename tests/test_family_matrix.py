@@ -7,6 +7,7 @@ drawn wide enough that greedy decoding does not repeat one token), 16 greedy tok
 from __future__ import annotations
 
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from williw.pipeline import Pipeline, generate_tokens  # noqa: E402
 from williw.planner.plan import Plan  # noqa: E402
 from williw.progress import quiet_transformers  # noqa: E402
 from williw.serve import ModelServer  # noqa: E402
+from fleetproc import byte_tokenizer  # noqa: E402
 from workerproc import VENV_BIN, WorkerProcess, stop_processes  # noqa: E402
 from workerproc import wait_for as _wait  # noqa: E402
 
@@ -227,3 +229,40 @@ def test_williw_generate_refuses_an_encoder_decoder_model_in_one_line(fleet) -> 
     assert out.stderr == ("error: architecture 'BartForConditionalGeneration' cannot generate over a pipeline of "
                           "stages: it is an encoder-decoder model (config.json is_encoder_decoder): every decoder "
                           "block also reads the encoder's output, so the stages do not pass one hidden state\n")
+
+
+def test_a_stage_that_computes_nan_stops_the_generation_naming_its_node(fleet) -> None:
+    """One weight of block 3 is NaN in the model, so in the shard of the node that runs block 3: ``williw
+    generate`` stops with one line naming that node and the block, exit 2, and never prints a token."""
+    worker, client, tmp = fleet
+    model = tmp / "nan-llama"
+    _build(model, "llama", {"vocab_size": 260})
+    byte_tokenizer(model)
+    path = model / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    state["model.layers.3.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(state, path, metadata={"format": "pt"})
+    rid, plan, server = _place(client, model, "t/nan-llama")
+    try:
+        _wait("nan-llama ready", lambda: all(a["state"] == "ready"
+                                             for a in client.request_assignments(rid)["assignments"]))
+    finally:
+        server.shutdown()
+    node = next(a for a in plan.assignments if a.blocks[0] <= 3 < a.blocks[1])
+    pipeline = Pipeline.from_worker(worker.url, rid)
+    began = time.monotonic()
+    try:
+        with pytest.raises(GenerateError) as err:
+            list(generate_tokens(pipeline, PROMPT, max_new_tokens=NEW))
+    finally:
+        pipeline.close()
+    assert time.monotonic() - began < 5
+    assert str(err.value) == (f"node '{node.node_id}' (blocks [{node.blocks[0]}, {node.blocks[1]})): block 3 "
+                              f"computed NaN or Inf at positions [0, {len(PROMPT)}); the stage's weights or inputs "
+                              f"are not what the model expects")
+    out = subprocess.run([str(VENV_BIN / "williw"), "generate", "--worker", worker.url, "--request", rid, "hello"],
+                         capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == f"error: {err.value}\n".replace(f"[0, {len(PROMPT)})", "[0, 5)")  # "hello": 5 bytes

@@ -123,8 +123,6 @@ def test_a_dropped_version_restarts_the_prefill_with_the_tokens_so_far(llama: Pa
         stages.close()
 
 
-@pytest.mark.xfail(raises=StageGone, strict=True, reason="generate_tokens re-raises StageGone on the prefill "
-                   "(start == 0) even with a renew: a version dropped between the lookup and the prefill fails")
 def test_a_version_dropped_before_the_prefill_restarts_too(llama: Path, whole: Any, tmp_path: Path) -> None:
     """The pipeline was looked up on version 1 just before the last node, with version 2 in force, dropped it."""
     stages = LocalStages(llama, tmp_path)
@@ -149,9 +147,7 @@ def test_a_dropped_version_without_renew_fails_in_one_line(llama: Path, tmp_path
         stages.drop("node-b", 1)
         with pytest.raises(StageGone) as exc:
             next(tokens)
-        url = stages.servers["node-b"].url.rstrip("/")
-        assert str(exc.value) == (f"node 'node-b' ({url}): node 'node-b' holds no shard of request "
-                                  f"{stages.request_id} version 1")
+        assert str(exc.value) == f"node 'node-b' holds no shard of request {stages.request_id} version 1"
     finally:
         stages.close()
 
@@ -283,8 +279,6 @@ def test_streamed_chat_completion_gives_the_plain_answer(fleet: Fleet, llama: Pa
     assert len(chunks) > len(want) // 2  # token by token, not one chunk at the end
 
 
-@pytest.mark.xfail(strict=True, reason="Generator's stream lets a character's first byte out as U+FFFD when it comes "
-                   "4th among held tokens, and never corrects it: the text loses that character")
 def test_streamed_text_keeps_a_character_that_starts_after_undecodable_bytes(llama: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Byte tokens ``A``, three stray continuation bytes, then the four bytes of an emoji and ``B``: the text is

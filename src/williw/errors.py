@@ -52,6 +52,19 @@ class GenerateError(WilliwError):
     """Running the placed model failed: a node did not answer, refused a session, or the pipeline is not ready."""
 
 
+class GenerationInputError(WilliwError, ValueError):
+    """The caller asked for a generation that cannot run as asked; the API answers it 400.
+
+    Attributes:
+        param: the field at fault, as OpenAI names it (``prompt``, ``messages.[0].content``), or None.
+        code: OpenAI's error code (``context_length_exceeded``, ``invalid_value``), or None.
+    """
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
 class MissingDependency(WilliwError, ImportError):
     """An optional extra (torch, transformers) is needed for this operation but not installed."""
 

@@ -19,26 +19,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from williw.errors import GenerateError, WilliwError
+from williw.errors import GenerateError, GenerationInputError
 from williw.pipeline import Pipeline, generate_tokens, load_tokenizer
 
 __all__ = ["GenerationInputError", "Generator", "Stats"]
 
 # What torch.Generator.manual_seed accepts: an int64 or a uint64 ("Overflow when unpacking long long" beyond).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-
-
-class GenerationInputError(WilliwError, ValueError):
-    """The caller asked for a generation that cannot run as asked; the API answers it 400.
-
-    Attributes:
-        param: the field at fault, as OpenAI names it (``prompt``, ``messages.[0].content``), or None.
-        code: OpenAI's error code (``context_length_exceeded``, ``invalid_value``), or None.
-    """
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param, self.code = param, code
 
 
 @dataclass
@@ -192,7 +179,7 @@ class Generator:
             tuple(h.node_id for h in pipeline.hops)
         began = time.perf_counter()
         first = None
-        shown, held = "", 0
+        shown = ""
         try:
             for token in generate_tokens(pipeline, prompt_ids, max_new_tokens=max_new_tokens,
                                          temperature=temperature, seed=seed, eos_ids=eos_ids, renew=self.pipeline):
@@ -207,10 +194,9 @@ class Generator:
                     stats.finish_reason = "stop"
                     break
                 text = tok.decode(stats.token_ids, skip_special_tokens=True)
-                held += 1
-                if text.endswith("\ufffd") and held < 4:  # maybe half a UTF-8 character (4 bytes at most): wait
+                if text.endswith("\ufffd"):  # maybe the first bytes of a character: held until it is whole
                     continue
-                delta, shown, held = text[len(shown):], text, 0
+                delta, shown = text[len(shown):], text
                 if delta:
                     yield delta
             text = tok.decode(stats.token_ids, skip_special_tokens=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from williw.errors import GenerateError
+from williw.errors import GenerateError, GenerationInputError
 
 if TYPE_CHECKING:
     import httpx
@@ -200,8 +200,8 @@ class Pipeline:
             return r
         # Along a chain the answer may come from a later stage: it names itself.
         failed = next((h for h in self.hops if h.node_id == r.headers.get("X-Williw-Node")), hop)
-        if r.status_code == 404:
-            raise StageGone(f"node '{failed.node_id}' ({failed.url}): {r.text.strip()}")
+        if r.status_code == 404:  # the node's own line names it already
+            raise StageGone(r.text.strip() or f"node '{failed.node_id}' ({failed.url}) answered 404")
         raise GenerateError(r.text.strip() or f"node '{failed.node_id}' ({failed.url}) answered {r.status_code}")
 
 
@@ -246,8 +246,9 @@ def generate_tokens(pipeline: Pipeline, prompt_ids: list[int], *, max_new_tokens
     the model is refused before the first step.
 
     Args:
-        renew: ``() -> Pipeline``; when a stage's version is gone (a re-plan switched versions), the prefill starts
-            again on the pipeline it returns, with the prompt and the tokens so far. None: the request fails.
+        renew: ``() -> Pipeline``; when a stage's version is gone (a re-plan switched versions, before or during the
+            generation), the prefill starts again on the pipeline it returns, with the prompt and the tokens so far;
+            a 404 again before any step succeeds there fails the request. None: the request fails.
 
     Raises:
         GenerateError: a node failed (one line naming it), the prompt is empty, or the pipeline cannot generate
@@ -256,11 +257,14 @@ def generate_tokens(pipeline: Pipeline, prompt_ids: list[int], *, max_new_tokens
     import torch
 
     if not prompt_ids:
-        raise GenerateError("the prompt gives no tokens")
+        raise GenerationInputError("the prompt gives no tokens: send at least one character", "prompt",
+                                   "invalid_value")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     rules = pipeline.rules()
     tokens, produced, session = list(prompt_ids), 0, uuid.uuid4().hex
     x, start = torch.tensor([tokens], dtype=torch.long), 0
+    renewed = False  # the last step ran on a pipeline renew gave and has not succeeded yet: a second 404 fails
+    own: list[Pipeline] = []  # pipelines renew gave: closed here (the caller closes its own)
     try:
         while produced < max_new_tokens:
             if start and start == rules.recompute_at:
@@ -269,12 +273,14 @@ def generate_tokens(pipeline: Pipeline, prompt_ids: list[int], *, max_new_tokens
             try:
                 logits = pipeline.step(session, x, start)
             except StageGone:
-                if renew is None or start == 0:
+                if renew is None or renewed:
                     raise
                 pipeline.end(session)
-                pipeline, session = renew(), uuid.uuid4().hex
+                pipeline, session, renewed = renew(), uuid.uuid4().hex, True
+                own.append(pipeline)
                 x, start = torch.tensor([tokens], dtype=torch.long), 0
                 continue
+            renewed = False
             if temperature > 0:
                 probs = torch.softmax(logits[0] / temperature, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=gen))
@@ -289,3 +295,5 @@ def generate_tokens(pipeline: Pipeline, prompt_ids: list[int], *, max_new_tokens
             x = torch.tensor([[token]], dtype=torch.long)
     finally:
         pipeline.end(session)
+        for p in own:
+            p.close()
