@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from fleetproc import byte_tokenizer  # noqa: E402
 from williw.client import WorkerClient  # noqa: E402
 from williw.decode_rules import decode_rules  # noqa: E402
 from williw.errors import GenerateError  # noqa: E402
@@ -24,7 +25,6 @@ from williw.pipeline import Pipeline, generate_tokens  # noqa: E402
 from williw.planner.plan import Plan  # noqa: E402
 from williw.progress import quiet_transformers  # noqa: E402
 from williw.serve import ModelServer  # noqa: E402
-from fleetproc import byte_tokenizer  # noqa: E402
 from workerproc import VENV_BIN, WorkerProcess, stop_processes  # noqa: E402
 from workerproc import wait_for as _wait  # noqa: E402
 
@@ -76,6 +76,20 @@ FAMILIES: dict[str, dict] = {
                   "mamba_chunk_size": 16, "head_dim": 16},
     "recurrent_gemma": {"lru_width": 64, "attention_window_size": 8, "head_dim": 16,
                         "block_types": ["recurrent", "attention"]},
+    # one attention layer among state-space ones: a stage without it answers the cache length from its session
+    "bamba": {"mamba_d_state": 8, "mamba_d_head": 16, "mamba_n_heads": 8, "attn_layer_indices": [1],
+              "mamba_chunk_size": 16, "mamba_expand": 2},
+    "ministral": {"sliding_window": 8, "head_dim": 16},
+    "dbrx": {"d_model": 64, "n_layers": 4, "n_heads": 4,
+             "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},
+    # Ties and non-block modules from the model's definition: a tied GPT-BigCode whose vocabulary equals its
+    # positions (the position table has the token table's shape), a tied checkpoint that also stores lm_head.weight,
+    # and opt-350m's layout (project_in runs before block 0).
+    "gpt_bigcode vocab=positions": {"_model_type": "gpt_bigcode", "n_embd": 64, "n_layer": 4, "n_head": 4,
+                                    "n_positions": 128, "tie_word_embeddings": True},
+    "llama tied, lm_head stored": {"_model_type": "llama", "tie_word_embeddings": True, "_store_head": True},
+    "opt-350m layout": {"_model_type": "opt", "ffn_dim": 128, "word_embed_proj_dim": 32},
 }
 # model_type -> (overrides, the refusal's words)
 REFUSED: dict[str, tuple[dict, str]] = {
@@ -85,6 +99,11 @@ REFUSED: dict[str, tuple[dict, str]] = {
     "minimax": ({}, "keeps a cache of its own"),
     "openai-gpt": ({}, "keeps no KV cache"),
     "xlnet": ({}, "keeps a cache of its own"),
+    "gptq": ({"_model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4}},
+             "is quantized with gptq (config.json quantization_config): its stages run float weights"),
+    "bitsandbytes": ({"_model_type": "llama", "quantization_config": {"quant_method": "bitsandbytes",
+                                                                     "load_in_4bit": True}},
+                     "is quantized with bitsandbytes"),
 }
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
 NEW = 16
@@ -93,7 +112,8 @@ NEW = 16
 def _build(path: Path, model_type: str, overrides: dict) -> list[int]:
     """Save a tiny model of the family and return its 16 greedy tokens after `PROMPT` (``model.generate``),
     re-drawing the weights until they give at least 8 distinct tokens."""
-    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    settings = {k: v for k, v in overrides.items() if not k.startswith("_")}
+    config = transformers.AutoConfig.for_model(overrides.get("_model_type", model_type), **{**TINY, **settings})
     for seed in (0, 1, 2):
         for std in (0.3, 1.0, 0.1, 0.02):
             torch.manual_seed(seed)
@@ -110,6 +130,12 @@ def _build(path: Path, model_type: str, overrides: dict) -> list[int]:
             if len(set(want.tolist())) >= 8:
                 with quiet_transformers():
                     model.save_pretrained(path)
+                if overrides.get("_store_head"):  # what a tied model's state_dict() saved as safetensors holds
+                    from safetensors.torch import load_file, save_file
+
+                    state = load_file(path / "model.safetensors")
+                    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+                    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
                 return want.tolist()
     raise AssertionError(f"{model_type}: no weights tried give 8 distinct tokens in {NEW}")
 
@@ -153,8 +179,9 @@ def placed(fleet) -> dict[str, Placed]:
         for model_type, overrides in FAMILIES.items():
             out[model_type] = one = Placed()
             try:
-                one.want = _build(tmp / model_type, model_type, overrides)
-                one.request_id, one.plan, server = _place(client, tmp / model_type, f"t/{model_type}")
+                folder = tmp / model_type.replace(" ", "_").replace(",", "").replace("=", "_")
+                one.want = _build(folder, model_type, overrides)
+                one.request_id, one.plan, server = _place(client, folder, f"t/{folder.name}")
                 servers.append(server)
             except Exception as exc:
                 one.error = exc
@@ -194,7 +221,8 @@ def test_greedy_tokens_through_two_node_processes_equal_model_generate(fleet, pl
 @pytest.mark.parametrize("model_type", sorted(REFUSED))
 def test_families_the_pipeline_cannot_generate_with_are_refused_in_one_line(model_type: str) -> None:
     overrides, words = REFUSED[model_type]
-    config = transformers.AutoConfig.for_model(model_type, **overrides)
+    model_type = overrides.get("_model_type", model_type)
+    config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in overrides.items() if k[0] != "_"})
     mapping = transformers.models.auto.modeling_auto
     for names in (mapping.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, mapping.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
                   mapping.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES):
@@ -266,3 +294,40 @@ def test_a_stage_that_computes_nan_stops_the_generation_naming_its_node(fleet) -
                          capture_output=True, text=True, timeout=120)
     assert (out.returncode, out.stdout) == (2, "")
     assert out.stderr == f"error: {err.value}\n".replace(f"[0, {len(PROMPT)})", "[0, 5)")  # "hello": 5 bytes
+
+
+SIDE_INPUTS = {
+    "gemma4_text": ({"head_dim": 16, "sliding_window": 8, "vocab_size_per_layer_input": 128,
+                     "layer_types": ["sliding_attention", "full_attention"] * 2},
+                    "'Gemma4ForCausalLM': its blocks also receive 'per_layer_input'"),
+    "zamba2": ({"mamba_d_state": 8, "mamba_headdim": 16, "n_mamba_heads": 8, "mamba_ngroups": 1,
+                "hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid", "mamba", "mamba"]},
+               "'Zamba2ForCausalLM': its blocks also receive 'original_hidden_states'"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(SIDE_INPUTS))
+def test_blocks_that_read_more_than_the_hidden_state_are_refused_in_one_line(fleet, model_type: str) -> None:
+    """Gemma 4's blocks also read a per-layer input computed from the embeddings, Zamba2's hybrid blocks the
+    embeddings themselves: the nodes refuse to build such stages, and the generation gets that one line, naming
+    the architecture and the argument."""
+    worker, client, tmp = fleet
+    overrides, words = SIDE_INPUTS[model_type]
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    with quiet_transformers():
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp / model_type)
+    rid, _, server = _place(client, tmp / model_type, f"t/{model_type}")
+    try:
+        _wait(f"{model_type} ready", lambda: all(a["state"] == "ready"
+                                                 for a in client.request_assignments(rid)["assignments"]))
+    finally:
+        server.shutdown()
+    pipeline = Pipeline.from_worker(worker.url, rid)
+    try:
+        with pytest.raises(GenerateError) as err:
+            list(generate_tokens(pipeline, PROMPT, max_new_tokens=NEW))
+    finally:
+        pipeline.close()
+    assert str(err.value) == (f"architecture {words}, computed from the token embeddings, besides the hidden state; "
+                              f"pipeline stages pass only the hidden state, so its blocks cannot run as separate "
+                              f"stages")

@@ -94,8 +94,14 @@ class Generator:
 
     @property
     def context_tokens(self) -> int:
-        """The request's ``sequence_length``: the tokens a session may hold on every stage, prompt included."""
-        return int(self._worker_request()["sequence_length"])
+        """The tokens a session may hold on every stage, prompt included: the context the plan in force was made
+        for (its ``context_length``), else the request's ``sequence_length`` (`williw.node_stages` budgets the
+        same)."""
+        from williw.client import WorkerClient
+
+        with WorkerClient(self.worker_url, self.token) as c:
+            context = c.get_plan(self.request_id).get("@plan", {}).get("context_length")
+        return int(context or self._worker_request()["sequence_length"])
 
     def _worker_request(self) -> dict[str, Any]:
         if self._request is None:  # both fields are fixed when the request is created

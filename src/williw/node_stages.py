@@ -228,11 +228,14 @@ class StageService:
             raise GenerateError(f"node '{self.node_id}' is not a stage of plan version {version}")
         blocks = order[mine[0]][1]
         self.next_stage[(request_id, version)] = order[mine[0] + 1][0] if mine[0] + 1 < len(order) else None
+        # The KV budget is the workload the plan reserved memory for (its batch and context; older plans: the
+        # request's).
         request = self.request_of(request_id)
+        sessions = plan.extra.get("batch_size") or request.get("batch_size") or 1
+        tokens = plan.extra.get("context_length") or request.get("sequence_length") or 512
         where = f"node '{self.node_id}' (blocks [{blocks[0]}, {blocks[1]}))"
         began = time.perf_counter()
-        host = load_host(shard_dir, blocks, where, max_sessions=int(request.get("batch_size") or 1),
-                         max_tokens=int(request.get("sequence_length") or 512))
+        host = load_host(shard_dir, blocks, where, max_sessions=int(sessions), max_tokens=int(tokens))
         log.info("node %s: stage of request %s version %d loaded in %.2f s", self.node_id, request_id, version,
                  time.perf_counter() - began)
         return host

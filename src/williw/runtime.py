@@ -68,26 +68,50 @@ def decode_tensor(body: bytes, name: str, where: str) -> torch.Tensor:
 def _stage_cache(config: Any, blocks: tuple[int, int]) -> Any:
     """A ``DynamicCache`` of the whole model whose lengths are read from the stage's own layers."""
     from transformers import DynamicCache
+    from transformers.cache_utils import CacheLayerMixin
 
     start, end = blocks
     types = list(getattr(config.get_text_config(), "layer_types", None) or [])
 
     class _StageCache(DynamicCache):
         """Asked about a layer of another stage (always empty here), answer for this stage's first layer of the
-        same attention kind."""
+        same kind (cache layer class, then config ``layer_types``); a kind this stage lacks is answered from the
+        tokens the session holds."""
 
-        def _own(self, layer_idx: int) -> int:
+        def _own(self, layer_idx: int) -> int | None:
+            layers = getattr(self, "layers", None) or []
+            if layer_idx < len(layers) and not isinstance(layers[layer_idx], CacheLayerMixin):
+                # A state-space layer tracks no length: transformers answers for the first attention layer
+                layer_idx = next((j for j, layer in enumerate(layers) if isinstance(layer, CacheLayerMixin)), -1)
+                if layer_idx < 0:
+                    return None
             if start <= layer_idx < end:
                 return layer_idx
+            if layer_idx < len(layers) and end <= len(layers):  # the same kind of cache layer (Bamba: no types)
+                kind = type(layers[layer_idx])
+                same = [j for j in range(start, end) if type(layers[j]) is kind]
+                if types and layer_idx < len(types):
+                    same = [j for j in same if types[j] == types[layer_idx]] or same
+                return same[0] if same else None
             if types and layer_idx < len(types):
                 return next((j for j in range(start, end) if types[j] == types[layer_idx]), start)
             return start
 
+        # The tokens the session holds, set before each step: the answer for a kind of layer this stage lacks
+        # (Bamba asks its one attention layer's length on a stage of state-space layers only).
+        held = 0
+
         def get_seq_length(self, layer_idx: int = 0) -> int:
-            return super().get_seq_length(self._own(layer_idx))
+            own = self._own(layer_idx)
+            if own is None:
+                return self.held
+            return super().get_seq_length(own)
 
         def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> Any:
-            return super().get_mask_sizes(query_length, self._own(layer_idx))
+            own = self._own(layer_idx)
+            if own is None:  # as a full-attention layer holding the session's tokens would (no layer uses it)
+                return query_length + self.held, 0
+            return super().get_mask_sizes(query_length, own)
 
     return _StageCache(config=config)
 
@@ -167,6 +191,7 @@ class StageHost:
             if self._keep_last:
                 kwargs["logits_to_keep"] = 1
             self._nonfinite.clear()
+            session.cache.held = start
             try:
                 out = run_stage(self.stage, x, kwargs)
             except Exception as exc:  # the model's own forward refused: one line, never a dropped connection

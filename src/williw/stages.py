@@ -60,13 +60,19 @@ def _passthrough(block: Any) -> Any:
 
     class Hidden(torch.Tensor):
         """The hidden state a `Passthrough` returns. Some models' loops read a block's result as ``outputs[0]``
-        (blocks that return tuples), others use it as it is: index 0 of this tensor is the tensor itself, so both
-        readings give the hidden state. Operations on it give plain tensors."""
+        or unpack it as a pair (blocks that return tuples), others use it as it is: index 0 of this tensor, and the
+        first of the pair, is the tensor itself, so every reading gives the hidden state. Operations on it give
+        plain tensors."""
 
         __torch_function__ = torch._C._disabled_torch_function_impl
 
         def __getitem__(self, key: Any) -> Any:
             return self if isinstance(key, int) and key == 0 else super().__getitem__(key)
+
+        def __iter__(self) -> Any:
+            # Bamba's loop unpacks ``hidden_states, attn_weights = decoder_layer(...)``. Only the model's loop
+            # between blocks sees a stand-in's result (the next real block's pre-hook replaces it).
+            return iter((self, None))
 
     class Passthrough(torch.nn.Module):
         """A block of another stage: returns its hidden state unchanged (the next block's pre-hook replaces it)."""
