@@ -143,6 +143,9 @@ class StageHost:
         self.max_sessions, self.max_tokens, self.ttl_s = max_sessions, max_tokens, ttl_s
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
+        self.device, self.dtype = "cpu", stage.model.dtype  # load_host sets the device, and the precision
+        self.precision: Any = None
+        self.converted: dict[str, int] = {}  # linears converted to int8/int4 (`williw.quantize.quantize_linears`)
         from williw.stages import cache_argument
 
         params = inspect.signature(stage.model.forward).parameters
@@ -184,9 +187,14 @@ class StageHost:
         from williw.stages import run_stage
 
         n = int(x.shape[1])
+        # A hidden state crosses in the sending stage's dtype and is cast here (nodes of different dtypes form one
+        # pipeline); token ids stay integers.
+        x = x.to(self.device)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
         with self.lock:
             session = self._session(session_id, start, n)
-            positions = torch.arange(start, start + n, dtype=torch.long).unsqueeze(0)
+            positions = torch.arange(start, start + n, dtype=torch.long, device=self.device).unsqueeze(0)
             kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: session.cache, "position_ids": positions}
             if self._keep_last:
                 kwargs["logits_to_keep"] = 1
@@ -206,7 +214,7 @@ class StageHost:
                 raise GenerateError(f"{self.where}: {block} computed NaN or Inf at positions [{start}, "
                                     f"{start + n}); the stage's weights or inputs are not what the model expects")
             session.tokens, session.used = start + n, time.monotonic()
-        return {"hidden": result} if "hidden" in out else {"logits": result}
+        return {"hidden": result.cpu()} if "hidden" in out else {"logits": result.cpu()}
 
     def _session(self, session_id: str, start: int, n: int) -> Session:
         now = time.monotonic()
@@ -238,20 +246,26 @@ class StageHost:
 
 
 def load_host(shard_dir: Path, blocks: tuple[int, int], where: str, *, max_sessions: int, max_tokens: int,
-              dtype: str = "float32") -> StageHost:
-    """Build the stage of ``blocks`` from ``shard_dir`` (its ``model.safetensors`` and ``config.json``) alone.
+              dtype: str = "float32", weights: str = "as-stored", device: str = "cpu") -> StageHost:
+    """Build the stage of ``blocks`` from ``shard_dir`` (its ``model.safetensors`` and ``config.json``) alone, at
+    compute ``dtype``, its blocks' linear weights in format ``weights`` (`williw.precision`,
+    `williw.quantize.quantize_linears`), on ``device`` (``cpu``, ``cuda:N``, ``mps``: `williw.devices`).
 
     Raises:
-        GenerateError: the pipeline cannot generate with the model (`williw.decode_rules`).
+        GenerateError: the pipeline cannot generate with the model (`williw.decode_rules`), or the format cannot run
+            on the device.
         VerifyError: the shard does not hold the stage (`williw.stages.build_stage`).
     """
     import torch
 
     from williw import stages as st
     from williw.decode_rules import decode_rules
+    from williw.precision import Precision
     from williw.progress import quiet_transformers
+    from williw.quantize import quantize_linears, to_device
     from williw.shards.reader import ShardReader
 
+    precision = Precision(dtype, weights)
     shard = shard_dir / "model.safetensors"
     with quiet_transformers():
         config = st.load_config(shard_dir)
@@ -261,4 +275,12 @@ def load_host(shard_dir: Path, blocks: tuple[int, int], where: str, *, max_sessi
             state = f.read_all()
         stage = st.build_stage(config, cls, blocks, state, getattr(torch, dtype), where=where,
                                source=f"shard '{shard}'")
-    return StageHost(stage, config, where, max_sessions=max_sessions, max_tokens=max_tokens)
+    del state
+    try:
+        converted = quantize_linears([stage.stack[i] for i in range(*blocks)], weights, device=device)
+    except ValueError as exc:
+        raise GenerateError(f"{where}: {exc}") from None
+    to_device(stage.model, device)
+    host = StageHost(stage, config, where, max_sessions=max_sessions, max_tokens=max_tokens)
+    host.device, host.precision, host.converted = device, precision, converted
+    return host

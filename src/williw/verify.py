@@ -43,7 +43,8 @@ SHARD_FILE = "model.safetensors"
 
 def verify_shards(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str],
                   shards_dir: str | os.PathLike[str], *, prompt: str = DEFAULT_PROMPT, dtype: str = "float32",
-                  atol: float | None = None, rtol: float | None = None) -> VerifyReport:
+                  atol: float | None = None, rtol: float | None = None, weights: str = "as-stored",
+                  device: str = "cpu") -> VerifyReport:
     """Run the shards of ``plan`` in plan order and compare their output with the full model's.
 
     Args:
@@ -53,6 +54,9 @@ def verify_shards(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathL
         prompt: the input text; token ids come from the model's tokenizer, else UTF-8 bytes modulo the vocabulary.
         dtype: compute dtype (float32, float64, bfloat16, float16, or auto for the checkpoint's).
         atol, rtol: override the tolerance (default: exact in float32/float64, `TOLERANCES` otherwise).
+        weights: the blocks' linear weights in this format (`williw.precision`), in the stages and in the whole
+            model alike (`williw.quantize.quantize_linears`): on the CPU the two give the same bits.
+        device: ``cpu``, ``cuda[:N]`` or ``mps`` (`williw.devices.resolve_device`), for both.
 
     Returns:
         The report; ``report.ok`` is False and ``report.failure`` names the first stage that differs (and the
@@ -66,12 +70,17 @@ def verify_shards(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathL
     from williw.progress import quiet_transformers
 
     with quiet_transformers():
-        return _verify(Path(model_dir), plan, Path(shards_dir), prompt, dtype, atol, rtol)
+        return _verify(Path(model_dir), plan, Path(shards_dir), prompt, dtype, atol, rtol, (weights, device))
 
 
 def _verify(model_dir: Path, plan: Plan | str | os.PathLike[str], shards_dir: Path, prompt: str, dtype: str,
-            atol: float | None, rtol: float | None) -> VerifyReport:
+            atol: float | None, rtol: float | None, run_as: tuple[str, str]) -> VerifyReport:
     import torch
+
+    from williw.precision import WEIGHTS
+
+    if run_as[0] not in WEIGHTS:
+        raise VerifyError(f"weights '{run_as[0]}' is not one of {', '.join(WEIGHTS)}")
 
     from williw import stages as st
 
@@ -94,11 +103,13 @@ def _verify(model_dir: Path, plan: Plan | str | os.PathLike[str], shards_dir: Pa
             raise VerifyError(f"node '{node_id}': no shard at '{shards_dir / node_id / SHARD_FILE}'")
 
     boundaries = [end - 1 for _, (_, end) in specs[:-1] if end > 0] if pipeline else []
-    reference, ref_out, ref_hidden = _reference(model_dir, cls, torch_dtype, ids, boundaries)
+    reference, ref_out, ref_hidden = _reference(model_dir, cls, torch_dtype, ids, boundaries, run_as)
     if pipeline:
         note = f"{len(specs)} stages run one at a time, each from its own shard"
+        if run_as != ("as-stored", "cpu"):
+            note += f", weights {run_as[0]} on {run_as[1]}"
         reports, out, failure = _pipeline(specs, shards_dir, model_dir, cls, torch_dtype, ids, ref_hidden,
-                                          atol, rtol)
+                                          atol, rtol, run_as)
     else:
         note = (f"a {plan.strategy} plan cannot run as a pipeline: checked instead that the shards of "
                 f"{len(specs)} nodes reassemble into the full model")
@@ -194,11 +205,13 @@ def _free() -> None:
     gc.collect()
 
 
-def _reference(model_dir: Path, cls: Any, dtype: torch.dtype, ids: torch.Tensor,
-               boundaries: list[int]) -> tuple[StageReport, dict[str, torch.Tensor], dict[int, torch.Tensor]]:
-    """Load the full model the ordinary way, run it, keep its outputs and boundary hidden states, free it."""
+def _reference(model_dir: Path, cls: Any, dtype: torch.dtype, ids: torch.Tensor, boundaries: list[int],
+               run_as: tuple[str, str]) -> tuple[StageReport, dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+    """Load the full model the ordinary way, convert its blocks' weights as the stages do, run it, keep its outputs
+    and boundary hidden states, free it."""
     import torch
 
+    from williw.quantize import quantize_linears, to_device
     from williw.stages import align, block_stack, model_outputs
 
     hidden: dict[int, torch.Tensor] = {}
@@ -207,13 +220,15 @@ def _reference(model_dir: Path, cls: Any, dtype: torch.dtype, ids: torch.Tensor,
         align(model)
         loaded = time.perf_counter()
         _, stack = block_stack(model)
+        _convert(quantize_linears, list(stack), run_as)
+        to_device(model, run_as[1])
         for j in boundaries:
             def keep(_m: Any, _i: Any, out: Any, j: int = j) -> None:
-                hidden[j] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+                hidden[j] = (out[0] if isinstance(out, tuple) else out).detach().cpu().clone()
             stack[j].register_forward_hook(keep)
         with torch.no_grad():
-            result = model(input_ids=ids, use_cache=False)
-        outputs = {n: v.detach().clone() for n, v in model_outputs(result).items()}
+            result = model(input_ids=ids.to(run_as[1]), use_cache=False)
+        outputs = {n: v.detach().cpu().clone() for n, v in model_outputs(result).items()}
         report = StageReport(stage=-1, node_id="full model", blocks=(0, len(stack)),
                              tensors=len(model.state_dict()), parameters=sum(p.numel() for p in model.parameters()),
                              load_s=loaded - meter.start, run_s=time.perf_counter() - loaded, peak_rss_bytes=0,
@@ -261,10 +276,18 @@ def _send(hidden: torch.Tensor) -> torch.Tensor:
     return received.clone() if received.data_ptr() % ALIGNMENT else received
 
 
+def _convert(quantize: Any, blocks: list[Any], run_as: tuple[str, str]) -> None:
+    try:
+        quantize(blocks, run_as[0], device=run_as[1])
+    except ValueError as exc:
+        raise VerifyError(str(exc)) from None
+
+
 def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_dir: Path, cls: Any,
               dtype: torch.dtype, ids: torch.Tensor, ref_hidden: dict[int, torch.Tensor], atol: float,
-              rtol: float) -> tuple[list[StageReport], dict[str, torch.Tensor], str | None]:
+              rtol: float, run_as: tuple[str, str]) -> tuple[list[StageReport], dict[str, torch.Tensor], str | None]:
     from williw import stages as st
+    from williw.quantize import quantize_linears, to_device
     from williw.shards.reader import ShardReader
 
     reports, failure, x, out = [], None, ids, {}
@@ -277,8 +300,11 @@ def _pipeline(specs: list[tuple[str, tuple[int, int]]], shards_dir: Path, model_
                 state = f.read_all()
             stage = st.build_stage(config, cls, blocks, state, dtype, where=where, source=f"shard '{shard}'")
             del state
+            _convert(quantize_linears, [stage.stack[j] for j in range(*blocks)], run_as)
+            to_device(stage.model, run_as[1])
             loaded = time.perf_counter()
-            out = st.run_stage(stage, x)
+            x = x.to(run_as[1])
+            out = {k: v.cpu() for k, v in st.run_stage(stage, x.to(dtype) if x.is_floating_point() else x).items()}
             ran = time.perf_counter()
             report = StageReport(stage=i, node_id=node_id, blocks=blocks, tensors=len(stage.loaded),
                                  parameters=stage.parameters, load_s=loaded - meter.start, run_s=ran - loaded,
