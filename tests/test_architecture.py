@@ -15,7 +15,7 @@ MAX_LINES = 400
 
 # Rank of each module (first dotted component under williw); a module may import only equal or lower ranks.
 RANKS = {
-    "errors": 0, "jsonio": 0, "units": 0, "progress": 0, "fsutil": 0,
+    "errors": 0, "jsonio": 0, "units": 0, "progress": 0, "fsutil": 0, "precision": 0,
     "header": 1, "config": 1, "remote": 1, "hub": 1, "weightfiles": 1,
     "checkpoint": 2, "classify": 2, "remote_checkpoint": 2,
     "structure": 3, "seedformat": 3,
@@ -23,6 +23,7 @@ RANKS = {
     "fleet": 5, "planner": 5,
     "shards": 6, "splitter": 6, "pull": 6, "gather": 6, "planviz": 6,
     "stages": 7, "hfmodel": 7, "verify": 7, "verify_report": 7, "verify_memory": 7, "decode_rules": 7,
+    "quantize": 7, "devices": 7,
     # shells
     "runtime": 8, "node_stages": 8, "pipeline": 8,
     "serve": 8, "client": 8, "worker": 8, "generation": 9, "openai_api": 10,
