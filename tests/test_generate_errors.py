@@ -321,3 +321,51 @@ def test_cli_answers_a_callers_mistake_in_one_line(fleet: Fleet, monkeypatch: py
                                                    line: str) -> None:
     code, out, err = _cli(monkeypatch, capsys, "generate", "--worker", fleet.worker, "--request", fleet.rid, *args)
     assert (code, out, err) == (2, "", line + "\n")
+
+
+@pytest.mark.parametrize("when", ["before reading", "after the first chunk"])
+def test_a_streaming_client_that_hangs_up_frees_the_pipeline_and_its_sessions(fleet: Fleet, api: str,
+                                                                              when: str) -> None:
+    """The lock and the stages' session of a stream whose client leaves are freed at once: the next request (the
+    KV budget is one session) is answered, where it used to wait 600 s for the lock, and the CLI's generation
+    found the node's only session taken for 300 s."""
+    import socket
+    import time
+
+    host, port = api.split("//")[1].split("/")[0].split(":")
+    body = json.dumps({"prompt": "The placed model", "max_tokens": 30, "stream": True})
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        if when == "after the first chunk":
+            got = b""
+            while b"data: " not in got:
+                got += sock.recv(4096)
+    began = time.monotonic()
+    r = _post(api, "completions", {"prompt": "The placed model", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - began < 10
+    out = subprocess.run([str(VENV_BIN / "williw"), "generate", "--worker", fleet.worker, "--request", fleet.rid,
+                          "hi", "--max-new-tokens", "2", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324])
+def test_a_tiny_temperature_samples_the_top_token(api: str, temperature: float) -> None:
+    """``logits / T`` overflowed to inf and softmax gave NaN: a 500 and a traceback. From the largest logit it is
+    the same distribution, all its mass on the top token: greedy's answer."""
+    greedy = _post(api, "completions", {"prompt": "The placed model", "max_tokens": 6})
+    tiny = _post(api, "completions", {"prompt": "The placed model", "max_tokens": 6, "temperature": temperature,
+                                      "seed": 1})
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+def test_a_chat_template_that_fails_in_python_is_a_400(fleet: Fleet) -> None:
+    template = "{% for m in messages %}{{ 1 / 0 if m['role'] == 'zero' else m['content'] }}{% endfor %}"
+    generator = Generator(fleet.worker, fleet.rid, tokenizer=_tokenizer(template))
+    with _serving(generator) as url:
+        r = _post(url, CHAT, {"messages": [{"role": "zero", "content": "hi"}]})
+    assert (r.status_code, r.json()) == (400, _error(
+        "messages", "invalid_value", "the chat template of 't/tiny-errors' failed on the messages: "
+        "ZeroDivisionError: division by zero"))

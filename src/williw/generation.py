@@ -140,6 +140,9 @@ class Generator:
         except TemplateError as exc:  # the template's raise_exception(): an unknown role, a wrong order
             raise GenerationInputError(f"the chat template of '{self.model_name}' refused the messages: "
                                        f"{_line(exc)}", "messages", "invalid_value") from None
+        except Exception as exc:  # Python raised inside the template ({{ 1 / 0 }}, str + int) on these messages
+            raise GenerationInputError(f"the chat template of '{self.model_name}' failed on the messages: "
+                                       f"{type(exc).__name__}: {_line(exc)}", "messages", "invalid_value") from None
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def stream(self, prompt_ids: list[int], stats: Stats, *, max_new_tokens: int, temperature: float = 0.0,
@@ -186,9 +189,11 @@ class Generator:
         began = time.perf_counter()
         first = None
         shown = ""
+        tokens: Any = None
         try:
-            for token in generate_tokens(pipeline, prompt_ids, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, seed=seed, eos_ids=eos_ids, renew=self.pipeline):
+            tokens = generate_tokens(pipeline, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     seed=seed, eos_ids=eos_ids, renew=self.pipeline)
+            for token in tokens:
                 now = time.perf_counter()
                 if first is None:
                     first = now
@@ -209,6 +214,8 @@ class Generator:
             if text[len(shown):]:
                 yield text[len(shown):]
         finally:
+            if tokens is not None:  # a caller that stops early (a client gone) ends the stages' session now
+                tokens.close()
             pipeline.close()
 
 

@@ -174,7 +174,8 @@ def refuse_side_inputs(model: Any, stack: Any, block: Any) -> None:
 
 
 def block_stack(model: Any) -> tuple[str, Any]:
-    """The ``ModuleList`` of transformer blocks: the one whose length is the config's ``num_hidden_layers``.
+    """The ``ModuleList`` of transformer blocks: the one whose length is the config's ``num_hidden_layers`` (lists
+    nested in another such list's blocks do not count).
 
     Raises:
         VerifyError: no module list, or more than one, has that length.
@@ -183,6 +184,8 @@ def block_stack(model: Any) -> tuple[str, Any]:
 
     n = model.config.get_text_config().num_hidden_layers
     found = [(p, m) for p, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    # A list inside another's items is part of a block (StableLM's per-head q_layernorm.norms when heads == layers)
+    found = [(p, m) for p, m in found if not any(p.startswith(f"{q}.") for q, _ in found if q != p)]
     if len(found) != 1:
         what = "no module list" if not found else f"{len(found)} module lists ({', '.join(p for p, _ in found)})"
         raise VerifyError(f"architecture '{type(model).__name__}': {what} of num_hidden_layers = {n} blocks, "

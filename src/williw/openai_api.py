@@ -22,7 +22,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
@@ -121,8 +121,38 @@ def create_app(generator: Generator, model_name: str, default_max_tokens: int = 
     return app
 
 
-def _events(chunks: Iterator[str], stats: Stats, head: dict[str, Any], kind: str, chat: bool,
-            turn: threading.Lock) -> Iterator[str]:
+async def _events(chunks: Iterator[str], stats: Stats, head: dict[str, Any], kind: str, chat: bool,
+                  turn: threading.Lock) -> AsyncIterator[str]:
+    """The stream's events, each step run in the thread pool. However the stream ends (done, failed, or the client
+    gone: Starlette cancels this task when it disconnects), the generation is closed, which ends its session on
+    every stage, and the pipeline is free for the next caller; before, a client that hung up held the lock until
+    the garbage collector ran, and the stages' sessions for 300 s."""
+    import anyio
+    from starlette.concurrency import run_in_threadpool
+
+    lines = _event_lines(chunks, stats, head, kind, chat)
+    try:
+        while True:
+            line = await run_in_threadpool(next, lines, None)
+            if line is None:
+                break
+            yield line
+    finally:
+        with anyio.CancelScope(shield=True):  # the task may be cancelled: the clean-up runs all the same
+            await run_in_threadpool(_close, lines, chunks, turn)
+
+
+def _close(lines: Iterator[str], chunks: Iterator[str], turn: threading.Lock) -> None:
+    try:
+        for it in (lines, chunks):
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+    finally:
+        turn.release()
+
+
+def _event_lines(chunks: Iterator[str], stats: Stats, head: dict[str, Any], kind: str, chat: bool) -> Iterator[str]:
     obj = f"{kind}.chunk" if chat else kind
 
     def event(delta: str | None, finish: str | None) -> str:
@@ -139,8 +169,6 @@ def _events(chunks: Iterator[str], stats: Stats, head: dict[str, Any], kind: str
         yield event(None, stats.finish_reason)
     except WilliwError as exc:  # the status line is sent already: the error goes into the stream
         yield f"data: {json.dumps(_library_error(exc))}\n\n"
-    finally:
-        turn.release()
     yield "data: [DONE]\n\n"
 
 

@@ -282,7 +282,11 @@ def generate_tokens(pipeline: Pipeline, prompt_ids: list[int], *, max_new_tokens
                 continue
             renewed = False
             if temperature > 0:
-                probs = torch.softmax(logits[0] / temperature, dim=-1)
+                scaled = logits[0] / temperature
+                if not bool(torch.isfinite(scaled).all()):  # a tiny temperature overflows: the same distribution,
+                    top = logits[0].double()  # float64: a temperature below float32's range is not 0 there
+                    scaled = (top - top.max()) / temperature  # from the largest logit (never NaN)
+                probs = torch.softmax(scaled, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=gen))
             else:
                 token = int(logits[0].argmax())

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from williw.errors import GenerateError
+from williw.errors import GenerateError, VerifyError
 
 if TYPE_CHECKING:
     import torch
@@ -252,9 +252,9 @@ def load_host(shard_dir: Path, blocks: tuple[int, int], where: str, *, max_sessi
     `williw.quantize.quantize_linears`), on ``device`` (``cpu``, ``cuda:N``, ``mps``: `williw.devices`).
 
     Raises:
-        GenerateError: the pipeline cannot generate with the model (`williw.decode_rules`), or the format cannot run
-            on the device.
-        VerifyError: the shard does not hold the stage (`williw.stages.build_stage`).
+        GenerateError: the pipeline cannot generate with the model (`williw.decode_rules`), the format cannot run
+            on the device, or the shard does not hold the stage (`williw.stages.build_stage`'s line, with the
+            architecture named).
     """
     import torch
 
@@ -269,12 +269,17 @@ def load_host(shard_dir: Path, blocks: tuple[int, int], where: str, *, max_sessi
     shard = shard_dir / "model.safetensors"
     with quiet_transformers():
         config = st.load_config(shard_dir)
-        decode_rules(config)  # refused in generation's words before anything is built
+        name = decode_rules(config).architecture  # refused in generation's words before anything is built
         _, cls = st.model_class(config)
         with ShardReader(shard) as f:
             state = f.read_all()
-        stage = st.build_stage(config, cls, blocks, state, getattr(torch, dtype), where=where,
-                               source=f"shard '{shard}'")
+        try:
+            stage = st.build_stage(config, cls, blocks, state, getattr(torch, dtype), where=where,
+                                   source=f"shard '{shard}'")
+        except VerifyError as exc:  # named: a tensor the metadata placed by name where this model does not run it
+            text = str(exc)
+            raise GenerateError(text if text.startswith("architecture") else f"architecture '{name}': {text}") \
+                from None
     del state
     try:
         converted = quantize_linears([stage.stack[i] for i in range(*blocks)], weights, device=device)
