@@ -90,6 +90,8 @@ FAMILIES: dict[str, dict] = {
                                     "n_positions": 128, "tie_word_embeddings": True},
     "llama tied, lm_head stored": {"_model_type": "llama", "tie_word_embeddings": True, "_store_head": True},
     "opt-350m layout": {"_model_type": "opt", "ffn_dim": 128, "word_embed_proj_dim": 32},
+    # per-head norm lists inside each block, as many as the blocks: not a second block stack
+    "stablelm qk_layernorm": {"_model_type": "stablelm", "qk_layernorm": True},
 }
 # model_type -> (overrides, the refusal's words)
 REFUSED: dict[str, tuple[dict, str]] = {
