@@ -51,7 +51,7 @@ def test_json_yaml_and_wrapped_lists(tmp_path) -> None:
      "10000000000000000000...(401 characters)"),
     ([{"node_id": "a", "compute_tflops": 1, "memory_gb": 1, "memroy_gb": 2}],
      "'f': entry 0 (node 'a'): unknown field 'memroy_gb' (fields: node_id, compute_tflops, memory_gb, "
-     "memory_bandwidth_gbps, network_gbps, latency_ms, memory_reserve_gb, labels)"),
+     "memory_bandwidth_gbps, network_gbps, latency_ms, memory_reserve_gb, labels, device, dtype, weights)"),
     ([{"node_id": "a", "compute_tflops": 1, "memory_gb": 1, "labels": "x"}],
      "'f': entry 0 (node 'a'): field 'labels' must be a list of strings, got 'x'"),
     ([{"node_id": "a", "compute_tflops": 1, "memory_gb": 1}, {"node_id": "a", "compute_tflops": 2, "memory_gb": 1}],
@@ -93,7 +93,7 @@ def test_yaml_that_python_cannot_walk(tmp_path) -> None:
         load_nodes(tmp_path / "keys.yaml")
     assert str(exc.value) == (f"'{tmp_path / 'keys.yaml'}': entry 0 (node 'a'): unknown field '1' (fields: node_id, "
                               "compute_tflops, memory_gb, memory_bandwidth_gbps, network_gbps, latency_ms, "
-                              "memory_reserve_gb, labels)")
+                              "memory_reserve_gb, labels, device, dtype, weights)")
     for depth in (65, 5000):
         (tmp_path / "deep.yaml").write_text("nodes: " + "[" * depth + "]" * depth + "\n")
         with pytest.raises(NodesError) as exc:

@@ -55,7 +55,7 @@ def test_healthz(worker):
     r = httpx.get(f"{worker.url}/healthz")
     assert r.status_code == 200
     body = r.json()
-    assert body == {"status": "ok", "database": body["database"], "schema_version": 4, "auth": "token",
+    assert body == {"status": "ok", "database": body["database"], "schema_version": 5, "auth": "token",
                     "node_ttl_s": 30.0, "replanning": "leader"}
     assert body["database"] == ("sqlite" if worker.db_url.startswith("sqlite") else "postgresql")
 

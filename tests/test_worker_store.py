@@ -15,16 +15,16 @@ from workerproc import backends, database
 def test_migrations_run_once_and_record_the_version(tmp_path):
     path = tmp_path / "w.db"
     store = Store(str(path))
-    assert store.schema_version() == 4
+    assert store.schema_version() == 5
     store.upsert_node({"node_id": "n", "compute_tflops": 1.0, "memory_gb": 1.0}, "hash", 5.0)
     store.close()
     again = Store(f"sqlite:///{path}")  # reopening migrates nothing and keeps the data
-    assert again.schema_version() == 4
+    assert again.schema_version() == 5
     assert [n.node_id for n in again.list_nodes()] == ["n"]
     again.close()
     rows = sqlite3.connect(path).execute("SELECT version, name FROM williw_schema_version").fetchall()
     assert rows == [(1, "nodes, requests, plans"), (2, "assignments"), (3, "re-planning"),
-                    (4, "node latency and memory reserve")]
+                    (4, "node latency and memory reserve"), (5, "node device, dtype and weights")]
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
@@ -41,7 +41,7 @@ def test_a_version_2_database_migrates_to_the_latest_and_keeps_its_rows(tmp_path
         db.execute("INSERT INTO nodes VALUES ('n', 1.0, 2.0, NULL, NULL, '[]', 'h', 1, 1, 1)")
         db.execute("INSERT INTO requests VALUES ('r', 'm', NULL, 1, 8, 'received', NULL, NULL, 1, 1)")
     store = Store(str(path))
-    assert store.schema_version() == 4
+    assert store.schema_version() == 5
     assert [(n.node_id, n.memory_gb, n.latency_ms, n.memory_reserve_gb) for n in store.list_nodes()] == \
         [("n", 2.0, None, None)]
     request = store.get_request("r")
@@ -68,7 +68,7 @@ def test_a_version_3_database_gets_the_node_fields_and_keeps_its_rows(kind, tmp_
         engine.dispose()
         store = Store(url)
         try:
-            assert store.schema_version() == 4
+            assert store.schema_version() == 5
             assert store.list_nodes() == [NodeRecord("n", 1.0, 2.0, 300.0, 1.5, ("gpu",), 1.0, 2.0, 3.0, None, None)]
             fields = {"node_id": "n", "compute_tflops": 1.0, "memory_gb": 2.0, "latency_ms": 0.5,
                       "memory_reserve_gb": 0.25}
@@ -86,7 +86,7 @@ def test_a_newer_schema_is_refused(tmp_path):
     Store(str(path)).close()
     with sqlite3.connect(path) as db:
         db.execute("INSERT INTO williw_schema_version VALUES (99, 'future', 0)")
-    with pytest.raises(StoreError, match=r"^the database is at schema version 99, newer than this williw's 4: "
+    with pytest.raises(StoreError, match=r"^the database is at schema version 99, newer than this williw's 5: "
                                          r"upgrade williw$"):
         Store(str(path))
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from williw import jsonio
 from williw.client import WorkerClient, WorkerHTTPError
+from williw.devices import device_kind
 from williw.errors import WilliwError, WorkerError
 from williw.fleet import check_node_id
 from williw.fsutil import write_json
@@ -61,6 +62,9 @@ class AgentConfig:
         hf_token, hub_endpoint: for pulls from the Hub (default ``HF_TOKEN``, ``HF_ENDPOINT``).
         serve_host, serve_port: where the shard server listens for peers (None: no server, peers pull from the
             model instead); serve_url: the URL peers use, when it is not ``http://serve_host:port``.
+        device, dtype, weights: what the node runs its stages on (``cpu``, ``cuda:N``, ``mps``) and in: the compute
+            dtype and the weight formats it accepts, highest precision first (`williw.devices.resolve_node`).
+        device_name, device_memory_bytes: what the device is, registered with the worker (None: not given).
     """
 
     worker_url: str
@@ -80,6 +84,11 @@ class AgentConfig:
     network_gbps: float | None = None
     latency_ms: float | None = None
     memory_reserve_gb: float | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    weights: tuple[str, ...] = ("as-stored",)
+    device_name: str | None = None
+    device_memory_bytes: int | None = None
 
 
 class NodeAgent:
@@ -112,7 +121,9 @@ class NodeAgent:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         saved = self._saved_token()
         fields: dict[str, Any] = {"memory_bandwidth_gbps": c.memory_bandwidth_gbps, "network_gbps": c.network_gbps,
-                                  "latency_ms": c.latency_ms, "memory_reserve_gb": c.memory_reserve_gb}
+                                  "latency_ms": c.latency_ms, "memory_reserve_gb": c.memory_reserve_gb,
+                                  "device": device_kind(c.device), "device_name": c.device_name, "dtype": c.dtype,
+                                  "weights": list(c.weights), "device_memory_bytes": c.device_memory_bytes}
         base = WorkerClient(c.worker_url, saved or c.token)
         try:
             answer = base.register_node(c.node_id, c.compute_tflops, c.memory_gb, **fields)
@@ -165,7 +176,8 @@ class NodeAgent:
 
         self.server = ShardServer(self.data_dir, c.node_id, c.serve_host, c.serve_port)
         self.server.stages = StageService(self.data_dir, c.node_id, lambda r, v: client.get_plan(r, version=v),
-                                          client.get_request, lambda r: serve_urls(client, r))
+                                          client.get_request, lambda r: serve_urls(client, r), device=c.device,
+                                          dtype=c.dtype, weights=c.weights)
         self.server.start()
         client.set_serve_url(c.node_id, c.serve_url or self.server.url)
 

@@ -123,15 +123,21 @@ class WorkerClient:
     def register_node(self, node_id: str, compute_tflops: float, memory_gb: float, *,
                       memory_bandwidth_gbps: float | None = None, network_gbps: float | None = None,
                       labels: list[str] | tuple[str, ...] = (), latency_ms: float | None = None,
-                      memory_reserve_gb: float | None = None) -> dict[str, Any]:
-        """``POST /api/nodes``: register or update a node (a field left None is stored as not given).
+                      memory_reserve_gb: float | None = None, device: str | None = None,
+                      device_name: str | None = None, dtype: str | None = None,
+                      weights: list[str] | tuple[str, ...] | None = None,
+                      device_memory_bytes: int | None = None) -> dict[str, Any]:
+        """``POST /api/nodes``: register or update a node (a field left None is stored as not given: for
+        ``device``, ``dtype`` and ``weights`` that is a CPU node at float32 with its weights as stored).
 
         Returns ``{node, created, node_token}``.
         """
         body: dict[str, Any] = {"node_id": node_id, "compute_tflops": compute_tflops, "memory_gb": memory_gb,
                                 "labels": list(labels)}
         optional = {"memory_bandwidth_gbps": memory_bandwidth_gbps, "network_gbps": network_gbps,
-                    "latency_ms": latency_ms, "memory_reserve_gb": memory_reserve_gb}
+                    "latency_ms": latency_ms, "memory_reserve_gb": memory_reserve_gb, "device": device,
+                    "device_name": device_name, "dtype": dtype, "weights": None if weights is None else list(weights),
+                    "device_memory_bytes": device_memory_bytes}
         body.update({key: value for key, value in optional.items() if value is not None})
         return self._call("POST", "/api/nodes", json=body)
 

@@ -65,6 +65,10 @@ class GenerationInputError(WilliwError, ValueError):
         self.param, self.code = param, code
 
 
+class DeviceError(WilliwError, ValueError):
+    """A node asked for a device, dtype or weight format this machine (or its torch) cannot run."""
+
+
 class MissingDependency(WilliwError, ImportError):
     """An optional extra (torch, transformers) is needed for this operation but not installed."""
 

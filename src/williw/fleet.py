@@ -14,6 +14,11 @@ or, for pairs of nodes whose link differs from their own links, ``{"nodes": [...
 
 A link is symmetric and gives at least one of ``network_gbps`` and ``latency_ms``; a field it leaves out is taken
 from each end's own link (`williw.planner.costs.transfer_time`).
+
+What a node runs its stages in (`williw.precision`): ``device`` (``cpu``, ``cuda``, ``mps``), the compute ``dtype``
+(``float32``, ``bfloat16``, ``float16``) and the ``weights`` formats it accepts (a list of ``as-stored``, ``int8``,
+``int4``, kept highest precision first), e.g. ``"device": "cuda", "dtype": "bfloat16", "weights": ["int8"]``.
+A node that gives none of them is a CPU node at float32 with its weights as stored (every node before these).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from williw import jsonio
+from williw.devices import check_device, check_dtype, check_weights
 from williw.errors import NodesError
 
 GB = 1e9  # bytes per GB (decimal, see the module docstring)
@@ -49,7 +55,8 @@ RANGES = {"compute_tflops": (1e-6, "1e-6"), "memory_gb": (1e-9, "1e-9"), "memory
 
 _REQUIRED = ("node_id", "compute_tflops", "memory_gb")
 _OPTIONAL_NUMBERS = ("memory_bandwidth_gbps", "network_gbps", "latency_ms", "memory_reserve_gb")
-_FIELDS = (*_REQUIRED, *_OPTIONAL_NUMBERS, "labels")
+_FIELDS = (*_REQUIRED, *_OPTIONAL_NUMBERS, "labels", "device", "dtype", "weights")
+_RUNS_IN = {"device": "cpu", "dtype": "float32", "weights": ("as-stored",)}  # the defaults: written only if other
 _LINK_FIELDS = ("between", "network_gbps", "latency_ms")
 _FILE_FIELDS = ("nodes", "links")
 _REPR = reprlib.Repr()  # a message's sketch of a container, bounded whatever its size (keywords need Python 3.12)
@@ -72,6 +79,9 @@ class Node:
             takes part in pays it once.
         memory_reserve_gb: memory kept free for the runtime (CUDA context, allocator slack), GB; the planner fits
             weights, KV cache and activations into ``memory_gb - memory_reserve_gb``.
+        device: ``cpu``, ``cuda`` or ``mps`` (`williw.devices.DEVICE_KINDS`): the kind of device it computes on.
+        dtype: the compute dtype of its stages (`williw.precision.DTYPES`).
+        weights: the weight formats it accepts (`williw.precision.WEIGHTS`), highest precision first.
     """
 
     node_id: str
@@ -82,6 +92,9 @@ class Node:
     labels: tuple[str, ...] = ()
     latency_ms: float | None = None
     memory_reserve_gb: float | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    weights: tuple[str, ...] = ("as-stored",)
 
     @property
     def memory_bytes(self) -> int:
@@ -101,6 +114,9 @@ class Node:
                 d[key] = getattr(self, key)
         if self.labels:
             d["labels"] = list(self.labels)
+        for key, default in _RUNS_IN.items():
+            if getattr(self, key) != default:
+                d[key] = list(self.weights) if key == "weights" else getattr(self, key)
         return d
 
 
@@ -192,6 +208,17 @@ def check_number(field: str, value: Any) -> float:
     return float(value)
 
 
+def _runs_in(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, check in (("device", check_device), ("dtype", check_dtype), ("weights", check_weights)):
+        if entry.get(key) is not None:  # as for the numbers: YAML's "device:" (null) is not given
+            try:
+                out[key] = check(entry[key])
+            except ValueError as exc:
+                raise NodesError(f"{where}: field '{key}' {exc}") from None
+    return out
+
+
 def _short(value: Any) -> str:
     if isinstance(value, list | dict):  # YAML aliases make a 400-byte file a list of 9^8 items (repr: 8 s, 500 MB)
         return _REPR.repr(value)
@@ -269,7 +296,8 @@ def _parse_node_list(obj: Any, source: str) -> list[Node]:
                           memory_bandwidth_gbps=_number(entry, "memory_bandwidth_gbps", where, optional=True),
                           network_gbps=_number(entry, "network_gbps", where, optional=True),
                           labels=tuple(labels), latency_ms=_number(entry, "latency_ms", where, optional=True),
-                          memory_reserve_gb=_number(entry, "memory_reserve_gb", where, optional=True)))
+                          memory_reserve_gb=_number(entry, "memory_reserve_gb", where, optional=True),
+                          **_runs_in(entry, where)))
     return nodes
 
 

@@ -11,8 +11,14 @@ Routes, on the port where the agent serves its shards (`williw.serve.ShardServer
   ``X-Williw-Compute-Ms`` lists each stage's own compute time, in stage order, and ``X-Williw-Next-Ms`` each
   stage's round trip to the next one, so the caller can split every hop's transport cost from the compute.
 * ``DELETE /stage/{request_id}/v{version}/sessions/{S}``: close a session, freeing its KV cache.
-* ``GET /stage/{request_id}/v{version}``: JSON ``{"node_id", "state", "blocks", "load_s", "error"}``, state one of
-  ``not loaded``, ``loading``, ``loaded``, ``failed``.
+* ``GET /stage/{request_id}/v{version}``: JSON ``{"node_id", "state", "blocks", "load_s", "error", "device",
+  "dtype", "weights"}``, state one of ``not loaded``, ``loading``, ``loaded``, ``failed``; the last three say what
+  the stage runs on and in once its load has begun (None before).
+
+A stage runs on the node's device at its compute dtype (``williw node --device --dtype``), its blocks' linear
+weights in the format the plan of that version chose for the node (its entry's ``weights``), else in the first
+format the node accepts (``--weights``, highest precision first); a plan that names a format the node does not
+accept (it was restarted with other ``--weights``) is refused in one line.
 
 A stage is built from the node's shard of that version alone (``DATA_DIR/<request_id>/v<version>/<node_id>/``),
 with the blocks the worker's plan of that version gives the node and the KV budget of the request
@@ -61,13 +67,18 @@ class StageService:
         request_of: ``request_id -> request dict`` (its ``batch_size`` and ``sequence_length``: the KV budget).
         urls_of: ``request_id -> {node_id: serve_url}`` (the worker's assignments), for passing a chained step to
             the next stage; None: chained steps are refused.
+        device, dtype: where and at which compute dtype the stages run (`williw.devices`).
+        weights: the weight formats the node accepts, highest precision first (`williw.precision.WEIGHTS`).
     """
 
     def __init__(self, data_dir: Path, node_id: str, plan_of: Callable[[str, int], dict[str, Any]],
                  request_of: Callable[[str], dict[str, Any]],
-                 urls_of: Callable[[str], dict[str, str]] | None = None) -> None:
+                 urls_of: Callable[[str], dict[str, str]] | None = None, *, device: str = "cpu",
+                 dtype: str = "float32", weights: tuple[str, ...] = ("as-stored",)) -> None:
         self.data_dir, self.node_id = Path(data_dir), node_id
         self.plan_of, self.request_of, self.urls_of = plan_of, request_of, urls_of
+        self.device, self.dtype, self.weights = device, dtype, tuple(weights)
+        self.runs_in: dict[Key, dict[str, str]] = {}  # {device, dtype, weights} of each stage whose load began
         self.hosts: dict[Key, Future[Any]] = {}  # done: loaded (or failed); pending: loading
         self.load_s: dict[Key, float] = {}
         self.failures: dict[Key, str] = {}  # the last failed load of a version, for GET and to not preload again
@@ -110,8 +121,9 @@ class StageService:
         state = "loading" if future is not None and not future.done() else "loaded" if future is not None \
             else "failed" if key in self.failures else "not loaded"
         host = future.result() if state == "loaded" else None
+        runs_in = self.runs_in.get(key) or dict.fromkeys(("device", "dtype", "weights"))
         return {"node_id": self.node_id, "state": state, "blocks": list(host.stage.blocks) if host else None,
-                "load_s": self.load_s.get(key), "error": self.failures.get(key)}
+                "load_s": self.load_s.get(key), "error": self.failures.get(key), **runs_in}
 
     def preload(self, request_id: str, version: int) -> None:
         """Build the stage of that version in a background thread, unless it is loaded, loading or failed to
@@ -220,7 +232,8 @@ class StageService:
         from williw.stages import load_config
         from williw.verify import pipeline_stages
 
-        plan = Plan.from_dict(self.plan_of(request_id, version), f"plan version {version}")
+        raw = self.plan_of(request_id, version)
+        plan = Plan.from_dict(raw, f"plan version {version}")
         n_blocks = load_config(shard_dir).get_text_config().num_hidden_layers
         order = pipeline_stages(plan, n_blocks)
         mine = [i for i, (node, _) in enumerate(order) if node == self.node_id]
@@ -234,11 +247,26 @@ class StageService:
         sessions = plan.extra.get("batch_size") or request.get("batch_size") or 1
         tokens = plan.extra.get("context_length") or request.get("sequence_length") or 512
         where = f"node '{self.node_id}' (blocks [{blocks[0]}, {blocks[1]}))"
+        weights = self._weights_of(raw, version)
+        self.runs_in[(request_id, version)] = {"device": self.device, "dtype": self.dtype, "weights": weights}
         began = time.perf_counter()
-        host = load_host(shard_dir, blocks, where, max_sessions=int(sessions), max_tokens=int(tokens))
+        host = load_host(shard_dir, blocks, where, max_sessions=int(sessions), max_tokens=int(tokens),
+                         dtype=self.dtype, weights=weights, device=self.device)
         log.info("node %s: stage of request %s version %d loaded in %.2f s", self.node_id, request_id, version,
                  time.perf_counter() - began)
         return host
+
+    def _weights_of(self, plan: dict[str, Any], version: int) -> str:
+        """The weight format of this node's stage: the plan's choice for it, else the first the node accepts."""
+        entry = plan.get(self.node_id)
+        chosen = entry.get("weights") if isinstance(entry, dict) else None
+        if chosen is None:
+            return self.weights[0]
+        if chosen not in self.weights:
+            raise GenerateError(f"node '{self.node_id}': plan version {version} runs its stage with weights "
+                                f"{chosen!r}, which this node does not accept (it accepts {', '.join(self.weights)}: "
+                                f"williw node --weights)")
+        return chosen
 
     def drop_except(self, request_id: str, version: int) -> None:
         """Free the stages of the request's other versions (once ``version`` is in force)."""
@@ -247,3 +275,5 @@ class StageService:
                 del self.hosts[key]
             for key in [k for k in self.failures if k[0] == request_id and k[1] != version]:
                 del self.failures[key]
+            for key in [k for k in self.runs_in if k[0] == request_id and k[1] != version]:
+                del self.runs_in[key]

@@ -22,6 +22,30 @@ def _node_number(field: str):
     return check
 
 
+def _spec(check):
+    """A click callback: ``check(value)``'s ValueError (`williw.devices.check_device_spec`,
+    `williw.precision.parse_weights`) as click's one-line usage error."""
+    def callback(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        try:
+            check(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+        return value
+    return callback
+
+
+def _check_device_spec(value: str) -> None:
+    from williw.devices import check_device_spec
+
+    check_device_spec(value)
+
+
+def _check_weights(value: str) -> None:
+    from williw.precision import parse_weights
+
+    parse_weights(value)
+
+
 @cli.command("serve-model")
 @click.argument("model_dir", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -66,11 +90,19 @@ def serve_model_cmd(model_dir: str, host: str, port: int, as_json: bool) -> None
 @click.option("--serve-port", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="Port of the shard server (0: any free port).")
 @click.option("--serve-url", help="The URL peers reach the shard server at (default http://HOST:PORT).")
+@click.option("--device", default="auto", show_default=True, callback=_spec(_check_device_spec),
+              help="Where stages run: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Compute dtype (auto: bfloat16 on CUDA, float16 on MPS, float32 on the CPU, "
+                                      "bfloat16 there for int8/int4 weights).")
+@click.option("--weights", default="as-stored", show_default=True, callback=_spec(_check_weights),
+              help="Weight formats this node accepts: as-stored, int8, int4, a comma-separated list, or auto.")
 @json_option
 def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: float,
              memory_bandwidth_gbps: float | None, network_gbps: float | None, latency_ms: float | None,
              memory_reserve_gb: float | None, data_dir: str, token: str | None, heartbeat_s: float,
-             poll_s: float, serve_host: str, serve_port: int, serve_url: str | None, as_json: bool) -> None:
+             poll_s: float, serve_host: str, serve_port: int, serve_url: str | None, device: str, dtype: str,
+             weights: str, as_json: bool) -> None:
     """Run a node agent: register, heartbeat, pull each assigned shard, check it and report it ready."""
     import os
     import signal
@@ -78,13 +110,17 @@ def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: fl
 
     set_json_mode(as_json)
     from williw.agent import AgentConfig, NodeAgent
+    from williw.devices import resolve_node
 
+    runs = resolve_node(device, dtype, weights)  # a device this machine lacks: one line, exit 2, not registered
     agent = NodeAgent(AgentConfig(worker_url, node_id, compute_tflops, memory_gb, data_dir, token=token,
                                   memory_bandwidth_gbps=memory_bandwidth_gbps, heartbeat_s=heartbeat_s,
                                   poll_s=poll_s, hf_token=os.environ.get("HF_TOKEN"),
                                   serve_host=None if serve_host == "none" else serve_host, serve_port=serve_port,
                                   serve_url=serve_url, network_gbps=network_gbps, latency_ms=latency_ms,
-                                  memory_reserve_gb=memory_reserve_gb))
+                                  memory_reserve_gb=memory_reserve_gb, device=runs.device, dtype=runs.dtype,
+                                  weights=runs.weights, device_name=runs.name,
+                                  device_memory_bytes=runs.memory_bytes))
 
     def _stop(*_: object) -> None:
         # Leave at once, even mid-pull: shard files are written atomically, so an interrupted pull leaves no
@@ -108,7 +144,8 @@ def node_cmd(worker_url: str, node_id: str, compute_tflops: float, memory_gb: fl
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
     agent.register()
-    emit(as_json, {"node_id": node_id, "worker": worker_url, "data_dir": data_dir, "status": "running"},
+    emit(as_json, {"node_id": node_id, "worker": worker_url, "data_dir": data_dir, "status": "running",
+                   **runs.registration(), "device": runs.device},
          f"node {node_id} registered with {worker_url}; shards go to {data_dir} (Ctrl-C to stop)")
     sys.stdout.flush()
     try:

@@ -47,6 +47,8 @@ def _node_out(node: NodeRecord, settings: WorkerSettings, now: float) -> NodeOut
     return NodeOut(node_id=node.node_id, compute_tflops=node.compute_tflops, memory_gb=node.memory_gb,
                    memory_bandwidth_gbps=node.memory_bandwidth_gbps, network_gbps=node.network_gbps,
                    labels=list(node.labels), latency_ms=node.latency_ms, memory_reserve_gb=node.memory_reserve_gb,
+                   device=node.device, device_name=node.device_name, dtype=node.dtype, weights=list(node.weights),
+                   device_memory_bytes=node.device_memory_bytes,
                    registered_at=node.registered_at, updated_at=node.updated_at,
                    last_heartbeat=node.last_heartbeat, online=service.is_online(node, now, settings.node_ttl_s),
                    heartbeat_age_s=round(max(0.0, now - node.last_heartbeat), 3))

@@ -10,12 +10,15 @@ migration 3 adds re-planning: the metadata a request was planned from (``model_m
 a thousand requests of one model store it once), the request's automatic re-planning options, each node's shard
 server URL (for peer pulls) and the ``migrations`` from one plan version to the next; migration 4 adds the node
 fields the planner prices since (`williw.fleet.Node`): ``latency_ms`` and ``memory_reserve_gb``, NULL when a node
-does not give them (as for the nodes registered before).
+does not give them (as for the nodes registered before); migration 5 adds what a node runs its stages on and in
+(`williw.devices`): ``device`` (kind), ``device_name``, ``device_memory_bytes`` (BIGINT: an 80 GB GPU's bytes
+overflow PostgreSQL's 32-bit INTEGER), ``dtype`` and ``weights`` (a JSON list); NULL reads as a CPU node at
+float32 with its weights as stored, what the nodes registered before were.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, Integer, MetaData, Table, Text
+from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, Table, Text
 
 # The tables as the current code queries them (SQLAlchemy Core; DDL comes from MIGRATIONS, not from here).
 meta = MetaData()
@@ -35,6 +38,11 @@ nodes = Table(
     Column("serve_url", Text),  # where the node's agent serves its shards to peers; NULL: it does not (migration 3)
     Column("latency_ms", Float),  # one-way network latency, ms (migration 4)
     Column("memory_reserve_gb", Float),  # memory kept free for the runtime, GB (migration 4)
+    Column("device", Text),  # cpu, cuda or mps; NULL: cpu (migration 5, as the four below)
+    Column("device_name", Text),  # "NVIDIA H100 80GB HBM3", a CPU's model name
+    Column("dtype", Text),  # compute dtype; NULL: float32
+    Column("weights", Text),  # JSON list of accepted weight formats, highest precision first; NULL: ["as-stored"]
+    Column("device_memory_bytes", BigInteger),  # the device's own memory (VRAM; RAM for cpu and mps)
 )
 
 requests = Table(
@@ -144,6 +152,13 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (4, "node latency and memory reserve", (
         "ALTER TABLE nodes ADD COLUMN latency_ms DOUBLE PRECISION",
         "ALTER TABLE nodes ADD COLUMN memory_reserve_gb DOUBLE PRECISION",
+    )),
+    (5, "node device, dtype and weights", (
+        "ALTER TABLE nodes ADD COLUMN device TEXT",
+        "ALTER TABLE nodes ADD COLUMN device_name TEXT",
+        "ALTER TABLE nodes ADD COLUMN dtype TEXT",
+        "ALTER TABLE nodes ADD COLUMN weights TEXT",
+        "ALTER TABLE nodes ADD COLUMN device_memory_bytes BIGINT",
     )),
 )
 

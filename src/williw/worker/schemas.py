@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from williw.devices import check_device, check_dtype, check_weights
 from williw.fleet import check_number
 from williw.jsonio import INT64_MAX
 
@@ -87,6 +88,13 @@ class NodeIn(StrictBody):
     labels: list[str] = Field(default_factory=list, max_length=64)
     latency_ms: Annotated[_Number, _range("latency_ms")] | None = None
     memory_reserve_gb: Annotated[_Number, _range("memory_reserve_gb")] | None = None
+    # What the node runs its stages on and in (`williw.devices`); the nodes file's rules and messages. Left out
+    # (older agents): a CPU node at float32 with its weights as stored.
+    device: Annotated[str, AfterValidator(check_device)] = "cpu"
+    device_name: str | None = Field(default=None, min_length=1, max_length=256)
+    dtype: Annotated[str, AfterValidator(check_dtype)] = "float32"
+    weights: Annotated[list[str], AfterValidator(check_weights)] = Field(default_factory=lambda: ["as-stored"])
+    device_memory_bytes: int | None = Field(default=None, ge=0, le=INT64_MAX)
 
 
 class NodeOut(BaseModel):
@@ -98,6 +106,11 @@ class NodeOut(BaseModel):
     labels: list[str]
     latency_ms: float | None
     memory_reserve_gb: float | None
+    device: str
+    device_name: str | None
+    dtype: str
+    weights: list[str]
+    device_memory_bytes: int | None
     registered_at: float
     updated_at: float
     last_heartbeat: float
