@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 LAYER_TYPES = ("embedding", "attention", "mlp", "norm", "lm_head", "ssm", "other")
 
@@ -101,3 +102,57 @@ def table_kind(name: str) -> str:
     if any(k in m for m in modules for k in _NOT_TOKEN_TABLES):
         return "position"
     return "token" if modules and modules[-1] in _TOKEN_TABLES else "unknown"
+
+
+
+# Families whose blocks store GPT-2's ``Conv1D`` ([in, out], not an ``nn.Linear``), and those whose block linears
+# are subclasses of it (Falcon's ``FalconLinear``): a weight-only quantizer that converts exactly ``nn.Linear``
+# modules (`williw.quantize`) leaves both at the compute dtype.
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+SUBCLASSED_LINEAR_MODEL_TYPES = ("falcon",)
+_FLOAT_STORED = ("F16", "BF16", "F32", "F64")
+_NOT_LINEAR = ("relative_attention_bias",)  # T5's bucketed position bias: an nn.Embedding inside block 0
+_ROUTERS = ("gate", "router")
+
+
+@dataclass(frozen=True)
+class TensorFacts:
+    """What `quantizable_names` reads of a tensor (a `williw.metadata.LayerMeta` has all of it)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    layer_type: str
+    placement: str
+    role: str | None
+    note: str | None
+
+
+def quantizable_names(tensors: Iterable[TensorFacts], model_type: str) -> set[str]:
+    """The tensors a weight-only quantizer converts: the 2-D ``weight`` of each ``nn.Linear`` inside a block
+    (attention and MLP projections, ``[out, in]``, stored in a float dtype).
+
+    Not: embeddings, norms, biases, the head, modules between stacks; MoE experts (transformers 5 loads them as
+    3-D parameters, not ``nn.Linear``) and their routers (``gate``/``router`` beside ``experts``: a plain
+    parameter in ``MixtralTopKRouter`` and its relatives, an ``nn.Linear`` subclass in Llama 4 and PhiMoE);
+    GPT-2-style ``Conv1D`` and subclassed linears (`CONV1D_MODEL_TYPES`, `SUBCLASSED_LINEAR_MODEL_TYPES`); tensors
+    already quantized or derived (``note``). Checked against the modules transformers builds for the 28 tiny families
+    (``tests/test_planner_precision.py``).
+    """
+    if model_type in CONV1D_MODEL_TYPES or model_type in SUBCLASSED_LINEAR_MODEL_TYPES:
+        return set()
+    tensors = list(tensors)
+    with_experts = {x.name.split(".experts.")[0] for x in tensors if ".experts." in x.name}
+    out = set()
+    for x in tensors:
+        if x.placement != "block" or x.role == "between" or len(x.shape) != 2 or x.dtype not in _FLOAT_STORED:
+            continue
+        if not x.name.endswith(".weight") or x.note is not None or x.layer_type in ("embedding", "norm", "lm_head"):
+            continue
+        parts = x.name.split(".")
+        if "experts" in parts or any(k in p for p in parts for k in _NOT_LINEAR):
+            continue
+        if len(parts) >= 3 and parts[-2] in _ROUTERS and ".".join(parts[:-2]) in with_experts:
+            continue
+        out.add(x.name)
+    return out

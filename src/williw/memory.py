@@ -70,15 +70,22 @@ def _get(cfg: dict[str, Any], *keys: str) -> Any:
     return None
 
 
-def element_bytes(cfg: dict[str, Any]) -> int:
-    """Bytes of one activation or cache element: the config's ``torch_dtype``/``dtype``, else 2."""
+def compute_dtype(cfg: dict[str, Any]) -> str | None:
+    """The config's ``torch_dtype``/``dtype`` (``bfloat16``, ``float32``, ...), or None when it names none."""
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     for source in (cfg, text):
         for key in ("torch_dtype", "dtype"):
             value = source.get(key)
             if isinstance(value, str) and value.removeprefix("torch.") in _DTYPE_BYTES:
-                return _DTYPE_BYTES[value.removeprefix("torch.")]
-    return 2
+                return {"float": "float32", "half": "float16"}.get(value.removeprefix("torch."),
+                                                                   value.removeprefix("torch."))
+    return None
+
+
+def element_bytes(cfg: dict[str, Any]) -> int:
+    """Bytes of one activation or cache element: the config's ``torch_dtype``/``dtype``, else 2."""
+    name = compute_dtype(cfg)
+    return _DTYPE_BYTES[name] if name else 2
 
 
 def _window(cfg: dict[str, Any], kind: str | None) -> int:

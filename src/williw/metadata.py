@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from williw.checkpoint import Checkpoint, open_checkpoint
-from williw.classify import layer_type
+from williw.classify import TensorFacts, layer_type, quantizable_names
 from williw.compute import CROSS_ATTENTION, CostModel, TensorCost, keys_attended, ssm_core_flops, stack_hidden
 from williw.config import ModelConfig
 from williw.errors import MetadataError
 from williw.fsutil import read_json, write_json
-from williw.memory import block_memory, element_bytes
+from williw.memory import block_memory, compute_dtype, element_bytes
 from williw.structure import Structure, find_structure, token_table
 
 FORMAT_VERSION = 1
@@ -61,6 +61,8 @@ class LayerMeta:
     stack_index: int | None = None  # the block's index within its stack
     role: str | None = None  # first, block, between, last, mtp (None in files written before stacks)
     note: str | None = None  # quantized, quant_state, buffer, experts, tied: why params/compute are not shape-based
+    # A weight-only quantizer converts it (`williw.classify.quantizable`): a block's nn.Linear weight, [out, in].
+    quantizable: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,9 @@ class ModelMetadata:
     # What reading derived rather than found (seed-format metadata, see `williw.seedformat`); not written out.
     notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
     element_bytes: int = 2  # bytes of one activation or cache element (`williw.memory.element_bytes`)
+    # The config's dtype, which ``element_bytes`` and the blocks' KV and activation figures are priced at; None when
+    # the config names none (and in files written before it): those figures are then taken as written on any node.
+    compute_dtype: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -161,6 +166,7 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
     structure = find_structure(names, raw or None, ckpt.label("config.json"), shapes)
     table, copies = tied_head_tensors(cfg, structure, shapes)
     costs = CostModel(raw, set(names), tokens)
+    model_type = cfg.model_type if cfg and cfg.model_type else "transformer"
     ssm_mixers = {n.rsplit(".", 1)[0] + "." for n in names if n.endswith(".A_log")}
     layers, flops = [], {}
     for t in ckpt.tensors:
@@ -168,7 +174,8 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
         cost = TensorCost(0, 0, "tied") if t.name in copies else costs.cost(t.name, t.shape, t.dtype, kind)
         flops[t.name] = cost.flops
         layers.append(_layer(t, kind, cost.params, cost.flops, cost.note, structure))
-    layers.sort(key=_model_order)
+    quant = quantizable_names(map(facts, layers), model_type)
+    layers = sorted((dataclasses.replace(x, quantizable=x.name in quant) for x in layers), key=_model_order)
 
     hidden = cfg.hidden_size if cfg and cfg.hidden_size else _guess_hidden(layers)
     blocks, block_flops = _blocks(layers, flops, hidden, batch_size, sequence_length, raw, structure)
@@ -177,7 +184,7 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
     return ModelMetadata(
         format_version=FORMAT_VERSION,
         model_name=model_name or ckpt.location or ckpt.path.resolve().name,
-        model_type=(cfg.model_type if cfg and cfg.model_type else "transformer"),
+        model_type=model_type,
         architecture=cfg.architecture if cfg else None,
         checkpoint_format=ckpt.format,
         batch_size=batch_size,
@@ -194,7 +201,13 @@ def generate_metadata(model: str | os.PathLike[str] | Checkpoint, *, model_name:
         ignored_files=ckpt.ignored,
         commit=ckpt.commit,
         element_bytes=element_bytes(raw),
+        compute_dtype=compute_dtype(raw),
     )
+
+
+def facts(x: LayerMeta) -> TensorFacts:
+    """What `williw.classify.quantizable_names` reads of a tensor."""
+    return TensorFacts(x.name, x.shape, x.dtype, x.layer_type, x.placement, x.role, x.note)
 
 
 def _layer(t: Any, kind: str, params: int, flops: int, note: str | None, structure: Structure) -> LayerMeta:

@@ -6,12 +6,13 @@ Seed-format metadata (torch dtype names, no ``bytes``/``block``/``placement``) i
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from williw.classify import LAYER_TYPES
+from williw.classify import LAYER_TYPES, quantizable_names
 from williw.errors import MetadataError
 from williw.jsonio import INT64_MAX
-from williw.metadata import FORMAT_VERSION, PLACEMENTS, BlockMeta, LayerMeta, ModelMetadata, TiedHead
+from williw.metadata import FORMAT_VERSION, PLACEMENTS, BlockMeta, LayerMeta, ModelMetadata, TiedHead, facts
 from williw.seedformat import derive_seed_fields, dtype_code
 from williw.structure import ROLES
 from williw.units import DTYPE_BITS
@@ -58,6 +59,7 @@ class _Fields:
 # A field of compute (GFLOPs) is at most 1e18 (1e27 FLOP: a 10^12-parameter model over 10^13 tokens); summed
 # over 10^6 tensors and divided by the smallest compute a node may claim (1e-6 TFLOPS) it stays finite.
 MAX_GFLOPS = 1e18
+_ELEMENT_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 _MEMORY_FIELDS = ("kv_bytes_per_token", "kv_window", "state_bytes", "activation_bytes_per_token")
 
 
@@ -68,7 +70,9 @@ def parse_metadata(d: Any, source: str) -> ModelMetadata:
     if version > FORMAT_VERSION:
         raise MetadataError(f"'{source}': format_version {version} is newer than this williw reads "
                             f"({FORMAT_VERSION}); upgrade williw")
+    model_type = top.get("model_type", "str", optional=True, default="transformer")
     layers = []
+    derive = False  # a tensor without 'quantizable' (written before it): the same rule as a checkpoint's
     for i, raw in enumerate(top.get("layers", "list")):
         f = _Fields(raw, source, f"layers[{i}]")
         shape = f.get("shape", "list")
@@ -85,14 +89,24 @@ def parse_metadata(d: Any, source: str) -> ModelMetadata:
         placement = f.get("placement", "str", optional=True, default="block" if block is not None else "last")
         if placement not in PLACEMENTS or (placement == "block") != (block is not None):
             raise f._fail("placement", "'block' exactly when 'block' is set, else 'first' or 'last'", placement)
-        layers.append(LayerMeta(name=f.get("name", "str"), shape=tuple(shape), dtype=dtype,
+        name, role, why = f.get("name", "str"), _role(f, placement), f.get("note", "str", optional=True)
+        quant = raw.get("quantizable")
+        if quant is not None and not isinstance(quant, bool):
+            raise f._fail("quantizable", "true or false", quant)
+        derive |= quant is None
+        layers.append(LayerMeta(name=name, shape=tuple(shape), dtype=dtype,
                                 num_params=f.get("num_params", "int"), bytes=f.get("bytes", "int"),
                                 compute_required=float(f.get("compute_required", "num")), layer_type=kind,
                                 block=block, placement=placement,
                                 file=f.get("file", "str", optional=True, default=""),
                                 stack=f.get("stack", "str", optional=True),
                                 stack_index=f.get("stack_index", "int", optional=True),
-                                role=_role(f, placement), note=f.get("note", "str", optional=True)))
+                                role=role, note=why, quantizable=bool(quant)))
+    if derive:
+        quant = quantizable_names(map(facts, layers), model_type)
+        fields = [raw.get("quantizable") if isinstance(raw, dict) else None for raw in top.obj["layers"]]
+        layers = [x if given is not None else dataclasses.replace(x, quantizable=x.name in quant)
+                  for x, given in zip(layers, fields, strict=True)]
     names = [x.name for x in layers]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -122,7 +136,7 @@ def parse_metadata(d: Any, source: str) -> ModelMetadata:
     return ModelMetadata(
         format_version=version,
         model_name=top.get("model_name", "str"),
-        model_type=top.get("model_type", "str", optional=True, default="transformer"),
+        model_type=model_type,
         architecture=top.get("architecture", "str", optional=True),
         checkpoint_format=top.get("checkpoint_format", "str", optional=True, default="safetensors"),
         batch_size=top.get("batch_size", "posint"),
@@ -140,7 +154,18 @@ def parse_metadata(d: Any, source: str) -> ModelMetadata:
         commit=top.get("commit", "str", optional=True),
         notes=(note,) if note else (),
         element_bytes=top.get("element_bytes", "posint", optional=True, default=2),
+        compute_dtype=_compute_dtype(top),
     )
+
+
+def _compute_dtype(top: _Fields) -> str | None:
+    value = top.get("compute_dtype", "str", optional=True)
+    if value is not None and value not in _ELEMENT_BYTES:
+        raise top._fail("compute_dtype", f"null or one of {', '.join(_ELEMENT_BYTES)}", value)
+    if value is not None and _ELEMENT_BYTES[value] != top.get("element_bytes", "posint", optional=True,
+                                                                default=_ELEMENT_BYTES[value]):
+        raise top._fail("compute_dtype", f"the dtype of 'element_bytes' ({top.obj['element_bytes']})", value)
+    return value
 
 
 def _role(f: _Fields, placement: str) -> str | None:

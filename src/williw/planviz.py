@@ -170,6 +170,7 @@ def _stage(plan: Plan, a: NodeAssignment, i: int, x: float, w: float, is_worst: 
     lines.append(_text(tx, BAR_Y + 78, _fit(f"time {format_seconds(t)} ({share:.0%})", fits),
                        fill=SLOW if is_worst else "#202124", weight="600" if is_worst else "400"))
     lines.append(_meter(tx, BAR_Y + 84, w - 16, share, SLOW if is_worst else TIME_FILL, "time"))
+    lines.append(_text(tx, BAR_Y + 107, _fit(runs_in(a), fits), fill="#555", size=11))
     held = a.bytes + (a.kv_bytes or 0) + (a.activation_bytes or 0)  # at run time: weights, KV cache, transient
     if node is not None:
         cap = round(node.memory_gb * 1e9)
@@ -187,11 +188,17 @@ def _stage(plan: Plan, a: NodeAssignment, i: int, x: float, w: float, is_worst: 
     return "".join(lines)
 
 
+def runs_in(a: NodeAssignment) -> str:
+    """``cpu · float32`` or ``cuda:0 · int4/bfloat16``: the stage's device, then its weight format and dtype."""
+    return f"{a.run_device} · {a.precision.label}"
+
+
 def _stage_tooltip(plan: Plan, a: NodeAssignment, i: int, t: float, bottleneck: float, node: NodeLike | None) -> str:
     parts = [f"stage {a.stage if a.stage is not None else i} on {a.node_id}",
              f"blocks [{a.blocks[0]}, {a.blocks[1]})" if a.blocks else "no blocks",
              f"{len(a.layer_names)} tensors", format_gflops(a.total_compute), format_bytes(a.bytes),
              f"{plan.objective} time {format_seconds(t)} of bottleneck {format_seconds(bottleneck)}"]
+    parts.append(f"runs on {runs_in(a)}")
     if a.stage_time_s is not None and a.decode_time_s is not None:
         parts.append(f"prefill {format_seconds(a.stage_time_s)}, decode {format_seconds(a.decode_time_s)}/token")
     if a.kv_bytes is not None and a.activation_bytes is not None and a.headroom_bytes is not None:

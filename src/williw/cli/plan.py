@@ -75,16 +75,22 @@ def plan_table(plan, given: int, output: str | None) -> str:
     # With a link table the plan gives each stage's transfers; the table shows those of the plan's objective.
     transfers = {t["node_id"]: t["prefill" if plan.objective == "prefill" else "decode"]
                  for t in plan.extra.get("transfers_s", [])}
+    # What each stage runs in (device, compute dtype, weight format): shown once any stage is not float32 weights
+    # as stored on the CPU, the reading of a plan that records none.
+    runs = any((a.run_device, a.precision.dtype, a.precision.weights) != ("cpu", "float32", "as-stored")
+               for a in plan.assignments)
     rows = []
     for a in plan.assignments:
         hops = [secs(x) for x in transfers[a.node_id]] if a.node_id in transfers else []
+        where = [a.run_device, a.precision.dtype, a.precision.weights] if runs else []
         rows.append([a.node_id, "-" if a.stage is None else str(a.stage),
-                     "-" if a.blocks is None else f"[{a.blocks[0]}, {a.blocks[1]})", str(len(a.layer_names)),
+                     "-" if a.blocks is None else f"[{a.blocks[0]}, {a.blocks[1]})", *where, str(len(a.layer_names)),
                      format_gflops(a.total_compute), format_bytes(a.bytes), size(a.kv_bytes),
                      size(a.activation_bytes), size(a.headroom_bytes), secs(a.stage_time_s),
                      secs(a.decode_time_s), *hops, f"{a.compute_utilization * 100:.1f}%"])
-    lines = [table(rows, ["node", "stage", "blocks", "tensors", "compute", "weights", "kv", "activations", "headroom",
-                          "prefill", "decode", *(["receive", "send"] if transfers else []), "util"])]
+    lines = [table(rows, ["node", "stage", "blocks", *(["device", "dtype", "format"] if runs else []), "tensors",
+                          "compute", "weights", "kv", "activations", "headroom", "prefill", "decode",
+                          *(["receive", "send"] if transfers else []), "util"])]
     parts = [f"{plan.strategy} ({plan.objective}): {len(plan.assignments)} of {given} nodes",
              f"bottleneck {secs(plan.bottleneck_s)}"]
     if plan.lower_bound_s:

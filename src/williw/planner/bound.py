@@ -39,6 +39,10 @@ from williw.planner.pipeline import _Costs
 
 SLACK = 1e-12  # relative: a stage that fits ``amount / rate + transfers <= T`` has
 # ``amount <= (T · (1 + SLACK) - transfers) · rate`` (the cost's sums round by far less than 1e-12 · T)
+# Relative: the amounts (GFLOPs) the nodes can hold are summed in another order than the model's total, so a plan
+# whose stages hold their caps exactly sums to a total a few ulps off (two nodes, two blocks of 1.024001e-3 GFLOPs:
+# 2.049001999e-3 against 2.049002e-3); without it such a threshold, and every one above, was "refuted".
+SUM_TOL = 1e-9
 MAX_REGIONS = 8  # runs of identical blocks whose own count condition `Windows.necessary` checks
 NONE = -(1 << 62)  # a role the node cannot take (the first or last group alone overflows it)
 
@@ -57,6 +61,8 @@ class Windows:
     """The window tables of one model and objective, extended on demand."""
 
     def __init__(self, c: _Costs) -> None:
+        exact = c
+        c = c.relaxed  # nodes of different precisions: the relaxation (`formats.relax`), which no plan beats
         m = c.m
         self.c = c
         # Bytes are weights + KV cache: activations only add to a stage, so leaving them out keeps
@@ -72,7 +78,7 @@ class Windows:
         self.total = (self.pa[-1] + self.first_a + self.last_a, self.pb[-1] + self.first_b + self.last_b)
         # The lightest block's amount: a node whose threshold allows less holds nothing (most of a large fleet).
         self.least = min(map(sub, self.pa[1:], self.pa[:-1]), default=0.0)
-        runs = _identical_runs(m, c.decode)
+        runs = _identical_runs([m, *{id(x): x for x in exact.ms}.values()], c.decode)
         self.regions = _uniform_regions(runs, m.n)
         # Per region, the amount and bytes of its first L blocks (any L of them: they are identical).
         self.region_sums = [([x - self.pa[s] for x in self.pa[s:e + 1]], [x - self.pb[s] for x in self.pb[s:e + 1]])
@@ -144,7 +150,7 @@ class Windows:
         for i in range(3):
             top = heapq.nlargest(n, caps.mid[i]) if len(caps.mid[i]) > n else caps.mid[i]
             have = sum(top) + max(caps.first[i]) + max(caps.last[i])
-            if have < totals[i]:
+            if have < totals[i] * (1 - SUM_TOL):
                 return False
         return self._region_holds(t)
 
@@ -192,12 +198,13 @@ class Windows:
         return True
 
 
-def _identical_runs(m, decode: bool) -> list[tuple[int, int]]:
+def _identical_runs(models, decode: bool) -> list[tuple[int, int]]:
     """The maximal runs ``[i, j)`` of identical blocks, in model order: the same amount, bytes (weights and KV
-    cache) and transient (activations), everything a stage's cost and memory take from its blocks (`_Costs`)."""
-    n = m.n
-    act = m.block_act or (0,) * n
-    keys = [(0.0 if decode else m.block_compute[i], m.prefix_mem[i + 1] - m.prefix_mem[i], act[i]) for i in range(n)]
+    cache) and transient (activations), everything a stage's cost and memory take from its blocks (`_Costs`), in
+    each of ``models`` (the precisions the nodes are searched at, and the relaxation)."""
+    n = models[0].n
+    keys = [tuple((0.0 if decode else m.block_compute[i], m.prefix_mem[i + 1] - m.prefix_mem[i],
+                   m.block_act[i] if m.block_act else 0) for m in models) for i in range(n)]
     out = []
     i = 0
     while i < n:

@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from williw.planner.bound import NONE, SLACK, Caps, Windows, certified_lower_bound
+from williw.planner.bound import NONE, SLACK, SUM_TOL, Caps, Windows, certified_lower_bound
 from williw.planner.counting import CountingClose, first_finish
 from williw.planner.lagrange import prices
 from williw.planner.packing import best_fit, least_waste_per_node, repack
@@ -118,7 +118,7 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
                 w.pb[n] - w.pb[p] + w.last_b + (w.first_b if head else 0))
         for i in range(3):
             have = best(caps.last, by_last, i, used) + (best(caps.first, by_first, i, used) if head else 0)
-            if have <= NONE // 2 or sums[i] + have < need[i]:
+            if have <= NONE // 2 or sums[i] + have < need[i] * (1 - SUM_TOL):
                 return False
         for r, (s, e, _, end) in enumerate(regions):
             if e <= p:
@@ -130,10 +130,10 @@ def _dfs(c: _Costs, w: Windows, t: float, deadline: float) -> tuple[Stage, ...] 
                 return False
         return True
 
-    def weaker(u: int, v: int) -> bool:  # u no faster, no smaller, no quicker link than v; equals by index
+    def weaker(u: int, v: int) -> bool:  # u no faster, no smaller, no quicker link than v, same precision; by index
         a = (c.rate[u], c.mem[u], -c.t_in[u][1], -c.t_out[u][0], -c.t_out[u][1])
         b = (c.rate[v], c.mem[v], -c.t_in[v][1], -c.t_out[v][0], -c.t_out[v][1])
-        return all(x <= y for x, y in zip(a, b, strict=True)) and (a != b or u < v)
+        return c.same_bytes(u, v) and all(x <= y for x, y in zip(a, b, strict=True)) and (a != b or u < v)
 
     def children(p: int, used: int) -> list[tuple[int, int]]:
         groups: dict[int, list[int]] = {}

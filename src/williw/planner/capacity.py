@@ -1,7 +1,8 @@
 """What a plan leaves: each stage's headroom, the largest context and batch the plan holds, and the one-line
 refusal when a fleet cannot hold the model at the asked batch and context.
 
-A stage on node ``v`` holds ``weights + KV(B, C) + activations(B) <= memory_v - reserve_v`` (`costs`). KV grows
+A stage on node ``v`` holds ``weights + KV(B, C) + activations(B) <= memory_v - reserve_v`` (`costs`), each at the
+precision the stage runs in (a model per stage: `formats.choose`). KV grows
 with ``C`` (up to each sliding window) and both KV and activations grow linearly with ``B``, so
 
 * the largest context at batch ``B`` is the largest ``C`` with ``KV(B, C) <= room - activations(B)`` on every
@@ -18,6 +19,7 @@ from typing import Any
 
 from williw.fleet import Node
 from williw.planner.costs import PipelineModel, usable_bytes
+from williw.planner.formats import search_precision
 from williw.planner.pipeline import EXACT_MAX_NODES, Stage, _Costs, _exact_feasible, _ordered_feasible, max_coverage
 from williw.units import format_bytes
 
@@ -41,15 +43,13 @@ def with_workload(model: PipelineModel, batch: int, context: int) -> PipelineMod
         token_bytes=tuple(round(x * scale) for x in model.token_bytes))  # type: ignore[arg-type]
 
 
-def _stage_fits(model: PipelineModel, s: Stage, node: Node) -> bool:
-    return model.stage_memory(s.start, s.end) <= usable_bytes(node)
-
-
-def max_context(model: PipelineModel, stages: Sequence[Stage], nodes: Sequence[Node], batch: int) -> int | None:
-    """The largest context (tokens) every stage holds at ``batch``; 0 if not even one token; None if unbounded."""
+def max_context(models: Sequence[PipelineModel], stages: Sequence[Stage], nodes: Sequence[Node],
+                batch: int) -> int | None:
+    """The largest context (tokens) every stage holds at ``batch`` (``models``: each stage's, at its precision); 0
+    if not even one token; None if unbounded."""
     def ok(c: int) -> bool:
-        m = with_workload(model, batch, c)
-        return all(_stage_fits(m, s, v) for s, v in zip(stages, nodes, strict=True))
+        return all(with_workload(m, batch, c).stage_memory(s.start, s.end) <= usable_bytes(v)
+                   for m, s, v in zip(models, stages, nodes, strict=True))
 
     if ok(MAX_CONTEXT):
         return None
@@ -63,11 +63,11 @@ def max_context(model: PipelineModel, stages: Sequence[Stage], nodes: Sequence[N
     return lo
 
 
-def max_batch(model: PipelineModel, stages: Sequence[Stage], nodes: Sequence[Node]) -> int | None:
+def max_batch(models: Sequence[PipelineModel], stages: Sequence[Stage], nodes: Sequence[Node]) -> int | None:
     """The largest batch every stage holds at the model's context (None: no stage grows with the batch)."""
-    one = with_workload(model, 1, model.context_length)
     best: int | None = None
-    for s, v in zip(stages, nodes, strict=True):
+    for m, s, v in zip(models, stages, nodes, strict=True):
+        one = with_workload(m, 1, m.context_length)
         grow = one.stage_kv(s.start, s.end) + one.stage_activation(s.start, s.end)
         if grow:
             room = usable_bytes(v) - one.stage_bytes(s.start, s.end)
@@ -75,11 +75,13 @@ def max_batch(model: PipelineModel, stages: Sequence[Stage], nodes: Sequence[Nod
     return best
 
 
-def capacity(model: PipelineModel, stages: Sequence[Stage], nodes: Sequence[Node]) -> dict[str, Any]:
-    """The plan-level figures of what a plan leaves (JSON-ready, for the ``@plan`` object)."""
+def capacity(models: Sequence[PipelineModel], stages: Sequence[Stage], nodes: Sequence[Node]) -> dict[str, Any]:
+    """The plan-level figures of what a plan leaves (JSON-ready, for the ``@plan`` object); ``models``: each
+    stage's, at its precision."""
+    model = models[0]
     return {"batch_size": model.batch_size, "context_length": model.context_length,
-            "max_context_length": max_context(model, stages, nodes, model.batch_size),
-            "max_batch_size": max_batch(model, stages, nodes)}
+            "max_context_length": max_context(models, stages, nodes, model.batch_size),
+            "max_batch_size": max_batch(models, stages, nodes)}
 
 
 def short(what: str, need: int, nodes: Sequence[Node], where: str = "") -> str:
@@ -95,7 +97,7 @@ def _fits_at(model: PipelineModel, nodes: list[Node], context: int) -> bool:
     k = len(nodes)
     if k <= EXACT_MAX_NODES:
         return _exact_feasible(c, float("inf"), sorted(range(1 << k), key=lambda s: (s.bit_count(), s))) is not None
-    order = sorted(range(k), key=lambda i: (-c.mem[i], i))
+    order = sorted(range(k), key=lambda i: (-c.relaxed.mem[i], i))
     return _ordered_feasible(c, float("inf"), order) is not None
 
 
@@ -116,12 +118,15 @@ def context_tail(model: PipelineModel, nodes: list[Node]) -> str:
 
 
 def why_infeasible(model: PipelineModel, nodes: list[Node]) -> str:
-    """The first memory constraint that fails, with the shortfall, and the largest context that would fit."""
-    have = max(usable_bytes(v) for v in nodes)
+    """The first memory constraint that fails, with the shortfall, and the largest context that would fit (priced
+    at the largest node's search precision, `formats.search_precision`)."""
+    tail = context_tail(model, nodes)
+    big = max(nodes, key=usable_bytes)
+    model = model.at(search_precision(model, big))
+    have = usable_bytes(big)
     n = model.n
     runtime = any(model.block_kv) or any(model.block_act)  # metadata written before run-time memory: weights only
     at = f" at batch {model.batch_size} and context {model.context_length:,}" if runtime else ""
-    tail = context_tail(model, nodes)
     for i in range(n):
         b = model.prefix_mem[i + 1] - model.prefix_mem[i] + model.block_act[i]
         if b > have:

@@ -7,16 +7,26 @@ With a tied LM head and more than one stage, the last stage also holds a replica
 Workload: ``B`` sequences (``batch_size``) of up to ``C`` tokens of context (``context_length``), prefilled ``S``
 tokens per forward pass (the metadata's ``sequence_length``; its compute is priced for ``B·S`` tokens).
 
-Memory of a stage (bytes) = weights + KV cache + activations, which must fit ``memory - reserve`` of its node:
+Memory of a stage (bytes) = weights + KV cache + activations, which must fit ``memory - reserve`` of its node, all
+at the precision the node runs the stage in (`williw.precision.Precision`; this module is the one home of the rule,
+`PipelineModel.at` prices a model at a precision and every search, bound, check and report reads it from there):
+  * weights: a tensor the quantizer converts (`williw.metadata.LayerMeta.quantizable`) takes
+    `williw.precision.linear_weight_bytes` in the stage's format; every other tensor stored in a float dtype takes
+    ``numel × DTYPE_BYTES[dtype]`` of the compute dtype (the stage casts it); tensors stored in other dtypes
+    (integers, packed quantized weights, FP8) stay as stored (`tensor_bytes`);
   * KV cache: ``Σ_blocks B · (kv_bytes_per_token · min(C, window) + state_bytes)`` (`williw.memory`);
   * activations: the largest transient of one of its blocks at ``B·S`` tokens (blocks run one after the other, so
-    transients do not add up), and on the last stage the logits, ``B·S·vocab·e`` bytes.
+    transients do not add up), and on the last stage the logits, ``B·S·vocab·e`` bytes;
+  * KV cache and activations are at the compute dtype: the metadata's figures (at its ``compute_dtype``) times
+    ``DTYPE_BYTES[dtype] / element_bytes``; metadata that names no ``compute_dtype`` keeps them as written.
+Without a precision (`pipeline_model`'s default) a model is priced as the metadata writes it: bytes as stored.
 
 Costs (seconds) of a stage on a node:
   * prefill: ``GFLOPs / (TFLOPS · 1000)`` — compute-bound, one forward pass over ``B·S`` tokens;
-  * decode: ``bytes / (GB/s · 1e9)`` with bytes = weights + KV cache — one token reads every weight of the
-    stage and its whole cache once, so it is memory-bandwidth-bound (the roofline argument: a matrix-vector
-    product does 2 FLOPs per 2-byte weight, far below the ~150 FLOPs/byte an A100 needs to be compute-bound);
+  * decode: ``bytes / (GB/s · 1e9)`` with bytes = weights + KV cache at the stage's precision — one token reads
+    every weight of the stage and its whole cache once, so it is memory-bandwidth-bound (the roofline argument: a
+    matrix-vector product does 2 FLOPs per 2-byte weight, far below the ~150 FLOPs/byte an A100 needs to be
+    compute-bound);
   * plus the stage's transfers, each ``latency_ms / 1000 + bytes / (network_gbps · 1e9)`` on the node's own link:
     receiving its input and sending its output. Between stages the hidden state travels, ``B·S·hidden·e`` bytes
     for prefill and ``B·hidden·e`` per decoded token; the first stage receives token ids from the client and the
@@ -34,13 +44,16 @@ sum of the stages' decode costs (one request's time per token: the cost model of
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Any
 
 from williw.fleet import GB, TFLOPS_IN_GFLOPS, Link, Node
 from williw.memory import BlockMemory
-from williw.metadata import ModelMetadata
+from williw.metadata import LayerMeta, ModelMetadata
+from williw.precision import DTYPE_BYTES, Precision, linear_weight_bytes
 
 OBJECTIVES = ("prefill", "decode", "latency")
 TOKEN_ID_BYTES = 8  # int64 token ids between the client and the first and last stage
@@ -76,10 +89,23 @@ class PipelineModel:
     act_table: tuple[tuple[int, ...], ...] = ()  # sparse table of range maxima over block_act
     block_runtime: tuple[BlockMemory, ...] = ()  # per block: KV per token, window, state, activation per token
     prefill_tokens: int = 0  # S: tokens per sequence of one forward pass
+    precision: Precision | None = None  # what the bytes are priced at; None: as the metadata writes them
+    meta: ModelMetadata | None = dataclasses.field(default=None, compare=False, repr=False)
+    # `at`'s models, by (precision, batch, context); shared by the copies `dataclasses.replace` makes of this one
+    priced: dict[Any, PipelineModel] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n(self) -> int:
         return len(self.block_index)
+
+    def at(self, precision: Precision | None) -> PipelineModel:
+        """The same model and workload priced at ``precision`` (None: as the metadata writes it)."""
+        if precision == self.precision or self.meta is None:
+            return self
+        key = (precision, self.batch_size, self.context_length)
+        if key not in self.priced:
+            self.priced[key] = pipeline_model(self.meta, self.batch_size, self.context_length, precision)
+        return self.priced[key]
 
     def stage_compute(self, p: int, e: int) -> float:
         """GFLOPs of the stage ``[p, e)``, summed in model order (so the figure does not depend on the search)."""
@@ -139,14 +165,37 @@ class PipelineModel:
         return tuple(names), shared
 
 
-def pipeline_model(meta: ModelMetadata, batch_size: int | None = None,
-                   context_length: int | None = None) -> PipelineModel:
+_STORED_ELEMENT = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # float dtypes a stage casts to its compute dtype
+
+
+def tensor_bytes(x: LayerMeta, precision: Precision | None) -> int:
+    """Bytes of one tensor on a node that runs it at ``precision`` (None: as stored); see the module docstring."""
+    if precision is None:
+        return x.bytes
+    if x.quantizable and x.placement == "block" and precision.weights != "as-stored":  # the runtime converts blocks
+        return linear_weight_bytes(x.shape, precision.weights, precision.dtype)
+    stored = _STORED_ELEMENT.get(x.dtype)
+    return x.bytes if stored is None else x.bytes * DTYPE_BYTES[precision.dtype] // stored
+
+
+def _runtime_at(meta: ModelMetadata, r: BlockMemory, precision: Precision | None) -> BlockMemory:
+    """A block's KV, state and activation figures at the precision's compute dtype (as written without one)."""
+    if precision is None or meta.compute_dtype is None or DTYPE_BYTES[precision.dtype] == meta.element_bytes:
+        return r
+    d, e = DTYPE_BYTES[precision.dtype], meta.element_bytes
+    return BlockMemory(r.kv_bytes_per_token * d // e, r.kv_window, r.state_bytes * d // e,
+                       r.activation_bytes_per_token * d // e)
+
+
+def pipeline_model(meta: ModelMetadata, batch_size: int | None = None, context_length: int | None = None,
+                   precision: Precision | None = None) -> PipelineModel:
     """Group the metadata's tensors into first group, blocks and last group, for a workload.
 
     Args:
         meta: the model.
         batch_size: ``B`` (default: the metadata's).
         context_length: ``C`` tokens the KV cache holds per sequence (default: the metadata's sequence length).
+        precision: what a node runs it at (`williw.precision.Precision`); None: bytes as the metadata writes them.
     """
     b = batch_size or meta.batch_size
     ctx = context_length or meta.sequence_length
@@ -165,23 +214,32 @@ def pipeline_model(meta: ModelMetadata, batch_size: int | None = None,
         elif x.placement == "first":
             first.append(x.name)
             first_compute.append(x.compute_required)
-            first_bytes += x.bytes
+            first_bytes += tensor_bytes(x, precision)
         else:
             last.append(x.name)
             last_compute.append(x.compute_required)
-            last_bytes += x.bytes
+            last_bytes += tensor_bytes(x, precision)
             vocab = max(vocab, x.shape[0] if x.layer_type == "lm_head" and x.shape else 0)
     tied = meta.tied_lm_head
     if tied:
         last_compute.append(tied.compute_required)
         vocab = max(vocab, next(x.shape[0] for x in meta.layers if x.name == tied.tensor))
     compute = tuple(x.compute for x in blocks)
-    nbytes = tuple(x.bytes for x in blocks)
-    runtime = tuple(BlockMemory(x.kv_bytes_per_token, x.kv_window, x.state_bytes, x.activation_bytes_per_token)
-                    for x in blocks)
+    if precision is None:
+        nbytes = tuple(x.bytes for x in blocks)
+    else:
+        sizes = [0] * len(blocks)
+        for x in meta.layers:
+            if x.placement == "block" and x.block in position:
+                sizes[position[x.block]] += tensor_bytes(x, precision)
+        nbytes = tuple(sizes)
+    runtime = tuple(_runtime_at(meta, BlockMemory(x.kv_bytes_per_token, x.kv_window, x.state_bytes,
+                                                  x.activation_bytes_per_token), precision) for x in blocks)
     kv = tuple(r.kv_bytes(b, ctx) for r in runtime)
     s, e, hidden = meta.sequence_length, meta.element_bytes, meta.hidden_size or 0
-    act = [b * s * x.activation_bytes_per_token for x in blocks]
+    # The logits are at the compute dtype; hidden states travel at the metadata's (the runtime casts on arrival).
+    e_out = DTYPE_BYTES[precision.dtype] if precision is not None and meta.compute_dtype is not None else e
+    act = [b * s * r.activation_bytes_per_token for r in runtime]
     table = [act]
     while 2 << (len(table) - 1) <= len(act):
         half = 1 << (len(table) - 1)
@@ -193,12 +251,21 @@ def pipeline_model(meta: ModelMetadata, batch_size: int | None = None,
         block_names=tuple(tuple(x) for x in block_names), first_names=tuple(first),
         first_compute=math.fsum(first_compute), first_bytes=first_bytes, last_names=tuple(last),
         last_compute=math.fsum(last_compute), last_bytes=last_bytes, replica=tied.tensor if tied else None,
-        replica_bytes=tied.bytes if tied else 0, tokens=meta.batch_size * meta.sequence_length,
+        replica_bytes=_replica_bytes(meta, precision), tokens=meta.batch_size * meta.sequence_length,
         batch_size=b, context_length=ctx, block_kv=kv,
         prefix_mem=tuple(accumulate((w + k for w, k in zip(nbytes, kv, strict=True)), initial=0)),
-        block_act=tuple(act), last_act=b * s * vocab * e if any(act) else 0,
+        block_act=tuple(act), last_act=b * s * vocab * e_out if any(act) else 0,
         hop_bytes=(b * s * hidden * e, b * hidden * e), token_bytes=(b * s * TOKEN_ID_BYTES, b * TOKEN_ID_BYTES),
-        act_table=tuple(tuple(r) for r in table), block_runtime=runtime, prefill_tokens=s)
+        act_table=tuple(tuple(r) for r in table), block_runtime=runtime, prefill_tokens=s, precision=precision,
+        meta=meta)
+
+
+def _replica_bytes(meta: ModelMetadata, precision: Precision | None) -> int:
+    tied = meta.tied_lm_head
+    if tied is None:
+        return 0
+    table = next(x for x in meta.layers if x.name == tied.tensor)
+    return tensor_bytes(dataclasses.replace(table, bytes=tied.bytes), precision)
 
 
 def usable_bytes(node: Node) -> int:

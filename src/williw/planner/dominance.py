@@ -3,7 +3,7 @@ dominate (at least as fast, as much memory, as good a link) can be swapped out o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 from williw.fleet import Node
 from williw.planner.costs import usable_bytes
@@ -11,12 +11,20 @@ from williw.planner.costs import usable_bytes
 DOMINANCE_BUDGET = 3_000_000  # node comparisons `dominated` may make when nodes differ in their links (~1 s)
 
 
-def dominated(nodes: Sequence[Node], limit: int, objective: str) -> list[int]:
+def dominated(nodes: Sequence[Node], limit: int, objective: str,
+              key: Callable[[Node], Hashable] | None = None) -> list[int]:
     """Indices of nodes that at least ``limit`` others weakly dominate in (rate, usable memory, and link: latency
     and 1 / network_gbps, when nodes differ in them); ties are broken by list order, so of identical nodes the
-    earlier ones count as dominating the later ones."""
+    earlier ones count as dominating the later ones. With ``key`` (the precisions a node accepts), only nodes of
+    the same key compare: their bytes are alike, others' may be fewer."""
     if limit <= 0 or len(nodes) <= limit:
         return []
+    if key is not None:
+        groups: dict[Hashable, list[int]] = {}
+        for i, v in enumerate(nodes):
+            groups.setdefault(key(v), []).append(i)
+        if len(groups) > 1:
+            return sorted(g[j] for g in groups.values() for j in dominated([nodes[i] for i in g], limit, objective))
 
     def rate(v: Node) -> float:
         return (v.memory_bandwidth_gbps or 0.0) if objective != "prefill" else v.compute_tflops

@@ -10,7 +10,8 @@ the strong nodes; 3. keep every node's total compute under its available compute
   ``compute_required`` is the GFLOPs of one forward pass and TFLOPS is FLOPs per second;
 * ``compute_utilization`` = the node's ``total_compute`` / its capacity (0-1), the seed's "算力利用率".
 
-The seed looks at compute only; memory is checked afterwards and a plan that overflows a node is refused.
+The seed looks at compute only; memory is checked afterwards and a plan that overflows a node is refused, each
+tensor priced at the node's compute dtype as stored (`williw.planner.costs.tensor_bytes`; greedy quantizes nothing).
 ``total_compute`` is the seed's sum over the node's tensors. To compare bottlenecks with ``pipeline``,
 ``stage_time_s`` also counts work that belongs to no tensor: each block's attention core goes to the node holding
 the block's largest attention tensor (by compute, then model order), and a tied head's compute to the node holding
@@ -26,8 +27,10 @@ from collections.abc import Sequence
 from williw.errors import InfeasiblePlan
 from williw.fleet import TFLOPS_IN_GFLOPS, Node
 from williw.metadata import ModelMetadata
-from williw.planner.costs import decode_time, prefill_time
+from williw.planner.costs import decode_time, prefill_time, tensor_bytes
+from williw.planner.formats import node_device, node_dtype
 from williw.planner.plan import ExcludedNode, NodeAssignment, Plan
+from williw.precision import Precision
 from williw.units import format_gflops
 
 
@@ -58,7 +61,7 @@ def greedy_plan(meta: ModelMetadata, nodes: Sequence[Node], objective: str = "pr
             if used[j] + x.compute_required <= capacity[j]:
                 used[j] += x.compute_required
                 names[j].append(x.name)
-                nbytes[j] += x.bytes
+                nbytes[j] += tensor_bytes(x, Precision(node_dtype(order[j])))
                 owner[x.name] = j
                 break
         else:
@@ -89,7 +92,8 @@ def greedy_plan(meta: ModelMetadata, nodes: Sequence[Node], objective: str = "pr
         assignments.append(NodeAssignment(
             node_id=v.node_id, layer_names=tuple(names[j]), total_compute=used[j],
             compute_utilization=used[j] / capacity[j], bytes=nbytes[j],
-            stage_time_s=prefill_time(math.fsum(extra[j]), v), decode_time_s=decode_time(nbytes[j], v)))
+            stage_time_s=prefill_time(math.fsum(extra[j]), v), decode_time_s=decode_time(nbytes[j], v),
+            dtype=node_dtype(v), weights="as-stored", device=node_device(v)))
     prefill = max(a.stage_time_s for a in assignments)  # type: ignore[type-var]
     decodes = [a.decode_time_s for a in assignments]
     decode = max(decodes) if all(d is not None for d in decodes) else None  # type: ignore[type-var]

@@ -79,10 +79,10 @@ class LinkCosts:
         return self.last_out[v] if x < 0 else self.send(v, x)
 
     def cost(self, v: int, p: int, e: int, last: bool, tin: float, tout: float) -> float:
-        return self.c.amount(p, e, last) / self.c.rate[v] + tin + tout
+        return self.c.amount(p, e, last, v) / self.c.rate[v] + tin + tout
 
     def fits(self, v: int, p: int, e: int, last: bool, tin: float, tout: float, t: float) -> bool:
-        return self.c.nbytes(p, e, last) <= self.c.mem[v] and self.cost(v, p, e, last, tin, tout) <= t
+        return self.c.nbytes(p, e, last, v) <= self.c.mem[v] and self.cost(v, p, e, last, tin, tout) <= t
 
     def ext(self, v: int, p: int, tin: float, tout: float, t: float) -> int:
         """The end of the longest non-final run from ``p`` that fits ``v`` under ``t`` with these transfers (``p``
@@ -92,9 +92,9 @@ class LinkCosts:
         top = self.mem_top(v, p)
         if t == float("inf"):
             return top
-        rate, prefix = c.rate[v], c.prefix
+        rate, prefix = c.rate[v], c.pre[v]
         cap = (t - (tin + tout)) * rate  # an estimate; the exact predicate below decides
-        first = c.amount(0, 0, False) if p == 0 else 0
+        first = c.amount(0, 0, False, v) if p == 0 else 0
         base = prefix[p]
         e = max(p, min(top, bisect_right(prefix, base - first + cap) - 1))
         # `cost` inlined (the same operations, so the same doubles): amount = prefix[e] - prefix[p] + first.
@@ -129,9 +129,9 @@ class LinkCosts:
         memory = 1 << (n - 1)
         singles = []
         for s in range(1, n - 1):
-            if c.nbytes(s, s + 1, False) > c.mem[v]:
+            if c.nbytes(s, s + 1, False, v) > c.mem[v]:
                 memory |= 1 << s
-            singles.append((c.amount(s, s + 1, False) / c.rate[v], s))
+            singles.append((c.amount(s, s + 1, False, v) / c.rate[v], s))
         singles.sort()
         suffix = [0] * (len(singles) + 1)  # suffix[i]: the bits of singles[i:]
         for i in range(len(singles) - 1, -1, -1):
@@ -156,7 +156,7 @@ class LinkCosts:
         c, n = self.c, self.m.n
         out = set()
         for v in range(self.k):
-            rate = c.rate[v]
+            rate, prefix = c.rate[v], c.pre[v]
             ins = sorted({self.own[v], *(self.recv(u, v) for u in self.neighbours[v])})  # a superset is harmless
             outs = sorted({self.own[v], *(self.send(v, x) for x in self.neighbours[v])})
             for p in range(n):
@@ -164,11 +164,11 @@ class LinkCosts:
                     t = self.cost(v, p, n, True, tin, self.last_out[v])
                     if lo < t <= hi:
                         out.add(t)
-                    base = c.prefix[p] - (c.amount(0, 0, False) if p == 0 else 0)
+                    base = prefix[p] - (c.amount(0, 0, False, v) if p == 0 else 0)
                     for tout in outs:
                         hop = tin + tout  # a non-final stage: amount = (cost - hop) · rate
-                        a = max(p + 1, bisect_right(c.prefix, base + (lo - hop) * rate) - 2)
-                        b = min(n - 1, bisect_right(c.prefix, base + (hi - hop) * rate) + 1)
+                        a = max(p + 1, bisect_right(prefix, base + (lo - hop) * rate) - 2)
+                        b = min(n - 1, bisect_right(prefix, base + (hi - hop) * rate) + 1)
                         for e in range(a, b + 1):
                             t = self.cost(v, p, e, False, tin, tout)
                             if lo < t <= hi:

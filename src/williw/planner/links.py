@@ -218,12 +218,12 @@ def _latency(lc: LinkCosts, space: _Space, deadline: float | None = None) -> tup
             if d >= best[0]:
                 continue
             rate = c.rate[x]
-            if c.nbytes(f, n, True) <= c.mem[x]:
-                total = d + c.amount(f, n, True) / rate + lc.last_out[x]
+            if c.nbytes(f, n, True, x) <= c.mem[x]:
+                total = d + c.amount(f, n, True, x) / rate + lc.last_out[x]
                 if total < best[0]:
                     best = (total, key)
             for g in range(f + 1, c.ext(x, f, INF) + 1):
-                r = d + c.amount(f, g, False) / rate
+                r = d + c.amount(f, g, False, x) / rate
                 old = ran[level].get((s, x, g))
                 if r < best[0] and (old is None or r < old[0]):
                     ran[level][s, x, g] = (r, key)

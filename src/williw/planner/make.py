@@ -30,6 +30,7 @@ from williw.planner.branch import any_plan, certify
 from williw.planner.capacity import capacity, context_tail, short, why_infeasible
 from williw.planner.costs import OBJECTIVES, PipelineModel, pipeline_model, stage_times, stage_transfers, usable_bytes
 from williw.planner.dominance import dominated
+from williw.planner.formats import choose, node_device, node_models, precisions, search_precision
 from williw.planner.greedy import _tokens_per_s, greedy_plan
 from williw.planner.latency import EXACT_MAX_NODES as LATENCY_EXACT_MAX_NODES
 from williw.planner.latency import search_latency
@@ -114,21 +115,27 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
         nodes = [v for v in nodes if v.memory_bandwidth_gbps is not None]
         if not nodes:
             raise InfeasiblePlan(f"--objective {objective} needs memory_bandwidth_gbps, and no node gives it")
-    smallest = min((model.prefix_mem[i + 1] - model.prefix_mem[i] + model.block_act[i] for i in range(model.n)),
-                   default=0)
-    small = [v for v in nodes if usable_bytes(v) < smallest]
-    excluded += [ExcludedNode(v.node_id, f"cannot hold a single block: the smallest needs {format_bytes(smallest)}, "
-                                         f"it has {format_bytes(usable_bytes(v))}") for v in small]
-    usable = [v for v in nodes if usable_bytes(v) >= smallest]
+    # The smallest block at each node's search precision (its fewest bytes: `formats.search_precision`).
+    need = {}
+    for v in nodes:
+        m = model.at(search_precision(model, v))
+        need[v.node_id] = min((m.prefix_mem[i + 1] - m.prefix_mem[i] + m.block_act[i] for i in range(m.n)),
+                              default=0)
+    small = [v for v in nodes if usable_bytes(v) < need[v.node_id]]
+    excluded += [ExcludedNode(v.node_id, f"cannot hold a single block: the smallest needs "
+                                         f"{format_bytes(need[v.node_id])}, it has {format_bytes(usable_bytes(v))}")
+                 for v in small]
+    usable = [v for v in nodes if usable_bytes(v) >= need[v.node_id]]
     if not usable:
         at = f" at batch {model.batch_size} and context {model.context_length:,}" if any(model.block_kv) else ""
+        smallest = need[max(nodes, key=usable_bytes).node_id]
         raise InfeasiblePlan("no node can hold a single block: " + short("the smallest block", smallest, nodes, at)
                              + context_tail(model, nodes))
     if model.n == 0:
         return _single(meta, model, usable, objective, excluded)
     linked = {a for a, _ in table}
     free = [i for i, v in enumerate(usable) if v.node_id not in linked]
-    drop = {free[i] for i in dominated([usable[i] for i in free], model.n, objective)}
+    drop = {free[i] for i in dominated([usable[i] for i in free], model.n, objective, key=precisions)}
     excluded += [ExcludedNode(usable[i].node_id, f"at least {model.n} other nodes are as fast with as much "
                                                  f"memory, and the model has only {model.n} blocks")
                  for i in sorted(drop)]
@@ -142,7 +149,7 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
     # broken alike, and the result is never worse than it priced with the links.
     pool = candidates
     if table and not exact_links:
-        plain = set(dominated(usable, model.n, objective))
+        plain = set(dominated(usable, model.n, objective, key=precisions))
         pool = [v for i, v in enumerate(usable) if i not in plain]
     if exact_links:
         found = search_links(model, candidates, objective, table)
@@ -150,6 +157,8 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
         found = search_latency(model, pool, start + time_limit_s) if objective == "latency" else \
             search(model, pool, objective, deadline=start + time_limit_s * HEURISTIC_SHARE)
     lower = lower_bound(model, pool, objective)
+    # Exact over every choice of formats only when each node's search format has the fewest bytes block by block.
+    formats_exact = node_models(model, candidates).exact
     exact = found is not None and found.exact
     stages = found.stages if found is not None else None
     if stages is None and objective == "latency" and len(pool) > LATENCY_EXACT_MAX_NODES and not exact_links:
@@ -177,6 +186,7 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
         stages, exact, lower = seeded.stages if seeded else seed, False, lower_bound(model, candidates, objective)
     if stages is None:
         raise InfeasiblePlan(why_infeasible(model, candidates))
+    exact = exact and formats_exact
     plan_nodes = [candidates[s.node] for s in stages]
     plan = _assemble(meta, model, stages, plan_nodes, objective, exact, lower, excluded, table)
     if exact:  # the optimum is the tightest lower bound there is
@@ -199,17 +209,27 @@ def _pipeline(meta: ModelMetadata, model: PipelineModel, nodes: list[Node], obje
 def _assemble(meta: ModelMetadata, model: PipelineModel, stages: Sequence[Stage], plan_nodes: list[Node],
               objective: str, exact: bool | None, lower: float, excluded: list[ExcludedNode],
               table: dict[tuple[str, str], Link] | None = None) -> Plan:
+    hops = [(table.get((plan_nodes[j - 1].node_id, v.node_id)) if table and j > 0 else None,
+             table.get((v.node_id, plan_nodes[j + 1].node_id)) if table and j + 1 < len(stages) else None)
+            for j, v in enumerate(plan_nodes)]
+    # Each stage at the highest precision its node accepts that keeps the searched plan's figures (`formats`).
+    searched = [stage_times(model.at(search_precision(model, v)), s.start, s.end, v, *hops[j])
+                for j, (s, v) in enumerate(zip(stages, plan_nodes, strict=True))]
+    own = [pre if objective == "prefill" else dec for pre, dec in searched]
+    limit = max(own) if objective != "latency" else 0.0  # type: ignore[type-var]
+    chosen = [choose(model, v, s.start, s.end, objective, own[j] if objective == "latency" else limit, hops[j])
+              for j, (s, v) in enumerate(zip(stages, plan_nodes, strict=True))]
+    models = [m for _, m in chosen]
     rows = []
     transfers = []
     for j, (s, v) in enumerate(zip(stages, plan_nodes, strict=True)):
-        names, shared = model.stage_names(s.start, s.end)
-        gflops = model.stage_compute(s.start, s.end)
-        nbytes = model.stage_bytes(s.start, s.end)
-        blocks = (model.block_index[s.start], model.block_index[s.end - 1] + 1) if s.end > s.start else (0, 0)
-        hops = (table.get((plan_nodes[j - 1].node_id, v.node_id)) if table and j > 0 else None,
-                table.get((v.node_id, plan_nodes[j + 1].node_id)) if table and j + 1 < len(stages) else None)
-        rows.append((v, names, shared, gflops, nbytes, blocks, *stage_times(model, s.start, s.end, v, *hops)))
-        pre, dec = stage_transfers(model, s.start, s.end, v, *hops)
+        m = models[j]
+        names, shared = m.stage_names(s.start, s.end)
+        gflops = m.stage_compute(s.start, s.end)
+        nbytes = m.stage_bytes(s.start, s.end)
+        blocks = (m.block_index[s.start], m.block_index[s.end - 1] + 1) if s.end > s.start else (0, 0)
+        rows.append((v, names, shared, gflops, nbytes, blocks, *stage_times(m, s.start, s.end, v, *hops[j])))
+        pre, dec = stage_transfers(m, s.start, s.end, v, *hops[j])
         transfers.append({"node_id": v.node_id, "prefill": list(pre), "decode": list(dec)})
     prefill = max(r[6] for r in rows)
     decodes = [r[7] for r in rows]
@@ -219,15 +239,16 @@ def _assemble(meta: ModelMetadata, model: PipelineModel, stages: Sequence[Stage]
     assignments = []
     for j, (v, names, shared, gflops, nbytes, blocks, t_pre, t_dec) in enumerate(rows):
         t = t_pre if objective == "prefill" else t_dec
-        s = stages[j]
-        kv, act = model.stage_kv(s.start, s.end), model.stage_activation(s.start, s.end)
+        s, m, precision = stages[j], models[j], chosen[j][0]
+        kv, act = m.stage_kv(s.start, s.end), m.stage_activation(s.start, s.end)
         assignments.append(NodeAssignment(
             node_id=v.node_id, layer_names=names, total_compute=gflops,
             compute_utilization=(t / bottleneck) if bottleneck else 1.0, bytes=nbytes, stage=j, blocks=blocks,
             stage_time_s=t_pre, decode_time_s=t_dec, shared_tensors=shared, kv_bytes=kv, activation_bytes=act,
-            headroom_bytes=usable_bytes(v) - nbytes - kv - act))
+            headroom_bytes=usable_bytes(v) - nbytes - kv - act, dtype=precision.dtype, weights=precision.weights,
+            device=node_device(v)))
     gap = (bottleneck / lower - 1.0) if bottleneck and lower else None
-    room = capacity(model, stages, plan_nodes)
+    room = capacity(models, stages, plan_nodes)
     return Plan(strategy="pipeline", assignments=tuple(assignments), model_name=meta.model_name,
                 objective=objective, bottleneck_s=bottleneck, prefill_bottleneck_s=prefill,
                 decode_bottleneck_s=decode, latency_s=math.fsum(r[6] for r in rows),
@@ -241,13 +262,14 @@ def _assemble(meta: ModelMetadata, model: PipelineModel, stages: Sequence[Stage]
 def _single(meta: ModelMetadata, model: PipelineModel, usable: list[Node], objective: str,
             excluded: list[ExcludedNode]) -> Plan:
     """A model without blocks: one node holds everything; the fastest that fits."""
-    need = model.stage_memory(0, 0)
-    fit = [v for v in usable if usable_bytes(v) >= need]
+    need = {v.node_id: model.at(search_precision(model, v)).stage_memory(0, 0) for v in usable}
+    fit = [v for v in usable if usable_bytes(v) >= need[v.node_id]]
     if not fit:
-        raise InfeasiblePlan(short("the model", need, usable, " on one node (it has no blocks to split)"))
+        big = max(usable, key=usable_bytes)
+        raise InfeasiblePlan(short("the model", need[big.node_id], usable, " on one node (it has no blocks to split)"))
 
     def key(v: Node) -> float:
-        pre, dec = stage_times(model, 0, 0, v)
+        pre, dec = stage_times(model.at(search_precision(model, v)), 0, 0, v)
         return pre if objective == "prefill" else dec  # type: ignore[return-value]
 
     best = min(fit, key=key)

@@ -33,6 +33,7 @@ from itertools import islice
 
 from williw.fleet import GB, TFLOPS_IN_GFLOPS, Node
 from williw.planner.costs import PipelineModel, transfer_time, usable_bytes
+from williw.planner.formats import Precisions, node_models, relax
 
 # 2^12 subsets · 12 nodes · up to 64 threshold rounds: ~0.3 s in CPython, measured in bench/planner.py.
 EXACT_MAX_NODES = 12
@@ -65,11 +66,13 @@ class _Costs:
     """Stage fitting for one model, one candidate list and one objective (``latency`` prices as ``decode``).
 
     Every figure is the one of `williw.planner.costs`: memory = weights + KV cache + activations against
-    ``memory - reserve``; cost = amount / rate + the stage's two transfers.
+    ``memory - reserve``; cost = amount / rate + the stage's two transfers. Bytes are node ``v``'s at its search
+    precision (`formats.node_models`: ``ms[v]``). Without a node, ``amount``, ``nbytes`` and ``prefix`` are the
+    least over the nodes (exact when all share one precision, ``uniform``); ``relaxed`` is the relaxation the
+    bounds run on (`formats.relax`; ``self`` when all share one precision).
     """
 
     def __init__(self, model: PipelineModel, nodes: Sequence[Node], objective: str) -> None:
-        self.m = model
         self.nodes = nodes
         self.decode = objective != "prefill"
         self.mem = [usable_bytes(v) for v in nodes]
@@ -78,48 +81,69 @@ class _Costs:
             self.rate = [v.memory_bandwidth_gbps * GB for v in nodes]  # type: ignore[operator]
         else:
             self.rate = [v.compute_tflops * TFLOPS_IN_GFLOPS for v in nodes]
+        found = node_models(model, nodes) if nodes else Precisions((), True, True, ())
+        self.ms = list(found.models)
+        self.uniform, self.exact_formats = found.uniform, found.exact
+        if found.uniform and found.exact:
+            self._setup(self.ms[0] if nodes else model)
+            self.relaxed = self
+        else:
+            env, mem, rate = relax(found, self.mem, self.rate, self.decode)
+            self._setup(env)
+            self.relaxed = _Costs.__new__(_Costs)
+            r = self.relaxed
+            r.nodes, r.decode, r.mem, r.rate, r.ms = nodes, self.decode, mem, rate, [env] * len(nodes)
+            r.uniform = r.exact_formats = True
+            r._setup(env)
+            r.relaxed = r
+
+    def _setup(self, m: PipelineModel) -> None:
+        """``m`` the model without a node (the least over the nodes); ``ms`` already set."""
+        self.m = m
+        self.pre = [x.prefix_mem if self.decode else x.prefix_compute for x in self.ms]
         i = 1 if self.decode else 0
-        hop, tok = model.hop_bytes[i], model.token_bytes[i]
+        hop, tok = m.hop_bytes[i], m.token_bytes[i]
         # Per node: the transfers of a stage (received + sent) that starts at block 0 or later, and ends before
         # the last block or with it.
-        self.t_in = [(transfer_time(tok, v), transfer_time(hop, v)) for v in nodes]
-        self.t_out = [(transfer_time(hop, v), transfer_time(tok, v)) for v in nodes]
-        self.prefix = model.prefix_mem if self.decode else model.prefix_compute
+        self.t_in = [(transfer_time(tok, v), transfer_time(hop, v)) for v in self.nodes]
+        self.t_out = [(transfer_time(hop, v), transfer_time(tok, v)) for v in self.nodes]
+        self.prefix = m.prefix_mem if self.decode else m.prefix_compute
 
     def hop(self, v: int, p: int, last: bool) -> float:
         return self.t_in[v][p > 0] + self.t_out[v][last]
 
-    def amount(self, p: int, e: int, last: bool) -> float:
-        m = self.m
+    def amount(self, p: int, e: int, last: bool, v: int | None = None) -> float:
+        m = self.m if v is None else self.ms[v]
         if self.decode:
             b = m.prefix_mem[e] - m.prefix_mem[p] + (m.first_bytes if p == 0 else 0)
             return b + (m.last_bytes + (m.replica_bytes if p > 0 else 0) if last else 0)
         c = m.prefix_compute[e] - m.prefix_compute[p] + (m.first_compute if p == 0 else 0.0)
         return c + (m.last_compute if last else 0.0)
 
-    def nbytes(self, p: int, e: int, last: bool) -> int:
-        m = self.m
+    def nbytes(self, p: int, e: int, last: bool, v: int | None = None) -> int:
+        m = self.m if v is None else self.ms[v]
         b = m.prefix_mem[e] - m.prefix_mem[p] + (m.first_bytes if p == 0 else 0)
         b += m.stage_activation(p, e, last)
         return b + (m.last_bytes + (m.replica_bytes if p > 0 else 0) if last else 0)
 
     def cost(self, v: int, p: int, e: int, last: bool) -> float:
         # Summed in the order of `costs.stage_times`, so the plan reports exactly the value searched for.
-        return self.amount(p, e, last) / self.rate[v] + self.t_in[v][p > 0] + self.t_out[v][last]
+        return self.amount(p, e, last, v) / self.rate[v] + self.t_in[v][p > 0] + self.t_out[v][last]
 
     def fits(self, v: int, p: int, e: int, last: bool, t: float) -> bool:
-        return self.nbytes(p, e, last) <= self.mem[v] and self.cost(v, p, e, last) <= t
+        return self.nbytes(p, e, last, v) <= self.mem[v] and self.cost(v, p, e, last) <= t
 
     def ext(self, v: int, p: int, t: float) -> int:
         """The end of the longest non-final run from ``p`` that fits ``v`` under ``t`` (``p`` if none)."""
-        m = self.m
+        m = self.ms[v]
         top = m.n - 1
         first_b = m.first_bytes if p == 0 else 0
         e = min(top, bisect_right(m.prefix_mem, m.prefix_mem[p] + self.mem[v] - first_b) - 1)
         if t != float("inf"):
             cap = (t - self.hop(v, p, False)) * self.rate[v]  # an estimate; the exact predicate below decides
-            first = self.amount(0, 0, False) if p == 0 else 0
-            e = min(e, bisect_right(self.prefix, self.prefix[p] - first + cap) - 1)
+            first = self.amount(0, 0, False, v) if p == 0 else 0
+            prefix = self.pre[v]
+            e = min(e, bisect_right(prefix, prefix[p] - first + cap) - 1)
         e = max(e, p)
         while e < top and self.fits(v, p, e + 1, False, t):
             e += 1
@@ -129,6 +153,10 @@ class _Costs:
 
     def finish(self, v: int, p: int, t: float) -> bool:
         return self.fits(v, p, self.m.n, True, t)
+
+    def same_bytes(self, u: int, v: int) -> bool:
+        """Whether ``u`` and ``v`` price every stage alike (the same precision)."""
+        return self.ms[u] is self.ms[v]
 
     def candidates(self, lo: float, hi: float) -> list[float]:
         return _candidates(self, lo, hi)
@@ -187,13 +215,13 @@ def _ordered_feasible(c: _Costs, t: float, order: Sequence[int], least: float = 
     n = c.m.n
     p = 0
     stages: list[Stage] = []
-    m = c.m
     for v in order:
         room = t * c.rate[v] * (1 + 1e-9)
         if room < least:
             continue
         # Finishing needs the rest's amount and bytes: two subtractions rule out most nodes before `finish`.
-        if room >= c.amount(p, n, True) and c.mem[v] >= m.prefix_mem[n] - m.prefix_mem[p] and c.finish(v, p, t):
+        mv = c.ms[v]
+        if room >= c.amount(p, n, True, v) and c.mem[v] >= mv.prefix_mem[n] - mv.prefix_mem[p] and c.finish(v, p, t):
             stages.append(Stage(v, p, n))
             return tuple(stages)
         e = c.ext(v, p, t)
@@ -208,14 +236,13 @@ def _candidates(c: _Costs, lo: float, hi: float) -> list[float]:
     m = c.m
     n = m.n
     out = set()
-    prefix = c.prefix
     for v in range(len(c.nodes)):
-        rate = c.rate[v]
+        rate, prefix = c.rate[v], c.pre[v]
         for p in range(n):
             t = c.cost(v, p, n, True)
             if lo < t <= hi:
                 out.add(t)
-            base = prefix[p] - (c.amount(0, 0, False) if p == 0 else 0)  # the first group counts on stage 0
+            base = prefix[p] - (c.amount(0, 0, False, v) if p == 0 else 0)  # the first group counts on stage 0
             hop = c.hop(v, p, False)  # a non-final stage's transfers: amount = (cost - hop) · rate
             a = max(p + 1, bisect_right(prefix, base + (lo - hop) * rate) - 2)
             b = min(n - 1, bisect_right(prefix, base + (hi - hop) * rate) + 1)
@@ -277,18 +304,22 @@ def lower_bound(model: PipelineModel, nodes: Sequence[Node], objective: str) -> 
     ``T >= w_min / r_j`` (``r_j`` the j-th largest rate), and all the work runs at the used nodes' summed rate, at
     most the ``j`` largest rates' sum ``R_j``: ``T >= W / R_j``. So ``T >= min_j max(W / R_j, w_min / r_j)``; and
     ``T >= w_max / r_1`` for the heaviest block. With ``j`` = all nodes this is ``total / Σ rate``. Transfers
-    and activations are left out: they only add to every stage, so the bound stays below every plan.
+    and activations are left out: they only add to every stage, so the bound stays below every plan. Nodes of
+    different precisions: on the relaxation (`formats.relax`), whose bytes and rates no plan beats.
     """
+    if objective != "prefill":
+        nodes = [v for v in nodes if v.memory_bandwidth_gbps]
     if not nodes or model.n == 0:
         return 0.0
+    c = _Costs(model, nodes, objective).relaxed
+    m = c.m
+    rates = sorted(c.rate, reverse=True)
     if objective != "prefill":
-        rates = sorted((v.memory_bandwidth_gbps * GB for v in nodes if v.memory_bandwidth_gbps), reverse=True)
-        work = [float(w + k) for w, k in zip(model.block_bytes, model.block_kv, strict=True)]
-        total = float(model.prefix_mem[-1] + model.first_bytes + model.last_bytes)
+        work = [float(m.prefix_mem[i + 1] - m.prefix_mem[i]) for i in range(m.n)]
+        total = float(m.prefix_mem[-1] + m.first_bytes + m.last_bytes)
     else:
-        rates = sorted((v.compute_tflops * TFLOPS_IN_GFLOPS for v in nodes), reverse=True)
-        work = list(model.block_compute)
-        total = model.prefix_compute[-1] + model.first_compute + model.last_compute
+        work = list(m.block_compute)
+        total = m.prefix_compute[-1] + m.first_compute + m.last_compute
     if not rates:
         return 0.0
     best = float("inf")

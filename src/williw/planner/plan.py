@@ -2,7 +2,8 @@
 
 The JSON is the seed's map ``{node_id: {node_id, layer_names, total_compute, compute_utilization}}`` with more
 fields per node for pipeline plans (``stage``, ``blocks`` as half-open ``[start, end)`` block indices, ``bytes``,
-``stage_time_s``, ``decode_time_s``, ``shared_tensors``), plus one reserved key ``"@plan"`` for what belongs
+``stage_time_s``, ``decode_time_s``, ``shared_tensors``, and what the node runs its stage in: ``dtype``,
+``weights``, ``device``), plus one reserved key ``"@plan"`` for what belongs
 to the plan as a whole. ``@`` cannot occur in a node id, so the key never collides with a node and a reader
 that only looks up ``plan[node_id]`` keeps working.
 
@@ -16,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 from williw.errors import PlanError
 from williw.fsutil import read_json, write_json
 from williw.jsonio import INT64_MAX, has_nonfinite
+from williw.precision import DTYPES, WEIGHTS, Precision
 
 PLAN_KEY = "@plan"
 STRATEGIES = ("pipeline", "greedy")
@@ -32,6 +35,8 @@ MAX_NUMBER = 1e30
 _HEAD_NUMBERS = ("bottleneck_s", "prefill_bottleneck_s", "decode_bottleneck_s", "latency_s", "tokens_per_s",
                  "lower_bound_s")
 _RUNTIME = ("kv_bytes", "activation_bytes", "headroom_bytes")
+_PRECISION = ("dtype", "weights", "device")
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]{1,3})?|mps(:[0-9]{1,3})?")
 _HEAD_KNOWN = {"strategy", "model_name", "objective", *_HEAD_NUMBERS, "exact", "version", "stages", "excluded"}
 
 
@@ -52,6 +57,21 @@ class NodeAssignment:
     kv_bytes: int | None = None  # KV cache and state at the plan's batch and context
     activation_bytes: int | None = None  # the stage's largest transient
     headroom_bytes: int | None = None  # memory - reserve - bytes - kv - activations (negative: over)
+    # What the node runs its stage in (`williw.precision`): compute dtype, weight format, device. None: not recorded
+    # (plans written before them); `precision` and `run_device` then give float32, as-stored and cpu.
+    dtype: str | None = None
+    weights: str | None = None
+    device: str | None = None
+
+    @property
+    def precision(self) -> Precision:
+        """The stage's compute dtype and weight format (float32 and as-stored when the plan does not say)."""
+        return Precision(self.dtype or "float32", self.weights or "as-stored")
+
+    @property
+    def run_device(self) -> str:
+        """Where the stage runs (``cpu`` when the plan does not say)."""
+        return self.device or "cpu"
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
@@ -71,7 +91,7 @@ class NodeAssignment:
                 d[key] = getattr(self, key)
         if self.shared_tensors:
             d["shared_tensors"] = list(self.shared_tensors)
-        for key in _RUNTIME:
+        for key in (*_RUNTIME, *_PRECISION):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -181,7 +201,19 @@ def _assignment(key: str, value: Any, source: str) -> NodeAssignment:
                           compute_utilization=nums["compute_utilization"] or 0.0, bytes=int(nums["bytes"] or 0),
                           stage=stage, blocks=tuple(blocks) if blocks is not None else None,  # type: ignore[arg-type]
                           stage_time_s=nums["stage_time_s"], decode_time_s=nums["decode_time_s"],
-                          shared_tensors=tuple(shared), **{k: _runtime(value, k, where) for k in _RUNTIME})
+                          shared_tensors=tuple(shared), **{k: _runtime(value, k, where) for k in _RUNTIME},
+                          **_precision(value, where))
+
+
+def _precision(value: dict[str, Any], where: str) -> dict[str, str | None]:
+    out = {k: value.get(k) for k in _PRECISION}
+    for key, allowed in (("dtype", DTYPES), ("weights", WEIGHTS)):
+        if out[key] is not None and out[key] not in allowed:
+            raise PlanError(f"{where}: field '{key}' must be one of {', '.join(allowed)}, got {_short(out[key])}")
+    device = out["device"]
+    if device is not None and not (isinstance(device, str) and _DEVICE.fullmatch(device)):
+        raise PlanError(f"{where}: field 'device' must be cpu, cuda, cuda:N, mps or mps:N, got {_short(device)}")
+    return out
 
 
 def _runtime(value: dict[str, Any], key: str, where: str) -> int | None:

@@ -68,6 +68,7 @@ class Runs:
     """
 
     def __init__(self, c: _Costs, t: float, max_runs: int = MAX_RUNS) -> None:
+        c = c.relaxed  # nodes of different precisions: the relaxation (`formats.relax`), which no plan beats
         n = c.m.n
         k = len(c.nodes)
         top = t * (1 + SLACK)

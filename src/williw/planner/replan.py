@@ -42,6 +42,7 @@ from williw.errors import PlanError
 from williw.fleet import Node
 from williw.metadata import ModelMetadata
 from williw.planner.costs import OBJECTIVES, PipelineModel, pipeline_model, stage_times, usable_bytes
+from williw.planner.formats import search_precision
 from williw.planner.make import _assemble, make_plan
 from williw.planner.migrate import MigrationSchedule, bytes_to_move, check_step_bytes, holdings, migration_schedule
 from williw.planner.pipeline import Stage, _Costs, lower_bound
@@ -146,8 +147,8 @@ def replan(metadata: ModelMetadata, current_plan: Plan, nodes: Sequence[Node], m
     fresh_moved = bytes_to_move(metadata, held, fresh)
     model = pipeline_model(metadata, batch_size, context_length)
     # Every node make_plan could use (it also drops dominated nodes, but a dominated node may hold weights now).
-    smallest = min(model.block_bytes, default=0)
-    candidates = [v for v in nodes if v.memory_bytes >= smallest
+    candidates = [v for v in nodes
+                  if v.memory_bytes >= min(model.at(search_precision(model, v)).block_bytes, default=0)
                   and (objective == "prefill" or v.memory_bandwidth_gbps is not None)]
     usable = {v.node_id for v in candidates}
     search = _Search(metadata, model, candidates, objective, bound, held)
@@ -214,7 +215,7 @@ def _before(meta: ModelMetadata, model: PipelineModel, plan: Plan, nodes: Sequen
             p = e = 0
         else:
             p, e = position[a.blocks[0]], position[a.blocks[1] - 1] + 1
-        times.append(_time(model, fleet[a.node_id], p, e, objective))
+        times.append(_time(model.at(a.precision), fleet[a.node_id], p, e, objective))
     return math.fsum(times) if objective == "latency" else max(times)
 
 
@@ -230,6 +231,7 @@ class _Search:
     def __init__(self, meta: ModelMetadata, model: PipelineModel, nodes: Sequence[Node], objective: str,
                  bound: float, held: dict[str, frozenset[str]]) -> None:
         self.m, self.nodes, self.objective, self.bound = model, nodes, objective, bound
+        self.ms = [model.at(search_precision(model, v)) for v in nodes]  # each node's bytes (`formats`)
         size = {x.name: x.bytes for x in meta.layers}
         n = model.n
         self.pb = list(accumulate((sum(size[t] for t in model.block_names[i]) for i in range(n)), initial=0))
@@ -269,10 +271,10 @@ class _Search:
         key = (v, p)
         if key not in self._opts:
             out = []
-            node, n = self.nodes[v], self.m.n
+            node, n, m = self.nodes[v], self.m.n, self.ms[v]
             for e in range(p + 1, n + 1):
-                t = _time(self.m, node, p, e, self.objective)
-                if t > self.bound or self.m.stage_memory(p, e) > usable_bytes(node):
+                t = _time(m, node, p, e, self.objective)
+                if t > self.bound or m.stage_memory(p, e) > usable_bytes(node):
                     break  # time and bytes only grow with e
                 out.append((e, self.moved(v, p, e), t))
             self._opts[key] = out
@@ -281,9 +283,9 @@ class _Search:
     def run(self, fresh: Plan, fresh_moved: int, gaps: Sequence[float] = ()) -> tuple[tuple[Stage, ...], bool]:
         n = self.m.n
         if n == 0:  # no blocks: one node holds everything; the fewest bytes to pull among those fast enough
-            fits = [(self.moved(v, 0, 0), _time(self.m, self.nodes[v], 0, 0, self.objective), v)
-                    for v in range(len(self.nodes)) if self.m.stage_memory(0, 0) <= usable_bytes(self.nodes[v])
-                    and _time(self.m, self.nodes[v], 0, 0, self.objective) <= self.bound]
+            fits = [(self.moved(v, 0, 0), _time(self.ms[v], self.nodes[v], 0, 0, self.objective), v)
+                    for v in range(len(self.nodes)) if self.ms[v].stage_memory(0, 0) <= usable_bytes(self.nodes[v])
+                    and _time(self.ms[v], self.nodes[v], 0, 0, self.objective) <= self.bound]
             return (Stage(min(fits)[2], 0, 0),), True
         if (1 << len(self.nodes)) * (n + 1) <= EXACT_MAX_STATES:
             return self._exact(fresh_moved), True

@@ -85,7 +85,7 @@ def _path(r: Runs, c: _Costs, deadline: float) -> list[tuple[int, int]] | None:
     nx, m = len(r.runs), r.m
     lp = model(r)
     top = r.capacity[0]
-    waste = [max(0.0, r.capacity[reach - 1] - c.amount(p, e, e == r.n)) / top for p, e, reach in r.runs]
+    waste = [max(0.0, r.capacity[reach - 1] - c.relaxed.amount(p, e, e == r.n)) / top for p, e, reach in r.runs]
     lp.col_cost_ = np.concatenate([np.array(waste), np.zeros(m + 1)])
     lower = np.asarray(lp.col_lower_)  # highspy's arrays are copies: set them whole
     lower[nx + m] = 1.0  # the whole flow: one path, fractionally

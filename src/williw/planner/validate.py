@@ -1,10 +1,11 @@
 """Plan validation (the seed's ``validate_split_plan``), reporting every problem at once.
 
 Always: every tensor owned by exactly one node, no unknown names, no empty node. With ``nodes``: every plan node
-is in the fleet and holds no more bytes than its memory. With ``metadata`` and a ``pipeline`` plan: no block is
-split, each node's blocks are contiguous and in stage order, embeddings are on the first stage, the final norm and
-head on the last, a tied head's embedding is among the last stage's ``shared_tensors``, and the ``blocks`` and
-``stage`` fields say what the node really holds.
+is in the fleet and holds no more bytes than its memory, its tensors priced at the precision the plan records for
+it (`williw.planner.costs.tensor_bytes`: float32 and as-stored when it records none). With ``metadata`` and a
+``pipeline`` plan: no block is split, each node's blocks are contiguous and in stage order, embeddings are on the
+first stage, the final norm and head on the last, a tied head's embedding is among the last stage's
+``shared_tensors``, and the ``blocks`` and ``stage`` fields say what the node really holds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from williw.errors import PlanError
 from williw.fleet import Node
 from williw.metadata import ModelMetadata
+from williw.planner.costs import tensor_bytes
 from williw.planner.plan import Plan
 
 
@@ -83,14 +85,15 @@ def _memory(plan: Plan, metadata: ModelMetadata | None, nodes: Sequence[Node]) -
     from williw.units import format_bytes
 
     fleet = {v.node_id: v for v in nodes}
-    size = {x.name: x.bytes for x in metadata.layers} if metadata else {}
+    layer = {x.name: x for x in metadata.layers} if metadata else {}
     out = []
     for a in plan.assignments:
         node = fleet.get(a.node_id)
         if node is None:
             out.append(f"node '{a.node_id}' is not in the fleet")
             continue
-        held = sum(size.get(n, 0) for n in set(a.tensor_names)) if metadata else a.bytes
+        held = sum(tensor_bytes(layer[n], a.precision) for n in set(a.tensor_names) if n in layer) if metadata \
+            else a.bytes
         if held > node.memory_bytes:
             out.append(f"node '{a.node_id}' holds {format_bytes(held)} but has {format_bytes(node.memory_bytes)} "
                        f"(over by {format_bytes(held - node.memory_bytes)})")
