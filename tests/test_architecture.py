@@ -23,7 +23,7 @@ RANKS = {
     "fleet": 5, "planner": 5,
     "shards": 6, "splitter": 6, "pull": 6, "gather": 6, "planviz": 6,
     "stages": 7, "hfmodel": 7, "verify": 7, "verify_report": 7, "verify_memory": 7, "decode_rules": 7,
-    "quantize": 7, "devices": 7,
+    "quantize": 7, "devices": 1,
     # shells
     "runtime": 8, "node_stages": 8, "pipeline": 8,
     "serve": 8, "client": 8, "worker": 8, "generation": 9, "openai_api": 10,

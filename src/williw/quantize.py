@@ -114,14 +114,19 @@ def quantize_linears(modules: Iterable[Any], weights: str, *, device: str = "cpu
         ``{"int8": n, "int4": n, "kept": n}``: linears converted, and those int4 cannot take (kept as they were).
 
     Raises:
-        ValueError: int4 on MPS (torch has no int4 kernel for it).
+        ValueError: int4 on MPS (torch has no int4 kernel for it), or on CUDA at a dtype other than bfloat16.
     """
     import torch
 
+    modules = list(modules)
     if weights == "as-stored":
         return {"int8": 0, "int4": 0, "kept": 0}
     if weights == "int4" and device.startswith("mps"):
         raise ValueError("int4 weights need torch's CPU or CUDA int4 kernels; on MPS use int8 or as-stored")
+    dtypes = {p.dtype for m in modules for p in m.parameters() if p.is_floating_point()}
+    if weights == "int4" and device.startswith("cuda") and dtypes - {torch.bfloat16}:
+        raise ValueError("int4 weights on CUDA need bfloat16 compute (tinygemm's kernel takes bfloat16 "
+                         "activations only); use --dtype bfloat16")
     int8_cls, int4_cls = _linear_classes()
     counts = {"int8": 0, "int4": 0, "kept": 0}
     for module in modules:

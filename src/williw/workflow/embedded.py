@@ -47,7 +47,9 @@ class EmbeddedWorker:
                                           memory_bandwidth_gbps=n.get("memory_bandwidth_gbps"),
                                           network_gbps=n.get("network_gbps"), latency_ms=n.get("latency_ms"),
                                           memory_reserve_gb=n.get("memory_reserve_gb"), heartbeat_s=2.0,
-                                          poll_s=0.2))
+                                          poll_s=0.2, device=n.get("device") or "cpu",
+                                          dtype=n.get("dtype") or "float32",
+                                          weights=tuple(n.get("weights") or ("as-stored",))))
             agent.register()  # before planning: the worker plans only on registered, online nodes
             thread = threading.Thread(target=agent.run, daemon=True, name=f"williw-agent-{n['node_id']}")
             thread.start()
