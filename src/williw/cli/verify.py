@@ -17,6 +17,11 @@ from williw.jsonio import INT64_MAX
 @click.option("--prompt", help="Input text (default: a pangram); tokenizer if the model has one, else UTF-8 bytes.")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16", "auto"]),
               default="float32", show_default=True, help="Compute dtype; auto = the checkpoint's.")
+@click.option("--weights", type=click.Choice(["as-stored", "int8", "int4"]), default="as-stored", show_default=True,
+              help="The blocks' linear weights, in the stages and the whole model alike: int8 per channel, int4 "
+                   "group-wise (weight-only; bit-exact on the CPU).")
+@click.option("--device", default="cpu", show_default=True,
+              help="auto, cpu, cuda[:N] or mps, for the stages and the whole model alike.")
 @click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance (default: 0 in float32).")
 @click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance (default: 0 in float32).")
 @click.option("--batch-size", type=click.IntRange(min=1, max=INT64_MAX),
@@ -25,19 +30,20 @@ from williw.jsonio import INT64_MAX
 @click.option("--context-length", type=click.IntRange(min=1, max=INT64_MAX),
               help="Tokens of KV cache per sequence for the memory check (default 512 with a batch size).")
 @json_option
-def verify_cmd(model_dir: str, plan_path: str, shards_dir: str, prompt: str | None, dtype: str,
-               atol: float | None, rtol: float | None, batch_size: int | None, context_length: int | None,
+def verify_cmd(model_dir: str, plan_path: str, shards_dir: str, prompt: str | None, dtype: str, weights: str,
+               device: str, atol: float | None, rtol: float | None, batch_size: int | None, context_length: int | None,
                as_json: bool) -> None:
     """Build each stage from its shard alone, run the stages in plan order and compare the output with MODEL_DIR's.
 
     Exits 0 only when the outputs match (bit-exact in float32), 2 otherwise with the stage that differs.
     """
     set_json_mode(as_json)
+    from williw.devices import resolve_device
     from williw.errors import VerifyError
     from williw.verify import DEFAULT_PROMPT, verify_shards
 
     report = verify_shards(model_dir, plan_path, shards_dir, prompt=DEFAULT_PROMPT if prompt is None else prompt,
-                           dtype=dtype, atol=atol, rtol=rtol)
+                           dtype=dtype, atol=atol, rtol=rtol, weights=weights, device=resolve_device(device))
     memory = None
     if batch_size is not None or context_length is not None:
         from williw.verify_memory import measure_stages
