@@ -33,20 +33,22 @@ QUESTION = "What is the capital of France?"
 
 @dataclass(frozen=True)
 class Setup:
-    """A demo's model and fleet: ``nodes`` and ``joiner`` are (node id, compute TFLOPS, memory GB)."""
+    """A demo's model and fleet: ``nodes`` and ``joiner`` are (node id, compute TFLOPS, memory GB[, weights]);
+    ``weights`` is what ``williw node --weights`` takes (as-stored when left out)."""
 
     label: str
-    nodes: tuple[tuple[str, float, float], ...]
-    joiner: tuple[str, float, float]
+    nodes: tuple[tuple, ...]
+    joiner: tuple
     timeout_s: float
 
 
 # Memory is what forces a three-stage pipeline: two nodes together hold less than the model needs to run.
 # SmolLM2-135M in float32 is 538 MB of weights (embedding 113 MB, 30 blocks of 14.2 MB); at 512 tokens the run
 # adds the KV cache, each stage's transient and the last stage's logits (100 MB): two nodes suffice only from
-# 396 MB each, three from 282 MB (williw.memory), so three nodes of 300 MB.
+# 396 MB each, three from 282 MB (williw.memory), so three nodes of 300 MB. node-c runs its blocks' linears in int8
+# (bfloat16 compute): its stage holds about a third of float32's bytes.
 REAL = Setup("HuggingFaceTB/SmolLM2-135M-Instruct",
-             (("node-a", 8.0, 0.3), ("node-b", 4.0, 0.3), ("node-c", 2.0, 0.3)), ("node-d", 16.0, 0.3), 600)
+             (("node-a", 8.0, 0.3), ("node-b", 4.0, 0.3), ("node-c", 2.0, 0.3, "int8")), ("node-d", 16.0, 0.3), 600)
 # The tiny Llama is ~3.5 MB: 2 × 1.6 MB < 3.5 MB.
 TINY = Setup("demo/tiny-llama",
              (("node-a", 8.0, 0.0016), ("node-b", 4.0, 0.0016), ("node-c", 2.0, 0.0016)), ("node-d", 16.0, 0.0016), 90)
@@ -72,12 +74,13 @@ def _start_nodes(url: str, out: Path, procs: list[subprocess.Popen], nodes: tupl
                  ) -> None:
     from williw.client import WorkerClient
 
-    for node_id, tflops, memory_gb in nodes:
+    for node_id, tflops, memory_gb, *weights in nodes:
         log = open(out / f"{node_id}.log", "w")  # noqa: SIM115
         procs.append(subprocess.Popen([*_williw(), "node", "--worker", url, "--node-id", node_id,
                                        "--compute-tflops", str(tflops), "--memory-gb", str(memory_gb),
                                        "--data-dir", str(out / "nodes" / node_id), "--heartbeat-s", "1",
-                                       "--poll-s", "0.2"], stdout=log, stderr=subprocess.STDOUT))
+                                       "--poll-s", "0.2", "--weights", (weights or ["as-stored"])[0]],
+                                      stdout=log, stderr=subprocess.STDOUT))
     with WorkerClient(url) as client:
         deadline = time.monotonic() + 30
         while not {n[0] for n in nodes} <= {n["node_id"] for n in client.list_nodes(online=True)}:
@@ -94,6 +97,31 @@ def _verify(model: Path, shards: Path, plan: Path, paths: dict[str, str]) -> int
     return cli.main(["verify", str(model), "--plan", str(plan), "--shards", str(shards)], standalone_mode=False) or 0
 
 
+def _precisions(model: Path, plan_path: Path) -> str:
+    """Each stage's precision and weight bytes beside the same tensors' bytes in float32."""
+    from williw.metadata import generate_metadata
+    from williw.planner.plan import load_plan
+    from williw.precision import DTYPE_BYTES, linear_weight_bytes
+    from williw.units import format_bytes
+
+    layers = {t.name: t for t in generate_metadata(model).layers}
+    lines = ["stage precisions (weights on the node, and in float32):"]
+    for a in load_plan(plan_path).assignments:
+        dtype, weights = getattr(a, "dtype", None) or "float32", getattr(a, "weights", None) or "as-stored"
+        held = f32 = 0
+        for name in a.tensor_names:
+            t = layers[name]
+            numel = 1
+            for d in t.shape:
+                numel *= d
+            f32 += numel * 4
+            held += linear_weight_bytes(tuple(t.shape), weights, dtype) if getattr(t, "quantizable", False) \
+                else numel * DTYPE_BYTES[dtype]
+        label = dtype if weights == "as-stored" else f"{weights}/{dtype}"
+        lines.append(f"  {a.node_id}: {label:16} {format_bytes(held):>10} (float32: {format_bytes(f32)})")
+    return "\n".join(lines)
+
+
 def _answer(url: str, request_id: str) -> int:
     """``williw generate``: the placed model answers a question through the three node processes."""
     print(f"\nwilliw generate --chat {QUESTION!r} (greedy, through the nodes' stages in plan order):")
@@ -107,7 +135,7 @@ def _join(url: str, model: Path, out: Path, procs: list[subprocess.Popen], reque
     from williw.fsutil import write_json
     from williw.units import format_bytes, format_seconds
 
-    name, tflops, memory_gb = setup.joiner
+    name, tflops, memory_gb = setup.joiner[:3]
     print(f"\n{name} ({tflops:g} TFLOPS, {memory_gb * 1000:g} MB) joins; the worker re-plans on its own")
     joined = time.monotonic()
     _start_nodes(url, out, procs, (setup.joiner,))
@@ -183,12 +211,13 @@ def main(out: Path = Path("demo-out"), tiny: bool = False) -> int:
         model = _model(out, tiny)
         url = _start_worker(out, procs)
         _start_nodes(url, out, procs, setup.nodes)
-        print(f"worker at {url}; nodes: " + ", ".join(f"{n} ({t:g} TFLOPS, {m * 1000:g} MB)"
-                                                       for n, t, m in setup.nodes))
+        print(f"worker at {url}; nodes: " + ", ".join(f"{n} ({t:g} TFLOPS, {m * 1000:g} MB{', ' + w[0] if w else ''})"
+                                                       for n, t, m, *w in setup.nodes))
         result = NodeClient(url, node_id="user-node", work_dir=out / "run", model_label=setup.label,
                             timeout_s=setup.timeout_s, reporter=_print_step, auto_replan=True
                             ).execute_complete_workflow(str(model), 1, 64 if tiny else 256)
         print(summary(result))
+        print(_precisions(model, out / "run" / "plan.json"))
         code = _verify(model, out / "shards", out / "run" / "plan.json",
                        {n: s["shard_path"] for n, s in result.shards.items()})
         if not code and not tiny:  # the tiny Llama has no tokenizer
