@@ -189,7 +189,7 @@ class Generator:
         began = time.perf_counter()
         first = None
         shown = ""
-        tokens: Any = None
+        tokens: Any = ()
         try:
             tokens = generate_tokens(pipeline, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                      seed=seed, eos_ids=eos_ids, renew=self.pipeline)
@@ -214,8 +214,9 @@ class Generator:
             if text[len(shown):]:
                 yield text[len(shown):]
         finally:
-            if tokens is not None:  # a caller that stops early (a client gone) ends the stages' session now
-                tokens.close()
+            close = getattr(tokens, "close", None)
+            if close is not None:  # a caller that stops early (a client gone) ends the stages' session now
+                close()
             pipeline.close()
 
 

@@ -93,7 +93,8 @@ class NodeIn(StrictBody):
     device: Annotated[str, AfterValidator(check_device)] = "cpu"
     device_name: str | None = Field(default=None, min_length=1, max_length=256)
     dtype: Annotated[str, AfterValidator(check_dtype)] = "float32"
-    weights: Annotated[list[str], AfterValidator(check_weights)] = Field(default_factory=lambda: ["as-stored"])
+    weights: Annotated[list[str], AfterValidator(lambda v: list(check_weights(v)))] = Field(
+        default_factory=lambda: ["as-stored"])
     device_memory_bytes: int | None = Field(default=None, ge=0, le=INT64_MAX)
 
 
