@@ -74,9 +74,10 @@ def _reset_peak() -> None:
 
 def measure_stages(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str],
                    shards_dir: str | os.PathLike[str], *, batch_size: int, context_length: int,
-                   dtype: str = "float32") -> list[StageMemory]:
+                   dtype: str = "float32", weights: str = "as-stored") -> list[StageMemory]:
     """Run every stage of a pipeline plan with its KV cache filled to ``context_length`` for ``batch_size``
-    sequences, and report its measured peak memory next to the planner's prediction.
+    sequences, and report its measured peak memory next to the planner's prediction; at compute ``dtype`` with the
+    blocks' linear weights in format ``weights`` (`williw.quantize`), priced by the planner at that precision.
 
     Raises:
         VerifyError: not a pipeline plan, a missing shard, a batch or context below 1, or not Linux.
@@ -89,23 +90,25 @@ def measure_stages(model_dir: str | os.PathLike[str], plan: Plan | str | os.Path
         raise VerifyError(f"batch size and context length must be >= 1, got {batch_size} and {context_length}")
     with quiet_transformers():
         return _measure(Path(model_dir), plan if isinstance(plan, Plan) else load_plan(plan), Path(shards_dir),
-                        batch_size, context_length, dtype)
+                        batch_size, context_length, (dtype, weights))
 
 
 def _measure(model_dir: Path, plan: Plan, shards_dir: Path, batch: int, context: int,
-             dtype: str) -> list[StageMemory]:
+             run_as: tuple[str, str]) -> list[StageMemory]:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     from williw import stages as st
     from williw.metadata import generate_metadata
     from williw.planner.costs import pipeline_model
+    from williw.precision import Precision
     from williw.verify import SHARD_FILE, pipeline_stages
 
     if plan.strategy != "pipeline":
         raise VerifyError(f"a {plan.strategy} plan has no stages to measure: measure a pipeline plan")
     config = st.load_config(model_dir)
     model = pipeline_model(generate_metadata(model_dir, batch_size=batch, sequence_length=context), batch, context)
+    model = model.at(Precision(*run_as)) if run_as != ("float32", "as-stored") else model
     position = {b: i for i, b in enumerate(model.block_index)}
     rows = []
     for i, (node_id, blocks) in enumerate(pipeline_stages(plan, config.get_text_config().num_hidden_layers)):
@@ -118,22 +121,24 @@ def _measure(model_dir: Path, plan: Plan, shards_dir: Path, batch: int, context:
         # A fresh process per stage, as on its node: no other test's or stage's threads, heap or caches.
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
             measured = pool.submit(_stage_peak, str(model_dir), str(shards_dir / node_id), blocks, batch, context,
-                                   dtype, where).result()
+                                   run_as, where).result()
         rows.append(StageMemory(i, node_id, blocks, model.stage_memory(p, e), model.stage_kv(p, e), measured))
     return rows
 
 
-def _stage_peak(model_dir: str, node_dir: str, blocks: tuple[int, int], batch: int, context: int, dtype: str,
-                where: str) -> int:
+def _stage_peak(model_dir: str, node_dir: str, blocks: tuple[int, int], batch: int, context: int,
+                run_as: tuple[str, str], where: str) -> int:
     """In a child process: the stage's loaded weights plus the peak RSS growth while it runs (bytes)."""
     import torch
     from transformers import DynamicCache
 
     from williw import stages as st
     from williw.progress import quiet_transformers
+    from williw.quantize import quantize_linears
     from williw.shards.reader import ShardReader
     from williw.verify import SHARD_FILE
 
+    dtype, weight_format = run_as
     with quiet_transformers():
         config = st.load_config(Path(model_dir))
         _, cls = st.model_class(config)
@@ -145,6 +150,8 @@ def _stage_peak(model_dir: str, node_dir: str, blocks: tuple[int, int], batch: i
         stage = st.build_stage(st.load_config(Path(node_dir)), cls, blocks, state, torch_dtype, where=where,
                                source=f"shard '{shard}'")
         del state
+        quantize_linears([stage.stack[i] for i in range(*blocks)], weight_format)
+        _trim()
         weights = sum(t.numel() * t.element_size() for t in (*stage.model.parameters(), *stage.model.buffers())
                       if t.device.type != "meta")
         x: Any = torch.randint(0, text.vocab_size, (batch, context)) if stage.is_first else \

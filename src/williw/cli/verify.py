@@ -50,7 +50,7 @@ def verify_cmd(model_dir: str, plan_path: str, shards_dir: str, prompt: str | No
 
         memory = measure_stages(model_dir, plan_path, shards_dir, batch_size=batch_size or 1,
                                 context_length=context_length or 512,
-                                dtype="float32" if dtype == "auto" else dtype)
+                                dtype="float32" if dtype == "auto" else dtype, weights=weights)
     data = report.to_dict()
     if memory is not None:
         data["memory"] = [{"stage": m.stage, "node_id": m.node_id, "blocks": list(m.blocks),
