@@ -161,6 +161,18 @@ def test_a_mixed_fleet_generates_what_the_whole_model_with_the_same_conversions_
     assert _run(hosts) == want
 
 
+def test_int8_leaves_widths_its_kernel_misreads_at_the_compute_dtype(tmp_path: Path) -> None:
+    """torch 2.13's CPU int8 kernel with bfloat16 activations read past rows of 40 or 100 inputs (NaN, Inf, a
+    segfault with a prefill): such linears stay at bfloat16, in the stages and the whole model alike."""
+    model = _wide(tmp_path / "m", "llama", hidden_size=40, intermediate_size=96)
+    plan = _split(model, [2], tmp_path / "shards")
+    report = verify_shards(model, plan, tmp_path / "shards", dtype="bfloat16", weights="int8", atol=0, rtol=0)
+    assert report.ok, report.failure
+    host = load_host(tmp_path / "shards" / "n0", (0, 2), "n0", max_sessions=1, max_tokens=64, dtype="bfloat16",
+                     weights="int8")
+    assert host.converted == {"int8": 2, "int4": 0, "kept": 2 * 6}  # only down_proj has 96 inputs; 40 elsewhere
+
+
 def test_int4_takes_only_linears_its_kernels_can_run() -> None:
     assert [int4_group_size(n, k) for n, k in [(64, 4096), (128, 64), (96, 96), (50, 64), (64, 48)]] == \
         [128, 64, 32, None, None]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from williw.precision import int4_group_size
+from williw.precision import int4_group_size, int8_takes
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +111,8 @@ def quantize_linears(modules: Iterable[Any], weights: str, *, device: str = "cpu
         device: where the stage will run; int4 is packed for CUDA's kernel there.
 
     Returns:
-        ``{"int8": n, "int4": n, "kept": n}``: linears converted, and those int4 cannot take (kept as they were).
+        ``{"int8": n, "int4": n, "kept": n}``: linears converted, and those the format cannot take (kept as they
+        were: `williw.precision.int8_takes`, `int4_group_size`).
 
     Raises:
         ValueError: int4 on MPS (torch has no int4 kernel for it), or on CUDA at a dtype other than bfloat16.
@@ -135,7 +136,7 @@ def quantize_linears(modules: Iterable[Any], weights: str, *, device: str = "cpu
                 if type(child) is not torch.nn.Linear or child.weight.is_meta:
                     continue
                 group = int4_group_size(child.out_features, child.in_features) if weights == "int4" else None
-                if weights == "int8":
+                if weights == "int8" and int8_takes(child.out_features, child.in_features):
                     setattr(parent, name, int8_cls(child))
                     counts["int8"] += 1
                 elif group is not None:

@@ -92,6 +92,12 @@ def _memory(plan: Plan, metadata: ModelMetadata | None, nodes: Sequence[Node]) -
         if node is None:
             out.append(f"node '{a.node_id}' is not in the fleet")
             continue
+        runs = a.precision
+        dtype, accepted = getattr(node, "dtype", "float32"), tuple(getattr(node, "weights", ("as-stored",)))
+        if runs.dtype != dtype or runs.weights not in accepted:  # priced as the plan claims only if the node runs it
+            out.append(f"node '{a.node_id}' runs {dtype} with weights {', '.join(accepted)}, but the plan gives it "
+                       f"{runs.dtype} with weights {runs.weights}")
+            continue
         held = sum(tensor_bytes(layer[n], a.precision) for n in set(a.tensor_names) if n in layer) if metadata \
             else a.bytes
         if held > node.memory_bytes:
