@@ -132,9 +132,9 @@ def test_old_clients_register_a_cpu_node_at_float32_as_stored(client, worker):
     assert r.status_code == 201
     assert _runs(r.json()["node"]) == _runs(client.get_node("old")) == ("cpu", None, "float32", ["as-stored"], None)
     # Registering again states the node anew; the client sends only what it is given.
-    client.register_node("old", 1, 1, device="cuda", device_name="NVIDIA H100 80GB HBM3", dtype="float16",
+    client.register_node("old", 1, 1, device="cuda", device_name="NVIDIA H100 80GB HBM3", dtype="bfloat16",
                          weights=("int4", "int8"), device_memory_bytes=85_045_231_616)
-    assert _runs(client.get_node("old")) == ("cuda", "NVIDIA H100 80GB HBM3", "float16", ["int8", "int4"],
+    assert _runs(client.get_node("old")) == ("cuda", "NVIDIA H100 80GB HBM3", "bfloat16", ["int8", "int4"],
                                              85_045_231_616)
     client.register_node("old", 1, 1)
     assert _runs(client.get_node("old")) == ("cpu", None, "float32", ["as-stored"], None)
@@ -149,9 +149,16 @@ def test_old_clients_register_a_cpu_node_at_float32_as_stored(client, worker):
                     "got []"),
     ("weights", "int8", "body field 'weights': Input should be a valid list"),
     ("device_memory_bytes", -1, "body field 'device_memory_bytes': Input should be greater than or equal to 0"),
+    # formats the device cannot run: refused as `williw node` refuses them (a breaker registered both)
+    ({"device": "mps", "dtype": "float16"}, ["int8", "int4"],
+     "body: weights int8, int4 cannot run on device mps at float16: torch has no int4 kernel for MPS"),
+    ({"device": "cuda", "dtype": "float16"}, ["int4"],
+     "body: weights int4 cannot run on device cuda at float16: torch's CUDA int4 kernel (tinygemm) "
+     "computes in bfloat16, not float16"),
 ])
 def test_bad_registry_fields_are_one_line_422s(worker, field, value, detail):
-    body = {"node_id": "bad", "compute_tflops": 1, "memory_gb": 1, field: value}
+    extra = {**field, "weights": value} if isinstance(field, dict) else {field: value}
+    body = {"node_id": "bad", "compute_tflops": 1, "memory_gb": 1, **extra}
     r = httpx.post(f"{worker.url}/api/nodes", json=body, headers=ADMIN)
     assert (r.status_code, r.json()["detail"]) == (422, detail)
 

@@ -190,6 +190,13 @@ def choose_dtype(spec: str, device: str, weights: str, facts: Facts) -> str:
     return spec
 
 
+def format_conflict(device: str, dtype: str, weights: tuple[str, ...]) -> str | None:
+    """Why a node on ``device`` at ``dtype`` cannot run one of ``weights``, as far as its description tells (no
+    probe: a CUDA device is taken to support bfloat16), or None."""
+    facts = Facts(cuda_available=True, cuda_count=1, bf16_supported=True, mps_available=True)
+    return next((why for w in weights if (why := _why_not(w, device, dtype, facts))), None)
+
+
 def _why_not(weights: str, device: str, dtype: str, facts: Facts) -> str | None:
     # torch's int4 kernels: _weight_int4pack_mm_for_cpu on the CPU, tinygemm's _weight_int4pack_mm on CUDA
     # (aten/src/ATen/native/cuda/int4mm.cu: built for compute capability 8.0+ only, and it checks "expect A to be

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from williw.devices import check_device, check_dtype, check_weights
+from williw.devices import check_device, check_dtype, check_weights, format_conflict
 from williw.fleet import check_number
 from williw.jsonio import INT64_MAX
 
@@ -96,6 +96,16 @@ class NodeIn(StrictBody):
     weights: Annotated[list[str], AfterValidator(lambda v: list(check_weights(v)))] = Field(
         default_factory=lambda: ["as-stored"])
     device_memory_bytes: int | None = Field(default=None, ge=0, le=INT64_MAX)
+
+    @model_validator(mode="after")
+    def _formats_run_there(self) -> NodeIn:
+        # What `williw node` refuses before registering, refused here too: a custom client or a nodes file could
+        # otherwise have int4 planned on MPS, or on CUDA at float16 (a breaker's find).
+        why = format_conflict(self.device, self.dtype, tuple(self.weights))
+        if why:
+            raise ValueError(f"weights {', '.join(self.weights)} cannot run on device {self.device} at "
+                             f"{self.dtype}: {why}")
+        return self
 
 
 class NodeOut(BaseModel):
