@@ -78,6 +78,13 @@ def test_bad_fields_are_one_line_errors_naming_the_node_and_field(field, value, 
     assert str(exc.value) == f"'nodes.json': entry 1 (node 'gpu'): {message}"
 
 
+def test_formats_the_device_cannot_run_are_refused_in_a_nodes_file():
+    with pytest.raises(NodesError) as exc:
+        parse_nodes([{**GPU, "device": "mps", "dtype": "float16", "weights": ["int8", "int4"]}], "nodes.json")
+    assert str(exc.value) == ("'nodes.json': entry 0 (node 'gpu'): field 'weights' cannot run on device mps at "
+                              "float16: torch has no int4 kernel for MPS")
+
+
 def test_a_node_file_entry_defaults():
     assert Node("a", 1.0, 1.0) == parse_nodes([{"node_id": "a", "compute_tflops": 1, "memory_gb": 1}])[0]
     assert (Node("a", 1.0, 1.0).device, Node("a", 1.0, 1.0).dtype, Node("a", 1.0, 1.0).weights) == \

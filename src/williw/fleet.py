@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from williw import jsonio
-from williw.devices import check_device, check_dtype, check_weights
+from williw.devices import check_device, check_dtype, check_weights, format_conflict
 from williw.errors import NodesError
 
 GB = 1e9  # bytes per GB (decimal, see the module docstring)
@@ -216,6 +216,10 @@ def _runs_in(entry: dict[str, Any], where: str) -> dict[str, Any]:
                 out[key] = check(entry[key])
             except ValueError as exc:
                 raise NodesError(f"{where}: field '{key}' {exc}") from None
+    device, dtype = out.get("device", "cpu"), out.get("dtype", "float32")
+    why = format_conflict(device, dtype, out.get("weights", ("as-stored",)))
+    if why:  # as `williw node` and the worker refuse it
+        raise NodesError(f"{where}: field 'weights' cannot run on device {device} at {dtype}: {why}")
     return out
 
 
