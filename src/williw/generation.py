@@ -72,10 +72,20 @@ class Generator:
         self.worker_url, self.request_id, self.token = worker_url, request_id, token
         self._tokenizer: Any = tokenizer
         self._request: dict[str, Any] | None = None
+        self._rules: Any = None  # the model's decode rules: one request, one model, read from a node once
 
     def pipeline(self) -> Pipeline:
-        """The pipeline of the plan in force now (`Pipeline.from_worker`)."""
-        return Pipeline.from_worker(self.worker_url, self.request_id, self.token)
+        """The pipeline of the plan in force now (`Pipeline.from_worker`), with the model's decode rules read once
+        for every generation (before, each one fetched and parsed the config again)."""
+        p = Pipeline.from_worker(self.worker_url, self.request_id, self.token)
+        if self._rules is None:
+            try:
+                self._rules = p.rules()
+            except BaseException:
+                p.close()
+                raise
+        p._rules = self._rules
+        return p
 
     @property
     def tokenizer(self) -> Any:
